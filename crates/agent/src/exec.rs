@@ -1,0 +1,303 @@
+//! `POST /v1/exec`: run a process, stream its stdin/stdout/stderr, report how it ended.
+//!
+//! Each exec runs in a new session (so its own process group); a timeout or the host
+//! abandoning the stream kills the whole group. Output is read in chunks and sent as
+//! frames through a small bounded channel, so a slow host applies back-pressure through
+//! HTTP/2 flow control down to the process's pipe instead of growing a buffer here.
+
+use crate::reaper::Exit;
+use crate::server::{self, Body, State};
+use bytes::Bytes;
+use hearth_proto::exec::{chunked, Command, ExecExit, ExecRequest, Frame, FrameDecoder, FrameKind};
+use hearth_proto::{ErrorBody, ErrorCode};
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// How long output may keep flowing after the process exits (background children holding
+/// the pipes open do not hold the exec open longer than this).
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+const READ_CHUNK: usize = 64 << 10;
+/// The spec frame must arrive within this many bytes of the body.
+const MAX_SPEC_BYTES: usize = hearth_proto::exec::MAX_FRAME_PAYLOAD + 5;
+
+type Tx = mpsc::Sender<Result<Bytes, std::io::Error>>;
+
+/// Handles one exec request.
+pub async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let mut body = req.into_body();
+    let mut decoder = FrameDecoder::new();
+    // Read until the spec frame is complete.
+    let spec = loop {
+        match decoder.next_frame() {
+            Ok(Some(f)) if f.kind == FrameKind::Spec => break f.payload,
+            Ok(Some(_)) => return bad("the first frame of an exec must be its spec"),
+            Ok(None) => {}
+            Err(e) => return bad(&e.to_string()),
+        }
+        if decoder.buffered() > MAX_SPEC_BYTES {
+            return bad("exec spec too large");
+        }
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    decoder.push(&data);
+                }
+            }
+            Some(Err(e)) => return bad(&format!("reading exec body: {e}")),
+            None => return bad("exec body ended before its spec"),
+        }
+    };
+    let request: ExecRequest = match serde_json::from_slice(&spec) {
+        Ok(r) => r,
+        Err(e) => return bad(&format!("invalid exec spec: {e}")),
+    };
+    if let Err(e) = request.validate() {
+        return bad(&e);
+    }
+
+    let (tx, rx) = mpsc::channel(8);
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/vnd.hearth.exec-frames")
+        .body(server::channel_body(rx))
+        .expect("static response parts");
+
+    match spawn(&state, &request) {
+        Ok(running) => {
+            tokio::spawn(supervise(running, request.timeout_ms, body, decoder, tx));
+        }
+        Err(e) => {
+            let err = ErrorBody { code: io_code(&e), message: format!("cannot start {}: {e}", describe(&request)) };
+            let _ = tx.try_send(Ok(Frame::json(FrameKind::Error, &err).encode()));
+        }
+    }
+    response
+}
+
+fn bad(msg: &str) -> Response<Body> {
+    server::error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, msg)
+}
+
+fn io_code(e: &std::io::Error) -> ErrorCode {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => ErrorCode::NotFound,
+        std::io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        std::io::ErrorKind::InvalidInput => ErrorCode::InvalidInput,
+        _ => ErrorCode::Io,
+    }
+}
+
+fn describe(r: &ExecRequest) -> String {
+    match &r.command {
+        Command::Argv(a) => format!("{:?}", a[0]),
+        Command::Shell(_) => "/bin/sh".into(),
+    }
+}
+
+struct Running {
+    pid: i32,
+    exit: tokio::sync::oneshot::Receiver<Exit>,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+}
+
+/// A user to run as.
+struct User {
+    uid: u32,
+    gid: u32,
+    name: String,
+    home: String,
+}
+
+fn resolve_user(spec: Option<&str>) -> std::io::Result<User> {
+    let spec = spec.unwrap_or("root");
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let entries: Vec<Vec<&str>> =
+        passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 7).collect();
+    let by_uid = |uid: u32| entries.iter().find(|f| f[2].parse::<u32>().ok() == Some(uid));
+    if let Some((u, g)) = spec.split_once(':').or(Some((spec, ""))).filter(|(u, _)| u.parse::<u32>().is_ok()) {
+        let uid: u32 = u.parse().map_err(|_| invalid(format!("bad uid in {spec:?}")))?;
+        let entry = by_uid(uid);
+        let gid = if g.is_empty() {
+            entry.and_then(|f| f[3].parse().ok()).unwrap_or(uid)
+        } else {
+            g.parse().map_err(|_| invalid(format!("bad gid in {spec:?}")))?
+        };
+        return Ok(User {
+            uid,
+            gid,
+            name: entry.map(|f| f[0].to_owned()).unwrap_or_else(|| uid.to_string()),
+            home: entry.map(|f| f[5].to_owned()).unwrap_or_else(|| "/".into()),
+        });
+    }
+    if spec == "root" && entries.iter().all(|f| f[0] != "root") {
+        return Ok(User { uid: 0, gid: 0, name: "root".into(), home: "/root".into() });
+    }
+    let f = entries
+        .iter()
+        .find(|f| f[0] == spec)
+        .ok_or_else(|| invalid(format!("no user {spec:?} in the guest's /etc/passwd")))?;
+    Ok(User {
+        uid: f[2].parse().map_err(|_| invalid(format!("bad uid for {spec}")))?,
+        gid: f[3].parse().map_err(|_| invalid(format!("bad gid for {spec}")))?,
+        name: f[0].to_owned(),
+        home: f[5].to_owned(),
+    })
+}
+
+fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
+    let user = resolve_user(r.user.as_deref())?;
+    let mut cmd = match &r.command {
+        Command::Argv(a) => {
+            let mut c = std::process::Command::new(&a[0]);
+            c.args(&a[1..]);
+            c
+        }
+        Command::Shell(s) => {
+            let mut c = std::process::Command::new("/bin/sh");
+            c.arg("-c").arg(s);
+            c
+        }
+    };
+    let cwd = r.cwd.clone().unwrap_or_else(|| "/workspace".into());
+    cmd.env_clear()
+        .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
+        .env("TERM", "xterm")
+        .envs(&r.env)
+        .current_dir(&cwd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if user.uid != 0 || user.gid != 0 {
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let (mut child, exit) = state.reaper.spawn(&mut cmd).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(&cwd).is_dir() {
+            std::io::Error::new(std::io::ErrorKind::NotFound, format!("working directory {cwd} does not exist"))
+        } else {
+            e
+        }
+    })?;
+    let take = |o: Option<OwnedFd>| o.ok_or_else(|| std::io::Error::other("missing pipe"));
+    Ok(Running {
+        pid: child.id() as i32,
+        exit,
+        stdin: take(child.stdin.take().map(OwnedFd::from))?,
+        stdout: take(child.stdout.take().map(OwnedFd::from))?,
+        stderr: take(child.stderr.take().map(OwnedFd::from))?,
+    })
+}
+
+async fn pump(fd: OwnedFd, kind: FrameKind, tx: Tx) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                for f in chunked(kind, Bytes::copy_from_slice(&buf[..n])) {
+                    if tx.send(Ok(f.encode())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Feeds stdin frames from the request body to the process; ends by closing its stdin.
+async fn feed_stdin(fd: OwnedFd, mut body: Incoming, mut decoder: FrameDecoder) {
+    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else { return };
+    loop {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) if f.kind == FrameKind::Stdin => {
+                    if pipe.write_all(&f.payload).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => break,
+            }
+        }
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    decoder.push(&data);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder: FrameDecoder, tx: Tx) {
+    let group = Pid::from_raw(r.pid);
+    let stdin_task = tokio::spawn(feed_stdin(r.stdin, body, decoder));
+    let mut out = tokio::spawn(pump(r.stdout, FrameKind::Stdout, tx.clone()));
+    let mut err = tokio::spawn(pump(r.stderr, FrameKind::Stderr, tx.clone()));
+
+    let timeout = async {
+        match timeout_ms {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut exit_rx = r.exit;
+    let mut timed_out = false;
+    let exit = tokio::select! {
+        e = &mut exit_rx => e.ok(),
+        _ = timeout => {
+            timed_out = true;
+            let _ = killpg(group, Signal::SIGKILL);
+            exit_rx.await.ok()
+        }
+        _ = tx.closed() => {
+            // The host abandoned the exec: nobody can read its output any more.
+            let _ = killpg(group, Signal::SIGKILL);
+            stdin_task.abort();
+            out.abort();
+            err.abort();
+            return;
+        }
+    };
+    if timed_out {
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+    stdin_task.abort();
+    let drain = async {
+        let _ = (&mut out).await;
+        let _ = (&mut err).await;
+    };
+    let _ = tokio::time::timeout(OUTPUT_GRACE, drain).await;
+    out.abort();
+    err.abort();
+    let result = match exit {
+        Some(Exit::Code(c)) => ExecExit { code: Some(c), signal: None, timed_out },
+        Some(Exit::Signal(s)) => ExecExit { code: None, signal: Some(s), timed_out },
+        None => ExecExit { code: None, signal: None, timed_out },
+    };
+    let _ = tx.send(Ok(Frame::json(FrameKind::Exit, &result).encode())).await;
+}

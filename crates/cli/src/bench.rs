@@ -1,0 +1,144 @@
+//! `hearth bench`: the engine's numbers, measured side by side in one run.
+//!
+//! - cold boot (QEMU start → agent handshake) and boot → first exec result, busybox and
+//!   (when built) debian-bookworm;
+//! - exec round trip of `true` on a running VM, p50/p90/p99;
+//! - host memory of one idle VM (RSS and PSS of its QEMU process).
+
+use crate::vmargs::VmArgs;
+use clap::Args;
+use hearth_proto::exec::ExecRequest;
+use hearth_vmm::Vm;
+use std::time::{Duration, Instant};
+
+/// Options of `hearth bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Cold boots per root filesystem.
+    #[arg(long, default_value_t = 5)]
+    boots: usize,
+    /// Exec round trips.
+    #[arg(long, default_value_t = 200)]
+    execs: usize,
+    /// Also boot the debian-bookworm image (must be built).
+    #[arg(long)]
+    debian: bool,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+struct Row {
+    name: String,
+    samples: Vec<f64>,
+    unit: &'static str,
+}
+
+async fn cold_boots(args: &VmArgs, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut boot, mut first) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let cfg = args.config()?;
+        let t0 = Instant::now();
+        let vm = Vm::boot(cfg).await?;
+        boot.push(ms(vm.boot_time()));
+        let out = vm.exec(&ExecRequest::argv(["true"]), None, 1 << 20).await?;
+        anyhow::ensure!(out.exit.success(), "`true` failed in the guest");
+        first.push(ms(t0.elapsed()));
+        vm.shutdown().await;
+    }
+    Ok((boot, first))
+}
+
+/// Runs the benchmarks.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    let accel = hearth_vmm::accel::resolve(args.vm.accel);
+    let mut rootfs = vec![args.vm.rootfs.clone()];
+    if args.debian {
+        rootfs.push("debian-bookworm".into());
+    }
+    for r in &rootfs {
+        let mut a = args.vm.clone();
+        a.rootfs = r.clone();
+        eprintln!("cold boots ({r}) ×{}", args.boots);
+        let (boot, first) = cold_boots(&a, args.boots).await?;
+        rows.push(Row { name: format!("cold boot → agent ready ({r})"), samples: boot, unit: "ms" });
+        rows.push(Row { name: format!("cold boot → first exec result ({r})"), samples: first, unit: "ms" });
+    }
+
+    eprintln!("exec round trips ×{}", args.execs);
+    let vm = Vm::boot(args.vm.config()?).await?;
+    let req = ExecRequest::argv(["true"]);
+    // Warm up the exec path once.
+    vm.exec(&req, None, 1 << 20).await?;
+    let mut rtt = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        vm.exec(&req, None, 1 << 20).await?;
+        rtt.push(ms(t.elapsed()));
+    }
+    rows.push(Row { name: "exec round trip of `true`".into(), samples: rtt, unit: "ms" });
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pid = vm.pid();
+    let rss = proc_kib(pid, "status", "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let pss = proc_kib(pid, "smaps_rollup", "Pss:").unwrap_or(0) as f64 / 1024.0;
+    rows.push(Row { name: "idle VM host RSS (512 MiB guest)".into(), samples: vec![rss], unit: "MiB" });
+    rows.push(Row { name: "idle VM host PSS (512 MiB guest)".into(), samples: vec![pss], unit: "MiB" });
+    vm.shutdown().await;
+
+    for r in &mut rows {
+        r.samples.sort_by(|a, b| a.total_cmp(b));
+    }
+    if args.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "name": r.name, "unit": r.unit, "n": r.samples.len(),
+                    "p50": pct(&r.samples, 0.5), "p90": pct(&r.samples, 0.9), "p99": pct(&r.samples, 0.99),
+                    "min": r.samples.first(), "max": r.samples.last(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "accel": accel.to_string(), "results": v }));
+    } else {
+        println!("accelerator: {accel}\n");
+        println!("| measurement | n | p50 | p90 | p99 | min | max | unit |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &rows {
+            let s = &r.samples;
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                r.name,
+                s.len(),
+                pct(s, 0.5),
+                pct(s, 0.9),
+                pct(s, 0.99),
+                s.first().copied().unwrap_or(f64::NAN),
+                s.last().copied().unwrap_or(f64::NAN),
+                r.unit
+            );
+        }
+    }
+    Ok(())
+}

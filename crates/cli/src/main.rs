@@ -1,0 +1,98 @@
+//! `hearth`: boot microVMs on QEMU and run commands in them.
+
+mod bench;
+mod setup;
+mod vmargs;
+mod vmrun;
+
+use clap::{Parser, Subcommand};
+
+/// Hearth: microVM sandboxes for code you did not write.
+///
+/// Every sandbox is a QEMU virtual machine with its own Linux kernel and Hearth's agent as
+/// PID 1. State lives in $HEARTH_HOME (default /var/lib/hearth for root).
+#[derive(Parser)]
+#[command(name = "hearth", version, propagate_version = true)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch the guest kernel, install the agent, build the initramfs and base root filesystems.
+    Setup(setup::SetupArgs),
+    /// Work with individual VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Say which accelerator `auto` picks here, and why.
+    Accel {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure boot, exec round trip and memory; prints a Markdown table (or JSON).
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Boot a VM, run one command in it, stream its output, and shut the VM down.
+    ///
+    /// The command's exit code becomes hearth's (128+N for a signal). Stdin is streamed to
+    /// the command when it is not a terminal.
+    Run(vmrun::RunArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = rt.block_on(async {
+        let result = match cli.command {
+            Cmd::Setup(a) => setup::run(a).await.map(|()| 0),
+            Cmd::Vm(VmCmd::Run(a)) => vmrun::run(a).await,
+            Cmd::Accel { json } => accel(json).map(|()| 0),
+            Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    });
+    // Dropping the runtime lets VM guards kill anything still running before we exit.
+    drop(rt);
+    std::process::exit(code);
+}
+
+fn accel(json: bool) -> anyhow::Result<()> {
+    let probe = hearth_vmm::accel::probe_kvm();
+    let chosen = hearth_vmm::accel::resolve(hearth_vmm::Accel::Auto);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "accel": chosen.to_string(),
+                "kvm_probe_ms": probe.elapsed.map(|d| d.as_secs_f64() * 1000.0),
+                "reason": probe.reason,
+            })
+        );
+    } else {
+        println!("auto picks: {chosen}");
+        if let Some(d) = probe.elapsed {
+            println!("KVM probe: {:.3} ms", d.as_secs_f64() * 1000.0);
+        }
+        if let Some(r) = &probe.reason {
+            println!("why not KVM: {r}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! VM options shared by the commands that boot VMs.
+
+use anyhow::Context;
+use clap::Args;
+use hearth_image::base::Base;
+use hearth_vmm::{Accel, Disk, DiskFormat, VmConfig};
+use std::path::PathBuf;
+
+/// How to build a VM.
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Root filesystem: `busybox`, `debian-bookworm`, or a path to a raw/ext4 or qcow2 image
+    /// (used as a read-only base; the VM writes to its own overlay).
+    #[arg(long, default_value = "busybox")]
+    pub rootfs: String,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Accelerator: auto (measure KVM, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
+    pub accel: Accel,
+    /// Guest kernel to boot instead of the installed one.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to use instead of the one built from the installed agent.
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command-line word; repeatable (`hearth.debug` narrates the agent's boot).
+    #[arg(long = "kernel-arg")]
+    pub kernel_args: Vec<String>,
+    /// Seconds to wait for the guest to become ready.
+    #[arg(long, default_value_t = 60)]
+    pub boot_timeout: u64,
+}
+
+impl VmArgs {
+    /// The VM configuration these options describe.
+    pub fn config(&self) -> anyhow::Result<VmConfig> {
+        let home = hearth_vmm::home::hearth_home();
+        let (kernel, initramfs) = match (&self.kernel, &self.initramfs) {
+            (Some(k), Some(i)) => (k.clone(), i.clone()),
+            (k, i) => {
+                let (dk, di) = hearth_vmm::assets::boot_files(&home)?;
+                (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
+            }
+        };
+        let mut cfg = VmConfig::new(kernel, initramfs);
+        cfg.memory_mib = self.memory;
+        cfg.vcpus = self.vcpus;
+        cfg.accel = self.accel;
+        cfg.boot_timeout = std::time::Duration::from_secs(self.boot_timeout);
+        cfg.run_root = home.join("run");
+        cfg.extra_cmdline = self.kernel_args.clone();
+        cfg.root = Some(self.root_disk(&home)?);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn root_disk(&self, home: &std::path::Path) -> anyhow::Result<Disk> {
+        if let Ok(base) = self.rootfs.parse::<Base>() {
+            let path = base.path(home);
+            anyhow::ensure!(
+                path.is_file(),
+                "base image {} is not built yet; run `hearth setup{}`",
+                self.rootfs,
+                if base == Base::DebianBookworm { " --debian" } else { "" }
+            );
+            return Ok(Disk::base(path, DiskFormat::Raw));
+        }
+        let path = PathBuf::from(&self.rootfs);
+        anyhow::ensure!(path.is_file(), "root filesystem {:?} is neither busybox, debian-bookworm nor an image file", self.rootfs);
+        let format = if path.extension().is_some_and(|e| e == "qcow2") { DiskFormat::Qcow2 } else { DiskFormat::Raw };
+        let path = std::fs::canonicalize(&path).with_context(|| format!("resolve {}", path.display()))?;
+        Ok(Disk::base(path, format))
+    }
+}

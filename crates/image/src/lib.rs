@@ -1,0 +1,38 @@
+//! Root filesystems for Hearth VMs.
+//!
+//! - [`ext4`]: ext4 images made from a directory or a tarball with `mkfs.ext4 -d`, without
+//!   mounting anything.
+//! - [`base`]: the managed base images Hearth builds itself: `busybox` (a static busybox,
+//!   for fast tests) and `debian-bookworm` (mmdebstrap minbase + python3).
+//! - [`apt`]: the Debian mirror the host already uses, derived from its apt sources.
+
+#![deny(missing_docs)]
+
+pub mod apt;
+pub mod base;
+pub mod ext4;
+
+/// A failure building a root filesystem.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// A file operation failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A tool failed.
+    #[error(transparent)]
+    Tool(#[from] hearth_vmm::assets::AssetError),
+    /// The input is unusable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RootfsError {
+    let what = what.into();
+    move |source| RootfsError::Io { what, source }
+}

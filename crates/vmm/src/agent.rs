@@ -1,0 +1,436 @@
+//! The host's client of the in-guest agent (see `hearth_proto` for the protocol).
+//!
+//! The guest is hostile, so everything read from it is bounded: HTTP/2 settings cap frame
+//! and header sizes and flow-control windows (the most the agent can make us buffer), JSON
+//! bodies are read through a length limit, exec frames are length-checked before their
+//! payload is buffered, and collected output has a caller-chosen ceiling.
+
+use bytes::Bytes;
+use futures_util::Stream;
+use hearth_proto::binpath::BinPath;
+use hearth_proto::exec::{ExecExit, ExecRequest, Frame, FrameDecoder, FrameKind};
+use hearth_proto::files::{FileInfo, FsRequest, FsResponse};
+use hearth_proto::{ErrorBody, Hello, MAX_JSON_BODY, PROTOCOL_HEADER, PROTOCOL_VERSION};
+use http::{Method, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, Limited, StreamBody};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+type ReqBody = BoxBody<Bytes, std::io::Error>;
+
+/// Default ceiling on output collected by [`AgentClient::exec_collect`].
+pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
+
+/// A failure talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Could not reach the agent socket.
+    #[error("cannot connect to the agent")]
+    Connect(#[source] std::io::Error),
+    /// The HTTP/2 connection failed or closed.
+    #[error("agent connection failed: {0}")]
+    Connection(String),
+    /// The agent speaks another protocol version.
+    #[error("agent speaks protocol {agent}, this host speaks {PROTOCOL_VERSION}; rebuild the initramfs with `hearth setup`")]
+    Version {
+        /// The agent's version.
+        agent: u32,
+    },
+    /// The agent sent something that breaks the protocol or its limits.
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    /// The agent reported an error.
+    #[error("agent: {0}")]
+    Remote(ErrorBody),
+    /// Output exceeded the caller's limit.
+    #[error("exec output exceeded {0} bytes")]
+    OutputTooLarge(usize),
+    /// No answer in time.
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl AgentError {
+    /// True when the error means the connection (or the guest) is gone.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, AgentError::Connection(_) | AgentError::Connect(_))
+    }
+}
+
+fn conn_err(e: hyper::Error) -> AgentError {
+    AgentError::Connection(e.to_string())
+}
+
+fn empty() -> ReqBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+fn full(b: impl Into<Bytes>) -> ReqBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A connected agent.
+#[derive(Clone)]
+pub struct AgentClient {
+    sender: SendRequest<ReqBody>,
+}
+
+/// Output of a finished exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Everything written to stdout.
+    pub stdout: Vec<u8>,
+    /// Everything written to stderr.
+    pub stderr: Vec<u8>,
+    /// How it ended.
+    pub exit: ExecExit,
+}
+
+impl ExecOutput {
+    /// Stdout as lossy UTF-8.
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    /// Stderr as lossy UTF-8.
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// One event of a running exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// A chunk of stdout.
+    Stdout(Bytes),
+    /// A chunk of stderr.
+    Stderr(Bytes),
+    /// The end.
+    Exit(ExecExit),
+}
+
+/// A running exec: send stdin, receive events.
+pub struct ExecStream {
+    stdin: Option<mpsc::Sender<Bytes>>,
+    body: Incoming,
+    decoder: FrameDecoder,
+    done: bool,
+}
+
+impl ExecStream {
+    /// Sends bytes to the process's stdin.
+    pub async fn write_stdin(&mut self, data: Bytes) -> Result<(), AgentError> {
+        let tx = self.stdin.as_ref().ok_or_else(|| AgentError::Protocol("stdin already closed".into()))?;
+        for f in hearth_proto::exec::chunked(FrameKind::Stdin, data) {
+            tx.send(f.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// The next event; `None` after [`ExecEvent::Exit`].
+    pub async fn next_event(&mut self) -> Result<Option<ExecEvent>, AgentError> {
+        if self.done {
+            return Ok(None);
+        }
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(f)) => return self.event(f).map(Some),
+                Ok(None) => {}
+                Err(e) => return Err(AgentError::Protocol(e.to_string())),
+            }
+            match self.body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        self.decoder.push(&d);
+                    }
+                }
+                Some(Err(e)) => return Err(conn_err(e)),
+                None => {
+                    return Err(AgentError::Connection("exec stream ended before the process's exit status".into()))
+                }
+            }
+        }
+    }
+
+    fn event(&mut self, f: Frame) -> Result<ExecEvent, AgentError> {
+        match f.kind {
+            FrameKind::Stdout => Ok(ExecEvent::Stdout(f.payload)),
+            FrameKind::Stderr => Ok(ExecEvent::Stderr(f.payload)),
+            FrameKind::Exit => {
+                self.done = true;
+                self.stdin = None;
+                serde_json::from_slice(&f.payload)
+                    .map(ExecEvent::Exit)
+                    .map_err(|e| AgentError::Protocol(format!("bad exit frame: {e}")))
+            }
+            FrameKind::Error => {
+                self.done = true;
+                let body: ErrorBody = serde_json::from_slice(&f.payload)
+                    .map_err(|e| AgentError::Protocol(format!("bad error frame: {e}")))?;
+                Err(AgentError::Remote(body))
+            }
+            k => Err(AgentError::Protocol(format!("unexpected {k:?} frame from the agent"))),
+        }
+    }
+
+    /// Collects all output until exit, failing past `max_output` bytes.
+    pub async fn collect(mut self, max_output: usize) -> Result<ExecOutput, AgentError> {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            match self.next_event().await? {
+                Some(ExecEvent::Stdout(b)) => stdout.extend_from_slice(&b),
+                Some(ExecEvent::Stderr(b)) => stderr.extend_from_slice(&b),
+                Some(ExecEvent::Exit(exit)) => return Ok(ExecOutput { stdout, stderr, exit }),
+                None => return Err(AgentError::Protocol("exec ended twice".into())),
+            }
+            if stdout.len() + stderr.len() > max_output {
+                return Err(AgentError::OutputTooLarge(max_output));
+            }
+        }
+    }
+}
+
+impl AgentClient {
+    /// Connects to an agent socket and performs the handshake within `timeout`.
+    pub async fn connect(socket: &Path, timeout: Duration) -> Result<(AgentClient, Hello), AgentError> {
+        let stream = tokio::net::UnixStream::connect(socket).await.map_err(AgentError::Connect)?;
+        Self::handshake(stream, timeout).await
+    }
+
+    /// Performs the HTTP/2 and protocol handshake over any byte stream.
+    pub async fn handshake<IO>(io: IO, timeout: Duration) -> Result<(AgentClient, Hello), AgentError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let fut = async {
+            let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_frame_size(1 << 20)
+                .max_header_list_size(64 << 10)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20)
+                .max_concurrent_reset_streams(64)
+                .max_send_buf_size(1 << 20)
+                .handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .map_err(conn_err)?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!("agent connection ended: {e}");
+                }
+            });
+            let client = AgentClient { sender };
+            let hello = client.hello().await?;
+            Ok((client, hello))
+        };
+        tokio::time::timeout(timeout, fut).await.map_err(|_| AgentError::Timeout(timeout))?
+    }
+
+    /// True while the HTTP/2 connection is usable.
+    pub fn is_connected(&self) -> bool {
+        !self.sender.is_closed()
+    }
+
+    async fn send(&self, req: Request<ReqBody>) -> Result<http::Response<Incoming>, AgentError> {
+        let mut sender = self.sender.clone();
+        sender.ready().await.map_err(conn_err)?;
+        sender.send_request(req).await.map_err(conn_err)
+    }
+
+    async fn json_response<T: serde::de::DeserializeOwned>(resp: http::Response<Incoming>) -> Result<T, AgentError> {
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY)
+            .collect()
+            .await
+            .map_err(|e| AgentError::Protocol(format!("reading response: {e}")))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(Self::remote_error(status, &bytes));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| AgentError::Protocol(format!("invalid JSON from agent: {e}")))
+    }
+
+    fn remote_error(status: StatusCode, bytes: &[u8]) -> AgentError {
+        match serde_json::from_slice::<ErrorBody>(bytes) {
+            Ok(b) if b.code == hearth_proto::ErrorCode::VersionMismatch => AgentError::Version { agent: 0 },
+            Ok(b) => AgentError::Remote(b),
+            Err(_) => AgentError::Protocol(format!("agent answered {status} with an unreadable body")),
+        }
+    }
+
+    /// The handshake: checks the agent's protocol version.
+    pub async fn hello(&self) -> Result<Hello, AgentError> {
+        let req = Request::get("/v1/hello")
+            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
+            .body(empty())
+            .expect("static request");
+        let hello: Hello = Self::json_response(self.send(req).await?).await?;
+        if hello.protocol != PROTOCOL_VERSION {
+            return Err(AgentError::Version { agent: hello.protocol });
+        }
+        Ok(hello)
+    }
+
+    /// Starts an exec; stream its events with [`ExecStream::next_event`].
+    pub async fn exec(&self, spec: &ExecRequest) -> Result<ExecStream, AgentError> {
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let first = Frame::json(FrameKind::Spec, spec).encode();
+        let stream = futures_util::stream::once(async move { Ok(hyper::body::Frame::data(first)) });
+        let body = StreamBody::new(chain_spec_and_stdin(stream, rx)).boxed();
+        let req = Request::builder().method(Method::POST).uri("/v1/exec").body(body).expect("static request");
+        let resp = self.send(req).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(Self::remote_error(status, &bytes));
+        }
+        Ok(ExecStream { stdin: Some(tx), body: resp.into_body(), decoder: FrameDecoder::new(), done: false })
+    }
+
+    /// Runs an exec to completion with the given stdin, collecting at most `max_output` bytes.
+    pub async fn exec_collect(
+        &self,
+        spec: &ExecRequest,
+        stdin: Option<Bytes>,
+        max_output: usize,
+    ) -> Result<ExecOutput, AgentError> {
+        let mut s = self.exec(spec).await?;
+        if let Some(data) = stdin {
+            s.write_stdin(data).await?;
+        }
+        s.close_stdin();
+        s.collect(max_output).await
+    }
+
+    /// Streams (a range of) a guest file.
+    pub async fn read_file(
+        &self,
+        path: &BinPath,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<impl Stream<Item = Result<Bytes, AgentError>>, AgentError> {
+        let mut uri = format!("/v1/files?path={}&offset={offset}", path.to_query());
+        if let Some(l) = length {
+            uri.push_str(&format!("&length={l}"));
+        }
+        let req = Request::get(uri).body(empty()).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = self.send(req).await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY)
+                .collect()
+                .await
+                .map(|c| c.to_bytes())
+                .unwrap_or_default();
+            return Err(Self::remote_error(status, &bytes));
+        }
+        let body = resp.into_body();
+        Ok(futures_util::stream::unfold(body, |mut body| async move {
+            loop {
+                match body.frame().await {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) => return Some((Ok(d), body)),
+                        Err(_) => continue,
+                    },
+                    Some(Err(e)) => return Some((Err(conn_err(e)), body)),
+                    None => return None,
+                }
+            }
+        }))
+    }
+
+    /// Reads a whole guest file, refusing one larger than `max` bytes.
+    pub async fn read_file_bytes(&self, path: &BinPath, max: usize) -> Result<Vec<u8>, AgentError> {
+        use futures_util::StreamExt;
+        let stream = self.read_file(path, 0, None).await?;
+        futures_util::pin_mut!(stream);
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if out.len() + chunk.len() > max {
+                return Err(AgentError::OutputTooLarge(max));
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Writes a guest file from a stream of chunks, atomically; parents are created.
+    pub async fn write_file<S>(&self, path: &BinPath, mode: Option<u32>, data: S) -> Result<FileInfo, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+    {
+        use futures_util::StreamExt;
+        let mut uri = format!("/v1/files?path={}", path.to_query());
+        if let Some(m) = mode {
+            uri.push_str(&format!("&mode={m:o}"));
+        }
+        let body = BodyExt::boxed(StreamBody::new(data.map(|r| r.map(hyper::body::Frame::data))));
+        let req = Request::put(uri).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        Self::json_response(self.send(req).await?).await
+    }
+
+    /// Writes a guest file from bytes in memory.
+    pub async fn write_file_bytes(&self, path: &BinPath, mode: Option<u32>, data: Bytes) -> Result<FileInfo, AgentError> {
+        const CHUNK: usize = 1 << 20;
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            (0..data.len()).step_by(CHUNK).map(|i| Ok(data.slice(i..(i + CHUNK).min(data.len())))).collect();
+        self.write_file(path, mode, futures_util::stream::iter(chunks)).await
+    }
+
+    /// Runs one filesystem operation.
+    pub async fn fs(&self, op: &FsRequest) -> Result<FsResponse, AgentError> {
+        let body = serde_json::to_vec(op).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::post(format!("/v1/fs/{}", op.op_name())).body(full(body)).expect("static request");
+        Self::json_response(self.send(req).await?).await
+    }
+
+    /// Stat of a path.
+    pub async fn stat(&self, path: &BinPath) -> Result<FileInfo, AgentError> {
+        match self.fs(&FsRequest::Stat { path: path.clone() }).await? {
+            FsResponse::Info(i) => Ok(i),
+            other => Err(AgentError::Protocol(format!("stat answered {other:?}"))),
+        }
+    }
+
+    /// Entries of a directory.
+    pub async fn list(&self, path: &BinPath) -> Result<Vec<FileInfo>, AgentError> {
+        match self.fs(&FsRequest::List { path: path.clone() }).await? {
+            FsResponse::Entries(e) => Ok(e),
+            other => Err(AgentError::Protocol(format!("list answered {other:?}"))),
+        }
+    }
+
+    /// Asks the guest to power off (the agent answers first).
+    pub async fn shutdown(&self) -> Result<(), AgentError> {
+        let req = Request::post("/v1/shutdown").body(empty()).expect("static request");
+        let _: serde_json::Value = Self::json_response(self.send(req).await?).await?;
+        Ok(())
+    }
+}
+
+/// The exec request body: the spec frame, then stdin frames until the sender is dropped.
+fn chain_spec_and_stdin<S>(
+    spec: S,
+    rx: mpsc::Receiver<Bytes>,
+) -> impl Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>> + Send + Sync + 'static
+where
+    S: Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>> + Send + Sync + 'static,
+{
+    use futures_util::StreamExt;
+    let stdin = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+    });
+    spec.chain(stdin)
+}

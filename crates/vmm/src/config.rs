@@ -1,0 +1,182 @@
+//! What a VM is made of, validated before anything starts.
+
+use crate::accel::Accel;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Smallest guest memory Hearth accepts, in MiB (the kernel and agent need about 100).
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// Largest guest memory, in MiB.
+pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
+/// Most vCPUs.
+pub const MAX_VCPUS: u32 = 64;
+
+/// Format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    /// A raw image.
+    Raw,
+    /// A qcow2 image.
+    Qcow2,
+}
+
+impl DiskFormat {
+    /// QEMU's name for the format.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskFormat::Raw => "raw",
+            DiskFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// The VM's root disk.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// Image file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// When true (the default) the image is a read-only base: the VM writes to its own
+    /// qcow2 overlay in its run directory, discarded with the VM.
+    pub overlay: bool,
+}
+
+impl Disk {
+    /// A base image the VM must not modify (an overlay takes its writes).
+    pub fn base(path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        Disk { path: path.into(), format, overlay: true }
+    }
+}
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Kernel image (`bzImage`).
+    pub kernel: PathBuf,
+    /// Initramfs holding the agent.
+    pub initramfs: PathBuf,
+    /// Root disk; without one the guest runs in its initramfs.
+    pub root: Option<Disk>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// How long to wait for the agent to answer after QEMU starts.
+    pub boot_timeout: Duration,
+    /// Guest hostname.
+    pub hostname: String,
+    /// Where the VM's run directory is created (normally `$HEARTH_HOME/run`).
+    pub run_root: PathBuf,
+    /// The QEMU binary.
+    pub qemu_binary: PathBuf,
+    /// Extra kernel command-line words (`hearth.debug` makes the agent narrate its boot).
+    pub extra_cmdline: Vec<String>,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Memory out of range.
+    #[error("memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, got {0} MiB")]
+    Memory(u32),
+    /// vCPUs out of range.
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u32),
+    /// A file the VM needs is missing.
+    #[error("{what} not found at {path}; run `{}` first", crate::home::SETUP_COMMAND)]
+    Missing {
+        /// What the file is.
+        what: &'static str,
+        /// Where it was expected.
+        path: PathBuf,
+    },
+    /// Hostname is not a valid DNS label.
+    #[error("hostname {0:?} must be 1-63 characters of letters, digits and '-'")]
+    Hostname(String),
+    /// Boot timeout of zero.
+    #[error("boot timeout must be positive")]
+    BootTimeout,
+}
+
+impl VmConfig {
+    /// A configuration with defaults: 512 MiB, 1 vCPU, auto accelerator, 60 s boot timeout.
+    pub fn new(kernel: impl Into<PathBuf>, initramfs: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            memory_mib: 512,
+            vcpus: 1,
+            kernel: kernel.into(),
+            initramfs: initramfs.into(),
+            root: None,
+            accel: Accel::Auto,
+            boot_timeout: Duration::from_secs(60),
+            hostname: "hearth".into(),
+            run_root: crate::home::hearth_home().join("run"),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            extra_cmdline: Vec::new(),
+        }
+    }
+
+    /// Checks every value; nothing is started when this fails.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        let h = &self.hostname;
+        if h.is_empty() || h.len() > 63 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || h.starts_with('-') {
+            return Err(ConfigError::Hostname(h.clone()));
+        }
+        if self.boot_timeout.is_zero() {
+            return Err(ConfigError::BootTimeout);
+        }
+        if !self.kernel.is_file() {
+            return Err(ConfigError::Missing { what: "guest kernel", path: self.kernel.clone() });
+        }
+        if !self.initramfs.is_file() {
+            return Err(ConfigError::Missing { what: "initramfs", path: self.initramfs.clone() });
+        }
+        if let Some(d) = &self.root {
+            if !d.path.is_file() {
+                return Err(ConfigError::Missing { what: "root disk image", path: d.path.clone() });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> VmConfig {
+        // Any existing files do for validation.
+        VmConfig::new("/proc/self/exe", "/proc/self/exe")
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let mut c = cfg();
+        c.memory_mib = 64;
+        assert_eq!(c.validate(), Err(ConfigError::Memory(64)));
+        let mut c = cfg();
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(0)));
+        let mut c = cfg();
+        c.hostname = "bad host".into();
+        assert!(matches!(c.validate(), Err(ConfigError::Hostname(_))));
+        assert_eq!(cfg().validate(), Ok(()));
+    }
+
+    #[test]
+    fn missing_kernel_names_the_setup_command() {
+        let mut c = cfg();
+        c.kernel = "/nonexistent/vmlinuz".into();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("setup"), "{msg}");
+    }
+}

@@ -1,0 +1,277 @@
+//! The QEMU command line and the process guard.
+//!
+//! Every QEMU Hearth starts is owned by a [`QemuProcess`]: dropping it kills QEMU; QEMU also
+//! gets `PR_SET_PDEATHSIG(SIGKILL)`, so it dies with the process that started it even when
+//! that process is killed without unwinding, and runs in its own process group, so a
+//! terminal's Ctrl-C reaches Hearth (which shuts the VM down) rather than QEMU directly.
+
+use crate::accel::Accel;
+use crate::config::VmConfig;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+use tokio::sync::{oneshot, watch};
+
+/// Files of one VM's run directory.
+#[derive(Debug, Clone)]
+pub struct RunPaths {
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Agent socket (host end of the virtio-serial port).
+    pub agent: PathBuf,
+    /// Guest console output.
+    pub console: PathBuf,
+    /// QEMU's own stderr.
+    pub qemu_log: PathBuf,
+    /// Root disk overlay, when the VM has one.
+    pub overlay: PathBuf,
+}
+
+impl RunPaths {
+    /// The paths inside `dir`.
+    pub fn new(dir: &Path) -> Self {
+        RunPaths {
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            console: dir.join("console.log"),
+            qemu_log: dir.join("qemu.log"),
+            overlay: dir.join("root.qcow2"),
+        }
+    }
+}
+
+/// The host's TSC frequency in kHz, measured once (x86-64 only).
+///
+/// Under TCG the guest's TSC ticks at the host's rate, but the guest kernel's own
+/// calibration against the emulated PIT is unreliable (the emulator's timing is too
+/// irregular) and, when it fails, the kernel can hang early in boot with no clocksource.
+/// Handing it the frequency (`tsc_early_khz=`) removes the calibration altogether.
+pub fn host_tsc_khz() -> Option<u64> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let t0 = std::time::Instant::now();
+            // SAFETY: rdtsc has no preconditions on x86-64.
+            let c0 = unsafe { core::arch::x86_64::_rdtsc() };
+            std::thread::sleep(Duration::from_millis(20));
+            // SAFETY: as above.
+            let c1 = unsafe { core::arch::x86_64::_rdtsc() };
+            let ns = t0.elapsed().as_nanos() as u64;
+            let khz = (c1.wrapping_sub(c0)).checked_mul(1_000_000)? / ns.max(1);
+            (100_000..20_000_000).contains(&khz).then_some(khz)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    })
+}
+
+/// The kernel command line for a VM.
+pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
+    let mut c = vec![
+        "console=ttyS0".to_owned(),
+        "quiet".into(),
+        "loglevel=3".into(),
+        // A panic reboots at once; with -no-reboot QEMU then exits, so the host notices.
+        "panic=-1".into(),
+        "reboot=t".into(),
+        "i8042.noaux".into(),
+        "8250.nr_uarts=1".into(),
+        "cryptomgr.notests".into(),
+        "random.trust_cpu=on".into(),
+        format!("hearth.hostname={}", cfg.hostname),
+    ];
+    if cfg.root.is_some() {
+        c.push("hearth.root=/dev/vda".into());
+    }
+    if accel != Accel::Kvm {
+        if let Some(khz) = host_tsc_khz() {
+            c.push(format!("tsc_early_khz={khz}"));
+            c.push("tsc=reliable".into());
+        }
+    }
+    c.extend(cfg.extra_cmdline.iter().cloned());
+    c.join(" ")
+}
+
+/// The QEMU arguments for a VM with a resolved accelerator (`Kvm` or `Tcg`).
+pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> Vec<String> {
+    let p = |p: &Path| p.display().to_string();
+    let (accel_name, cpu) = match accel {
+        Accel::Kvm => ("kvm", "host"),
+        _ => ("tcg", "max"),
+    };
+    let mut a: Vec<String> = vec![
+        "-name".into(),
+        format!("{name},process=hearth-{name}"),
+        "-machine".into(),
+        format!("microvm,pcie=on,rtc=on,accel={accel_name}"),
+        "-cpu".into(),
+        cpu.into(),
+        "-m".into(),
+        format!("{}M", cfg.memory_mib),
+        "-smp".into(),
+        cfg.vcpus.to_string(),
+        "-nodefaults".into(),
+        "-no-user-config".into(),
+        "-nographic".into(),
+        "-no-reboot".into(),
+        "-kernel".into(),
+        p(&cfg.kernel),
+        "-initrd".into(),
+        p(&cfg.initramfs),
+        "-append".into(),
+        kernel_cmdline(cfg, accel),
+        "-chardev".into(),
+        format!("file,id=console,path={}", p(&paths.console)),
+        "-serial".into(),
+        "chardev:console".into(),
+        "-device".into(),
+        "virtio-serial-pci,id=vser0".into(),
+        "-chardev".into(),
+        format!("socket,id=agent,path={},server=on,wait=off", p(&paths.agent)),
+        "-device".into(),
+        format!("virtserialport,bus=vser0.0,chardev=agent,name={}", hearth_proto::AGENT_PORT_NAME),
+        "-device".into(),
+        "vmgenid".into(),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", p(&paths.qmp)),
+        // QEMU's seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
+        "-sandbox".into(),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
+    ];
+    if let Some(disk) = &cfg.root {
+        let (file, format) = if disk.overlay { (p(&paths.overlay), "qcow2") } else { (p(&disk.path), disk.format.as_str()) };
+        a.push("-drive".into());
+        a.push(format!("file={file},if=none,id=root,format={format},cache=writeback,discard=unmap"));
+        a.push("-device".into());
+        a.push("virtio-blk-pci,drive=root".into());
+    }
+    a
+}
+
+/// Creates a qcow2 overlay whose backing file is `base`.
+pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<(), String> {
+    let base = std::fs::canonicalize(base).map_err(|e| format!("{}: {e}", base.display()))?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", base_format, "-b"])
+        .arg(&base)
+        .arg(overlay)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img ({e}); run `{}`", crate::home::SETUP_COMMAND))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    Ok(())
+}
+
+/// A running QEMU, killed when dropped.
+pub struct QemuProcess {
+    pid: u32,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+impl QemuProcess {
+    /// Starts QEMU with `args`; its stderr goes to `stderr_log`.
+    pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path) -> std::io::Result<QemuProcess> {
+        let log = std::fs::File::create(stderr_log)?;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: runs in the child between fork and exec and only calls prctl(2), which
+        // is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill_rx => {
+                    // Killed on request or because the owner dropped us.
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let _ = exit_tx.send(Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1))));
+        });
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx) })
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// QEMU's exit status once it has exited.
+    pub fn exited(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let mut rx = self.exit.clone();
+        let _ = tokio::time::timeout(timeout, rx.wait_for(Option::is_some)).await;
+        self.exited()
+    }
+
+    /// Waits for QEMU to exit, however long it takes.
+    pub async fn exit_status(&self) -> ExitStatus {
+        let mut rx = self.exit.clone();
+        let status = match rx.wait_for(Option::is_some).await {
+            Ok(s) => s.expect("checked is_some"),
+            Err(_) => std::os::unix::process::ExitStatusExt::from_raw(-1),
+        };
+        status
+    }
+
+    /// Kills QEMU (SIGKILL) and waits for it to be reaped.
+    pub async fn kill(&mut self) -> ExitStatus {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        self.exit_status().await
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Disk, DiskFormat};
+
+    #[test]
+    fn args_use_overlay_and_accel() {
+        let mut cfg = VmConfig::new("/k", "/i");
+        cfg.root = Some(Disk::base("/base.ext4", DiskFormat::Raw));
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let args = qemu_args(&cfg, Accel::Tcg, "vm-1", &paths).join(" ");
+        assert!(args.contains("accel=tcg"), "{args}");
+        assert!(args.contains("file=/run/x/root.qcow2"), "{args}");
+        assert!(args.contains("hearth.root=/dev/vda"), "{args}");
+        let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
+        assert!(args.contains("accel=kvm") && args.contains("-cpu host"), "{args}");
+    }
+}

@@ -1,0 +1,336 @@
+//! A booted VM: QEMU running, agent answering.
+//!
+//! [`Vm::boot`] validates the configuration, creates the VM's run directory and root-disk
+//! overlay, starts QEMU and waits for the agent's handshake while watching QEMU: a QEMU
+//! that exits, or a guest that does not answer in time, is an error carrying the console's
+//! last lines, and everything created so far is released (the guards below drop in reverse
+//! order: QEMU first, then the run directory).
+
+use crate::accel::{self, Accel};
+use crate::agent::{AgentClient, AgentError, ExecOutput, ExecStream};
+use crate::config::{ConfigError, VmConfig};
+use crate::qemu::{self, QemuProcess, RunPaths};
+use crate::qmp::{Qmp, QmpError};
+use hearth_proto::exec::ExecRequest;
+use hearth_proto::Hello;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+/// Lines of console output quoted in errors.
+const CONSOLE_TAIL_LINES: usize = 25;
+
+/// A failure to boot.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The configuration is invalid; nothing was started.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The run directory could not be created.
+    #[error("cannot create the VM's run directory {path}")]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A unix socket path would be too long.
+    #[error("run directory {0} is too deep for unix socket paths (108 bytes); set HEARTH_HOME to a shorter path")]
+    PathTooLong(PathBuf),
+    /// The root disk overlay could not be created.
+    #[error("cannot create the root disk overlay: {0}")]
+    Overlay(String),
+    /// QEMU could not be started.
+    #[error("cannot start {binary}; install QEMU 10 with `{}`", crate::home::SETUP_COMMAND)]
+    Spawn {
+        /// The binary.
+        binary: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU exited before the agent answered.
+    #[error("QEMU exited during boot ({status}){}\n--- QEMU ---\n{qemu_log}\n--- console ---\n{console}", panic_note(.console))]
+    Exited {
+        /// QEMU's exit status.
+        status: ExitStatus,
+        /// QEMU's stderr.
+        qemu_log: String,
+        /// The console's last lines.
+        console: String,
+    },
+    /// The agent did not answer in time.
+    #[error("the guest did not become ready within {timeout:?} (accelerator {accel}); console:\n{console}")]
+    Timeout {
+        /// The limit.
+        timeout: Duration,
+        /// The accelerator used.
+        accel: Accel,
+        /// The console's last lines.
+        console: String,
+    },
+    /// The agent answered wrongly.
+    #[error("the guest agent failed its handshake")]
+    Agent(#[source] AgentError),
+}
+
+fn panic_note(console: &str) -> &'static str {
+    if console.contains("Kernel panic") {
+        ": the guest kernel panicked"
+    } else {
+        ""
+    }
+}
+
+/// A failure of a running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The guest kernel panicked (QEMU exited).
+    #[error("the guest kernel panicked; console:\n{console}")]
+    GuestPanicked {
+        /// The console's last lines.
+        console: String,
+    },
+    /// QEMU exited for another reason.
+    #[error("the VM stopped ({status}); console:\n{console}")]
+    Stopped {
+        /// QEMU's exit status.
+        status: ExitStatus,
+        /// The console's last lines.
+        console: String,
+    },
+    /// The agent failed while the VM still runs.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// A QMP command failed.
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+}
+
+/// Removes the run directory when dropped.
+struct RunDir(PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running VM. Dropping it kills QEMU and removes its run directory.
+pub struct Vm {
+    // Field order is drop order: QEMU goes before its directory.
+    process: QemuProcess,
+    agent: AgentClient,
+    qmp: tokio::sync::Mutex<Option<Qmp>>,
+    hello: Hello,
+    accel: Accel,
+    id: String,
+    paths: RunPaths,
+    boot_time: Duration,
+    _dir: RunDir,
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 6];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("vm-{hex}")
+}
+
+/// The last `lines` lines of a file, reading at most its last 64 KiB.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+    let mut buf = Vec::new();
+    let _ = f.take(64 << 10).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Vm {
+    /// Boots a VM and waits for its agent.
+    pub async fn boot(cfg: VmConfig) -> Result<Vm, BootError> {
+        cfg.validate()?;
+        let started = Instant::now();
+        let accel = accel::resolve(cfg.accel);
+        let id = random_id();
+        let dir_path = cfg.run_root.join(&id);
+        std::fs::create_dir_all(&dir_path).map_err(|source| BootError::RunDir { path: dir_path.clone(), source })?;
+        let dir = RunDir(dir_path.clone());
+        let paths = RunPaths::new(&dir_path);
+        if paths.agent.as_os_str().len() >= 108 {
+            return Err(BootError::PathTooLong(dir_path));
+        }
+        if let Some(disk) = cfg.root.as_ref().filter(|d| d.overlay) {
+            qemu::create_overlay(&disk.path, disk.format.as_str(), &paths.overlay).map_err(BootError::Overlay)?;
+        }
+        let args = qemu::qemu_args(&cfg, accel, &id, &paths);
+        tracing::debug!(vm = %id, ?args, "starting QEMU");
+        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log)
+            .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+
+        let exited = |status: ExitStatus| BootError::Exited {
+            status,
+            qemu_log: file_tail(&paths.qemu_log, 10),
+            console: file_tail(&paths.console, CONSOLE_TAIL_LINES),
+        };
+        let deadline = started + cfg.boot_timeout;
+        let connect = async {
+            // The socket appears once QEMU has parsed its arguments.
+            while !paths.agent.exists() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            AgentClient::connect(&paths.agent, remaining).await
+        };
+        let (agent, hello) = tokio::select! {
+            r = connect => match r {
+                Ok(ok) => ok,
+                Err(AgentError::Timeout(_)) => {
+                    return Err(BootError::Timeout {
+                        timeout: cfg.boot_timeout,
+                        accel,
+                        console: file_tail(&paths.console, CONSOLE_TAIL_LINES),
+                    })
+                }
+                Err(e) => {
+                    // A connection that dies during boot usually means QEMU died.
+                    if let Some(s) = process.wait_exit(Duration::from_secs(2)).await {
+                        return Err(exited(s));
+                    }
+                    return Err(BootError::Agent(e));
+                }
+            },
+            s = process.exit_status() => return Err(exited(s)),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                return Err(BootError::Timeout {
+                    timeout: cfg.boot_timeout,
+                    accel,
+                    console: file_tail(&paths.console, CONSOLE_TAIL_LINES),
+                })
+            }
+        };
+        let boot_time = started.elapsed();
+        tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
+        Ok(Vm { process, agent, qmp: tokio::sync::Mutex::new(None), hello, accel, id, paths, boot_time, _dir: dir })
+    }
+
+    /// The VM's id (also its run directory's name).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The accelerator QEMU runs with.
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    /// From QEMU start to the agent's handshake.
+    pub fn boot_time(&self) -> Duration {
+        self.boot_time
+    }
+
+    /// What the agent said in the handshake.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// QEMU's pid.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The agent client.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Files of the run directory.
+    pub fn paths(&self) -> &RunPaths {
+        &self.paths
+    }
+
+    /// The console's last lines.
+    pub fn console_tail(&self, lines: usize) -> String {
+        file_tail(&self.paths.console, lines)
+    }
+
+    /// Turns an agent error into the VM-level cause: when the connection broke because the
+    /// guest died, say so (waiting briefly for QEMU to finish exiting).
+    pub async fn diagnose(&self, e: AgentError) -> VmError {
+        if !e.is_disconnect() {
+            return VmError::Agent(e);
+        }
+        match self.process.wait_exit(Duration::from_secs(3)).await {
+            Some(status) => {
+                let console = self.console_tail(CONSOLE_TAIL_LINES);
+                if console.contains("Kernel panic") {
+                    VmError::GuestPanicked { console }
+                } else {
+                    VmError::Stopped { status, console }
+                }
+            }
+            None => VmError::Agent(e),
+        }
+    }
+
+    /// Runs a command to completion, collecting at most `max_output` bytes of output.
+    pub async fn exec(&self, spec: &ExecRequest, stdin: Option<bytes::Bytes>, max_output: usize) -> Result<ExecOutput, VmError> {
+        match self.agent.exec_collect(spec, stdin, max_output).await {
+            Ok(o) => Ok(o),
+            Err(e) => Err(self.diagnose(e).await),
+        }
+    }
+
+    /// Starts a streaming exec.
+    pub async fn exec_stream(&self, spec: &ExecRequest) -> Result<ExecStream, VmError> {
+        match self.agent.exec(spec).await {
+            Ok(s) => Ok(s),
+            Err(e) => Err(self.diagnose(e).await),
+        }
+    }
+
+    /// True while QEMU runs.
+    pub fn is_running(&self) -> bool {
+        self.process.exited().is_none()
+    }
+
+    /// Runs a QMP command (connecting on first use).
+    pub async fn qmp(&self, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
+        let mut guard = self.qmp.lock().await;
+        if guard.is_none() {
+            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
+        }
+        let qmp = guard.as_mut().expect("connected above");
+        qmp.execute_timeout(command, args, Duration::from_secs(30)).await
+    }
+
+    /// Stops the VM: asks the guest to power off (it syncs its disks), then QMP `quit`,
+    /// then SIGKILL, each after a grace period. Returns how QEMU exited.
+    pub async fn shutdown(mut self) -> ExitStatus {
+        if self.process.exited().is_none() {
+            let ask = tokio::time::timeout(Duration::from_secs(2), self.agent.shutdown()).await;
+            if matches!(ask, Ok(Ok(()))) {
+                if let Some(s) = self.process.wait_exit(Duration::from_secs(10)).await {
+                    return s;
+                }
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.qmp("quit", None)).await;
+            if let Some(s) = self.process.wait_exit(Duration::from_secs(3)).await {
+                return s;
+            }
+        }
+        self.process.kill().await
+    }
+
+    /// Kills QEMU at once.
+    pub async fn kill(mut self) -> ExitStatus {
+        self.process.kill().await
+    }
+}
