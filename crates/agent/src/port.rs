@@ -53,17 +53,29 @@ impl AsyncRead for PortIo {
 
 impl AsyncWrite for PortIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        // Writes block (EAGAIN) while the host is away. A write must never wait for the
+        // host to come back: its bytes belong to the old connection and would corrupt the
+        // next one. So a write that finds the host gone fails the connection instead.
+        let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "host disconnected");
         // As for reads: do not trust readiness cleared while waiting for the host.
         match nix::unistd::write(self.fd.get_ref(), data) {
             Ok(n) => return Poll::Ready(Ok(n)),
-            Err(nix::errno::Errno::EAGAIN) => {}
+            Err(nix::errno::Errno::EAGAIN) => {
+                if !host_connected(self.fd.get_ref())? {
+                    return Poll::Ready(Err(gone()));
+                }
+            }
             Err(e) => return Poll::Ready(Err(e.into())),
         }
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
             match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
                 Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    if !host_connected(self.fd.get_ref())? {
+                        return Poll::Ready(Err(gone()));
+                    }
+                }
             }
         }
     }
@@ -109,6 +121,79 @@ async fn wait_for_host(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
     }
 }
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Outcome of scanning for a connection preface.
+enum Scan {
+    /// Found; these bytes (the preface and what followed it in the same read) start the
+    /// new connection.
+    Found(Vec<u8>),
+    /// The host went away first.
+    Eof,
+}
+
+/// Discards bytes until the HTTP/2 client preface has been read.
+///
+/// The port has no connection boundaries of its own: leftovers of an old connection, or
+/// bytes the host sent before the guest noticed it had reconnected, may precede the new
+/// connection. Every connection starts with the preface, so the agent resynchronises on
+/// it. At most one read's worth of bytes is held.
+async fn scan_for_preface(io: &mut PortIo) -> io::Result<Scan> {
+    use tokio::io::AsyncReadExt;
+    let mut window: Vec<u8> = Vec::with_capacity(PREFACE.len());
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = io.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(Scan::Eof);
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
+            if window.len() == PREFACE.len() {
+                window.remove(0);
+            }
+            window.push(b);
+            if window == PREFACE {
+                let mut start = PREFACE.to_vec();
+                start.extend_from_slice(&buf[i + 1..n]);
+                return Ok(Scan::Found(start));
+            }
+        }
+    }
+}
+
+/// A byte stream that first replays `prefix`, then reads from the port.
+struct Prefixed {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: PortIo,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if self.pos < self.prefix.len() {
+            let n = (self.prefix.len() - self.pos).min(buf.remaining());
+            let start = self.pos;
+            buf.put_slice(&self.prefix[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves the host on the virtio-serial port at `path`, forever.
 pub async fn serve_port(path: &std::path::Path, state: Arc<State>) -> io::Result<()> {
     let file = std::fs::OpenOptions::new()
@@ -122,25 +207,25 @@ pub async fn serve_port(path: &std::path::Path, state: Arc<State>) -> io::Result
     let fd = Arc::new(fd);
     let debug = std::fs::read_to_string("/proc/cmdline").unwrap_or_default().contains("hearth.debug");
     loop {
-        if debug {
-            eprintln!("hearth-agent: waiting for host on {}", path.display());
-        }
         wait_for_host(&fd).await?;
+        let mut io = PortIo { fd: fd.clone() };
+        let start = match scan_for_preface(&mut io).await {
+            Ok(Scan::Found(start)) => start,
+            Ok(Scan::Eof) => continue,
+            Err(e) => {
+                eprintln!("hearth-agent: reading the port failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         if debug {
             eprintln!("hearth-agent: host connected");
         }
-        let io = PortIo { fd: fd.clone() };
         // One connection at a time: the port is a single pipe.
-        let result = server::serve_connection(io, state.clone()).await;
+        let result = server::serve_connection(Prefixed { prefix: start, pos: 0, io }, state.clone()).await;
         if debug {
             eprintln!("hearth-agent: connection ended: {result:?}");
         }
-        if let Err(e) = result {
-            if !e.is_closed_or_eof() {
-                eprintln!("hearth-agent: connection ended: {e}");
-            }
-        }
-        state.connection_closed();
     }
 }
 
@@ -156,15 +241,5 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
         tokio::spawn(async move {
             let _ = server::serve_connection(stream, state).await;
         });
-    }
-}
-
-trait ClosedExt {
-    fn is_closed_or_eof(&self) -> bool;
-}
-
-impl ClosedExt for hyper::Error {
-    fn is_closed_or_eof(&self) -> bool {
-        self.is_closed() || self.is_incomplete_message() || self.to_string().contains("connection")
     }
 }

@@ -8,7 +8,6 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -21,38 +20,50 @@ pub struct State {
     pub reaper: Arc<Reaper>,
     /// True when the agent is the guest's PID 1 (and may power the machine off).
     pub is_init: bool,
-    connections: AtomicU64,
 }
 
 impl State {
     /// New state.
     pub fn new(reaper: Arc<Reaper>, is_init: bool) -> Self {
-        State { reaper, is_init, connections: AtomicU64::new(0) }
-    }
-
-    /// Called when a host connection ends.
-    pub fn connection_closed(&self) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        State { reaper, is_init }
     }
 }
 
-/// Serves one HTTP/2 connection until the peer goes away.
+/// Serves one HTTP/2 connection until the peer goes away or asks to detach.
+///
+/// `POST /v1/detach` makes the agent shut the connection down gracefully (GOAWAY, then
+/// stop reading) so the host knows that everything it sends after closing its socket
+/// belongs to its next connection.
 pub async fn serve_connection<IO>(io: IO, state: Arc<State>) -> Result<(), hyper::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let detach = Arc::new(tokio::sync::Notify::new());
+    let d = detach.clone();
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(route(state, req).await) }
+        let detach = d.clone();
+        async move {
+            if req.method() == Method::POST && req.uri().path() == "/v1/detach" {
+                detach.notify_one();
+                return Ok::<_, Infallible>(json(StatusCode::OK, &serde_json::json!({})));
+            }
+            Ok::<_, Infallible>(route(state, req).await)
+        }
     });
-    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
         .max_concurrent_streams(256)
         .max_header_list_size(64 << 10)
         .initial_stream_window_size(4 << 20)
         .initial_connection_window_size(16 << 20)
         .max_frame_size(1 << 20)
-        .serve_connection(hyper_util::rt::TokioIo::new(io), service)
-        .await
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = detach.notified() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
 }
 
 async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {

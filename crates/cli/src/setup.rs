@@ -34,8 +34,9 @@ fn default_agent() -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
     // target/{debug,release}/hearth → target/x86_64-unknown-linux-gnu/agent/hearth-agent
+    // Only the static build (scripts/build-agent.sh) is wanted; a plain `cargo build`
+    // leaves a dynamically linked hearth-agent beside this binary.
     [
-        dir.join("hearth-agent"),
         dir.join("../x86_64-unknown-linux-gnu/agent/hearth-agent"),
         dir.join("../../x86_64-unknown-linux-gnu/agent/hearth-agent"),
     ]

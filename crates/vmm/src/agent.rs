@@ -77,6 +77,19 @@ fn full(b: impl Into<Bytes>) -> ReqBody {
 #[derive(Clone)]
 pub struct AgentClient {
     sender: SendRequest<ReqBody>,
+    conn: std::sync::Arc<ConnTask>,
+}
+
+/// Aborts the connection task (closing the socket) when the last client clone goes.
+struct ConnTask {
+    abort: tokio::task::AbortHandle,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Drop for ConnTask {
+    fn drop(&mut self) {
+        self.abort.abort();
+    }
 }
 
 /// Output of a finished exec.
@@ -221,16 +234,65 @@ impl AgentClient {
                 .handshake(hyper_util::rt::TokioIo::new(io))
                 .await
                 .map_err(conn_err)?;
-            tokio::spawn(async move {
+            let (done_tx, done) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!("agent connection ended: {e}");
                 }
+                let _ = done_tx.send(true);
             });
-            let client = AgentClient { sender };
+            let conn = ConnTask { abort: task.abort_handle(), done };
+            let client = AgentClient { sender, conn: std::sync::Arc::new(conn) };
             let hello = client.hello().await?;
             Ok((client, hello))
         };
         tokio::time::timeout(timeout, fut).await.map_err(|_| AgentError::Timeout(timeout))?
+    }
+
+    /// Closes the connection now, for every clone of this client.
+    pub fn close(&self) {
+        self.conn.abort.abort();
+    }
+
+    /// Ends the connection cleanly: the agent acknowledges, shuts the HTTP/2 connection
+    /// down (GOAWAY) and stops reading, so whatever the host sends next starts a fresh
+    /// connection. Always call this before closing a connection the host will replace
+    /// (reconnects, snapshots); a bare close works too, but the agent may then need the
+    /// host's retry to resynchronise.
+    pub async fn detach(&self, timeout: Duration) -> Result<(), AgentError> {
+        let fut = async {
+            let req = Request::post("/v1/detach").body(empty()).expect("static request");
+            let _: serde_json::Value = Self::json_response(self.send(req).await?).await?;
+            let mut done = self.conn.done.clone();
+            let _ = done.wait_for(|d| *d).await;
+            Ok(())
+        };
+        let r = tokio::time::timeout(timeout, fut).await.map_err(|_| AgentError::Timeout(timeout));
+        self.close();
+        r?
+    }
+
+    /// Connects, retrying until `deadline`: each attempt waits longer for the handshake
+    /// (0.5 s, 1 s, 2 s, then 4 s), and an attempt that times out is closed and replaced,
+    /// which also resynchronises an agent that lost the start of a connection.
+    pub async fn connect_retrying(socket: &Path, deadline: tokio::time::Instant) -> Result<(AgentClient, Hello), AgentError> {
+        let mut attempt = Duration::from_millis(500);
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(AgentError::Timeout(attempt));
+            }
+            let limit = attempt.min(deadline - now);
+            match Self::connect(socket, limit).await {
+                Ok(ok) => return Ok(ok),
+                Err(AgentError::Timeout(_)) => attempt = (attempt * 2).min(Duration::from_secs(4)),
+                Err(e @ AgentError::Version { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!("agent connect attempt failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
     }
 
     /// True while the HTTP/2 connection is usable.

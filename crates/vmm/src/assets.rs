@@ -365,6 +365,20 @@ pub fn boot_files(home: &Path) -> Result<(PathBuf, PathBuf), AssetError> {
     Ok((kernel.vmlinuz, initramfs))
 }
 
+/// True when a 64-bit little-endian ELF has a `PT_INTERP` program header (needs a dynamic
+/// loader, which a guest root filesystem may not have).
+fn elf_has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..phnum).any(|i| {
+        let o = phoff.saturating_add(i.saturating_mul(phentsize));
+        elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) == Some(3)
+    })
+}
+
 /// Installs the agent binary into `home` (atomically).
 pub fn install_agent(home: &Path, agent: &Path) -> Result<PathBuf, AssetError> {
     let dest = agent_path(home);
@@ -374,8 +388,25 @@ pub fn install_agent(home: &Path, agent: &Path) -> Result<PathBuf, AssetError> {
     if bytes.get(..4) != Some(b"\x7fELF") {
         return Err(AssetError::Missing(format!("{} is not an ELF binary", agent.display())));
     }
+    if elf_has_interpreter(&bytes) {
+        return Err(AssetError::Missing(format!(
+            "{} is dynamically linked; the guest agent must be static (build it with scripts/build-agent.sh)",
+            agent.display()
+        )));
+    }
     let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io("create agent file"))?;
     tmp.write_all(&bytes).map_err(io("write agent"))?;
     tmp.persist(&dest).map_err(|e| AssetError::Io { what: "install agent".into(), source: e.error })?;
     Ok(dest)
+}
+
+#[cfg(test)]
+mod elf_tests {
+    #[test]
+    fn dynamic_binaries_are_recognised() {
+        // The test binary itself is dynamically linked.
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(super::elf_has_interpreter(&me));
+        assert!(!super::elf_has_interpreter(b"\x7fELF"));
+    }
 }

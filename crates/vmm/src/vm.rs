@@ -20,6 +20,21 @@ use std::time::{Duration, Instant};
 
 /// Lines of console output quoted in errors.
 const CONSOLE_TAIL_LINES: usize = 25;
+/// Pause between dropping the agent connection and making a new one.
+const RECONNECT_SETTLE: Duration = Duration::from_millis(150);
+
+/// The console's last lines, led by the kernel's panic line when there is one (a panic's
+/// backtrace is long and the line naming the cause would otherwise scroll out).
+fn console_report(path: &Path) -> (bool, String) {
+    let big = file_tail(path, 2000);
+    let panic_line = big.lines().find(|l| l.contains("Kernel panic")).map(str::to_owned);
+    let tail = file_tail(path, CONSOLE_TAIL_LINES);
+    match panic_line {
+        Some(l) if !tail.contains(&l) => (true, format!("{l}\n...\n{tail}")),
+        Some(_) => (true, tail),
+        None => (false, tail),
+    }
+}
 
 /// A failure to boot.
 #[derive(Debug, thiserror::Error)]
@@ -178,7 +193,7 @@ impl Vm {
         let exited = |status: ExitStatus| BootError::Exited {
             status,
             qemu_log: file_tail(&paths.qemu_log, 10),
-            console: file_tail(&paths.console, CONSOLE_TAIL_LINES),
+            console: console_report(&paths.console).1,
         };
         let deadline = started + cfg.boot_timeout;
         let connect = async {
@@ -186,8 +201,7 @@ impl Vm {
             while !paths.agent.exists() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            AgentClient::connect(&paths.agent, remaining).await
+            AgentClient::connect_retrying(&paths.agent, deadline.into()).await
         };
         let (agent, hello) = tokio::select! {
             r = connect => match r {
@@ -269,8 +283,8 @@ impl Vm {
         }
         match self.process.wait_exit(Duration::from_secs(3)).await {
             Some(status) => {
-                let console = self.console_tail(CONSOLE_TAIL_LINES);
-                if console.contains("Kernel panic") {
+                let (panicked, console) = console_report(&self.paths.console);
+                if panicked {
                     VmError::GuestPanicked { console }
                 } else {
                     VmError::Stopped { status, console }
@@ -294,6 +308,26 @@ impl Vm {
             Ok(s) => Ok(s),
             Err(e) => Err(self.diagnose(e).await),
         }
+    }
+
+    /// Drops the agent connection and makes a fresh one, as the host does after a snapshot
+    /// restore; the agent must accept it.
+    pub async fn reconnect(&mut self, timeout: Duration) -> Result<&Hello, VmError> {
+        if let Err(e) = self.agent.detach(Duration::from_secs(2)).await {
+            tracing::debug!(vm = %self.id, "detach before reconnect failed: {e}");
+        }
+        // The guest learns of the host's disconnect through a virtio-serial control
+        // message handled asynchronously; reconnecting before it lands would let that stale
+        // "host gone" end the new connection. Give it a moment (retries cover the rest).
+        tokio::time::sleep(RECONNECT_SETTLE).await;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (agent, hello) = match AgentClient::connect_retrying(&self.paths.agent, deadline).await {
+            Ok(ok) => ok,
+            Err(e) => return Err(self.diagnose(e).await),
+        };
+        self.agent = agent;
+        self.hello = hello;
+        Ok(&self.hello)
     }
 
     /// True while QEMU runs.

@@ -1,0 +1,321 @@
+//! End-to-end tests of the engine against real QEMU VMs (TCG on hosts without usable KVM).
+//!
+//! They need the set-up done by `scripts/setup.sh --debian` (kernel, agent, initramfs,
+//! base images in $HEARTH_HOME); `scripts/test.sh` does it. Each test boots its own VMs and
+//! every VM is dropped (killing QEMU) on every path, panics included.
+
+use bytes::Bytes;
+use hearth_image::base::Base;
+use hearth_proto::binpath::BinPath;
+use hearth_proto::exec::{ExecRequest, FrameKind};
+use hearth_proto::files::{FileKind, FsRequest};
+use hearth_proto::ErrorCode;
+use hearth_vmm::agent::{AgentError, ExecEvent};
+use hearth_vmm::{BootError, Disk, DiskFormat, Vm, VmConfig, VmError};
+use std::time::Duration;
+
+fn config(base: Base) -> VmConfig {
+    let home = hearth_vmm::home::hearth_home();
+    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)
+        .unwrap_or_else(|e| panic!("{e} (the tests need `scripts/setup.sh --debian` first)"));
+    let rootfs = base.path(&home);
+    assert!(rootfs.is_file(), "{} missing: run `scripts/setup.sh --debian` first", rootfs.display());
+    let mut cfg = VmConfig::new(kernel, initramfs);
+    cfg.root = Some(Disk::base(rootfs, DiskFormat::Raw));
+    cfg.run_root = home.join("run");
+    cfg.boot_timeout = Duration::from_secs(180);
+    if let Ok(args) = std::env::var("HEARTH_KERNEL_ARGS") {
+        cfg.extra_cmdline = args.split_whitespace().map(str::to_owned).collect();
+    }
+    if let Ok(a) = std::env::var("HEARTH_ACCEL") {
+        cfg.accel = a.parse().expect("HEARTH_ACCEL");
+    }
+    cfg
+}
+
+async fn boot(base: Base) -> Vm {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    Vm::boot(config(base)).await.unwrap_or_else(|e| panic!("boot failed: {e}"))
+}
+
+async fn sh(vm: &Vm, script: &str) -> hearth_vmm::agent::ExecOutput {
+    vm.exec(&ExecRequest::shell(script), None, 64 << 20).await.unwrap_or_else(|e| panic!("{script}: {e}"))
+}
+
+fn remote_code(e: &VmError) -> Option<ErrorCode> {
+    match e {
+        VmError::Agent(AgentError::Remote(b)) => Some(b.code),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_output_codes_streams_env_cwd_user() {
+    let vm = boot(Base::Busybox).await;
+
+    let out = vm.exec(&ExecRequest::argv(["echo", "hello", "world"]), None, 1 << 20).await.unwrap();
+    assert_eq!(out.stdout, b"hello world\n");
+    assert!(out.stderr.is_empty());
+    assert_eq!(out.exit.code, Some(0));
+
+    let out = sh(&vm, "echo out; echo err >&2; exit 42").await;
+    assert_eq!((out.stdout_str().as_str(), out.stderr_str().as_str(), out.exit.code), ("out\n", "err\n", Some(42)));
+
+    let out = sh(&vm, "kill -TERM $$").await;
+    assert_eq!((out.exit.code, out.exit.signal), (None, Some(15)));
+
+    // stdin, binary-safe
+    let input = Bytes::from_static(b"abc\0\xff\xfe\n");
+    let out = vm.exec(&ExecRequest::argv(["cat"]), Some(input.clone()), 1 << 20).await.unwrap();
+    assert_eq!(out.stdout, input);
+
+    // env and cwd
+    let mut req = ExecRequest::shell("echo \"$FOO|$(pwd)|$HOME\"");
+    req.env.insert("FOO".into(), "bar baz".into());
+    let out = vm.exec(&req, None, 1 << 20).await.unwrap();
+    assert_eq!(out.stdout_str(), "bar baz|/workspace|/root\n");
+    req.cwd = Some("/tmp".into());
+    assert_eq!(vm.exec(&req, None, 1 << 20).await.unwrap().stdout_str(), "bar baz|/tmp|/root\n");
+    req.cwd = Some("/does/not/exist".into());
+    let e = vm.exec(&req, None, 1 << 20).await.unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::NotFound), "{e}");
+
+    // user
+    let mut req = ExecRequest::shell("id -u; id -g");
+    req.user = Some("nobody".into());
+    assert_eq!(vm.exec(&req, None, 1 << 20).await.unwrap().stdout_str(), "65534\n65534\n");
+    req.user = Some("1234:567".into());
+    assert_eq!(vm.exec(&req, None, 1 << 20).await.unwrap().stdout_str(), "1234\n567\n");
+    req.user = Some("no-such-user".into());
+    let e = vm.exec(&req, None, 1 << 20).await.unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::InvalidInput), "{e}");
+
+    // a command that does not exist
+    let e = vm.exec(&ExecRequest::argv(["/no/such/binary"]), None, 1 << 20).await.unwrap_err();
+    assert_eq!(remote_code(&e), Some(ErrorCode::NotFound), "{e}");
+
+    // streaming: stdin goes in and stdout comes out while the process runs
+    let mut s = vm.exec_stream(&ExecRequest::argv(["cat"])).await.unwrap();
+    for word in ["ping\n", "pong\n"] {
+        s.write_stdin(Bytes::from(word)).await.unwrap();
+        match s.next_event().await.unwrap() {
+            Some(ExecEvent::Stdout(b)) => assert_eq!(b, word.as_bytes()),
+            other => panic!("expected echoed stdout, got {other:?}"),
+        }
+    }
+    s.close_stdin();
+    assert!(matches!(s.next_event().await.unwrap(), Some(ExecEvent::Exit(x)) if x.success()));
+
+    // stdout and stderr arrive separately, in order, before the exit
+    let mut s = vm.exec_stream(&ExecRequest::shell("echo a; sleep 0.3; echo b >&2; sleep 0.3; echo c")).await.unwrap();
+    s.close_stdin();
+    let mut events = Vec::new();
+    while let Some(e) = s.next_event().await.unwrap() {
+        events.push(e);
+    }
+    assert_eq!(
+        events,
+        vec![
+            ExecEvent::Stdout(Bytes::from("a\n")),
+            ExecEvent::Stderr(Bytes::from("b\n")),
+            ExecEvent::Stdout(Bytes::from("c\n")),
+            ExecEvent::Exit(hearth_proto::exec::ExecExit { code: Some(0), signal: None, timed_out: false }),
+        ]
+    );
+    let _ = FrameKind::Stdout;
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_timeout_kills_the_process_tree_and_execs_run_concurrently() {
+    let vm = boot(Base::Busybox).await;
+
+    let mut req = ExecRequest::shell("sleep 300 & sleep 301; echo never");
+    req.timeout_ms = Some(500);
+    let out = vm.exec(&req, None, 1 << 20).await.unwrap();
+    assert!(out.exit.timed_out);
+    assert_eq!(out.exit.signal, Some(9));
+    assert!(out.stdout.is_empty());
+    // Neither sleep survives: the whole process group was killed.
+    let ps = sh(&vm, "ps -o args | grep -c '^sleep 30[01]' || true").await;
+    assert_eq!(ps.stdout_str().trim(), "0", "leftover sleeps");
+
+    // 8 at once, each a second long: they overlap instead of queueing.
+    let started = std::time::Instant::now();
+    let runs = (0..8).map(|i| {
+        let vm = &vm;
+        async move { vm.exec(&ExecRequest::shell(format!("sleep 1; echo {i}")), None, 1 << 20).await }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    for (i, r) in results.into_iter().enumerate() {
+        let out = r.unwrap();
+        assert_eq!(out.stdout_str(), format!("{i}\n"));
+        assert!(out.exit.success());
+    }
+    // Sequential would be >= 8 s; generous bound because TCG on a loaded host is slow.
+    assert!(started.elapsed() < Duration::from_secs(8), "execs did not overlap: {:?}", started.elapsed());
+    vm.shutdown().await;
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_round_trip_and_operations() {
+    let vm = boot(Base::Busybox).await;
+    let agent = vm.agent();
+    let p = |s: &str| BinPath::from(s);
+
+    // 0 bytes, 1 byte, 10 MiB of binary
+    for (name, data) in [
+        ("/workspace/empty", Vec::new()),
+        ("/workspace/one", vec![0xffu8]),
+        ("/workspace/deep/er/big.bin", pseudo_random(10 << 20, 7)),
+    ] {
+        let info = agent.write_file_bytes(&p(name), None, Bytes::from(data.clone())).await.unwrap();
+        assert_eq!(info.size, data.len() as u64, "{name}");
+        let back = agent.read_file_bytes(&p(name), 64 << 20).await.unwrap();
+        assert!(back == data, "{name}: {} bytes back, {} sent", back.len(), data.len());
+    }
+    // The guest sees the same bytes.
+    let sum = sh(&vm, "md5sum /workspace/deep/er/big.bin | cut -d' ' -f1").await.stdout_str();
+    let local = {
+        let data = pseudo_random(10 << 20, 7);
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), &data).unwrap();
+        let o = std::process::Command::new("md5sum").arg(tmp.path()).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap().to_owned()
+    };
+    assert_eq!(sum.trim(), local);
+
+    // ranges
+    let data = pseudo_random(10 << 20, 7);
+    use futures_util::StreamExt;
+    let stream = agent.read_file(&p("/workspace/deep/er/big.bin"), 1_000_000, Some(12345)).await.unwrap();
+    let chunks: Vec<Bytes> = stream.map(|c| c.unwrap()).collect().await;
+    assert_eq!(chunks.concat(), &data[1_000_000..1_012_345]);
+
+    // modes, atomic replace, no temporary files left behind
+    agent.write_file_bytes(&p("/workspace/m"), Some(0o600), Bytes::from("one")).await.unwrap();
+    let info = agent.write_file_bytes(&p("/workspace/m"), Some(0o640), Bytes::from("two!")).await.unwrap();
+    assert_eq!((info.mode, info.size), (0o640, 4));
+    assert_eq!(agent.read_file_bytes(&p("/workspace/m"), 100).await.unwrap(), b"two!");
+
+    // non-UTF-8 names
+    let weird = BinPath(b"/workspace/caf\xe9-\xff.bin".to_vec());
+    agent.write_file_bytes(&weird, None, Bytes::from("latin-1")).await.unwrap();
+    let names: Vec<Vec<u8>> = agent.list(&p("/workspace")).await.unwrap().into_iter().map(|e| e.path.0).collect();
+    assert!(names.contains(&b"caf\xe9-\xff.bin".to_vec()), "{names:?}");
+    assert!(names.iter().all(|n| !n.starts_with(b".")), "temporary files left: {names:?}");
+    assert_eq!(agent.read_file_bytes(&weird, 100).await.unwrap(), b"latin-1");
+
+    // stat, mkdir, rename, remove
+    let st = agent.stat(&p("/workspace/deep")).await.unwrap();
+    assert_eq!(st.kind, FileKind::Dir);
+    agent.fs(&FsRequest::Mkdir { path: p("/workspace/a/b/c"), parents: true, mode: Some(0o700) }).await.unwrap();
+    let e = agent.fs(&FsRequest::Mkdir { path: p("/workspace/a"), parents: false, mode: None }).await.unwrap_err();
+    assert!(matches!(&e, AgentError::Remote(b) if b.code == ErrorCode::AlreadyExists), "{e}");
+    agent.fs(&FsRequest::Rename { from: p("/workspace/one"), to: p("/workspace/a/one") }).await.unwrap();
+    assert_eq!(agent.read_file_bytes(&p("/workspace/a/one"), 10).await.unwrap(), vec![0xff]);
+    let e = agent.fs(&FsRequest::Remove { path: p("/workspace/a"), recursive: false }).await.unwrap_err();
+    assert!(matches!(&e, AgentError::Remote(b) if b.code == ErrorCode::WrongKind), "{e}");
+    agent.fs(&FsRequest::Remove { path: p("/workspace/a"), recursive: true }).await.unwrap();
+
+    // missing paths
+    for e in [
+        agent.read_file_bytes(&p("/workspace/a/one"), 10).await.unwrap_err(),
+        agent.stat(&p("/nonexistent")).await.unwrap_err(),
+        agent.list(&p("/nonexistent")).await.unwrap_err(),
+        agent.fs(&FsRequest::Remove { path: p("/nonexistent"), recursive: true }).await.unwrap_err(),
+    ] {
+        assert!(matches!(&e, AgentError::Remote(b) if b.code == ErrorCode::NotFound), "{e}");
+    }
+    // relative paths are refused
+    let e = agent.stat(&p("relative")).await.unwrap_err();
+    assert!(matches!(&e, AgentError::Remote(b) if b.code == ErrorCode::InvalidInput), "{e}");
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_accepts_fresh_connections() {
+    let mut vm = boot(Base::Busybox).await;
+    sh(&vm, "echo 1 > /workspace/state").await;
+    for i in 0..3 {
+        vm.reconnect(Duration::from_secs(30)).await.unwrap();
+        let out = vm.exec(&ExecRequest::shell("cat /workspace/state"), None, 1 << 20).await;
+        let out = out.unwrap_or_else(|e| panic!("after reconnect {i}: {e}\nconsole:\n{}", vm.console_tail(20)));
+        assert_eq!(out.stdout_str(), "1\n");
+    }
+    // An abrupt close, without the detach handshake, is recovered from too.
+    vm.agent().close();
+    vm.reconnect(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(sh(&vm, "echo ok").await.stdout_str(), "ok\n");
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debian_rootfs_boots_and_runs_python() {
+    let vm = boot(Base::DebianBookworm).await;
+    let out = vm.exec(&ExecRequest::argv(["python3", "-c", "import sys; print(6*7, sys.version_info[0])"]), None, 1 << 20).await.unwrap();
+    assert_eq!(out.stdout_str(), "42 3\n", "stderr: {}", out.stderr_str());
+    let os = sh(&vm, ". /etc/os-release; echo $VERSION_CODENAME").await;
+    assert_eq!(os.stdout_str(), "bookworm\n");
+    vm.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_kernel_panic_is_reported() {
+    let vm = boot(Base::Busybox).await;
+    let e = vm.exec(&ExecRequest::shell("echo c > /proc/sysrq-trigger"), None, 1 << 20).await.unwrap_err();
+    match e {
+        VmError::GuestPanicked { console } => assert!(console.contains("Kernel panic"), "{console}"),
+        other => panic!("expected a guest panic, got {other}"),
+    }
+    assert!(!vm.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_timeout_reports_console_and_leaves_nothing() {
+    let run_root = tempfile::tempdir().unwrap();
+    let mut cfg = config(Base::Busybox);
+    cfg.run_root = run_root.path().to_path_buf();
+    cfg.boot_timeout = Duration::from_millis(300);
+    let err = Vm::boot(cfg).await.err().expect("a 300 ms boot cannot succeed under TCG");
+    assert!(matches!(err, BootError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("did not become ready"), "{err}");
+    // The run directory (sockets, console, overlay) is gone with the QEMU process.
+    let left: Vec<_> = std::fs::read_dir(run_root.path()).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[tokio::test]
+async fn invalid_configurations_fail_before_anything_starts() {
+    let run_root = tempfile::tempdir().unwrap();
+    let mut cfg = config(Base::Busybox);
+    cfg.run_root = run_root.path().to_path_buf();
+    for (mem, vcpus) in [(16, 1), (1 << 30, 1), (512, 0), (512, 1000)] {
+        let mut c = cfg.clone();
+        c.memory_mib = mem;
+        c.vcpus = vcpus;
+        let e = Vm::boot(c).await.err().expect("invalid size accepted");
+        assert!(matches!(e, BootError::Config(_)), "{e}");
+    }
+    let mut c = cfg.clone();
+    c.kernel = "/nonexistent/vmlinuz".into();
+    let e = Vm::boot(c).await.err().expect("missing kernel accepted");
+    assert!(e.to_string().contains("setup"), "error should name the set-up command: {e}");
+    let mut c = cfg.clone();
+    c.qemu_binary = "/nonexistent/qemu-system-x86_64".into();
+    let e = Vm::boot(c).await.err().expect("missing QEMU accepted");
+    assert!(e.to_string().contains("setup"), "{e}");
+    assert_eq!(std::fs::read_dir(run_root.path()).unwrap().count(), 0);
+}

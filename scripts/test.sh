@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: host packages, agent, kernel, initramfs, base
+# images (busybox and debian-bookworm), then every unit, fake-agent and real-VM test.
+# Afterwards it checks that no QEMU process and no run directory or temporary file
+# outlived the suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Tests keep their own state directory, beside the build, so they never touch a user's.
+export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
+
+./scripts/setup.sh --debian
+
+status=0
+cargo test --workspace --locked -- --test-threads=2 || status=$?
+
+leaks=0
+if pgrep -f 'process=hearth-vm-' >/dev/null; then
+    echo "LEAK: QEMU processes survived the tests:" >&2
+    pgrep -fa 'process=hearth-vm-' >&2
+    pkill -9 -f 'process=hearth-vm-' || true
+    leaks=1
+fi
+if [ -d "$HEARTH_HOME/run" ] && [ -n "$(ls -A "$HEARTH_HOME/run")" ]; then
+    echo "LEAK: run directories survived the tests:" >&2
+    ls -la "$HEARTH_HOME/run" >&2
+    leaks=1
+fi
+stray=$(find "$HEARTH_HOME" -maxdepth 2 \( -name '.build-*' -o -name '.ext4-*' -o -name '.fetch-*' -o -name '.tmp*' -o -name '.untar-*' \) 2>/dev/null || true)
+if [ -n "$stray" ]; then
+    echo "LEAK: temporary files survived the tests:" >&2
+    echo "$stray" >&2
+    leaks=1
+fi
+if [ "$status" -ne 0 ]; then
+    echo "tests failed" >&2
+    exit "$status"
+fi
+if [ "$leaks" -ne 0 ]; then
+    exit 1
+fi
+echo "all tests passed; nothing left running"
