@@ -97,6 +97,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         rtt.push(ms(t.elapsed()));
     }
     rows.push(Row { name: "exec round trip of `true`".into(), samples: rtt, unit: "ms" });
+    let mut hello = Vec::new();
+    for _ in 0..args.execs {
+        let t = Instant::now();
+        vm.agent().hello().await?;
+        hello.push(ms(t.elapsed()));
+    }
+    rows.push(Row { name: "agent round trip (handshake request, no process)".into(), samples: hello, unit: "ms" });
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = vm.pid();

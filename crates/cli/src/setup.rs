@@ -103,14 +103,14 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "home": home, "qemu": qemu, "kernel": kernel.vmlinuz, "kernel_release": kernel.release,
+                "home": home, "qemu": qemu, "kernel": kernel.boot_image, "kernel_release": kernel.release,
                 "agent": agent, "initramfs": initramfs, "rootfs": rootfs,
             })
         );
     } else {
         println!("Hearth is set up in {}", home.display());
         println!("  {qemu}");
-        println!("  kernel     {}", kernel.vmlinuz.display());
+        println!("  kernel     {}", kernel.boot_image.display());
         println!("  initramfs  {}", initramfs.display());
         for r in rootfs {
             println!("  rootfs     {}", r.display());

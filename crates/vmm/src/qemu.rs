@@ -80,6 +80,9 @@ pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
         "i8042.noaux".into(),
         "8250.nr_uarts=1".into(),
         "cryptomgr.notests".into(),
+        // Debian enables zero-on-allocation hardening; in a single-tenant guest it only
+        // costs boot time under emulation (~0.2 s here).
+        "init_on_alloc=0".into(),
         "random.trust_cpu=on".into(),
         format!("hearth.hostname={}", cfg.hostname),
     ];
@@ -107,13 +110,19 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
         "-name".into(),
         format!("{name},process=hearth-{name}"),
         "-machine".into(),
-        format!("microvm,pcie=on,rtc=on,accel={accel_name}"),
+        "microvm,pcie=on,rtc=on".into(),
+        "-accel".into(),
+        accel_name.into(),
         "-cpu".into(),
         cpu.into(),
         "-m".into(),
         format!("{}M", cfg.memory_mib),
         "-smp".into(),
         cfg.vcpus.to_string(),
+        // qboot: a minimal firmware that jumps straight to the kernel (SeaBIOS costs
+        // time under TCG and cannot start a PVH kernel).
+        "-bios".into(),
+        "qboot.rom".into(),
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),
@@ -268,10 +277,10 @@ mod tests {
         cfg.root = Some(Disk::base("/base.ext4", DiskFormat::Raw));
         let paths = RunPaths::new(Path::new("/run/x"));
         let args = qemu_args(&cfg, Accel::Tcg, "vm-1", &paths).join(" ");
-        assert!(args.contains("accel=tcg"), "{args}");
+        assert!(args.contains("-accel tcg"), "{args}");
         assert!(args.contains("file=/run/x/root.qcow2"), "{args}");
         assert!(args.contains("hearth.root=/dev/vda"), "{args}");
         let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
-        assert!(args.contains("accel=kvm") && args.contains("-cpu host"), "{args}");
+        assert!(args.contains("-accel kvm") && args.contains("-cpu host"), "{args}");
     }
 }
