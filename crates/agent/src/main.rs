@@ -19,6 +19,7 @@ mod files;
 mod init;
 mod port;
 mod reaper;
+mod restore;
 mod server;
 
 use std::sync::Arc;

@@ -133,43 +133,56 @@ enum Scan {
     Eof,
 }
 
-/// Discards bytes until the HTTP/2 client preface has been read.
+/// Discards bytes until the HTTP/2 client preface has been read, answering the host's
+/// resynchronisation probes on the way (see `hearth_proto::sync`).
 ///
-/// The port has no connection boundaries of its own: leftovers of an old connection, or
-/// bytes the host sent before the guest noticed it had reconnected, may precede the new
-/// connection. Every connection starts with the preface, so the agent resynchronises on
-/// it. At most one read's worth of bytes is held.
-async fn scan_for_preface(io: &mut PortIo) -> io::Result<Scan> {
-    use tokio::io::AsyncReadExt;
-    let mut window: Vec<u8> = Vec::with_capacity(PREFACE.len());
+/// The port has no connection boundaries of its own: leftovers of an old connection may
+/// precede the new one. The host probes until answered and only then sends the preface,
+/// so neither side mistakes old bytes for new ones. At most one read's worth is held.
+async fn scan_for_preface<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO) -> io::Result<Scan> {
+    use hearth_proto::sync;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let keep = PREFACE.len().max(sync::PROBE_LEN);
+    let mut window: Vec<u8> = Vec::with_capacity(keep + 1);
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = io.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(Scan::Eof);
-        }
+        let n = match io.read(&mut buf).await {
+            Ok(0) => return Ok(Scan::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Scan::Eof),
+            Err(e) => return Err(e),
+        };
         for (i, &b) in buf[..n].iter().enumerate() {
-            if window.len() == PREFACE.len() {
+            if window.len() == keep {
                 window.remove(0);
             }
             window.push(b);
-            if window == PREFACE {
+            if window.ends_with(PREFACE) {
                 let mut start = PREFACE.to_vec();
                 start.extend_from_slice(&buf[i + 1..n]);
                 return Ok(Scan::Found(start));
+            }
+            if b == b'\n' && window.len() >= sync::PROBE_LEN {
+                if let Some(nonce) = sync::parse_probe(&window[window.len() - sync::PROBE_LEN..]) {
+                    match io.write_all(&sync::ready(nonce)).await {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(Scan::Eof),
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
     }
 }
 
-/// A byte stream that first replays `prefix`, then reads from the port.
-struct Prefixed {
+/// A byte stream that first replays `prefix`, then reads from `io`.
+struct Prefixed<IO> {
     prefix: Vec<u8>,
     pos: usize,
-    io: PortIo,
+    io: IO,
 }
 
-impl AsyncRead for Prefixed {
+impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         if self.pos < self.prefix.len() {
             let n = (self.prefix.len() - self.pos).min(buf.remaining());
@@ -182,7 +195,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.io).poll_write(cx, data)
     }
@@ -236,10 +249,12 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
     loop {
-        let (stream, _) = listener.accept().await?;
+        let (mut stream, _) = listener.accept().await?;
         let state = state.clone();
         tokio::spawn(async move {
-            let _ = server::serve_connection(stream, state).await;
+            if let Ok(Scan::Found(start)) = scan_for_preface(&mut stream).await {
+                let _ = server::serve_connection(Prefixed { prefix: start, pos: 0, io: stream }, state).await;
+            }
         });
     }
 }

@@ -75,6 +75,8 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Method::PUT, "/v1/files") => files::write(req).await,
         (Method::POST, p) if p.starts_with("/v1/fs/") => files::fs_op(req).await,
         (Method::POST, "/v1/shutdown") => shutdown(&state),
+        (Method::POST, "/v1/restore") => crate::restore::restore(req).await,
+        (Method::POST, "/v1/sync") => crate::restore::sync().await,
         _ => error(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no route for {path}")),
     }
 }

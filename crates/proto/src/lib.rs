@@ -17,6 +17,9 @@
 //! | `GET /v1/files?path=P&offset=O&length=L` | — | the file's bytes, streamed |
 //! | `PUT /v1/files?path=P&mode=M` | the file's bytes, streamed | [`files::FileInfo`] |
 //! | `POST /v1/fs/{stat,list,mkdir,remove,rename}` | [`files::FsRequest`] | [`files::FsResponse`] |
+//! | `POST /v1/restore` | [`RestoreInfo`] | `{}` once clock, RNG and identity are fixed |
+//! | `POST /v1/sync` | — | `{}` once the guest's filesystems are flushed |
+//! | `POST /v1/detach` | — | `{}`; the agent then closes this connection and waits for a new one |
 //! | `POST /v1/shutdown` | — | `{}`; the guest then syncs and powers off |
 //!
 //! Paths in query strings are percent-encoded raw bytes ([`binpath::BinPath::to_query`]),
@@ -91,5 +94,97 @@ pub enum ErrorCode {
 impl std::fmt::Display for ErrorBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// Most entropy bytes the host may hand the guest in one [`RestoreInfo`].
+pub const MAX_RESTORE_ENTROPY: usize = 512;
+
+/// `POST /v1/restore`: what the guest needs after being restored from a snapshot, before
+/// any user command runs. Clones of one snapshot share the snapshot's clock, RNG state and
+/// identity; this makes each one its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreInfo {
+    /// The host's wall clock, nanoseconds since the Unix epoch.
+    pub unix_time_ns: i64,
+    /// Fresh random bytes from the host, credited to the guest kernel's RNG, which is
+    /// then forced to reseed.
+    pub entropy: binpath::BinPath,
+    /// New hostname, if the VM should have its own.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// New `/etc/machine-id` (32 lowercase hex digits), if the VM should have its own.
+    #[serde(default)]
+    pub machine_id: Option<String>,
+}
+
+impl RestoreInfo {
+    /// Checks sizes and formats before anything is applied.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.entropy.0.len() > MAX_RESTORE_ENTROPY {
+            return Err(format!("{} entropy bytes; the limit is {MAX_RESTORE_ENTROPY}", self.entropy.0.len()));
+        }
+        if let Some(h) = &self.hostname {
+            if h.is_empty() || h.len() > 63 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(format!("invalid hostname {h:?}"));
+            }
+        }
+        if let Some(m) = &self.machine_id {
+            if m.len() != 32 || !m.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(format!("machine id must be 32 lowercase hex digits, got {m:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The resynchronisation handshake that precedes every HTTP/2 connection.
+///
+/// The agent channel is one byte pipe that outlives connections (and snapshots), so bytes
+/// of an old connection may still be in flight when a new one starts. Before speaking
+/// HTTP/2 the host sends [`sync::probe`] lines (repeating them until answered); the agent,
+/// between connections, answers each with [`sync::ready`] for the same nonce and otherwise
+/// discards everything until the HTTP/2 client preface. The host discards everything until
+/// the `ready` line with its nonce, so stale bytes on either side are skipped.
+pub mod sync {
+    /// Prefix of a probe line: `HEARTH-SYNC <16 hex digits>\n`.
+    pub const PROBE_PREFIX: &[u8] = b"HEARTH-SYNC ";
+    /// Prefix of an answer line: `HEARTH-READY <16 hex digits>\n`.
+    pub const READY_PREFIX: &[u8] = b"HEARTH-READY ";
+    /// Length of a probe line.
+    pub const PROBE_LEN: usize = 12 + 16 + 1;
+    /// Length of an answer line.
+    pub const READY_LEN: usize = 13 + 16 + 1;
+
+    /// The probe line for `nonce`.
+    pub fn probe(nonce: u64) -> Vec<u8> {
+        format!("HEARTH-SYNC {nonce:016x}\n").into_bytes()
+    }
+
+    /// The answer line for `nonce`.
+    pub fn ready(nonce: u64) -> Vec<u8> {
+        format!("HEARTH-READY {nonce:016x}\n").into_bytes()
+    }
+
+    /// The nonce of a complete probe line, if `line` is one.
+    pub fn parse_probe(line: &[u8]) -> Option<u64> {
+        let hex = line.strip_prefix(PROBE_PREFIX)?.strip_suffix(b"\n")?;
+        if hex.len() != 16 {
+            return None;
+        }
+        u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn probe_round_trip() {
+            let p = super::probe(0xdead_beef);
+            assert_eq!(p.len(), super::PROBE_LEN);
+            assert_eq!(super::parse_probe(&p), Some(0xdead_beef));
+            assert_eq!(super::ready(1).len(), super::READY_LEN);
+            assert_eq!(super::parse_probe(b"HEARTH-SYNC zz\n"), None);
+        }
     }
 }

@@ -84,6 +84,10 @@ pub struct AgentClient {
 struct ConnTask {
     abort: tokio::task::AbortHandle,
     done: tokio::sync::watch::Receiver<bool>,
+    /// A duplicate of the socket that keeps it open after the HTTP/2 connection ends, so a
+    /// new HTTP/2 connection can start on it (see [`AgentClient::reattach`]) without the
+    /// guest ever seeing the host disconnect.
+    anchor: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Drop for ConnTask {
@@ -214,16 +218,41 @@ impl ExecStream {
 impl AgentClient {
     /// Connects to an agent socket and performs the handshake within `timeout`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<(AgentClient, Hello), AgentError> {
-        let stream = tokio::net::UnixStream::connect(socket).await.map_err(AgentError::Connect)?;
-        Self::handshake(stream, timeout).await
+        let stream = std::os::unix::net::UnixStream::connect(socket).map_err(AgentError::Connect)?;
+        Self::connect_stream(stream, timeout).await
+    }
+
+    /// Performs the handshake over an already connected socket, keeping a duplicate of it
+    /// so the socket outlives this HTTP/2 connection.
+    pub async fn connect_stream(
+        stream: std::os::unix::net::UnixStream,
+        timeout: Duration,
+    ) -> Result<(AgentClient, Hello), AgentError> {
+        let anchor = stream.try_clone().map_err(AgentError::Connect)?;
+        stream.set_nonblocking(true).map_err(AgentError::Connect)?;
+        let io = tokio::net::UnixStream::from_std(stream).map_err(AgentError::Connect)?;
+        let (mut client, hello) = Self::handshake(io, timeout).await?;
+        if let Some(conn) = std::sync::Arc::get_mut(&mut client.conn) {
+            conn.anchor = Some(anchor);
+        }
+        Ok((client, hello))
+    }
+
+    /// Starts a fresh HTTP/2 connection on the same socket (after [`AgentClient::detach`]).
+    /// The guest never sees a disconnect, so nothing stale can reach the new connection.
+    pub async fn reattach(&self, timeout: Duration) -> Result<(AgentClient, Hello), AgentError> {
+        let anchor = self.conn.anchor.as_ref().ok_or_else(|| AgentError::Connection("no socket to reattach to".into()))?;
+        let stream = anchor.try_clone().map_err(AgentError::Connect)?;
+        Self::connect_stream(stream, timeout).await
     }
 
     /// Performs the HTTP/2 and protocol handshake over any byte stream.
-    pub async fn handshake<IO>(io: IO, timeout: Duration) -> Result<(AgentClient, Hello), AgentError>
+    pub async fn handshake<IO>(mut io: IO, timeout: Duration) -> Result<(AgentClient, Hello), AgentError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let fut = async {
+            resync(&mut io).await?;
             let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .max_frame_size(1 << 20)
                 .max_header_list_size(64 << 10)
@@ -241,7 +270,7 @@ impl AgentClient {
                 }
                 let _ = done_tx.send(true);
             });
-            let conn = ConnTask { abort: task.abort_handle(), done };
+            let conn = ConnTask { abort: task.abort_handle(), done, anchor: None };
             let client = AgentClient { sender, conn: std::sync::Arc::new(conn) };
             let hello = client.hello().await?;
             Ok((client, hello))
@@ -252,13 +281,16 @@ impl AgentClient {
     /// Closes the connection now, for every clone of this client.
     pub fn close(&self) {
         self.conn.abort.abort();
+        if let Some(a) = &self.conn.anchor {
+            let _ = a.shutdown(std::net::Shutdown::Both);
+        }
     }
 
-    /// Ends the connection cleanly: the agent acknowledges, shuts the HTTP/2 connection
-    /// down (GOAWAY) and stops reading, so whatever the host sends next starts a fresh
-    /// connection. Always call this before closing a connection the host will replace
-    /// (reconnects, snapshots); a bare close works too, but the agent may then need the
-    /// host's retry to resynchronise.
+    /// Ends the HTTP/2 connection cleanly: the agent acknowledges, shuts it down (GOAWAY)
+    /// and goes back to waiting for a connection preface, so whatever the host sends next
+    /// starts a fresh connection. The socket itself stays open (see [`Self::reattach`]);
+    /// [`Self::close`] closes it. Call this before snapshots and before replacing a
+    /// connection.
     pub async fn detach(&self, timeout: Duration) -> Result<(), AgentError> {
         let fut = async {
             let req = Request::post("/v1/detach").body(empty()).expect("static request");
@@ -268,24 +300,22 @@ impl AgentClient {
             Ok(())
         };
         let r = tokio::time::timeout(timeout, fut).await.map_err(|_| AgentError::Timeout(timeout));
-        self.close();
+        self.conn.abort.abort();
         r?
     }
 
-    /// Connects, retrying until `deadline`: each attempt waits longer for the handshake
-    /// (0.5 s, 1 s, 2 s, then 4 s), and an attempt that times out is closed and replaced,
-    /// which also resynchronises an agent that lost the start of a connection.
+    /// Connects, retrying until `deadline` when the socket cannot be reached or the
+    /// connection breaks (a slow guest is simply waited for: the resync handshake copes
+    /// with whatever is still in the pipe).
     pub async fn connect_retrying(socket: &Path, deadline: tokio::time::Instant) -> Result<(AgentClient, Hello), AgentError> {
-        let mut attempt = Duration::from_millis(500);
         loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(AgentError::Timeout(attempt));
+                return Err(AgentError::Timeout(Duration::ZERO));
             }
-            let limit = attempt.min(deadline - now);
-            match Self::connect(socket, limit).await {
+            match Self::connect(socket, deadline - now).await {
                 Ok(ok) => return Ok(ok),
-                Err(AgentError::Timeout(_)) => attempt = (attempt * 2).min(Duration::from_secs(4)),
+                Err(e @ AgentError::Timeout(_)) => return Err(e),
                 Err(e @ AgentError::Version { .. }) => return Err(e),
                 Err(e) => {
                     tracing::debug!("agent connect attempt failed: {e}");
@@ -474,12 +504,78 @@ impl AgentClient {
         }
     }
 
+    /// Applies the after-restore fix-ups (clock, entropy, identity).
+    pub async fn restore(&self, info: &hearth_proto::RestoreInfo) -> Result<(), AgentError> {
+        let body = serde_json::to_vec(info).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::post("/v1/restore").body(full(body)).expect("static request");
+        let _: serde_json::Value = Self::json_response(self.send(req).await?).await?;
+        Ok(())
+    }
+
+    /// Flushes the guest's filesystems.
+    pub async fn sync(&self) -> Result<(), AgentError> {
+        let req = Request::post("/v1/sync").body(empty()).expect("static request");
+        let _: serde_json::Value = Self::json_response(self.send(req).await?).await?;
+        Ok(())
+    }
+
     /// Asks the guest to power off (the agent answers first).
     pub async fn shutdown(&self) -> Result<(), AgentError> {
         let req = Request::post("/v1/shutdown").body(empty()).expect("static request");
         let _: serde_json::Value = Self::json_response(self.send(req).await?).await?;
         Ok(())
     }
+}
+
+/// Most stale bytes skipped while resynchronising before giving up.
+const MAX_RESYNC_SKIP: usize = 16 << 20;
+
+/// The resync handshake (`hearth_proto::sync`): probe with a fresh nonce, skip everything
+/// until the answer to the latest probe, re-probe at growing intervals. Reads one byte at
+/// a time so nothing after the answer is consumed.
+async fn resync<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO) -> Result<(), AgentError> {
+    use hearth_proto::sync;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut interval = Duration::from_millis(100);
+    let mut skipped = 0usize;
+    let mut window: Vec<u8> = Vec::with_capacity(sync::READY_LEN + 1);
+    loop {
+        let nonce = random_u64();
+        let want = sync::ready(nonce);
+        io.write_all(&sync::probe(nonce)).await.map_err(|e| AgentError::Connection(e.to_string()))?;
+        let until = tokio::time::Instant::now() + interval;
+        let mut byte = [0u8; 1];
+        loop {
+            match tokio::time::timeout_at(until, io.read(&mut byte)).await {
+                Err(_) => break,
+                Ok(Ok(0)) => return Err(AgentError::Connection("the agent channel closed".into())),
+                Ok(Ok(_)) => {
+                    if window.len() == sync::READY_LEN {
+                        window.remove(0);
+                    }
+                    window.push(byte[0]);
+                    if window == want {
+                        return Ok(());
+                    }
+                    skipped += 1;
+                    if skipped > MAX_RESYNC_SKIP {
+                        return Err(AgentError::Protocol(format!("no sync answer within {MAX_RESYNC_SKIP} bytes")));
+                    }
+                }
+                Ok(Err(e)) => return Err(AgentError::Connection(e.to_string())),
+            }
+        }
+        interval = (interval * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    u64::from_ne_bytes(b)
 }
 
 /// The exec request body: the spec frame, then stdin frames until the sender is dropped.

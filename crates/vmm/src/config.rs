@@ -49,6 +49,36 @@ impl Disk {
     }
 }
 
+/// Where guest RAM lives. QEMU always gets one memory backend with id `mem`, so the RAM
+/// block is named the same whichever backing a snapshot was taken from or restored into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A file in the VM's run directory, mapped shared: guest RAM *is* the file's pages, so
+    /// a template snapshot of the VM moves the file instead of copying RAM.
+    SnapshotReady,
+    /// A snapshot's memory file mapped private copy-on-write (read-only file, writable
+    /// RAM): the file is never modified, unmodified pages are shared by every VM mapping it
+    /// through the page cache, and mapping costs nothing up front whatever the size.
+    Template(PathBuf),
+}
+
+/// Where a VM starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// Boot the kernel.
+    Boot,
+    /// Load device state (and, for a suspend image, RAM) from a migration file.
+    Incoming {
+        /// The migration file.
+        state: PathBuf,
+        /// The file is in `mapped-ram` format (suspend images) rather than a plain
+        /// device-state stream (snapshots taken with `x-ignore-shared`).
+        mapped_ram: bool,
+    },
+}
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -74,6 +104,10 @@ pub struct VmConfig {
     pub qemu_binary: PathBuf,
     /// Extra kernel command-line words (`hearth.debug` makes the agent narrate its boot).
     pub extra_cmdline: Vec<String>,
+    /// Guest RAM backing.
+    pub memory: Memory,
+    /// Boot or restore.
+    pub start: Start,
 }
 
 /// A configuration that cannot work.
@@ -116,6 +150,8 @@ impl VmConfig {
             run_root: crate::home::hearth_home().join("run"),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             extra_cmdline: Vec::new(),
+            memory: Memory::Anonymous,
+            start: Start::Boot,
         }
     }
 
@@ -143,6 +179,16 @@ impl VmConfig {
         if let Some(d) = &self.root {
             if !d.path.is_file() {
                 return Err(ConfigError::Missing { what: "root disk image", path: d.path.clone() });
+            }
+        }
+        if let Memory::Template(p) = &self.memory {
+            if !p.is_file() {
+                return Err(ConfigError::Missing { what: "snapshot memory file", path: p.clone() });
+            }
+        }
+        if let Start::Incoming { state, .. } = &self.start {
+            if !state.is_file() {
+                return Err(ConfigError::Missing { what: "snapshot state file", path: state.clone() });
             }
         }
         Ok(())

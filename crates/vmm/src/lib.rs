@@ -9,19 +9,26 @@
 //! - [`qmp`]: a small QMP client.
 //! - [`agent`]: the HTTP/2 client of the in-guest agent, bounding all it reads.
 //! - [`vm`]: [`vm::Vm`], which ties these together: boot, exec, files, shutdown.
+//! - [`snapshot`]: the on-disk snapshot format; `capture` (template snapshots, suspends,
+//!   forks) and [`restore`] (launch, resume, fork copies) are `Vm` methods.
 
 #![deny(missing_docs)]
 
 pub mod accel;
 pub mod agent;
 pub mod assets;
+mod capture;
 pub mod config;
 pub mod home;
 pub mod qemu;
 pub mod qmp;
+pub mod restore;
+pub mod snapshot;
 pub mod vm;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError};
-pub use config::{ConfigError, Disk, DiskFormat, VmConfig};
+pub use config::{ConfigError, Disk, DiskFormat, Memory, Start, VmConfig};
+pub use restore::RestoreOptions;
+pub use snapshot::{Snapshot, SnapshotError, SnapshotKind};
 pub use vm::{BootError, Vm, VmError};

@@ -6,7 +6,7 @@
 //! terminal's Ctrl-C reaches Hearth (which shuts the VM down) rather than QEMU directly.
 
 use crate::accel::Accel;
-use crate::config::VmConfig;
+use crate::config::{Memory, Start, VmConfig};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -25,6 +25,8 @@ pub struct RunPaths {
     pub qemu_log: PathBuf,
     /// Root disk overlay, when the VM has one.
     pub overlay: PathBuf,
+    /// Guest RAM file of a snapshot-ready VM.
+    pub memory: PathBuf,
 }
 
 impl RunPaths {
@@ -36,6 +38,7 @@ impl RunPaths {
             console: dir.join("console.log"),
             qemu_log: dir.join("qemu.log"),
             overlay: dir.join("root.qcow2"),
+            memory: dir.join("memory"),
         }
     }
 }
@@ -99,6 +102,20 @@ pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
     c.join(" ")
 }
 
+/// The `-object` of the guest RAM backend (always id `mem`).
+fn memory_backend(cfg: &VmConfig, paths: &RunPaths) -> String {
+    let size = format!("size={}M", cfg.memory_mib);
+    match &cfg.memory {
+        Memory::Anonymous => format!("memory-backend-ram,id=mem,{size}"),
+        Memory::SnapshotReady => {
+            format!("memory-backend-file,id=mem,{size},mem-path={},share=on", paths.memory.display())
+        }
+        Memory::Template(p) => {
+            format!("memory-backend-file,id=mem,{size},mem-path={},share=off,readonly=on,rom=off", p.display())
+        }
+    }
+}
+
 /// The QEMU arguments for a VM with a resolved accelerator (`Kvm` or `Tcg`).
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
@@ -117,6 +134,10 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
         cpu.into(),
         "-m".into(),
         format!("{}M", cfg.memory_mib),
+        "-object".into(),
+        memory_backend(cfg, paths),
+        "-machine".into(),
+        "memory-backend=mem".into(),
         "-smp".into(),
         cfg.vcpus.to_string(),
         // qboot: a minimal firmware that jumps straight to the kernel (SeaBIOS costs
@@ -151,6 +172,10 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
     ];
+    if let Start::Incoming { .. } = cfg.start {
+        a.push("-incoming".into());
+        a.push("defer".into());
+    }
     if let Some(disk) = &cfg.root {
         let (file, format) = if disk.overlay { (p(&paths.overlay), "qcow2") } else { (p(&disk.path), disk.format.as_str()) };
         a.push("-drive".into());

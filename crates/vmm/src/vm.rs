@@ -8,7 +8,7 @@
 
 use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError, ExecOutput, ExecStream};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, Start, VmConfig};
 use crate::qemu::{self, QemuProcess, RunPaths};
 use crate::qmp::{Qmp, QmpError};
 use hearth_proto::exec::ExecRequest;
@@ -89,6 +89,19 @@ pub enum BootError {
     /// The agent answered wrongly.
     #[error("the guest agent failed its handshake")]
     Agent(#[source] AgentError),
+    /// QEMU could not load the snapshot; nothing ran.
+    #[error("restoring the snapshot failed: {reason}{}\n--- QEMU ---\n{qemu_log}", if *.exited { " (QEMU exited)" } else { "" })]
+    Restore {
+        /// What went wrong.
+        reason: String,
+        /// QEMU's stderr.
+        qemu_log: String,
+        /// Whether QEMU had exited.
+        exited: bool,
+    },
+    /// The snapshot itself is unusable.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
 }
 
 fn panic_note(console: &str) -> &'static str {
@@ -125,7 +138,7 @@ pub enum VmError {
 }
 
 /// Removes the run directory when dropped.
-struct RunDir(PathBuf);
+pub(crate) struct RunDir(pub(crate) PathBuf);
 
 impl Drop for RunDir {
     fn drop(&mut self) {
@@ -136,15 +149,20 @@ impl Drop for RunDir {
 /// A running VM. Dropping it kills QEMU and removes its run directory.
 pub struct Vm {
     // Field order is drop order: QEMU goes before its directory.
-    process: QemuProcess,
-    agent: AgentClient,
-    qmp: tokio::sync::Mutex<Option<Qmp>>,
-    hello: Hello,
-    accel: Accel,
-    id: String,
-    paths: RunPaths,
-    boot_time: Duration,
-    _dir: RunDir,
+    pub(crate) process: QemuProcess,
+    pub(crate) agent: AgentClient,
+    pub(crate) qmp: tokio::sync::Mutex<Option<Qmp>>,
+    pub(crate) hello: Hello,
+    pub(crate) accel: Accel,
+    pub(crate) id: String,
+    pub(crate) paths: RunPaths,
+    pub(crate) boot_time: Duration,
+    /// The configuration it was started with (memory, vCPUs, kernel… for manifests).
+    pub(crate) cfg: VmConfig,
+    /// The disk image QEMU writes to, if any (an overlay in the run directory, or a
+    /// resumed VM's disk left in its suspend directory).
+    pub(crate) disk: Option<PathBuf>,
+    pub(crate) _dir: RunDir,
 }
 
 fn random_id() -> String {
@@ -171,6 +189,12 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
 impl Vm {
     /// Boots a VM and waits for its agent.
     pub async fn boot(cfg: VmConfig) -> Result<Vm, BootError> {
+        Self::start(cfg, None).await
+    }
+
+    /// Starts QEMU for `cfg` (booting, or restoring when `cfg.start` is incoming), waits
+    /// for the agent, and applies `restore` fix-ups when given.
+    pub(crate) async fn start(cfg: VmConfig, restore: Option<hearth_proto::RestoreInfo>) -> Result<Vm, BootError> {
         cfg.validate()?;
         let started = Instant::now();
         let accel = accel::resolve(cfg.accel);
@@ -185,6 +209,11 @@ impl Vm {
         if let Some(disk) = cfg.root.as_ref().filter(|d| d.overlay) {
             qemu::create_overlay(&disk.path, disk.format.as_str(), &paths.overlay).map_err(BootError::Overlay)?;
         }
+        let disk = match &cfg.root {
+            Some(d) if d.overlay => Some(paths.overlay.clone()),
+            Some(d) => Some(d.path.clone()),
+            None => None,
+        };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
         let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log)
@@ -196,7 +225,39 @@ impl Vm {
             console: console_report(&paths.console).1,
         };
         let deadline = started + cfg.boot_timeout;
+        let mut qmp = None;
+        let mut early_socket = None;
+        if let Start::Incoming { state, mapped_ram } = &cfg.start {
+            // Connect to the agent's port *before* the state loads: the saved guest believed
+            // the host connected (the socket stays open through a capture), so connecting
+            // first means the guest sees no change at all, and no stale "host gone" event
+            // can reach the new connection. The guest's agent is waiting for a preface.
+            while !paths.agent.exists() && process.exited().is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            early_socket = std::os::unix::net::UnixStream::connect(&paths.agent).ok();
+            let load = crate::restore::load_incoming(&paths.qmp, state, *mapped_ram);
+            let loaded = tokio::select! {
+                r = load => r,
+                s = process.exit_status() => return Err(exited(s)),
+                _ = tokio::time::sleep_until(deadline.into()) => Err("loading the snapshot timed out".to_owned()),
+            };
+            match loaded {
+                Ok(q) => qmp = Some(q),
+                Err(reason) => {
+                    let status = process.wait_exit(Duration::from_millis(500)).await;
+                    return Err(BootError::Restore { reason, qemu_log: file_tail(&paths.qemu_log, 10), exited: status.is_some() });
+                }
+            }
+        }
         let connect = async {
+            if let Some(sock) = early_socket {
+                let first = deadline.saturating_duration_since(Instant::now());
+                match AgentClient::connect_stream(sock, first).await {
+                    Ok(ok) => return Ok(ok),
+                    Err(e) => tracing::debug!("handshake on the early socket failed ({e}); reconnecting"),
+                }
+            }
             // The socket appears once QEMU has parsed its arguments.
             while !paths.agent.exists() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -230,9 +291,26 @@ impl Vm {
                 })
             }
         };
+        if let Some(info) = &restore {
+            if let Err(e) = agent.restore(info).await {
+                return Err(BootError::Agent(e));
+            }
+        }
         let boot_time = started.elapsed();
         tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
-        Ok(Vm { process, agent, qmp: tokio::sync::Mutex::new(None), hello, accel, id, paths, boot_time, _dir: dir })
+        Ok(Vm {
+            process,
+            agent,
+            qmp: tokio::sync::Mutex::new(qmp),
+            hello,
+            accel,
+            id,
+            paths,
+            boot_time,
+            cfg,
+            disk,
+            _dir: dir,
+        })
     }
 
     /// The VM's id (also its run directory's name).
@@ -316,6 +394,7 @@ impl Vm {
         if let Err(e) = self.agent.detach(Duration::from_secs(2)).await {
             tracing::debug!(vm = %self.id, "detach before reconnect failed: {e}");
         }
+        self.agent.close();
         // The guest learns of the host's disconnect through a virtio-serial control
         // message handled asynchronously; reconnecting before it lands would let that stale
         // "host gone" end the new connection. Give it a moment (retries cover the rest).

@@ -30,9 +30,10 @@ where
     let path = dir.path().join("agent.sock");
     let listener = UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
+        while let Ok((mut stream, _)) = listener.accept().await {
             let respond = respond.clone();
             tokio::spawn(async move {
+                answer_sync(&mut stream).await;
                 let svc = hyper::service::service_fn(move |req| {
                     let r = respond(req);
                     async move { Ok::<_, Infallible>(r) }
@@ -46,7 +47,25 @@ where
     (dir, path)
 }
 
-/// A raw socket "agent" that writes `bytes` then keeps the connection open.
+/// Plays the agent's side of the resync handshake: answers the first probe.
+async fn answer_sync(stream: &mut tokio::net::UnixStream) {
+    use tokio::io::AsyncReadExt;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while stream.read(&mut b).await.unwrap_or(0) == 1 {
+        line.push(b[0]);
+        if b[0] == b'\n' {
+            if let Some(nonce) = hearth_proto::sync::parse_probe(&line) {
+                stream.write_all(&hearth_proto::sync::ready(nonce)).await.unwrap();
+                return;
+            }
+            line.clear();
+        }
+    }
+}
+
+/// A raw socket "agent" that answers the resync probe (unless `bytes` is empty: then it
+/// stays silent), writes `bytes`, and keeps the connection open.
 async fn fake_raw(bytes: Vec<u8>) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.sock");
@@ -55,6 +74,9 @@ async fn fake_raw(bytes: Vec<u8>) -> (tempfile::TempDir, std::path::PathBuf) {
         while let Ok((mut stream, _)) = listener.accept().await {
             let bytes = bytes.clone();
             tokio::spawn(async move {
+                if !bytes.is_empty() {
+                    answer_sync(&mut stream).await;
+                }
                 let _ = stream.write_all(&bytes).await;
                 tokio::time::sleep(Duration::from_secs(30)).await;
             });

@@ -1,0 +1,250 @@
+//! Saving VMs: template snapshots, suspends, and forks.
+//!
+//! Every capture follows the same steps: detach the agent (so the guest waits for a fresh
+//! connection, which is what it will get after the restore), `stop` the vCPUs (QEMU drains
+//! and flushes the disk, so disk and RAM are captured at the same instant), write the
+//! migration stream to a temporary file, then move the files into place and write the
+//! manifest last. A failure before the manifest leaves no snapshot and, for suspends and
+//! forks, a VM that keeps running.
+
+use crate::restore::capabilities;
+use crate::snapshot::{self, io, FileRecord, Manifest, Snapshot, SnapshotError, SnapshotKind};
+use crate::vm::Vm;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Migration bandwidth cap during captures (QEMU's default of 128 MiB/s would make a
+/// suspend of 200 MiB take over 1.5 s; to a local file there is no reason to cap).
+const CAPTURE_BANDWIDTH: u64 = 64 << 30;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// A staging directory beside the destination, removed unless committed.
+struct Staging {
+    path: PathBuf,
+    committed: bool,
+}
+
+impl Staging {
+    fn new(dest: &Path) -> Result<Staging, SnapshotError> {
+        let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("snapshot");
+        let path = parent.join(format!(".{name}.staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir(&path).map_err(io(format!("create {}", path.display())))?;
+        Ok(Staging { path, committed: false })
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+impl Vm {
+    fn manifest(&self, kind: SnapshotKind, state: FileRecord, memory: Option<FileRecord>, disk: bool) -> Manifest {
+        Manifest {
+            magic: snapshot::MAGIC.into(),
+            format_version: snapshot::FORMAT_VERSION,
+            kind,
+            created_unix_ms: now_ms(),
+            memory_mib: self.cfg.memory_mib,
+            vcpus: self.cfg.vcpus,
+            accel: self.accel.to_string(),
+            kernel: self.cfg.kernel.clone(),
+            initramfs: self.cfg.initramfs.clone(),
+            qemu_version: snapshot::qemu_version(&self.cfg.qemu_binary),
+            state,
+            memory,
+            disk: disk.then(|| "disk.qcow2".to_owned()),
+            hostname: self.cfg.hostname.clone(),
+        }
+    }
+
+    /// Detaches the agent and stops the vCPUs.
+    async fn quiesce(&self) -> Result<(), SnapshotError> {
+        if let Err(e) = self.agent.detach(Duration::from_secs(5)).await {
+            tracing::warn!(vm = %self.id, "agent detach before snapshot failed: {e}");
+        }
+        self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Runs a migration to `file` and waits for it.
+    async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
+        let q = |e: crate::qmp::QmpError| SnapshotError::Qemu(e.to_string());
+        self.qmp("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(q)?;
+        self.qmp("migrate-set-parameters", Some(json!({ "max-bandwidth": CAPTURE_BANDWIDTH }))).await.map_err(q)?;
+        self.qmp("migrate", Some(json!({ "uri": format!("file:{}", file.display()) }))).await.map_err(q)?;
+        loop {
+            let r = self.qmp("query-migrate", None).await.map_err(q)?;
+            match r.get("status").and_then(|s| s.as_str()) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = r.get("error-desc").and_then(|s| s.as_str()).unwrap_or("unknown error");
+                    return Err(SnapshotError::Qemu(why.to_owned()));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        }
+    }
+
+    /// Brings a VM back after a capture (failed, or a fork's): vCPUs running, a fresh agent
+    /// connection on the same socket (falling back to a new socket).
+    async fn unquiesce(&mut self) {
+        let _ = self.qmp("cont", None).await;
+        match self.agent.reattach(Duration::from_secs(10)).await {
+            Ok((agent, hello)) => {
+                self.agent = agent;
+                self.hello = hello;
+            }
+            Err(e) => {
+                tracing::debug!(vm = %self.id, "reattach failed ({e}); reconnecting");
+                if let Err(e) = self.reconnect(Duration::from_secs(30)).await {
+                    tracing::warn!(vm = %self.id, "agent did not come back after a snapshot: {e}");
+                }
+            }
+        }
+    }
+
+    /// Takes a template snapshot into `dest` and ends the VM. The VM must have been started
+    /// with [`crate::config::Memory::SnapshotReady`] so its RAM already is a file (moved,
+    /// not copied). Launch clones with [`Vm::launch`].
+    pub async fn snapshot_template(mut self, dest: &Path) -> Result<Snapshot, SnapshotError> {
+        if self.cfg.memory != crate::config::Memory::SnapshotReady {
+            return Err(SnapshotError::Unsupported(
+                "only a VM started with Memory::SnapshotReady can become a template".into(),
+            ));
+        }
+        if dest.exists() {
+            return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
+        }
+        let mut staging = Staging::new(dest)?;
+        self.quiesce().await?;
+        self.migrate_to(&staging.path.join("state"), false).await?;
+        // RAM is the memory file's pages: once QEMU is gone the file is complete.
+        self.process.kill().await;
+        let mem = staging.path.join("memory");
+        std::fs::rename(&self.paths.memory, &mem).map_err(io("move the memory file"))?;
+        std::fs::File::open(&mem).and_then(|f| f.sync_all()).map_err(io("sync the memory file"))?;
+        let has_disk = self.take_disk(&staging.path)?;
+        let manifest = self.manifest(
+            SnapshotKind::Template,
+            snapshot::record(&staging.path, "state")?,
+            Some(snapshot::record(&staging.path, "memory")?),
+            has_disk,
+        );
+        commit(&mut staging, dest, &manifest)
+    }
+
+    /// Moves the VM's disk into `dir` as `disk.qcow2` (QEMU must be gone).
+    fn take_disk(&self, dir: &Path) -> Result<bool, SnapshotError> {
+        let Some(disk) = &self.disk else { return Ok(false) };
+        let target = dir.join("disk.qcow2");
+        if disk != &target {
+            std::fs::rename(disk, &target).map_err(io(format!("move the disk {}", disk.display())))?;
+        }
+        std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(io("sync the disk"))?;
+        Ok(true)
+    }
+
+    /// Suspends the VM into `dest`: RAM (non-zero pages only) and device state in one
+    /// `mapped-ram` file, the disk moved beside it; QEMU ends and frees its CPU and memory.
+    /// Resume with [`Vm::resume`], from this or another Hearth process.
+    ///
+    /// `dest` must not exist, or must be the directory this VM was resumed from (its disk
+    /// lives there). On failure (disk full, QEMU error) nothing partial is left and the VM
+    /// is handed back running, unless QEMU itself died (check [`Vm::is_running`]).
+    pub async fn suspend(mut self, dest: &Path) -> Result<Snapshot, (Box<Vm>, SnapshotError)> {
+        let in_place = self.disk.as_deref().and_then(Path::parent) == Some(dest);
+        if !in_place && dest.exists() {
+            let e = SnapshotError::Unsupported(format!("{} already exists", dest.display()));
+            return Err((Box::new(self), e));
+        }
+        let mut staging = if in_place {
+            None
+        } else {
+            match Staging::new(dest) {
+                Ok(s) => Some(s),
+                Err(e) => return Err((Box::new(self), e)),
+            }
+        };
+        let dir = staging.as_ref().map_or_else(|| dest.to_path_buf(), |s| s.path.clone());
+        let tmp = dir.join(".state.tmp");
+        if let Err(e) = self.quiesce().await {
+            self.unquiesce().await;
+            return Err((Box::new(self), e));
+        }
+        let saved = async {
+            self.migrate_to(&tmp, true).await?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))
+        };
+        if let Err(e) = saved.await {
+            let _ = std::fs::remove_file(&tmp);
+            if self.is_running() {
+                self.unquiesce().await;
+            }
+            return Err((Box::new(self), e));
+        }
+        // From here the saved state is the VM: QEMU goes, the files are committed.
+        self.process.kill().await;
+        let commit_files = || -> Result<Manifest, SnapshotError> {
+            std::fs::rename(&tmp, dir.join("state")).map_err(io("install the state file"))?;
+            let has_disk = self.take_disk(&dir)?;
+            Ok(self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, None, has_disk))
+        };
+        let result = commit_files().and_then(|manifest| match staging.as_mut() {
+            Some(s) => commit(s, dest, &manifest),
+            None => {
+                snapshot::write_manifest(dest, &manifest)?;
+                Snapshot::open(dest)
+            }
+        });
+        result.map_err(|e| (Box::new(self), e))
+    }
+
+    /// Snapshots the running VM into `dest` for forking, and lets it run on: copies start
+    /// from it with [`Vm::launch_fork`], each with its own overlay on the copied disk.
+    pub async fn fork_snapshot(&mut self, dest: &Path) -> Result<Snapshot, SnapshotError> {
+        if dest.exists() {
+            return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
+        }
+        let mut staging = Staging::new(dest)?;
+        self.quiesce().await?;
+        let saved = async {
+            // Stopped means drained and flushed: the overlay is consistent with RAM.
+            let has_disk = match &self.disk {
+                Some(d) => {
+                    std::fs::copy(d, staging.path.join("disk.qcow2")).map_err(io("copy the disk"))?;
+                    true
+                }
+                None => false,
+            };
+            self.migrate_to(&staging.path.join("state"), true).await?;
+            Ok::<bool, SnapshotError>(has_disk)
+        };
+        let result = saved.await;
+        self.unquiesce().await;
+        let has_disk = result?;
+        let manifest = self.manifest(SnapshotKind::Fork, snapshot::record(&staging.path, "state")?, None, has_disk);
+        commit(&mut staging, dest, &manifest)
+    }
+}
+
+/// Writes the manifest into the staging directory and renames it to `dest`.
+fn commit(staging: &mut Staging, dest: &Path, manifest: &Manifest) -> Result<Snapshot, SnapshotError> {
+    snapshot::write_manifest(&staging.path, manifest)?;
+    std::fs::rename(&staging.path, dest).map_err(io(format!("install {}", dest.display())))?;
+    staging.committed = true;
+    if let Some(parent) = dest.parent() {
+        snapshot::sync_dir(parent);
+    }
+    Snapshot::open(dest)
+}

@@ -1,0 +1,344 @@
+//! The on-disk snapshot format.
+//!
+//! A snapshot is a directory:
+//!
+//! ```text
+//! manifest.json   what the snapshot is (magic, format version, machine, files, checksums)
+//! state           QEMU migration stream: device state only (template) or device state
+//!                 and RAM in `mapped-ram` layout (suspended VMs and forks)
+//! memory          template only: the guest's RAM as a raw file, mapped private
+//!                 copy-on-write by every VM launched from it
+//! disk.qcow2      the root disk as it was at the snapshot (qcow2, backed by the base image)
+//! ```
+//!
+//! The manifest is written last and renamed into place, so a directory without a valid
+//! manifest is never mistaken for a snapshot. Reading checks the magic, refuses other
+//! format versions with the reason, bounds every size, and verifies the state file's
+//! checksum before QEMU sees a byte of it.
+
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Magic string at the start of every manifest.
+pub const MAGIC: &str = "hearth-snapshot";
+/// The format version this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Largest manifest read back.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Largest device-state file of a template snapshot (QEMU writes ~100 KB).
+pub const MAX_TEMPLATE_STATE_BYTES: u64 = 256 << 20;
+/// Largest state file of a suspended VM or fork (RAM included): 256 GiB + slack.
+pub const MAX_STATE_BYTES: u64 = (256 << 30) + (1 << 30);
+
+/// What a snapshot is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// A pre-initialized VM to launch many clones from: RAM in `memory`, mapped
+    /// copy-on-write; device state in `state` (taken with `x-ignore-shared`).
+    Template,
+    /// One suspended VM: RAM and devices in `state` (`mapped-ram`); resuming it hands
+    /// the disk back to the VM and retires the snapshot.
+    Suspended,
+    /// A running VM's copy for forks: like `Suspended`, but any number of VMs may start
+    /// from it, each on its own overlay.
+    Fork,
+}
+
+/// A file of the snapshot with its size and checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// File name inside the snapshot directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// CRC-32 (IEEE) of the whole file, hex.
+    pub crc32: String,
+}
+
+/// The manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Always [`MAGIC`].
+    pub magic: String,
+    /// Format version; see [`FORMAT_VERSION`].
+    pub format_version: u32,
+    /// What the snapshot is for.
+    pub kind: SnapshotKind,
+    /// When it was taken, milliseconds since the epoch.
+    pub created_unix_ms: u64,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Accelerator the VM ran with (`tcg` or `kvm`); restores use the same.
+    pub accel: String,
+    /// Kernel the VM booted (needed for an identical machine on restore).
+    pub kernel: PathBuf,
+    /// Initramfs the VM booted.
+    pub initramfs: PathBuf,
+    /// QEMU's version line; restoring with another QEMU is refused.
+    pub qemu_version: String,
+    /// The migration stream.
+    pub state: FileRecord,
+    /// Raw RAM (templates only).
+    pub memory: Option<FileRecord>,
+    /// Root disk (qcow2), if the VM had one.
+    pub disk: Option<String>,
+    /// Hostname at snapshot time.
+    pub hostname: String,
+}
+
+/// Why a snapshot cannot be used or made.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// File trouble.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a Hearth snapshot, or damaged.
+    #[error("{path} is not a usable snapshot: {reason}")]
+    Invalid {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// Written by another format version.
+    #[error("{path} has snapshot format version {found}; this Hearth reads version {FORMAT_VERSION} only (re-create the snapshot with this version)")]
+    Version {
+        /// The snapshot directory.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+    },
+    /// The VM cannot be snapshotted this way.
+    #[error("{0}")]
+    Unsupported(String),
+    /// QEMU failed while saving.
+    #[error("QEMU could not save the VM: {0}")]
+    Qemu(String),
+    /// The agent failed around the snapshot.
+    #[error("the guest agent failed during the snapshot")]
+    Agent(#[source] crate::agent::AgentError),
+}
+
+pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let what = what.into();
+    move |source| SnapshotError::Io { what, source }
+}
+
+/// CRC-32 of a file, read in 1 MiB blocks.
+pub fn file_crc32(path: &Path) -> std::io::Result<(u64, String)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, format!("{:08x}", h.finalize())))
+}
+
+/// Makes a [`FileRecord`] for `dir/name`.
+pub fn record(dir: &Path, name: &str) -> Result<FileRecord, SnapshotError> {
+    let (size, crc32) = file_crc32(&dir.join(name)).map_err(io(format!("checksum {name}")))?;
+    Ok(FileRecord { name: name.to_owned(), size, crc32 })
+}
+
+/// An opened, verified snapshot.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Snapshot {
+    /// Opens and verifies the snapshot in `dir`: manifest limits, magic, version, file
+    /// sizes and the state file's checksum.
+    pub fn open(dir: &Path) -> Result<Snapshot, SnapshotError> {
+        let invalid = |reason: String| SnapshotError::Invalid { path: dir.to_path_buf(), reason };
+        let mpath = dir.join("manifest.json");
+        let meta = std::fs::metadata(&mpath).map_err(|e| invalid(format!("no manifest ({e})")))?;
+        if meta.len() > MAX_MANIFEST_BYTES {
+            return Err(invalid(format!("manifest is {} bytes; the limit is {MAX_MANIFEST_BYTES}", meta.len())));
+        }
+        let text = std::fs::read(&mpath).map_err(io("read manifest"))?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|e| invalid(format!("manifest is not JSON: {e}")))?;
+        if value.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
+            return Err(invalid("manifest lacks the Hearth snapshot magic".into()));
+        }
+        match value.get("format_version").and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) => return Err(SnapshotError::Version { path: dir.to_path_buf(), found: v as u32 }),
+            None => return Err(invalid("manifest has no format version".into())),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| invalid(format!("manifest is malformed: {e}")))?;
+        let limit = match manifest.kind {
+            SnapshotKind::Template => MAX_TEMPLATE_STATE_BYTES,
+            _ => MAX_STATE_BYTES,
+        };
+        check_file(dir, &manifest.state, limit, true).map_err(invalid)?;
+        if let Some(m) = &manifest.memory {
+            let max = u64::from(manifest.memory_mib) << 20;
+            check_file(dir, m, max, false).map_err(invalid)?;
+        } else if manifest.kind == SnapshotKind::Template {
+            return Err(invalid("template without a memory file".into()));
+        }
+        if let Some(d) = &manifest.disk {
+            check_name(d).map_err(invalid)?;
+            if !dir.join(d).is_file() {
+                return Err(invalid(format!("disk {d} is missing")));
+            }
+        }
+        Ok(Snapshot { dir: dir.to_path_buf(), manifest })
+    }
+
+    /// Path of a file of the snapshot.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(format!("bad file name {name:?} in manifest"));
+    }
+    Ok(())
+}
+
+fn check_file(dir: &Path, rec: &FileRecord, limit: u64, verify: bool) -> Result<(), String> {
+    check_name(&rec.name)?;
+    if rec.size > limit {
+        return Err(format!("{} is {} bytes; the limit is {limit}", rec.name, rec.size));
+    }
+    let meta = std::fs::metadata(dir.join(&rec.name)).map_err(|e| format!("{} is missing ({e})", rec.name))?;
+    if meta.len() != rec.size {
+        return Err(format!("{} is {} bytes, the manifest says {} (truncated?)", rec.name, meta.len(), rec.size));
+    }
+    if verify {
+        let (_, crc) = file_crc32(&dir.join(&rec.name)).map_err(|e| format!("cannot read {}: {e}", rec.name))?;
+        if crc != rec.crc32 {
+            return Err(format!("{} is corrupted (checksum {crc}, manifest {})", rec.name, rec.crc32));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `manifest` into `dir` atomically (temporary file, fsync, rename).
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<(), SnapshotError> {
+    let tmp = dir.join(".manifest.json.tmp");
+    let bytes = serde_json::to_vec_pretty(manifest).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io("write manifest"))?;
+        f.write_all(&bytes).map_err(io("write manifest"))?;
+        f.sync_all().map_err(io("sync manifest"))?;
+    }
+    std::fs::rename(&tmp, dir.join("manifest.json")).map_err(io("install manifest"))?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// fsync of a directory, so renames in it are durable.
+pub fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// QEMU's version line (cached).
+pub fn qemu_version(binary: &Path) -> String {
+    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    V.get_or_init(|| {
+        std::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    })
+    .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> Manifest {
+        std::fs::write(dir.join("state"), b"device state").unwrap();
+        std::fs::write(dir.join("memory"), vec![0u8; 4096]).unwrap();
+        Manifest {
+            magic: MAGIC.into(),
+            format_version: FORMAT_VERSION,
+            kind: SnapshotKind::Template,
+            created_unix_ms: 1,
+            memory_mib: 1,
+            vcpus: 1,
+            accel: "tcg".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            qemu_version: "QEMU 10".into(),
+            state: record(dir, "state").unwrap(),
+            memory: Some(record(dir, "memory").unwrap()),
+            disk: None,
+            hostname: "h".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let d = tempfile::tempdir().unwrap();
+        let m = sample(d.path());
+        write_manifest(d.path(), &m).unwrap();
+        assert_eq!(Snapshot::open(d.path()).unwrap().manifest, m);
+
+        std::fs::write(d.path().join("state"), b"device stat!").unwrap();
+        let e = Snapshot::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("corrupted"), "{e}");
+
+        std::fs::write(d.path().join("state"), b"device").unwrap();
+        let e = Snapshot::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = sample(d.path());
+        m.format_version = 2;
+        write_manifest(d.path(), &m).unwrap();
+        let e = Snapshot::open(d.path()).unwrap_err();
+        assert!(matches!(e, SnapshotError::Version { found: 2, .. }), "{e}");
+        assert!(e.to_string().contains("version 1"), "{e}");
+
+        std::fs::write(d.path().join("manifest.json"), b"{\"magic\":\"nope\"}").unwrap();
+        assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("magic"));
+        std::fs::write(d.path().join("manifest.json"), vec![b' '; (MAX_MANIFEST_BYTES + 1) as usize]).unwrap();
+        assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("limit"));
+    }
+
+    #[test]
+    fn names_cannot_escape_the_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = sample(d.path());
+        m.disk = Some("../../etc/passwd".into());
+        write_manifest(d.path(), &m).unwrap();
+        assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("bad file name"));
+    }
+}
