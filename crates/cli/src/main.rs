@@ -2,6 +2,7 @@
 
 mod bench;
 mod setup;
+mod snapcmd;
 mod vmargs;
 mod vmrun;
 
@@ -28,6 +29,9 @@ enum Cmd {
     /// Work with individual VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Templates: save a prepared VM, launch clones of it in milliseconds.
+    #[command(subcommand)]
+    Snapshot(snapcmd::SnapshotCmd),
     /// Say which accelerator `auto` picks here, and why.
     Accel {
         /// Print JSON.
@@ -45,6 +49,9 @@ enum VmCmd {
     /// The command's exit code becomes hearth's (128+N for a signal). Stdin is streamed to
     /// the command when it is not a terminal.
     Run(vmrun::RunArgs),
+    /// Resume a VM suspended with `vm run --suspend-to DIR` (from any hearth process, after
+    /// restarts and reboots), run a command in it, and suspend it back into DIR.
+    Resume(snapcmd::ResumeArgs),
 }
 
 fn main() {
@@ -57,6 +64,8 @@ fn main() {
         let result = match cli.command {
             Cmd::Setup(a) => setup::run(a).await.map(|()| 0),
             Cmd::Vm(VmCmd::Run(a)) => vmrun::run(a).await,
+            Cmd::Vm(VmCmd::Resume(a)) => snapcmd::resume(a).await,
+            Cmd::Snapshot(c) => snapcmd::run(c).await,
             Cmd::Accel { json } => accel(json).map(|()| 0),
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
         };

@@ -15,6 +15,17 @@ use tokio::io::AsyncReadExt;
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
+    /// Instead of shutting the VM down afterwards, suspend it into this directory (resume
+    /// it with `hearth vm resume DIR`).
+    #[arg(long, value_name = "DIR")]
+    suspend_to: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub cmd: CmdArgs,
+}
+
+/// The command to run and how.
+#[derive(Args, Debug)]
+pub struct CmdArgs {
     /// Environment variable for the command (KEY=VALUE); repeatable.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -32,13 +43,13 @@ pub struct RunArgs {
     shell: bool,
     /// Print one JSON object (boot time, exit, stdout, stderr) instead of streaming.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true)]
     command: Vec<String>,
 }
 
-fn request(args: &RunArgs) -> anyhow::Result<ExecRequest> {
+fn request(args: &CmdArgs) -> anyhow::Result<ExecRequest> {
     let mut req = if args.shell { ExecRequest::shell(args.command.join(" ")) } else { ExecRequest::argv(args.command.clone()) };
     for kv in &args.env {
         let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
@@ -56,19 +67,46 @@ fn request(args: &RunArgs) -> anyhow::Result<ExecRequest> {
 
 /// Runs the command; returns the exit code to use.
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
-    let req = request(&args)?;
+    let req = request(&args.cmd)?;
     let cfg = args.vm.config()?;
     let vm = Vm::boot(cfg).await?;
     tracing::info!(vm = vm.id(), boot_ms = vm.boot_time().as_millis() as u64, "booted");
+    finish(vm, &req, args.cmd.json, args.suspend_to.as_deref()).await
+}
+
+/// Runs `req` on `vm`, then suspends it into `suspend_to` or shuts it down. Ctrl-C stops
+/// the command and shuts the VM down.
+pub async fn finish(vm: Vm, req: &ExecRequest, json: bool, suspend_to: Option<&std::path::Path>) -> anyhow::Result<i32> {
     let result = tokio::select! {
-        r = run_in(&vm, &req, args.json) => r,
+        r = run_in(&vm, req, json) => r,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted; stopping the VM");
-            Ok(130)
+            vm.shutdown().await;
+            return Ok(130);
         }
     };
-    vm.shutdown().await;
+    match suspend_to {
+        Some(dir) if result.is_ok() => match vm.suspend(dir).await {
+            Ok(s) => {
+                if !json {
+                    eprintln!("suspended into {} ({} MiB of state)", s.dir.display(), s.manifest.state.size >> 20);
+                }
+            }
+            Err((vm, e)) => {
+                vm.shutdown().await;
+                return Err(anyhow::Error::new(e).context("suspend failed; the VM was shut down"));
+            }
+        },
+        _ => {
+            vm.shutdown().await;
+        }
+    }
     result
+}
+
+/// Builds the exec request of `args`.
+pub fn exec_request(args: &CmdArgs) -> anyhow::Result<ExecRequest> {
+    request(args)
 }
 
 async fn run_in(vm: &Vm, req: &ExecRequest, json: bool) -> anyhow::Result<i32> {

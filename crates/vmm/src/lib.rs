@@ -21,6 +21,7 @@ mod capture;
 pub mod config;
 pub mod home;
 pub mod qemu;
+pub mod pool;
 pub mod qmp;
 pub mod restore;
 pub mod snapshot;

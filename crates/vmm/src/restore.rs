@@ -69,7 +69,9 @@ pub(crate) async fn load_incoming(qmp_path: &Path, state: &Path, mapped_ram: boo
     while !qmp_path.exists() {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let t = std::time::Instant::now();
     let mut qmp = Qmp::connect(qmp_path).await.map_err(|e| e.to_string())?;
+    tracing::debug!(elapsed = ?t.elapsed(), "qmp connected");
     qmp.execute("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(|e| e.to_string())?;
     qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
         .await

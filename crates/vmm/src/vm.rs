@@ -216,6 +216,7 @@ impl Vm {
         };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
+        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay)");
         let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log)
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
 
@@ -242,6 +243,7 @@ impl Vm {
                 s = process.exit_status() => return Err(exited(s)),
                 _ = tokio::time::sleep_until(deadline.into()) => Err("loading the snapshot timed out".to_owned()),
             };
+            tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "state loaded");
             match loaded {
                 Ok(q) => qmp = Some(q),
                 Err(reason) => {
@@ -291,6 +293,7 @@ impl Vm {
                 })
             }
         };
+        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "agent connected");
         if let Some(info) = &restore {
             if let Err(e) = agent.restore(info).await {
                 return Err(BootError::Agent(e));
