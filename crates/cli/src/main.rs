@@ -1,6 +1,7 @@
 //! `hearth`: boot microVMs on QEMU and run commands in them.
 
 mod bench;
+mod bench_snap;
 mod setup;
 mod snapcmd;
 mod vmargs;
@@ -40,6 +41,9 @@ enum Cmd {
     },
     /// Measure boot, exec round trip and memory; prints a Markdown table (or JSON).
     Bench(bench::BenchArgs),
+    /// Measure snapshots: launch (pooled and unpooled) against a cold boot, suspend and
+    /// resume, idle density, sustained launch rate.
+    BenchSnapshots(bench_snap::BenchSnapArgs),
 }
 
 #[derive(Subcommand)]
@@ -68,6 +72,7 @@ fn main() {
             Cmd::Snapshot(c) => snapcmd::run(c).await,
             Cmd::Accel { json } => accel(json).map(|()| 0),
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
+            Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
         };
         match result {
             Ok(code) => code,

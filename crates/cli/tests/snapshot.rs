@@ -211,3 +211,87 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
+
+/// Starts a counting process in a VM and suspends it with one `hearth` process, then
+/// resumes it twice with new `hearth` processes: the state lives on disk, not in Hearth.
+#[test]
+fn resume_works_from_a_new_hearth_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("vm");
+    let hearth = env!("CARGO_BIN_EXE_hearth");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(hearth).args(args).output().expect("run hearth");
+        assert!(out.status.success(), "hearth {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let d = dir.to_str().unwrap();
+    run(&["vm", "run", "--suspend-to", d, "--shell", "--", "(sh -c 'i=0; while true; do i=$((i+1)); echo $i > /workspace/n; sleep 0.05; done' >/dev/null 2>&1 &); echo hi > /workspace/note"]);
+    assert!(Snapshot::open(&dir).is_ok());
+    let first: u64 = run(&["vm", "resume", d, "--shell", "--", "sleep 0.5; cat /workspace/n"]).trim().parse().unwrap();
+    let second: u64 = run(&["vm", "resume", d, "--", "cat", "/workspace/n"]).trim().parse().unwrap();
+    assert!(second > first && first > 0, "counter {first} then {second}");
+    assert_eq!(run(&["vm", "resume", d, "--terminate", "--", "cat", "/workspace/note"]), "hi\n");
+}
+
+/// A suspend that runs out of disk space fails cleanly: no partial files, and the VM
+/// keeps running with its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspend_onto_a_full_disk_keeps_the_vm_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(&small).status().unwrap();
+    assert!(ok.success(), "mounting a small tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+
+    let vm = Vm::boot(config(Base::Busybox)).await.unwrap();
+    // 64 MiB of non-zero guest memory cannot fit in 24 MiB.
+    vm.agent().write_file_bytes(&BinPath::from("/dev/shm/fill"), None, Bytes::from(vec![0x5au8; 64 << 20])).await.unwrap();
+    sh(&vm, "echo alive > /workspace/state").await;
+    let (vm, err) = match vm.suspend(&small.join("vm")).await {
+        Ok(_) => panic!("a suspend into 24 MiB succeeded"),
+        Err(pair) => pair,
+    };
+    assert!(vm.is_running(), "the VM died: {err}");
+    assert_eq!(sh(&vm, "cat /workspace/state").await, "alive\n");
+    assert_eq!(sh(&vm, "wc -c < /dev/shm/fill").await.trim(), (64u64 << 20).to_string());
+    let left: Vec<_> = std::fs::read_dir(&small).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "partial files left: {left:?}");
+    vm.kill().await;
+}
+
+/// QEMU killed in the middle of a suspend: the suspend reports the failure, the VM is
+/// reported stopped, and no half-written snapshot is left to be mistaken for a good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_suspend_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = Vm::boot(config(Base::Busybox)).await.unwrap();
+    vm.agent().write_file_bytes(&BinPath::from("/dev/shm/fill"), None, Bytes::from(vec![0x33u8; 128 << 20])).await.unwrap();
+    let pid = vm.pid() as i32;
+    let killer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        // SAFETY: kill(2) on QEMU's pid, which this test owns.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    });
+    let dest = tmp.path().join("vm");
+    let r = vm.suspend(&dest).await;
+    killer.await.unwrap();
+    match r {
+        Ok(_) => {
+            // The suspend won the race: then the snapshot must be complete and valid.
+            Snapshot::open(&dest).expect("a completed suspend must be valid");
+        }
+        Err((vm, e)) => {
+            assert!(!vm.is_running(), "QEMU was killed but the VM reports running ({e})");
+            assert!(Snapshot::open(&dest).is_err(), "a failed suspend left a snapshot");
+            let left: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+            assert!(left.is_empty(), "partial files left: {left:?}");
+        }
+    }
+}

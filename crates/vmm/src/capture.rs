@@ -132,9 +132,14 @@ impl Vm {
         // RAM is the memory file's pages: once QEMU is gone the file is complete.
         self.process.kill().await;
         let mem = staging.path.join("memory");
-        std::fs::rename(&self.paths.memory, &mem).map_err(io("move the memory file"))?;
+        if let Err(e) = std::fs::rename(&self.paths.memory, &mem) {
+            if e.raw_os_error() != Some(libc::EXDEV) {
+                return Err(SnapshotError::Io { what: "move the memory file".into(), source: e });
+            }
+            std::fs::copy(&self.paths.memory, &mem).map_err(io("copy the memory file"))?;
+        }
         std::fs::File::open(&mem).and_then(|f| f.sync_all()).map_err(io("sync the memory file"))?;
-        let has_disk = self.take_disk(&staging.path)?;
+        let has_disk = self.stage_disk(&staging.path)?;
         let manifest = self.manifest(
             SnapshotKind::Template,
             snapshot::record(&staging.path, "state")?,
@@ -142,17 +147,6 @@ impl Vm {
             has_disk,
         );
         commit(&mut staging, dest, &manifest)
-    }
-
-    /// Moves the VM's disk into `dir` as `disk.qcow2` (QEMU must be gone).
-    fn take_disk(&self, dir: &Path) -> Result<bool, SnapshotError> {
-        let Some(disk) = &self.disk else { return Ok(false) };
-        let target = dir.join("disk.qcow2");
-        if disk != &target {
-            std::fs::rename(disk, &target).map_err(io(format!("move the disk {}", disk.display())))?;
-        }
-        std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(io("sync the disk"))?;
-        Ok(true)
     }
 
     /// Suspends the VM into `dest`: RAM (non-zero pages only) and device state in one
@@ -193,21 +187,65 @@ impl Vm {
             }
             return Err((Box::new(self), e));
         }
-        // From here the saved state is the VM: QEMU goes, the files are committed.
-        self.process.kill().await;
-        let commit_files = || -> Result<Manifest, SnapshotError> {
+        // Commit while QEMU still holds the VM (stopped, its disk flushed and released by
+        // the migration): if anything fails now, undo and hand the VM back running.
+        let disk_from = self.disk.clone();
+        let staged = self.stage_disk(&dir);
+        let committed = staged.and_then(|has_disk| {
             std::fs::rename(&tmp, dir.join("state")).map_err(io("install the state file"))?;
-            let has_disk = self.take_disk(&dir)?;
-            Ok(self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, None, has_disk))
-        };
-        let result = commit_files().and_then(|manifest| match staging.as_mut() {
-            Some(s) => commit(s, dest, &manifest),
-            None => {
-                snapshot::write_manifest(dest, &manifest)?;
-                Snapshot::open(dest)
+            let manifest = self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, None, has_disk);
+            match staging.as_mut() {
+                Some(s) => commit(s, dest, &manifest),
+                None => {
+                    snapshot::write_manifest(dest, &manifest)?;
+                    Snapshot::open(dest)
+                }
             }
         });
-        result.map_err(|e| (Box::new(self), e))
+        match committed {
+            Ok(snap) => {
+                // The saved state is the VM now: QEMU goes.
+                self.process.kill().await;
+                if let Some(from) = disk_from.filter(|f| f.exists() && f.parent() != Some(dest)) {
+                    let _ = std::fs::remove_file(from);
+                }
+                Ok(snap)
+            }
+            Err(e) => {
+                // Put the disk back where QEMU expects it, drop partial files, run on.
+                let target = dir.join("disk.qcow2");
+                if let Some(from) = &disk_from {
+                    if from != &target && !from.exists() && target.exists() {
+                        let _ = std::fs::rename(&target, from);
+                    }
+                }
+                let _ = std::fs::remove_file(&tmp);
+                let _ = std::fs::remove_file(dir.join("state"));
+                if in_place {
+                    let _ = std::fs::remove_file(dir.join("manifest.json"));
+                }
+                self.unquiesce().await;
+                Err((Box::new(self), e))
+            }
+        }
+    }
+
+    /// Puts the VM's disk into `dir` as `disk.qcow2` while QEMU is stopped: a rename on
+    /// the same filesystem, else a copy (the original is removed once committed).
+    fn stage_disk(&self, dir: &Path) -> Result<bool, SnapshotError> {
+        let Some(disk) = &self.disk else { return Ok(false) };
+        let target = dir.join("disk.qcow2");
+        if disk != &target {
+            match std::fs::rename(disk, &target) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                    std::fs::copy(disk, &target).map_err(io(format!("copy the disk to {}", target.display())))?;
+                }
+                Err(e) => return Err(SnapshotError::Io { what: format!("move the disk {}", disk.display()), source: e }),
+            }
+        }
+        std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(io("sync the disk"))?;
+        Ok(true)
     }
 
     /// Snapshots the running VM into `dest` for forking, and lets it run on: copies start

@@ -66,12 +66,15 @@ pub fn fresh_identity(hostname: String) -> RestoreInfo {
 /// Connects to QMP, sets the snapshot's capabilities, loads `state`, and waits until QEMU
 /// reports the migration completed (the VM then runs). Returns the QMP session.
 pub(crate) async fn load_incoming(qmp_path: &Path, state: &Path, mapped_ram: bool) -> Result<Qmp, String> {
-    while !qmp_path.exists() {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let t = std::time::Instant::now();
-    let mut qmp = Qmp::connect(qmp_path).await.map_err(|e| e.to_string())?;
-    tracing::debug!(elapsed = ?t.elapsed(), "qmp connected");
+    // The socket file appears at bind(), a moment before QEMU listens: retry briefly.
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut qmp = loop {
+        match Qmp::connect(qmp_path).await {
+            Ok(q) => break q,
+            Err(e) if tokio::time::Instant::now() > give_up => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
     qmp.execute("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(|e| e.to_string())?;
     qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
         .await

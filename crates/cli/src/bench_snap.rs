@@ -1,0 +1,238 @@
+//! `hearth bench-snapshots`: launch, suspend/resume, density and throughput of snapshots,
+//! with a cold boot measured in the same run as the baseline.
+
+use crate::vmargs::VmArgs;
+use clap::Args;
+use hearth_proto::binpath::BinPath;
+use hearth_proto::exec::ExecRequest;
+use hearth_vmm::pool::Pool;
+use hearth_vmm::{Memory, RestoreOptions, Snapshot, Vm};
+use std::time::{Duration, Instant};
+
+/// Options of `hearth bench-snapshots`.
+#[derive(Args, Debug)]
+pub struct BenchSnapArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Launches measured, pooled and unpooled each.
+    #[arg(long, default_value_t = 20)]
+    launches: usize,
+    /// Warm pool size.
+    #[arg(long, default_value_t = 2)]
+    pool: usize,
+    /// MiB of guest memory dirtied before each suspend.
+    #[arg(long, default_value_t = 200)]
+    dirty_mib: usize,
+    /// Suspend/resume cycles.
+    #[arg(long, default_value_t = 3)]
+    cycles: usize,
+    /// Idle VMs started from one snapshot for the density measurement (0 skips it).
+    #[arg(long, default_value_t = 50)]
+    idle_vms: usize,
+    /// Seconds of sustained launching (0 skips it).
+    #[arg(long, default_value_t = 60)]
+    sustain_secs: u64,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Row {
+    name: String,
+    samples: Vec<f64>,
+    unit: &'static str,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(((sorted.len() as f64) - 1.0) * p).round() as usize]
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+}
+
+async fn first_exec(vm: &Vm) -> anyhow::Result<()> {
+    let out = vm.exec(&ExecRequest::argv(["true"]), None, 1 << 16).await?;
+    anyhow::ensure!(out.exit.success(), "`true` failed");
+    Ok(())
+}
+
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut x = 0x9e3779b97f4a7c15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect()
+}
+
+/// Runs the benchmarks.
+pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
+    let home = hearth_vmm::home::hearth_home();
+    let work = tempfile::Builder::new().prefix("bench-").tempdir_in(&home)?;
+    let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(120), hostname: None };
+    let mut rows: Vec<Row> = Vec::new();
+
+    eprintln!("template");
+    let mut cfg = args.vm.config()?;
+    cfg.memory = Memory::SnapshotReady;
+    let vm = Vm::boot(cfg).await?;
+    first_exec(&vm).await?;
+    let snap = vm.snapshot_template(&work.path().join("template")).await?;
+
+    eprintln!("cold boots");
+    let mut cold = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let vm = Vm::boot(args.vm.config()?).await?;
+        first_exec(&vm).await?;
+        cold.push(ms(t.elapsed()));
+        vm.kill().await;
+    }
+    rows.push(Row { name: "cold boot → first exec result".into(), samples: cold, unit: "ms" });
+
+    eprintln!("unpooled launches ×{}", args.launches);
+    let (mut unpooled, mut ready) = (Vec::new(), Vec::new());
+    for _ in 0..args.launches {
+        let t = Instant::now();
+        let vm = Vm::launch(&snap, &opts).await?;
+        ready.push(ms(t.elapsed()));
+        first_exec(&vm).await?;
+        unpooled.push(ms(t.elapsed()));
+        vm.kill().await;
+    }
+    rows.push(Row { name: "launch from snapshot → agent ready (unpooled)".into(), samples: ready, unit: "ms" });
+    rows.push(Row { name: "launch from snapshot → first exec result (unpooled)".into(), samples: unpooled, unit: "ms" });
+
+    eprintln!("pooled launches ×{} (pool of {})", args.launches, args.pool);
+    let pool = Pool::new(Snapshot::open(&snap.dir)?, opts.clone(), args.pool);
+    let mut pooled = Vec::new();
+    for _ in 0..args.launches {
+        pool.wait_full().await;
+        let t = Instant::now();
+        let vm = pool.claim().await?;
+        first_exec(&vm).await?;
+        pooled.push(ms(t.elapsed()));
+        vm.kill().await;
+    }
+    drop(pool);
+    rows.push(Row { name: "launch from snapshot → first exec result (pooled)".into(), samples: pooled, unit: "ms" });
+
+    eprintln!("suspend/resume ×{} with {} MiB dirtied", args.cycles, args.dirty_mib);
+    let (mut susp, mut res, mut res_exec, mut sizes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut vm = Vm::launch(&snap, &opts).await?;
+    let data = bytes::Bytes::from(pseudo_random(args.dirty_mib << 20));
+    vm.agent().write_file_bytes(&BinPath::from("/dev/shm/dirty"), None, data).await?;
+    let dir = work.path().join("suspended");
+    for _ in 0..args.cycles {
+        let t = Instant::now();
+        let s = match vm.suspend(&dir).await {
+            Ok(s) => s,
+            Err((_, e)) => return Err(e.into()),
+        };
+        susp.push(ms(t.elapsed()));
+        let used = std::process::Command::new("du").arg("-sm").arg(s.path("state")).output()?;
+        sizes.push(String::from_utf8_lossy(&used.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0.0));
+        let t = Instant::now();
+        vm = Vm::resume(&s, &opts).await?;
+        res.push(ms(t.elapsed()));
+        first_exec(&vm).await?;
+        res_exec.push(ms(t.elapsed()));
+    }
+    vm.kill().await;
+    rows.push(Row { name: format!("suspend (512 MiB guest, {} MiB dirtied)", args.dirty_mib), samples: susp, unit: "ms" });
+    rows.push(Row { name: "suspend image on disk (du)".into(), samples: sizes, unit: "MiB" });
+    rows.push(Row { name: "resume → agent ready".into(), samples: res, unit: "ms" });
+    rows.push(Row { name: "resume → first exec result".into(), samples: res_exec, unit: "ms" });
+
+    if args.idle_vms > 0 {
+        eprintln!("{} idle VMs from one snapshot", args.idle_vms);
+        let mut vms = Vec::new();
+        for _ in 0..args.idle_vms {
+            vms.push(Vm::launch(&snap, &opts).await?);
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let pids: Vec<u32> = vms.iter().map(Vm::pid).collect();
+        let t0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let window = Duration::from_secs(10);
+        tokio::time::sleep(window).await;
+        let t1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
+        let pss: Vec<f64> = pids.iter().map(|p| proc_field(*p, "smaps_rollup", "Pss:").unwrap_or(0) as f64 / 1024.0).collect();
+        let rss: Vec<f64> = pids.iter().map(|p| proc_field(*p, "status", "VmRSS:").unwrap_or(0) as f64 / 1024.0).collect();
+        rows.push(Row { name: format!("idle VM host PSS ({} VMs)", args.idle_vms), samples: pss, unit: "MiB" });
+        rows.push(Row { name: format!("idle VM host RSS ({} VMs)", args.idle_vms), samples: rss, unit: "MiB" });
+        rows.push(Row { name: format!("host CPU of all {} idle VMs (% of one core)", args.idle_vms), samples: vec![cpu], unit: "%" });
+        for vm in vms {
+            vm.kill().await;
+        }
+    }
+
+    if args.sustain_secs > 0 {
+        eprintln!("sustained launches for {} s", args.sustain_secs);
+        let until = Instant::now() + Duration::from_secs(args.sustain_secs);
+        let worker = || async {
+            let mut n = 0u64;
+            while Instant::now() < until {
+                let vm = Vm::launch(&snap, &opts).await?;
+                first_exec(&vm).await?;
+                vm.kill().await;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        };
+        let (a, b) = tokio::join!(worker(), worker());
+        let rate = (a? + b?) as f64 / args.sustain_secs as f64;
+        rows.push(Row { name: "sustained launch → exec → kill, 2 at a time".into(), samples: vec![rate], unit: "per s" });
+    }
+
+    for r in &mut rows {
+        r.samples.sort_by(|a, b| a.total_cmp(b));
+    }
+    if args.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| serde_json::json!({ "name": r.name, "unit": r.unit, "n": r.samples.len(), "p50": pct(&r.samples, 0.5), "p99": pct(&r.samples, 0.99), "min": r.samples.first(), "max": r.samples.last() }))
+            .collect();
+        println!("{}", serde_json::json!({ "results": v }));
+    } else {
+        println!("| measurement | n | p50 | p90 | p99 | min | max | unit |");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &rows {
+            let s = &r.samples;
+            println!(
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
+                r.name,
+                s.len(),
+                pct(s, 0.5),
+                pct(s, 0.9),
+                pct(s, 0.99),
+                s.first().copied().unwrap_or(f64::NAN),
+                s.last().copied().unwrap_or(f64::NAN),
+                r.unit
+            );
+        }
+    }
+    Ok(())
+}
