@@ -5,6 +5,7 @@
 //! - exec round trip of `true` on a running VM, p50/p90/p99;
 //! - host memory of one idle VM (RSS and PSS of its QEMU process).
 
+use crate::report::{self, Row};
 use crate::vmargs::VmArgs;
 use clap::Args;
 use hearth_proto::exec::ExecRequest;
@@ -30,14 +31,6 @@ pub struct BenchArgs {
     json: bool,
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -45,12 +38,6 @@ fn ms(d: Duration) -> f64 {
 fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
     text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
-struct Row {
-    name: String,
-    samples: Vec<f64>,
-    unit: &'static str,
 }
 
 async fn cold_boots(args: &VmArgs, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
@@ -113,39 +100,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     rows.push(Row { name: "idle VM host PSS (512 MiB guest)".into(), samples: vec![pss], unit: "MiB" });
     vm.shutdown().await;
 
-    for r in &mut rows {
-        r.samples.sort_by(|a, b| a.total_cmp(b));
-    }
-    if args.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "name": r.name, "unit": r.unit, "n": r.samples.len(),
-                    "p50": pct(&r.samples, 0.5), "p90": pct(&r.samples, 0.9), "p99": pct(&r.samples, 0.99),
-                    "min": r.samples.first(), "max": r.samples.last(),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "accel": accel.to_string(), "results": v }));
-    } else {
+    if !args.json {
         println!("accelerator: {accel}\n");
-        println!("| measurement | n | p50 | p90 | p99 | min | max | unit |");
-        println!("|---|---|---|---|---|---|---|---|");
-        for r in &rows {
-            let s = &r.samples;
-            println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-                r.name,
-                s.len(),
-                pct(s, 0.5),
-                pct(s, 0.9),
-                pct(s, 0.99),
-                s.first().copied().unwrap_or(f64::NAN),
-                s.last().copied().unwrap_or(f64::NAN),
-                r.unit
-            );
-        }
     }
+    report::print(rows, args.json, serde_json::json!({ "accel": accel.to_string() }));
     Ok(())
 }

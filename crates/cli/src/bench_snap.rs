@@ -1,6 +1,7 @@
 //! `hearth bench-snapshots`: launch, suspend/resume, density and throughput of snapshots,
 //! with a cold boot measured in the same run as the baseline.
 
+use crate::report::{self, Row};
 use crate::vmargs::VmArgs;
 use clap::Args;
 use hearth_proto::binpath::BinPath;
@@ -37,21 +38,8 @@ pub struct BenchSnapArgs {
     json: bool,
 }
 
-struct Row {
-    name: String,
-    samples: Vec<f64>,
-    unit: &'static str,
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
-}
-
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[(((sorted.len() as f64) - 1.0) * p).round() as usize]
 }
 
 fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
@@ -207,32 +195,6 @@ pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
         rows.push(Row { name: "sustained launch → exec → kill, 2 at a time".into(), samples: vec![rate], unit: "per s" });
     }
 
-    for r in &mut rows {
-        r.samples.sort_by(|a, b| a.total_cmp(b));
-    }
-    if args.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|r| serde_json::json!({ "name": r.name, "unit": r.unit, "n": r.samples.len(), "p50": pct(&r.samples, 0.5), "p99": pct(&r.samples, 0.99), "min": r.samples.first(), "max": r.samples.last() }))
-            .collect();
-        println!("{}", serde_json::json!({ "results": v }));
-    } else {
-        println!("| measurement | n | p50 | p90 | p99 | min | max | unit |");
-        println!("|---|---|---|---|---|---|---|---|");
-        for r in &rows {
-            let s = &r.samples;
-            println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} |",
-                r.name,
-                s.len(),
-                pct(s, 0.5),
-                pct(s, 0.9),
-                pct(s, 0.99),
-                s.first().copied().unwrap_or(f64::NAN),
-                s.last().copied().unwrap_or(f64::NAN),
-                r.unit
-            );
-        }
-    }
+    report::print(rows, args.json, serde_json::json!({}));
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_snap;
+mod report;
 mod setup;
 mod snapcmd;
 mod vmargs;

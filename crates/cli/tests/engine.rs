@@ -4,37 +4,21 @@
 //! base images in $HEARTH_HOME); `scripts/test.sh` does it. Each test boots its own VMs and
 //! every VM is dropped (killing QEMU) on every path, panics included.
 
+mod common;
+
 use bytes::Bytes;
+use common::config;
 use hearth_image::base::Base;
 use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::{ExecRequest, FrameKind};
 use hearth_proto::files::{FileKind, FsRequest};
 use hearth_proto::ErrorCode;
 use hearth_vmm::agent::{AgentError, ExecEvent};
-use hearth_vmm::{BootError, Disk, DiskFormat, Vm, VmConfig, VmError};
+use hearth_vmm::{BootError, Vm, VmError};
 use std::time::Duration;
 
-fn config(base: Base) -> VmConfig {
-    let home = hearth_vmm::home::hearth_home();
-    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)
-        .unwrap_or_else(|e| panic!("{e} (the tests need `scripts/setup.sh --debian` first)"));
-    let rootfs = base.path(&home);
-    assert!(rootfs.is_file(), "{} missing: run `scripts/setup.sh --debian` first", rootfs.display());
-    let mut cfg = VmConfig::new(kernel, initramfs);
-    cfg.root = Some(Disk::base(rootfs, DiskFormat::Raw));
-    cfg.run_root = home.join("run");
-    cfg.boot_timeout = Duration::from_secs(180);
-    if let Ok(args) = std::env::var("HEARTH_KERNEL_ARGS") {
-        cfg.extra_cmdline = args.split_whitespace().map(str::to_owned).collect();
-    }
-    if let Ok(a) = std::env::var("HEARTH_ACCEL") {
-        cfg.accel = a.parse().expect("HEARTH_ACCEL");
-    }
-    cfg
-}
 
 async fn boot(base: Base) -> Vm {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
     Vm::boot(config(base)).await.unwrap_or_else(|e| panic!("boot failed: {e}"))
 }
 

@@ -1,32 +1,17 @@
 //! End-to-end tests of snapshots against real QEMU VMs: templates and clones, suspend and
 //! resume cycles, forks, and damaged snapshots. Set-up as for `engine.rs`.
 
+mod common;
+
 use bytes::Bytes;
+use common::config;
 use hearth_image::base::Base;
 use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::ExecRequest;
-use hearth_vmm::{BootError, Disk, DiskFormat, Memory, RestoreOptions, Snapshot, Vm, VmConfig};
+use hearth_vmm::{BootError, Memory, RestoreOptions, Snapshot, Vm};
 use std::path::Path;
 use std::time::Duration;
 
-fn config(base: Base) -> VmConfig {
-    let home = hearth_vmm::home::hearth_home();
-    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)
-        .unwrap_or_else(|e| panic!("{e} (the tests need `scripts/setup.sh --debian` first)"));
-    let rootfs = base.path(&home);
-    assert!(rootfs.is_file(), "{} missing: run `scripts/setup.sh` first", rootfs.display());
-    let mut cfg = VmConfig::new(kernel, initramfs);
-    cfg.root = Some(Disk::base(rootfs, DiskFormat::Raw));
-    cfg.run_root = home.join("run");
-    cfg.boot_timeout = Duration::from_secs(180);
-    if let Ok(args) = std::env::var("HEARTH_KERNEL_ARGS") {
-        cfg.extra_cmdline = args.split_whitespace().map(str::to_owned).collect();
-    }
-    if let Ok(a) = std::env::var("HEARTH_ACCEL") {
-        cfg.accel = a.parse().expect("HEARTH_ACCEL");
-    }
-    cfg
-}
 
 fn opts() -> RestoreOptions {
     let mut o = RestoreOptions::new();
@@ -42,7 +27,6 @@ async fn sh(vm: &Vm, script: &str) -> String {
 
 /// Boots a busybox VM, prepares some state, and turns it into a template in `dir`.
 async fn make_template(dir: &Path) -> Snapshot {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
     let mut cfg = config(Base::Busybox);
     cfg.memory = Memory::SnapshotReady;
     let vm = Vm::boot(cfg).await.unwrap();

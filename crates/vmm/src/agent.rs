@@ -349,6 +349,17 @@ impl AgentClient {
         serde_json::from_slice(&bytes).map_err(|e| AgentError::Protocol(format!("invalid JSON from agent: {e}")))
     }
 
+    /// Passes a successful response through; turns a failed one into its error (reading
+    /// at most [`MAX_JSON_BODY`] of the body).
+    async fn check_status(resp: http::Response<Incoming>) -> Result<http::Response<Incoming>, AgentError> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY).collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        Err(Self::remote_error(status, &bytes))
+    }
+
     fn remote_error(status: StatusCode, bytes: &[u8]) -> AgentError {
         match serde_json::from_slice::<ErrorBody>(bytes) {
             Ok(b) if b.code == hearth_proto::ErrorCode::VersionMismatch => AgentError::Version { agent: 0 },
@@ -378,15 +389,7 @@ impl AgentClient {
         let body = StreamBody::new(chain_spec_and_stdin(stream, rx)).boxed();
         let req = Request::builder().method(Method::POST).uri("/v1/exec").body(body).expect("static request");
         let resp = self.send(req).await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY)
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            return Err(Self::remote_error(status, &bytes));
-        }
+        let resp = Self::check_status(resp).await?;
         Ok(ExecStream { stdin: Some(tx), body: resp.into_body(), decoder: FrameDecoder::new(), done: false })
     }
 
@@ -418,15 +421,7 @@ impl AgentClient {
         }
         let req = Request::get(uri).body(empty()).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let resp = self.send(req).await?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let bytes = Limited::new(resp.into_body(), MAX_JSON_BODY)
-                .collect()
-                .await
-                .map(|c| c.to_bytes())
-                .unwrap_or_default();
-            return Err(Self::remote_error(status, &bytes));
-        }
+        let resp = Self::check_status(resp).await?;
         let body = resp.into_body();
         Ok(futures_util::stream::unfold(body, |mut body| async move {
             loop {

@@ -118,6 +118,26 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg
 }
 
+/// The configuration to restore `snap`, which must be of `kind`: the snapshot's machine,
+/// its state file as incoming migration, an overlay on its disk.
+fn restore_config(snap: &Snapshot, opts: &RestoreOptions, kind: SnapshotKind) -> Result<VmConfig, BootError> {
+    if snap.manifest.kind != kind {
+        return Err(BootError::Snapshot(crate::snapshot::SnapshotError::Unsupported(format!(
+            "{} is a {:?} snapshot; this needs a {kind:?} one (templates launch, suspended VMs resume, forks launch_fork)",
+            snap.dir.display(),
+            snap.manifest.kind
+        ))));
+    }
+    let mut cfg = base_config(snap, opts);
+    check_qemu(snap, &cfg)?;
+    let mapped_ram = kind != SnapshotKind::Template;
+    cfg.start = Start::Incoming { state: snap.path(&snap.manifest.state.name), mapped_ram };
+    if let Some(d) = &snap.manifest.disk {
+        cfg.root = Some(Disk::base(snap.path(d), DiskFormat::Qcow2));
+    }
+    Ok(cfg)
+}
+
 fn check_qemu(snap: &Snapshot, cfg: &VmConfig) -> Result<(), BootError> {
     let here = crate::snapshot::qemu_version(&cfg.qemu_binary);
     if here != snap.manifest.qemu_version {
@@ -134,39 +154,15 @@ impl Vm {
     /// snapshot's memory file, its own overlay on the snapshot's disk, fresh identity.
     /// Any number of VMs may be launched from one template at once.
     pub async fn launch(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
-        if snap.manifest.kind != SnapshotKind::Template {
-            return Err(BootError::Snapshot(crate::snapshot::SnapshotError::Unsupported(format!(
-                "{} is a {:?} snapshot; launch needs a template (use resume)",
-                snap.dir.display(),
-                snap.manifest.kind
-            ))));
-        }
-        let mut cfg = base_config(snap, opts);
-        check_qemu(snap, &cfg)?;
+        let mut cfg = restore_config(snap, opts, SnapshotKind::Template)?;
         let memory = snap.manifest.memory.as_ref().expect("templates have memory (checked on open)");
         cfg.memory = Memory::Template(snap.path(&memory.name));
-        cfg.start = Start::Incoming { state: snap.path(&snap.manifest.state.name), mapped_ram: false };
-        if let Some(d) = &snap.manifest.disk {
-            cfg.root = Some(Disk::base(snap.path(d), DiskFormat::Qcow2));
-        }
         Self::start_restored(cfg, opts).await
     }
 
     /// Starts one copy of a fork snapshot (its own overlay on the fork's disk).
     pub async fn launch_fork(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
-        if snap.manifest.kind != SnapshotKind::Fork {
-            return Err(BootError::Snapshot(crate::snapshot::SnapshotError::Unsupported(format!(
-                "{} is a {:?} snapshot, not a fork",
-                snap.dir.display(),
-                snap.manifest.kind
-            ))));
-        }
-        let mut cfg = base_config(snap, opts);
-        check_qemu(snap, &cfg)?;
-        cfg.start = Start::Incoming { state: snap.path(&snap.manifest.state.name), mapped_ram: true };
-        if let Some(d) = &snap.manifest.disk {
-            cfg.root = Some(Disk::base(snap.path(d), DiskFormat::Qcow2));
-        }
+        let cfg = restore_config(snap, opts, SnapshotKind::Fork)?;
         Self::start_restored(cfg, opts).await
     }
 
@@ -175,18 +171,10 @@ impl Vm {
     /// the snapshot is retired (its manifest and state removed). If the resume fails the
     /// snapshot is left untouched and can be resumed again.
     pub async fn resume(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
-        if snap.manifest.kind != SnapshotKind::Suspended {
-            return Err(BootError::Snapshot(crate::snapshot::SnapshotError::Unsupported(format!(
-                "{} is a {:?} snapshot; resume needs a suspended VM",
-                snap.dir.display(),
-                snap.manifest.kind
-            ))));
-        }
-        let mut cfg = base_config(snap, opts);
-        check_qemu(snap, &cfg)?;
-        cfg.start = Start::Incoming { state: snap.path(&snap.manifest.state.name), mapped_ram: true };
-        if let Some(d) = &snap.manifest.disk {
-            cfg.root = Some(Disk { path: snap.path(d), format: DiskFormat::Qcow2, overlay: false });
+        let mut cfg = restore_config(snap, opts, SnapshotKind::Suspended)?;
+        if let Some(root) = cfg.root.as_mut() {
+            // The disk moves with the VM: written in place, no overlay.
+            root.overlay = false;
         }
         let keep_hostname = opts.hostname.clone().or_else(|| Some(snap.manifest.hostname.clone()));
         let opts = RestoreOptions { hostname: keep_hostname, ..opts.clone() };
