@@ -2,42 +2,48 @@
 //!
 //! A virtio-serial port is one long-lived character device; "connections" are the host
 //! opening and closing its end (QEMU's chardev socket). Linux reports the host's state
-//! through the port: with the host gone, `poll` says `POLLHUP` and `read` returns 0; when
-//! the host (re)connects the port's wait queue is woken. So the agent serves one HTTP/2
-//! connection until it sees end-of-file, then sleeps until the host is back and serves a
-//! fresh one. The port stays open throughout (closing it would tell QEMU the guest left).
+//! through the port: with the host gone, `poll` says `POLLHUP` and `read` returns 0. The
+//! agent serves one connection at a time: it waits until the host is there, resynchronises
+//! (see `scan_for_preface`), serves HTTP/2 until the connection ends, and starts over. The
+//! port stays open throughout (closing it would tell QEMU the guest left).
+//!
+//! Each connection gets its own epoll registration of the port (a duplicate descriptor):
+//! tokio treats a hang-up as final ("closed" readiness is never cleared), but here the
+//! host's absence is temporary, so a registration that has seen one is retired with its
+//! connection. Within a connection, a hang-up seen while a read or write would block ends
+//! the connection.
 
 use crate::server::{self, State};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Async reads and writes on the non-blocking port device.
+/// Async reads and writes on the non-blocking port device, for one connection.
 struct PortIo {
-    fd: Arc<AsyncFd<OwnedFd>>,
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PortIo {
+    /// A fresh registration of `port` (a duplicate descriptor).
+    fn new(port: &OwnedFd) -> io::Result<PortIo> {
+        let dup = port.try_clone()?;
+        // SAFETY: the duplicate is moved into the AsyncFd, which owns it until dropped, so
+        // the descriptor stays open and refers to the same port for the AsyncFd's life.
+        let fd = unsafe { AsyncFd::register(dup) }.map_err(|e| io::Error::other(e.to_string()))?;
+        Ok(PortIo { fd })
+    }
 }
 
 impl AsyncRead for PortIo {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        // Try the read before consulting readiness: `wait_for_host` may have cleared a
-        // readiness event for bytes that were already queued, and edge-triggered epoll
-        // would not announce them again.
-        let unfilled = buf.initialize_unfilled();
-        match nix::unistd::read(self.fd.get_ref().as_raw_fd(), unfilled) {
-            Ok(n) => {
-                buf.advance(n);
-                return Poll::Ready(Ok(()));
-            }
-            Err(nix::errno::Errno::EAGAIN) => {}
-            Err(e) => return Poll::Ready(Err(e.into())),
-        }
         loop {
             let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
             match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), unfilled).map_err(io::Error::from)) {
                 Ok(Ok(n)) => {
@@ -45,6 +51,9 @@ impl AsyncRead for PortIo {
                     return Poll::Ready(Ok(()));
                 }
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Nothing to read after a hang-up: the host came back, so this connection
+                // is over (and the closed readiness would otherwise wake us forever).
+                Err(_would_block) if closed => return Poll::Ready(Ok(())),
                 Err(_would_block) => continue,
             }
         }
@@ -57,22 +66,13 @@ impl AsyncWrite for PortIo {
         // host to come back: its bytes belong to the old connection and would corrupt the
         // next one. So a write that finds the host gone fails the connection instead.
         let gone = || io::Error::new(io::ErrorKind::BrokenPipe, "host disconnected");
-        // As for reads: do not trust readiness cleared while waiting for the host.
-        match nix::unistd::write(self.fd.get_ref(), data) {
-            Ok(n) => return Poll::Ready(Ok(n)),
-            Err(nix::errno::Errno::EAGAIN) => {
-                if !host_connected(self.fd.get_ref())? {
-                    return Poll::Ready(Err(gone()));
-                }
-            }
-            Err(e) => return Poll::Ready(Err(e.into())),
-        }
         loop {
             let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let closed = guard.ready().is_write_closed();
             match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
                 Ok(r) => return Poll::Ready(r),
                 Err(_would_block) => {
-                    if !host_connected(self.fd.get_ref())? {
+                    if closed || !host_connected(self.fd.get_ref())? {
                         return Poll::Ready(Err(gone()));
                     }
                 }
@@ -90,8 +90,8 @@ impl AsyncWrite for PortIo {
 }
 
 /// True when the host end of the port is open (no `POLLHUP`).
-fn host_connected(fd: &OwnedFd) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN | libc::POLLOUT, revents: 0 };
+fn host_connected(fd: &impl AsFd) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_fd().as_raw_fd(), events: libc::POLLIN | libc::POLLOUT, revents: 0 };
     // SAFETY: `pfd` is a valid pollfd array of length 1 that lives across the call.
     let n = unsafe { libc::poll(&mut pfd, 1, 0) };
     if n < 0 {
@@ -100,25 +100,14 @@ fn host_connected(fd: &OwnedFd) -> io::Result<bool> {
     Ok(pfd.revents & libc::POLLHUP == 0)
 }
 
-/// Waits, without spinning, until the host has its end of the port open.
-async fn wait_for_host(fd: &AsyncFd<OwnedFd>) -> io::Result<()> {
-    let interest = Interest::READABLE | Interest::WRITABLE;
-    loop {
-        if host_connected(fd.get_ref())? {
-            return Ok(());
-        }
-        // Forget readiness cached from the last connection so the await below sleeps until
-        // the port's wait queue is woken again (epoll is edge-triggered here), then look
-        // once more in case the host arrived in between.
-        if let Some(Ok(mut g)) = futures_util::FutureExt::now_or_never(fd.ready(interest)) {
-            g.clear_ready();
-        }
-        if host_connected(fd.get_ref())? {
-            return Ok(());
-        }
-        // The timeout is only a safety net should a wake-up ever be missed.
-        let _ = tokio::time::timeout(Duration::from_secs(1), fd.ready(interest)).await;
+/// Waits until the host has its end of the port open. While it is away the port reports a
+/// hang-up continuously (nothing to wait on), so this polls every 5 ms: the host is only
+/// ever away for moments (between connections), and never while the VM is idle-connected.
+async fn wait_for_host(port: &OwnedFd) -> io::Result<()> {
+    while !host_connected(port)? {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Ok(())
 }
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
@@ -214,14 +203,11 @@ pub async fn serve_port(path: &std::path::Path, state: Arc<State>) -> io::Result
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)?;
-    // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until dropped, so the
-    // descriptor stays open and refers to the same port for the AsyncFd's whole life.
-    let fd = unsafe { AsyncFd::register(OwnedFd::from(file)) }.map_err(|e| io::Error::other(e.to_string()))?;
-    let fd = Arc::new(fd);
+    let port = OwnedFd::from(file);
     let debug = std::fs::read_to_string("/proc/cmdline").unwrap_or_default().contains("hearth.debug");
     loop {
-        wait_for_host(&fd).await?;
-        let mut io = PortIo { fd: fd.clone() };
+        wait_for_host(&port).await?;
+        let mut io = PortIo::new(&port)?;
         let start = match scan_for_preface(&mut io).await {
             Ok(Scan::Found(start)) => start,
             Ok(Scan::Eof) => continue,

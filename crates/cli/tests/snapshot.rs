@@ -66,6 +66,11 @@ async fn five_clones_of_one_template_are_independent() {
         uniq.dedup();
         assert_eq!(uniq.len(), list.len(), "clones share values: {list:?}");
     }
+    // The restored agent idles: PID 1 accumulates (almost) no CPU time while waiting. A
+    // spinning agent (seen once: tokio's sticky hang-up readiness) burns ~200 ticks in 2 s.
+    let ticks = sh(&vms[0], "a=$(cut -d' ' -f14,15 /proc/1/stat); sleep 2; b=$(cut -d' ' -f14,15 /proc/1/stat); echo $a $b").await;
+    let t: Vec<u64> = ticks.split_whitespace().map(|v| v.parse().unwrap()).collect();
+    assert!(t[2] + t[3] - t[0] - t[1] < 50, "the restored agent is busy while idle: {ticks}");
     // The wall clock was corrected on restore (within a minute of the host's).
     let guest: i64 = sh(&vms[0], "date +%s").await.trim().parse().unwrap();
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
