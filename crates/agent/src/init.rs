@@ -93,11 +93,16 @@ fn load_modules() -> Result<(), BootError> {
     };
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let path = dir.join(name);
-        let file = std::fs::File::open(&path).map_err(|e| err(&format!("open module {name}"), e))?;
+        let Ok(file) = std::fs::File::open(&path) else {
+            eprintln!("hearth-agent: module {name} is missing from the initramfs (continuing)");
+            continue;
+        };
         let params = CString::default();
         match nix::kmod::finit_module(&file, &params, nix::kmod::ModuleInitFlags::empty()) {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
-            Err(e) => return Err(err(&format!("load module {name}"), e)),
+            // Not fatal: a user's own kernel may have the driver built in (or reject modules
+            // built for another kernel); a missing root disk is reported on its own.
+            Err(e) => eprintln!("hearth-agent: cannot load module {name}: {e} (continuing)"),
         }
     }
     Ok(())

@@ -49,9 +49,15 @@ fn apply(info: &RestoreInfo) -> std::io::Result<()> {
     }
     if let Some(id) = &info.machine_id {
         if std::path::Path::new("/etc").is_dir() {
-            let tmp = "/etc/.machine-id.hearth";
-            std::fs::write(tmp, format!("{id}\n"))?;
-            std::fs::rename(tmp, "/etc/machine-id")?;
+            // Overwritten in place, not replaced by rename: ext4 flushes a file renamed
+            // (or truncated) over an existing one to disk at once, which costs tens of
+            // milliseconds under emulation right when the VM should be getting ready.
+            use std::io::{Seek, Write};
+            let line = format!("{id}\n");
+            let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open("/etc/machine-id")?;
+            f.seek(std::io::SeekFrom::Start(0))?;
+            f.write_all(line.as_bytes())?;
+            f.set_len(line.len() as u64)?;
         }
     }
     Ok(())

@@ -113,16 +113,18 @@ pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
 
     eprintln!("pooled launches ×{} (pool of {})", args.launches, args.pool);
     let pool = Pool::new(Snapshot::open(&snap.dir)?, opts.clone(), args.pool);
-    let mut pooled = Vec::new();
+    let (mut pooled, mut claimed) = (Vec::new(), Vec::new());
     for _ in 0..args.launches {
         pool.wait_full().await;
         let t = Instant::now();
         let vm = pool.claim().await?;
+        claimed.push(ms(t.elapsed()));
         first_exec(&vm).await?;
         pooled.push(ms(t.elapsed()));
         vm.kill().await;
     }
     drop(pool);
+    rows.push(Row { name: "claim from warm pool → agent ready (pooled)".into(), samples: claimed, unit: "ms" });
     rows.push(Row { name: "launch from snapshot → first exec result (pooled)".into(), samples: pooled, unit: "ms" });
 
     eprintln!("suspend/resume ×{} with {} MiB dirtied", args.cycles, args.dirty_mib);

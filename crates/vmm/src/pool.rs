@@ -84,7 +84,12 @@ impl Pool {
             qemu_log: String::new(),
             exited: !vm.is_running(),
         })?;
-        let info = fresh_identity(vm.id().to_owned());
+        // The VM got its own entropy and identity when it was launched into the pool and
+        // was never handed out since; only its clock stood still while paused. The entropy
+        // is refreshed anyway (cheap), hostname and machine-id are kept (a file write).
+        let mut info = fresh_identity(vm.id().to_owned());
+        info.hostname = None;
+        info.machine_id = None;
         vm.agent().restore(&info).await.map_err(BootError::Agent)?;
         Ok(vm)
     }
