@@ -7,16 +7,12 @@
 //! manifest last. A failure before the manifest leaves no snapshot and, for suspends and
 //! forks, a VM that keeps running.
 
-use crate::restore::capabilities;
+use crate::restore::{capabilities, parameters};
 use crate::snapshot::{self, io, FileRecord, Manifest, Snapshot, SnapshotError, SnapshotKind};
 use crate::vm::Vm;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Migration bandwidth cap during captures (QEMU's default of 128 MiB/s would make a
-/// suspend of 200 MiB take over 1.5 s; to a local file there is no reason to cap).
-const CAPTURE_BANDWIDTH: u64 = 64 << 30;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -81,7 +77,7 @@ impl Vm {
     async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
         let q = |e: crate::qmp::QmpError| SnapshotError::Qemu(e.to_string());
         self.qmp("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(q)?;
-        self.qmp("migrate-set-parameters", Some(json!({ "max-bandwidth": CAPTURE_BANDWIDTH }))).await.map_err(q)?;
+        self.qmp("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(q)?;
         self.qmp("migrate", Some(json!({ "uri": format!("file:{}", file.display()) }))).await.map_err(q)?;
         loop {
             let r = self.qmp("query-migrate", None).await.map_err(q)?;
@@ -176,9 +172,13 @@ impl Vm {
             self.unquiesce().await;
             return Err((Box::new(self), e));
         }
+        let t = std::time::Instant::now();
         let saved = async {
             self.migrate_to(&tmp, true).await?;
-            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))
+            tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: RAM and state written");
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))?;
+            tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: state synced");
+            Ok::<(), SnapshotError>(())
         };
         if let Err(e) = saved.await {
             let _ = std::fs::remove_file(&tmp);
@@ -198,10 +198,11 @@ impl Vm {
                 Some(s) => commit(s, dest, &manifest),
                 None => {
                     snapshot::write_manifest(dest, &manifest)?;
-                    Snapshot::open(dest)
+                    Ok(Snapshot { dir: dest.to_path_buf(), manifest })
                 }
             }
         });
+        tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: committed");
         match committed {
             Ok(snap) => {
                 // The saved state is the VM now: QEMU goes.
@@ -284,5 +285,6 @@ fn commit(staging: &mut Staging, dest: &Path, manifest: &Manifest) -> Result<Sna
     if let Some(parent) = dest.parent() {
         snapshot::sync_dir(parent);
     }
-    Snapshot::open(dest)
+    // Just written and checksummed: no need to read it all back.
+    Ok(Snapshot { dir: dest.to_path_buf(), manifest: manifest.clone() })
 }

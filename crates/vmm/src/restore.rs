@@ -76,6 +76,7 @@ pub(crate) async fn load_incoming(qmp_path: &Path, state: &Path, mapped_ram: boo
         }
     };
     qmp.execute("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(|e| e.to_string())?;
+    qmp.execute("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(|e| e.to_string())?;
     qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
         .await
         .map_err(|e| e.to_string())?;
@@ -103,8 +104,23 @@ pub(crate) fn capabilities(mapped_ram: bool) -> serde_json::Value {
     json!({ "capabilities": [
         { "capability": "x-ignore-shared", "state": !mapped_ram },
         { "capability": "mapped-ram", "state": mapped_ram },
+        // With mapped-ram every page has a fixed place in the file, so several threads
+        // can write (and read back) RAM at once.
+        { "capability": "multifd", "state": mapped_ram },
     ]})
 }
+
+/// Migration parameters matching [`capabilities`].
+pub(crate) fn parameters(mapped_ram: bool) -> serde_json::Value {
+    let mut p = json!({ "max-bandwidth": 64u64 << 30 });
+    if mapped_ram {
+        p["multifd-channels"] = json!(MULTIFD_CHANNELS);
+    }
+    p
+}
+
+/// Threads QEMU uses to write or read RAM of a suspend image.
+const MULTIFD_CHANNELS: u8 = 4;
 
 fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     let m = &snap.manifest;
@@ -171,6 +187,7 @@ impl Vm {
     /// the snapshot is retired (its manifest and state removed). If the resume fails the
     /// snapshot is left untouched and can be resumed again.
     pub async fn resume(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
+        tracing::debug!(dir = %snap.dir.display(), "resume");
         let mut cfg = restore_config(snap, opts, SnapshotKind::Suspended)?;
         if let Some(root) = cfg.root.as_mut() {
             // The disk moves with the VM: written in place, no overlay.
