@@ -22,9 +22,25 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// How long output may keep flowing after the process exits (background children holding
-/// the pipes open do not hold the exec open longer than this).
+/// After the process exits, how long a pipe may stay silent (a background child holding it
+/// open) before the exec ends anyway. Output still flowing, or waiting for a slow host,
+/// is never cut.
 const OUTPUT_GRACE: Duration = Duration::from_millis(200);
+
+/// What a pump is doing, for the end-of-exec decision.
+#[derive(Default)]
+struct PumpState {
+    /// True while it waits for the pipe (not while it waits for the host).
+    reading: std::sync::atomic::AtomicBool,
+    /// When it last got bytes or started waiting, in ms since `EPOCH`.
+    since_ms: std::sync::atomic::AtomicU64,
+}
+
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
 const READ_CHUNK: usize = 64 << 10;
 /// The spec frame must arrive within this many bytes of the body.
 const MAX_SPEC_BYTES: usize = hearth_proto::exec::MAX_FRAME_PAYLOAD + 5;
@@ -205,11 +221,16 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
     })
 }
 
-async fn pump(fd: OwnedFd, kind: FrameKind, tx: Tx) {
+async fn pump(fd: OwnedFd, kind: FrameKind, tx: Tx, state: Arc<PumpState>) {
+    use std::sync::atomic::Ordering::Relaxed;
     let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
-        match pipe.read(&mut buf).await {
+        state.since_ms.store(now_ms(), Relaxed);
+        state.reading.store(true, Relaxed);
+        let got = pipe.read(&mut buf).await;
+        state.reading.store(false, Relaxed);
+        match got {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 for f in chunked(kind, Bytes::copy_from_slice(&buf[..n])) {
@@ -251,8 +272,9 @@ async fn feed_stdin(fd: OwnedFd, mut body: Incoming, mut decoder: FrameDecoder) 
 async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder: FrameDecoder, tx: Tx) {
     let group = Pid::from_raw(r.pid);
     let stdin_task = tokio::spawn(feed_stdin(r.stdin, body, decoder));
-    let mut out = tokio::spawn(pump(r.stdout, FrameKind::Stdout, tx.clone()));
-    let mut err = tokio::spawn(pump(r.stderr, FrameKind::Stderr, tx.clone()));
+    let (out_state, err_state) = (Arc::new(PumpState::default()), Arc::new(PumpState::default()));
+    let mut out = tokio::spawn(pump(r.stdout, FrameKind::Stdout, tx.clone(), out_state.clone()));
+    let mut err = tokio::spawn(pump(r.stderr, FrameKind::Stderr, tx.clone(), err_state.clone()));
 
     let timeout = async {
         match timeout_ms {
@@ -282,11 +304,27 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
         let _ = killpg(group, Signal::SIGKILL);
     }
     stdin_task.abort();
-    let drain = async {
-        let _ = (&mut out).await;
-        let _ = (&mut err).await;
-    };
-    let _ = tokio::time::timeout(OUTPUT_GRACE, drain).await;
+    // Drain: wait for both pipes to close, but not for one that has been silent (while
+    // waiting on the pipe, not on the host) for the grace period since the exit.
+    let exited_at = now_ms();
+    loop {
+        use std::sync::atomic::Ordering::Relaxed;
+        let silent = |h: &tokio::task::JoinHandle<()>, st: &PumpState| {
+            let quiet_since = st.since_ms.load(Relaxed).max(exited_at);
+            h.is_finished() || (st.reading.load(Relaxed) && now_ms().saturating_sub(quiet_since) >= OUTPUT_GRACE.as_millis() as u64)
+        };
+        if out.is_finished() && err.is_finished() {
+            break;
+        }
+        if silent(&out, &out_state) && silent(&err, &err_state) {
+            break;
+        }
+        tokio::select! {
+            _ = &mut out, if !out.is_finished() => {}
+            _ = &mut err, if !err.is_finished() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
     out.abort();
     err.abort();
     let result = match exit {

@@ -70,7 +70,8 @@ pub async fn read(req: Request<Incoming>) -> Response<Body> {
         (Ok(o), Ok(l)) => (o.unwrap_or(0), l),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    let mut file = match tokio::fs::File::open(&path).await {
+    // O_NONBLOCK so that opening a FIFO cannot hang; regular files ignore the flag.
+    let mut file = match tokio::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path).await {
         Ok(f) => f,
         Err(e) => return server::io_error(&format!("open {}", path.display()), &e),
     };
@@ -78,8 +79,8 @@ pub async fn read(req: Request<Incoming>) -> Response<Body> {
         Ok(m) => m,
         Err(e) => return server::io_error("stat", &e),
     };
-    if meta.is_dir() {
-        return server::error(StatusCode::CONFLICT, ErrorCode::WrongKind, format!("{} is a directory", path.display()));
+    if !meta.is_file() {
+        return server::error(StatusCode::CONFLICT, ErrorCode::WrongKind, format!("{} is not a regular file", path.display()));
     }
     if offset > 0 {
         if let Err(e) = file.seek(std::io::SeekFrom::Start(offset)).await {
@@ -144,10 +145,9 @@ pub async fn write(req: Request<Incoming>) -> Response<Body> {
     if let Err(e) = tokio::fs::create_dir_all(dir).await {
         return server::io_error(&format!("create {}", dir.display()), &e);
     }
-    let mut tmp_name = b".".to_vec();
-    tmp_name.extend_from_slice(name.as_bytes());
-    tmp_name.extend_from_slice(format!(".hearth-{}-{}", std::process::id(), rand_suffix()).as_bytes());
-    let tmp = dir.join(OsStr::from_bytes(&tmp_name));
+    // A short fixed-length name, whatever the target's length (NAME_MAX is 255 bytes).
+    let _ = name;
+    let tmp = dir.join(format!(".hearth-upload-{:016x}", rand_suffix()));
     let mut guard = TempGuard(Some(tmp.clone()));
     let mut file = match tokio::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).await {
         Ok(f) => f,

@@ -107,6 +107,25 @@ async fn exec_output_codes_streams_env_cwd_user() {
         ]
     );
     let _ = FrameKind::Stdout;
+
+    // A slow reader loses nothing: the process exits long before the host has read its
+    // output, which waits in the pipe and the HTTP/2 window, not cut by the exit grace.
+    let mut s = vm.exec_stream(&ExecRequest::shell("head -c 12000000 /dev/zero | tr '\\0' x")).await.unwrap();
+    s.close_stdin();
+    let mut total = 0usize;
+    let exit = loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        match s.next_event().await.unwrap() {
+            Some(ExecEvent::Stdout(b)) => {
+                assert!(b.iter().all(|&c| c == b'x'));
+                total += b.len();
+            }
+            Some(ExecEvent::Exit(x)) => break x,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(exit.success());
+    assert_eq!(total, 12_000_000, "output was cut");
     vm.shutdown().await;
 }
 

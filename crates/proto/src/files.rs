@@ -4,7 +4,8 @@ use crate::binpath::BinPath;
 use serde::{Deserialize, Serialize};
 
 /// Most entries one `list` returns; a larger directory is an error, not a huge answer.
-pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// (At ~100 bytes of JSON per entry this stays well inside `MAX_JSON_BODY`.)
+pub const MAX_LIST_ENTRIES: usize = 20_000;
 
 /// What kind of file a path names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

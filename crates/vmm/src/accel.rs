@@ -100,8 +100,6 @@ pub fn probe_kvm() -> &'static KvmProbe {
 
 fn run_probe() -> Result<Duration, String> {
     use kvm_ioctls::{Kvm, VcpuExit};
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
     const MEM_SIZE: usize = 0x1000;
     const GUEST_ADDR: u64 = 0x1000;
     // mov ecx, N ; l: dec ecx ; jnz l ; hlt   (16-bit real mode, operand-size prefixes)
@@ -131,7 +129,11 @@ fn run_probe() -> Result<Duration, String> {
             unsafe { libc::munmap(self.0, MEM_SIZE) };
         }
     }
+    // Declared before the VM so that it is dropped after it: the memory slot must never
+    // point at unmapped memory.
     let _unmap = Unmap(mem);
+    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
     // SAFETY: `mem` points to MEM_SIZE writable bytes and `code` is far shorter.
     unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), mem as *mut u8, code.len()) };
 
@@ -143,7 +145,7 @@ fn run_probe() -> Result<Duration, String> {
         flags: 0,
     };
     // SAFETY: the region describes the mapping above, which outlives `vm` (`_unmap` is
-    // declared before `vm`'s uses and dropped after it).
+    // declared before `vm` and therefore dropped after it).
     unsafe { vm.set_user_memory_region(region) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
     let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
     let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;

@@ -308,17 +308,20 @@ impl AgentClient {
     /// connection breaks (a slow guest is simply waited for: the resync handshake copes
     /// with whatever is still in the pipe).
     pub async fn connect_retrying(socket: &Path, deadline: tokio::time::Instant) -> Result<(AgentClient, Hello), AgentError> {
+        let started = tokio::time::Instant::now();
+        let mut last = None;
         loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(AgentError::Timeout(Duration::ZERO));
+                return Err(last.unwrap_or(AgentError::Timeout(now - started)));
             }
             match Self::connect(socket, deadline - now).await {
                 Ok(ok) => return Ok(ok),
                 Err(e @ AgentError::Timeout(_)) => return Err(e),
-                Err(e @ AgentError::Version { .. }) => return Err(e),
+                Err(e @ (AgentError::Version { .. } | AgentError::Protocol(_) | AgentError::Remote(_))) => return Err(e),
                 Err(e) => {
                     tracing::debug!("agent connect attempt failed: {e}");
+                    last = Some(e);
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }

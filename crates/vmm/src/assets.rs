@@ -425,7 +425,7 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     };
     (0..phnum).any(|i| {
         let o = phoff.saturating_add(i.saturating_mul(phentsize));
-        elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) == Some(3)
+        elf.get(o..o.saturating_add(4)).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) == Some(3)
     })
 }
 

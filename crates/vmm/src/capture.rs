@@ -14,6 +14,9 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Longest a capture's migration may take before it is cancelled.
+const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -73,13 +76,29 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs a migration to `file` and waits for it.
+    /// Refuses to snapshot a VM whose disk Hearth does not own (a user's image in place).
+    fn check_disk_owned(&self) -> Result<(), SnapshotError> {
+        if self.disk.is_some() && !self.disk_owned {
+            return Err(SnapshotError::Unsupported(
+                "this VM writes a disk image of the user's in place; snapshots need a VM on an overlay (Disk::base)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs a migration to `file` and waits for it (at most [`MIGRATION_DEADLINE`]; then it
+    /// is cancelled).
     async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
         let q = |e: crate::qmp::QmpError| SnapshotError::Qemu(e.to_string());
         self.qmp("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(q)?;
         self.qmp("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(q)?;
         self.qmp("migrate", Some(json!({ "uri": format!("file:{}", file.display()) }))).await.map_err(q)?;
+        let deadline = tokio::time::Instant::now() + MIGRATION_DEADLINE;
         loop {
+            if tokio::time::Instant::now() > deadline {
+                let _ = self.qmp("migrate_cancel", None).await;
+                return Err(SnapshotError::Qemu(format!("saving took longer than {MIGRATION_DEADLINE:?}; cancelled")));
+            }
             let r = self.qmp("query-migrate", None).await.map_err(q)?;
             match r.get("status").and_then(|s| s.as_str()) {
                 Some("completed") => return Ok(()),
@@ -122,9 +141,11 @@ impl Vm {
         if dest.exists() {
             return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
         }
+        self.check_disk_owned()?;
         let mut staging = Staging::new(dest)?;
         self.quiesce().await?;
         self.migrate_to(&staging.path.join("state"), false).await?;
+        sync_file(&staging.path.join("state"))?;
         // RAM is the memory file's pages: once QEMU is gone the file is complete.
         self.process.kill().await;
         let mem = staging.path.join("memory");
@@ -153,6 +174,9 @@ impl Vm {
     /// lives there). On failure (disk full, QEMU error) nothing partial is left and the VM
     /// is handed back running, unless QEMU itself died (check [`Vm::is_running`]).
     pub async fn suspend(mut self, dest: &Path) -> Result<Snapshot, (Box<Vm>, SnapshotError)> {
+        if let Err(e) = self.check_disk_owned() {
+            return Err((Box::new(self), e));
+        }
         let in_place = self.disk.as_deref().and_then(Path::parent) == Some(dest);
         if !in_place && dest.exists() {
             let e = SnapshotError::Unsupported(format!("{} already exists", dest.display()));
@@ -255,18 +279,24 @@ impl Vm {
         if dest.exists() {
             return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
         }
+        self.check_disk_owned()?;
         let mut staging = Staging::new(dest)?;
-        self.quiesce().await?;
+        if let Err(e) = self.quiesce().await {
+            self.unquiesce().await;
+            return Err(e);
+        }
         let saved = async {
             // Stopped means drained and flushed: the overlay is consistent with RAM.
             let has_disk = match &self.disk {
                 Some(d) => {
                     std::fs::copy(d, staging.path.join("disk.qcow2")).map_err(io("copy the disk"))?;
+                    sync_file(&staging.path.join("disk.qcow2"))?;
                     true
                 }
                 None => false,
             };
             self.migrate_to(&staging.path.join("state"), true).await?;
+            sync_file(&staging.path.join("state"))?;
             Ok::<bool, SnapshotError>(has_disk)
         };
         let result = saved.await;
@@ -275,6 +305,10 @@ impl Vm {
         let manifest = self.manifest(SnapshotKind::Fork, snapshot::record(&staging.path, "state")?, None, has_disk);
         commit(&mut staging, dest, &manifest)
     }
+}
+
+fn sync_file(path: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(path).and_then(|f| f.sync_all()).map_err(io(format!("sync {}", path.display())))
 }
 
 /// Writes the manifest into the staging directory and renames it to `dest`.

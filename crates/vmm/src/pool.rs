@@ -90,7 +90,7 @@ impl Pool {
         let mut info = fresh_identity(vm.id().to_owned());
         info.hostname = None;
         info.machine_id = None;
-        vm.agent().restore(&info).await.map_err(BootError::Agent)?;
+        vm.agent().restore(&info).await.map_err(BootError::Fixups)?;
         Ok(vm)
     }
 }

@@ -19,8 +19,10 @@ pub struct RunPaths {
     pub qmp: PathBuf,
     /// Agent socket (host end of the virtio-serial port).
     pub agent: PathBuf,
-    /// Guest console output.
+    /// Guest console output (copied from `console_sock`, capped).
     pub console: PathBuf,
+    /// QEMU's end of the serial console.
+    pub console_sock: PathBuf,
     /// QEMU's own stderr.
     pub qemu_log: PathBuf,
     /// Root disk overlay, when the VM has one.
@@ -36,6 +38,7 @@ impl RunPaths {
             qmp: dir.join("qmp.sock"),
             agent: dir.join("agent.sock"),
             console: dir.join("console.log"),
+            console_sock: dir.join("console.sock"),
             qemu_log: dir.join("qemu.log"),
             overlay: dir.join("root.qcow2"),
             memory: dir.join("memory"),
@@ -104,23 +107,29 @@ pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
     c.join(" ")
 }
 
+/// A path as a value inside a QEMU option list (`,` doubled).
+pub fn opt_path(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
 /// The `-object` of the guest RAM backend (always id `mem`).
 fn memory_backend(cfg: &VmConfig, paths: &RunPaths) -> String {
     let size = format!("size={}M", cfg.memory_mib);
     match &cfg.memory {
         Memory::Anonymous => format!("memory-backend-ram,id=mem,{size}"),
         Memory::SnapshotReady => {
-            format!("memory-backend-file,id=mem,{size},mem-path={},share=on", paths.memory.display())
+            format!("memory-backend-file,id=mem,{size},mem-path={},share=on", opt_path(&paths.memory))
         }
         Memory::Template(p) => {
-            format!("memory-backend-file,id=mem,{size},mem-path={},share=off,readonly=on,rom=off", p.display())
+            format!("memory-backend-file,id=mem,{size},mem-path={},share=off,readonly=on,rom=off", opt_path(p))
         }
     }
 }
 
 /// The QEMU arguments for a VM with a resolved accelerator (`Kvm` or `Tcg`).
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> Vec<String> {
-    let p = |p: &Path| p.display().to_string();
+    // Paths go into comma-separated option lists, where a literal comma is written twice.
+    let p = |p: &Path| opt_path(p);
     let (accel_name, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
         _ => ("tcg", "max"),
@@ -157,7 +166,9 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
         "-append".into(),
         kernel_cmdline(cfg, accel),
         "-chardev".into(),
-        format!("file,id=console,path={}", p(&paths.console)),
+        // The console goes through a socket the host copies into console.log with a size
+        // cap (a guest writing to its serial port forever must not fill the host's disk).
+        format!("socket,id=console,path={},server=on,wait=off", p(&paths.console_sock)),
         "-serial".into(),
         "chardev:console".into(),
         "-device".into(),
@@ -194,12 +205,18 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
 /// it: a copy of a few hundred KiB instead of a `qemu-img` process (~25 ms).
 pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<(), String> {
     let name = base.file_name().and_then(|n| n.to_str()).unwrap_or("base");
-    let cached = base.with_file_name(format!(".{name}.overlay.qcow2"));
+    // Keyed on what the overlay depends on: a base rebuilt in place gets a new cache entry.
+    let meta = std::fs::metadata(base).map_err(|e| format!("{}: {e}", base.display()))?;
+    let mtime = std::os::unix::fs::MetadataExt::mtime_nsec(&meta) as i128
+        + std::os::unix::fs::MetadataExt::mtime(&meta) as i128 * 1_000_000_000;
+    let cached = base.with_file_name(format!(".{name}.{base_format}.{}.{mtime}.overlay.qcow2", meta.len()));
     if cached.is_file() && std::fs::copy(&cached, overlay).is_ok() {
         return Ok(());
     }
     make_overlay(base, base_format, overlay)?;
-    let tmp = base.with_file_name(format!(".{name}.overlay.qcow2.{}", std::process::id()));
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = base.with_file_name(format!(".{name}.overlay.tmp.{}.{seq}", std::process::id()));
     if std::fs::copy(overlay, &tmp).is_ok() && std::fs::rename(&tmp, &cached).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

@@ -46,6 +46,11 @@ impl Default for RestoreOptions {
     }
 }
 
+/// The host's wall clock in nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64
+}
+
 /// Fresh clock, entropy and identity for a restored VM.
 pub fn fresh_identity(hostname: String) -> RestoreInfo {
     let mut entropy = vec![0u8; 64];
@@ -54,9 +59,8 @@ pub fn fresh_identity(hostname: String) -> RestoreInfo {
         let _ = f.read_exact(&mut entropy);
         let _ = f.read_exact(&mut id);
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     RestoreInfo {
-        unix_time_ns: now.as_nanos() as i64,
+        unix_time_ns: now_ns(),
         entropy: BinPath(entropy),
         hostname: Some(hostname),
         machine_id: Some(id.iter().map(|b| format!("{b:02x}")).collect()),
@@ -195,12 +199,30 @@ impl Vm {
         }
         let keep_hostname = opts.hostname.clone().or_else(|| Some(snap.manifest.hostname.clone()));
         let opts = RestoreOptions { hostname: keep_hostname, ..opts.clone() };
-        let vm = Self::start_restored(cfg, &opts).await?;
-        // The VM now owns the disk; retire the saved state.
-        let _ = std::fs::remove_file(snap.dir.join("manifest.json"));
-        let _ = std::fs::remove_file(snap.path(&snap.manifest.state.name));
+        // Once the guest runs it writes the disk in place, and the saved RAM no longer
+        // matches it: retire the manifest *before* that, durably, so a crash can never
+        // leave a snapshot that would resume stale memory over a newer disk. It is put
+        // back only if QEMU failed before the guest ran.
+        let manifest = snap.dir.join("manifest.json");
+        let retired = snap.dir.join(".manifest.resuming");
+        std::fs::rename(&manifest, &retired).map_err(|e| {
+            BootError::Snapshot(crate::snapshot::SnapshotError::Io { what: "retire the manifest".into(), source: e })
+        })?;
         crate::snapshot::sync_dir(&snap.dir);
-        Ok(vm)
+        match Self::start_restored(cfg, &opts).await {
+            Ok(vm) => {
+                let _ = std::fs::remove_file(&retired);
+                let _ = std::fs::remove_file(snap.path(&snap.manifest.state.name));
+                crate::snapshot::sync_dir(&snap.dir);
+                Ok(vm)
+            }
+            Err(e) if e.guest_never_ran() => {
+                let _ = std::fs::rename(&retired, &manifest);
+                crate::snapshot::sync_dir(&snap.dir);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn start_restored(cfg: VmConfig, opts: &RestoreOptions) -> Result<Vm, BootError> {
@@ -214,6 +236,7 @@ impl Vm {
             format!("hearth-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
         });
         let mut vm = Self::start(cfg, Some(fresh_identity(hostname.clone()))).await?;
+        // (start() refreshes the clock in the identity right before sending it.)
         vm.cfg.hostname = hostname;
         Ok(vm)
     }

@@ -152,6 +152,8 @@ pub fn file_crc32(path: &Path) -> std::io::Result<(u64, String)> {
     let mut h = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut pos: u64 = 0;
+    // Blocks already hashed (data regions of small-block filesystems can share a 4 KiB block).
+    let mut hashed_until: u64 = 0;
     while pos < size {
         // SAFETY: lseek on an open descriptor; no memory is involved.
         let data = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
@@ -160,7 +162,12 @@ pub fn file_crc32(path: &Path) -> std::io::Result<(u64, String)> {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
-        let (start, end) = (data as u64 / BLOCK as u64 * BLOCK as u64, (hole.max(data) as u64).min(size));
+        let start = (data as u64 / BLOCK as u64 * BLOCK as u64).max(hashed_until);
+        let end = ((hole.max(data) as u64).div_ceil(BLOCK as u64) * BLOCK as u64).min(size);
+        if start >= end {
+            pos = end.max(pos + 1);
+            continue;
+        }
         f.seek(SeekFrom::Start(start))?;
         let mut off = start;
         while off < end {
@@ -177,6 +184,7 @@ pub fn file_crc32(path: &Path) -> std::io::Result<(u64, String)> {
             }
             off += n as u64;
         }
+        hashed_until = off;
         pos = end.max(pos + 1);
     }
     Ok((size, format!("{:08x}", h.finalize())))
@@ -293,17 +301,25 @@ pub fn sync_dir(dir: &Path) {
     }
 }
 
-/// QEMU's version line (cached).
+/// QEMU's version line (cached per binary); `"unknown"` when it cannot be read, which
+/// never matches a recorded version.
 pub fn qemu_version(binary: &Path) -> String {
-    static V: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    V.get_or_init(|| {
-        std::process::Command::new(binary)
-            .arg("--version")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned())
-            .unwrap_or_default()
-    })
-    .clone()
+    static V: std::sync::Mutex<Vec<(PathBuf, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut cache = V.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, v)) = cache.iter().find(|(b, _)| b == binary) {
+        return v.clone();
+    }
+    let v = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_owned))
+        .filter(|l| !l.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    if v != "unknown" {
+        cache.push((binary.to_path_buf(), v.clone()));
+    }
+    v
 }
 
 #[cfg(test)]

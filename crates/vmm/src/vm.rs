@@ -102,6 +102,26 @@ pub enum BootError {
     /// The snapshot itself is unusable.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The guest did not take its after-restore clock, entropy and identity.
+    #[error("the restored guest did not apply its clock, entropy and identity")]
+    Fixups(#[source] AgentError),
+}
+
+impl BootError {
+    /// True when the failure happened before the guest ran any instruction (nothing on its
+    /// disk can have changed).
+    pub fn guest_never_ran(&self) -> bool {
+        matches!(
+            self,
+            BootError::Config(_)
+                | BootError::RunDir { .. }
+                | BootError::PathTooLong(_)
+                | BootError::Overlay(_)
+                | BootError::Spawn { .. }
+                | BootError::Restore { .. }
+                | BootError::Snapshot(_)
+        )
+    }
 }
 
 fn panic_note(console: &str) -> &'static str {
@@ -137,6 +157,63 @@ pub enum VmError {
     Qmp(#[from] QmpError),
 }
 
+/// Most bytes of console output kept on disk; beyond this the log starts over (the most
+/// recent output is what errors quote).
+pub const MAX_CONSOLE_BYTES: u64 = 4 << 20;
+
+/// Copies the guest's serial console into `console.log`, capped at [`MAX_CONSOLE_BYTES`].
+/// Stops when QEMU closes the socket or the owning `Vm` drops.
+pub(crate) struct ConsoleTap(tokio::task::JoinHandle<()>);
+
+impl ConsoleTap {
+    pub(crate) fn start(sock: PathBuf, log: PathBuf) -> ConsoleTap {
+        ConsoleTap(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = loop {
+                match tokio::net::UnixStream::connect(&sock).await {
+                    Ok(s) => break s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+                }
+            };
+            let Ok(mut file) = tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await else { return };
+            let mut written = 0u64;
+            let mut buf = vec![0u8; 16 << 10];
+            loop {
+                let n = match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if written + n as u64 > MAX_CONSOLE_BYTES {
+                    let _ = file.set_len(0).await;
+                    written = 0;
+                }
+                if file.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                written += n as u64;
+            }
+        }))
+    }
+}
+
+impl ConsoleTap {
+    /// Waits (up to 500 ms) for the last output to be copied after QEMU exited.
+    pub(crate) async fn settle(&self) {
+        for _ in 0..50 {
+            if self.0.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ConsoleTap {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Removes the run directory when dropped.
 pub(crate) struct RunDir(pub(crate) PathBuf);
 
@@ -157,11 +234,15 @@ pub struct Vm {
     pub(crate) id: String,
     pub(crate) paths: RunPaths,
     pub(crate) boot_time: Duration,
+    pub(crate) _console: ConsoleTap,
     /// The configuration it was started with (memory, vCPUs, kernel… for manifests).
     pub(crate) cfg: VmConfig,
     /// The disk image QEMU writes to, if any (an overlay in the run directory, or a
     /// resumed VM's disk left in its suspend directory).
     pub(crate) disk: Option<PathBuf>,
+    /// True when Hearth made that disk (overlay, or a suspended VM's own disk), so a
+    /// snapshot may move it. A user's own image is never moved.
+    pub(crate) disk_owned: bool,
     pub(crate) _dir: RunDir,
 }
 
@@ -214,11 +295,17 @@ impl Vm {
             Some(d) => Some(d.path.clone()),
             None => None,
         };
+        let disk_owned = match (&cfg.root, &cfg.start) {
+            (Some(d), _) if d.overlay => true,
+            (Some(_), Start::Incoming { mapped_ram: true, .. }) => true,
+            _ => false,
+        };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
         tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay)");
         let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log)
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+        let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
 
         let exited = |status: ExitStatus| BootError::Exited {
             status,
@@ -240,7 +327,7 @@ impl Vm {
             let load = crate::restore::load_incoming(&paths.qmp, state, *mapped_ram);
             let loaded = tokio::select! {
                 r = load => r,
-                s = process.exit_status() => return Err(exited(s)),
+                s = process.exit_status() => Err(format!("QEMU exited while loading the state ({s})")),
                 _ = tokio::time::sleep_until(deadline.into()) => Err("loading the snapshot timed out".to_owned()),
             };
             tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "state loaded");
@@ -279,12 +366,16 @@ impl Vm {
                 Err(e) => {
                     // A connection that dies during boot usually means QEMU died.
                     if let Some(s) = process.wait_exit(Duration::from_secs(2)).await {
+                        console.settle().await;
                         return Err(exited(s));
                     }
                     return Err(BootError::Agent(e));
                 }
             },
-            s = process.exit_status() => return Err(exited(s)),
+            s = process.exit_status() => {
+                console.settle().await;
+                return Err(exited(s));
+            }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 return Err(BootError::Timeout {
                     timeout: cfg.boot_timeout,
@@ -294,10 +385,18 @@ impl Vm {
             }
         };
         tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "agent connected");
-        if let Some(info) = &restore {
-            if let Err(e) = agent.restore(info).await {
-                return Err(BootError::Agent(e));
-            }
+        if let Some(mut info) = restore {
+            // The clock is read now, not when the restore began: loading can take seconds.
+            info.unix_time_ns = crate::restore::now_ns();
+            let fixed = tokio::select! {
+                r = agent.restore(&info) => r.map_err(BootError::Fixups),
+                s = process.exit_status() => {
+                    console.settle().await;
+                    Err(exited(s))
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => Err(BootError::Fixups(AgentError::Timeout(cfg.boot_timeout))),
+            };
+            fixed?;
         }
         let boot_time = started.elapsed();
         tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
@@ -310,8 +409,10 @@ impl Vm {
             id,
             paths,
             boot_time,
+            _console: console,
             cfg,
             disk,
+            disk_owned,
             _dir: dir,
         })
     }
@@ -364,6 +465,7 @@ impl Vm {
         }
         match self.process.wait_exit(Duration::from_secs(3)).await {
             Some(status) => {
+                self._console.settle().await;
                 let (panicked, console) = console_report(&self.paths.console);
                 if panicked {
                     VmError::GuestPanicked { console }
@@ -421,10 +523,16 @@ impl Vm {
     pub async fn qmp(&self, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
         let mut guard = self.qmp.lock().await;
         if guard.is_none() {
-            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
+            let connect = tokio::time::timeout(Duration::from_secs(10), Qmp::connect(&self.paths.qmp));
+            *guard = Some(connect.await.map_err(|_| QmpError::Timeout("connect".into()))??);
         }
         let qmp = guard.as_mut().expect("connected above");
-        qmp.execute_timeout(command, args, Duration::from_secs(30)).await
+        let r = qmp.execute_timeout(command, args, Duration::from_secs(30)).await;
+        // After a timeout or I/O error the session may be mid-message: start afresh.
+        if matches!(r, Err(QmpError::Io(_) | QmpError::Timeout(_) | QmpError::Protocol(_))) {
+            *guard = None;
+        }
+        r
     }
 
     /// Stops the VM: asks the guest to power off (it syncs its disks), then QMP `quit`,
