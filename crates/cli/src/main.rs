@@ -66,6 +66,11 @@ fn main() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let code = rt.block_on(async {
+        // Run directories left by a hearth that died without cleaning up (with their
+        // overlays and RAM files) go first; live VMs of other processes hold their lock.
+        if matches!(cli.command, Cmd::Vm(_) | Cmd::Snapshot(_) | Cmd::Setup(_)) {
+            hearth_vmm::vm::sweep_stale_run_dirs(&hearth_vmm::home::hearth_home().join("run"));
+        }
         let result = match cli.command {
             Cmd::Setup(a) => setup::run(a).await.map(|()| 0),
             Cmd::Vm(VmCmd::Run(a)) => vmrun::run(a).await,

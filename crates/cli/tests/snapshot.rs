@@ -222,8 +222,8 @@ fn resume_works_from_a_new_hearth_process() {
     assert_eq!(run(&["vm", "resume", d, "--terminate", "--", "cat", "/workspace/note"]), "hi\n");
 }
 
-/// A suspend that runs out of disk space fails cleanly: no partial files, and the VM
-/// keeps running with its state.
+/// A suspend onto a disk without room fails cleanly: a clear error, no partial files,
+/// and the VM keeps running with its state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn suspend_onto_a_full_disk_keeps_the_vm_running() {
     let tmp = tempfile::tempdir().unwrap();
@@ -248,6 +248,7 @@ async fn suspend_onto_a_full_disk_keeps_the_vm_running() {
         Err(pair) => pair,
     };
     assert!(vm.is_running(), "the VM died: {err}");
+    assert!(err.to_string().contains("space"), "unclear error: {err}");
     assert_eq!(sh(&vm, "cat /workspace/state").await, "alive\n");
     assert_eq!(sh(&vm, "wc -c < /dev/shm/fill").await.trim(), (64u64 << 20).to_string());
     let left: Vec<_> = std::fs::read_dir(&small).unwrap().flatten().map(|e| e.file_name()).collect();

@@ -86,6 +86,35 @@ impl Vm {
         Ok(())
     }
 
+    /// Refuses a capture into `dir` when its filesystem cannot hold the worst case (all of
+    /// guest RAM, plus room for state and disk), before the VM is touched. QEMU writing RAM
+    /// with several threads does not survive running out of space mid-way, so this check
+    /// is what keeps a too-full disk from costing the VM.
+    fn check_space(&self, dir: &Path) -> Result<(), SnapshotError> {
+        let probe = std::iter::successors(Some(dir), |p| p.parent()).find(|p| p.exists()).unwrap_or(Path::new("/"));
+        let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+        // SAFETY: `st` is plain old data; statvfs fills it and `c` is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; both pointers are valid for the call.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(io(format!("check free space at {}", probe.display()))(std::io::Error::last_os_error()));
+        }
+        let free = st.f_bavail as u64 * st.f_frsize as u64;
+        let need = (u64::from(self.cfg.memory_mib) << 20) + (64 << 20);
+        if free < need {
+            return Err(SnapshotError::Io {
+                what: format!(
+                    "not enough space at {}: a suspend of this VM may need {} MiB, {} MiB are free",
+                    probe.display(),
+                    need >> 20,
+                    free >> 20
+                ),
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            });
+        }
+        Ok(())
+    }
+
     /// Runs a migration to `file` and waits for it (at most [`MIGRATION_DEADLINE`]; then it
     /// is cancelled).
     async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
@@ -174,7 +203,7 @@ impl Vm {
     /// lives there). On failure (disk full, QEMU error) nothing partial is left and the VM
     /// is handed back running, unless QEMU itself died (check [`Vm::is_running`]).
     pub async fn suspend(mut self, dest: &Path) -> Result<Snapshot, (Box<Vm>, SnapshotError)> {
-        if let Err(e) = self.check_disk_owned() {
+        if let Err(e) = self.check_disk_owned().and_then(|()| self.check_space(dest)) {
             return Err((Box::new(self), e));
         }
         let in_place = self.disk.as_deref().and_then(Path::parent) == Some(dest);
@@ -280,6 +309,7 @@ impl Vm {
             return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
         }
         self.check_disk_owned()?;
+        self.check_space(dest)?;
         let mut staging = Staging::new(dest)?;
         if let Err(e) = self.quiesce().await {
             self.unquiesce().await;
