@@ -5,11 +5,18 @@
 //! - [`base`]: the managed base images Hearth builds itself: `busybox` (a static busybox,
 //!   for fast tests) and `debian-bookworm` (mmdebstrap minbase + python3).
 //! - [`apt`]: the Debian mirror the host already uses, derived from its apt sources.
+//! - [`artifact`]: code artifacts (zip with a Dockerfile at the root), extracted safely.
+//! - [`dockerfile`]: Dockerfiles parsed (`dockerfile-parser`) into a validated build plan.
+//!
+//! The image build itself (running the plan in a builder microVM, layer cache, hooks,
+//! image versions) is not built yet; see `docs/ARCHITECTURE.md`.
 
 #![deny(missing_docs)]
 
 pub mod apt;
+pub mod artifact;
 pub mod base;
+pub mod dockerfile;
 pub mod ext4;
 
 /// A failure building a root filesystem.
