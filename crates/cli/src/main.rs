@@ -1,5 +1,6 @@
 //! `hearth`: boot microVMs on QEMU and run commands in them.
 
+mod basecmd;
 mod bench;
 mod bench_snap;
 mod report;
@@ -31,6 +32,9 @@ enum Cmd {
     /// Work with individual VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Base images: list, build the managed ones, import docker/OCI archives.
+    #[command(subcommand)]
+    Base(basecmd::BaseCmd),
     /// Templates: save a prepared VM, launch clones of it in milliseconds.
     #[command(subcommand)]
     Snapshot(snapcmd::SnapshotCmd),
@@ -76,6 +80,7 @@ fn main() {
             Cmd::Vm(VmCmd::Run(a)) => vmrun::run(a).await,
             Cmd::Vm(VmCmd::Resume(a)) => snapcmd::resume(a).await,
             Cmd::Snapshot(c) => snapcmd::run(c).await,
+            Cmd::Base(c) => basecmd::run(c).await,
             Cmd::Accel { json } => accel(json).map(|()| 0),
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),

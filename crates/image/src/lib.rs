@@ -7,6 +7,7 @@
 //! - [`apt`]: the Debian mirror the host already uses, derived from its apt sources.
 //! - [`artifact`]: code artifacts (zip with a Dockerfile at the root), extracted safely.
 //! - [`dockerfile`]: Dockerfiles parsed (`dockerfile-parser`) into a validated build plan.
+//! - [`oci`]: import of `docker save` / OCI layout archives (layers, whiteouts) as ext4.
 //!
 //! The image build itself (running the plan in a builder microVM, layer cache, hooks,
 //! image versions) is not built yet; see `docs/ARCHITECTURE.md`.
@@ -18,6 +19,7 @@ pub mod artifact;
 pub mod base;
 pub mod dockerfile;
 pub mod ext4;
+pub mod oci;
 
 /// A failure building a root filesystem.
 #[derive(Debug, thiserror::Error)]
