@@ -28,7 +28,11 @@ all_ok() {
         && command -v python3 >/dev/null
 }
 
-if all_ok; then
+kernel_known() {
+    apt-cache show --no-all-versions linux-image-cloud-amd64/bookworm-backports >/dev/null 2>&1
+}
+
+if all_ok && kernel_known; then
     echo "host set-up: already complete"
     exit 0
 fi
@@ -65,8 +69,12 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
-apt-get install -y -qq e2fsprogs busybox-static mmdebstrap cpio xz-utils zstd python3 \
-    iproute2 procps >/dev/null
+if ! all_ok; then
+    apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+    apt-get install -y -qq e2fsprogs busybox-static mmdebstrap cpio xz-utils zstd python3 \
+        iproute2 procps >/dev/null
+fi
 qemu_ok || { echo "QEMU 10 did not install" >&2; exit 1; }
+# The guest kernel is fetched later with `apt-get download` from bookworm-backports.
+kernel_known || { echo "apt does not list linux-image-cloud-amd64 in bookworm-backports" >&2; exit 1; }
 echo "host set-up: $(qemu-system-x86_64 --version | head -1)"
