@@ -122,7 +122,15 @@ async fn fork_copies_a_running_vm() {
     let tmp = tempfile::tempdir().unwrap();
     let mut vm = Vm::boot(config(Base::Busybox)).await.unwrap();
     sh(&vm, "echo before > /workspace/f; (sleep 300000 &); true").await;
+    // An exec in flight across the fork: the original keeps it.
+    let mut running = vm.exec_stream(&ExecRequest::shell("sleep 2; echo survived")).await.unwrap();
+    running.close_stdin();
     let snap = vm.fork_snapshot(&tmp.path().join("fork")).await.unwrap();
+    let mut got = Vec::new();
+    while let Some(ev) = running.next_event().await.unwrap() {
+        got.push(ev);
+    }
+    assert_eq!(got.first(), Some(&hearth_vmm::agent::ExecEvent::Stdout(Bytes::from("survived\n"))), "{got:?}");
     // The original runs on.
     sh(&vm, "echo original > /workspace/f").await;
     let o = opts();

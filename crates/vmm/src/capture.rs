@@ -311,10 +311,10 @@ impl Vm {
         self.check_disk_owned()?;
         self.check_space(dest)?;
         let mut staging = Staging::new(dest)?;
-        if let Err(e) = self.quiesce().await {
-            self.unquiesce().await;
-            return Err(e);
-        }
+        // No detach here: the original keeps its agent connection and its running execs.
+        // The copies wake mid-connection and resynchronise when their host probes (the
+        // probe breaks the stale HTTP/2 connection in the copy; the next one is answered).
+        self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
         let saved = async {
             // Stopped means drained and flushed: the overlay is consistent with RAM.
             let has_disk = match &self.disk {
@@ -330,7 +330,9 @@ impl Vm {
             Ok::<bool, SnapshotError>(has_disk)
         };
         let result = saved.await;
-        self.unquiesce().await;
+        if let Err(e) = self.qmp("cont", None).await {
+            tracing::warn!(vm = %self.id, "could not resume the original after a fork snapshot: {e}");
+        }
         let has_disk = result?;
         let manifest = self.manifest(SnapshotKind::Fork, snapshot::record(&staging.path, "state")?, None, has_disk);
         commit(&mut staging, dest, &manifest)
