@@ -122,7 +122,7 @@ fn describe(r: &ExecRequest) -> String {
 struct Running {
     pid: i32,
     exit: tokio::sync::oneshot::Receiver<Exit>,
-    stdin: OwnedFd,
+    stdin: Option<OwnedFd>,
     stdout: OwnedFd,
     stderr: OwnedFd,
 }
@@ -195,7 +195,7 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
         .env("TERM", "xterm")
         .envs(&r.env)
         .current_dir(&cwd)
-        .stdin(std::process::Stdio::piped())
+        .stdin(if r.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     if user.uid != 0 || user.gid != 0 {
@@ -215,7 +215,7 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
     Ok(Running {
         pid: child.id() as i32,
         exit,
-        stdin: take(child.stdin.take().map(OwnedFd::from))?,
+        stdin: child.stdin.take().map(OwnedFd::from),
         stdout: take(child.stdout.take().map(OwnedFd::from))?,
         stderr: take(child.stderr.take().map(OwnedFd::from))?,
     })
@@ -271,7 +271,10 @@ async fn feed_stdin(fd: OwnedFd, mut body: Incoming, mut decoder: FrameDecoder) 
 
 async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder: FrameDecoder, tx: Tx) {
     let group = Pid::from_raw(r.pid);
-    let stdin_task = tokio::spawn(feed_stdin(r.stdin, body, decoder));
+    let stdin_task = match r.stdin {
+        Some(fd) => tokio::spawn(feed_stdin(fd, body, decoder)),
+        None => tokio::spawn(async {}),
+    };
     let (out_state, err_state) = (Arc::new(PumpState::default()), Arc::new(PumpState::default()));
     let mut out = tokio::spawn(pump(r.stdout, FrameKind::Stdout, tx.clone(), out_state.clone()));
     let mut err = tokio::spawn(pump(r.stderr, FrameKind::Stderr, tx.clone(), err_state.clone()));

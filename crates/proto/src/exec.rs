@@ -56,6 +56,14 @@ pub struct ExecRequest {
     /// Kill the whole process group after this many milliseconds.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Whether stdin frames will follow; when false the process gets `/dev/null` (one
+    /// pipe fewer to set up per exec).
+    #[serde(default = "yes")]
+    pub stdin: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl ExecRequest {
@@ -71,6 +79,7 @@ impl ExecRequest {
             cwd: None,
             user: None,
             timeout_ms: None,
+            stdin: true,
         }
     }
 

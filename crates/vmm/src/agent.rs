@@ -403,7 +403,11 @@ impl AgentClient {
         stdin: Option<Bytes>,
         max_output: usize,
     ) -> Result<ExecOutput, AgentError> {
-        let mut s = self.exec(spec).await?;
+        let mut s = if stdin.is_none() && spec.stdin {
+            self.exec(&ExecRequest { stdin: false, ..spec.clone() }).await?
+        } else {
+            self.exec(spec).await?
+        };
         if let Some(data) = stdin {
             s.write_stdin(data).await?;
         }
