@@ -244,3 +244,51 @@ pub async fn serve_unix(path: &str, state: Arc<State>) -> io::Result<()> {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn scanning_skips_garbage_answers_probes_and_finds_the_preface() {
+        let (mut host, mut guest) = tokio::io::duplex(1 << 16);
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"\x00\x00\x08\x07stale frame bytes of an old connection");
+        stream.extend_from_slice(&hearth_proto::sync::probe(7));
+        stream.extend_from_slice(b"more junk");
+        stream.extend_from_slice(&hearth_proto::sync::probe(8));
+        stream.extend_from_slice(PREFACE);
+        stream.extend_from_slice(b"SETTINGS...");
+        host.write_all(&stream).await.unwrap();
+        let found = match scan_for_preface(&mut guest).await.unwrap() {
+            Scan::Found(start) => start,
+            Scan::Eof => panic!("EOF"),
+        };
+        assert!(found.starts_with(PREFACE));
+        // Both probes were answered, in order.
+        let mut answers = vec![0u8; 2 * hearth_proto::sync::READY_LEN];
+        host.read_exact(&mut answers).await.unwrap();
+        let mut want = hearth_proto::sync::ready(7);
+        want.extend_from_slice(&hearth_proto::sync::ready(8));
+        assert_eq!(answers, want);
+    }
+
+    #[tokio::test]
+    async fn a_closed_pipe_while_scanning_is_eof() {
+        let (host, mut guest) = tokio::io::duplex(64);
+        drop(host);
+        assert!(matches!(scan_for_preface(&mut guest).await.unwrap(), Scan::Eof));
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_then_reads_on() {
+        let (mut host, guest) = tokio::io::duplex(64);
+        host.write_all(b" world").await.unwrap();
+        drop(host);
+        let mut p = Prefixed { prefix: b"hello".to_vec(), pos: 0, io: guest };
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
+}

@@ -346,6 +346,17 @@ mod tests {
         }
 
         #[test]
+        fn spec_parsing_and_validation_never_panic(json in ".{0,300}") {
+            if let Ok(r) = serde_json::from_str::<ExecRequest>(&json) {
+                let _ = r.validate();
+            }
+            if let Ok(r) = serde_json::from_str::<crate::RestoreInfo>(&json) {
+                let _ = r.validate();
+            }
+            let _ = serde_json::from_str::<crate::files::FsRequest>(&json);
+        }
+
+        #[test]
         fn decoder_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut d = FrameDecoder::new();
             d.push(&bytes);

@@ -403,6 +403,32 @@ mod tests {
         assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("limit"));
     }
 
+    proptest::proptest! {
+        /// Whatever a manifest contains, opening it is an error or a snapshot, never a panic.
+        #[test]
+        fn random_manifests_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join("manifest.json"), &bytes).unwrap();
+            let _ = Snapshot::open(d.path());
+        }
+
+        /// Valid JSON with the right magic and version but arbitrary other fields.
+        #[test]
+        fn mangled_fields_never_panic(size in proptest::prelude::any::<u64>(), name in "[a-z./]{0,12}", kind in 0u8..4) {
+            let d = tempfile::tempdir().unwrap();
+            let kinds = ["template", "suspended", "fork", "bogus"];
+            let m = serde_json::json!({
+                "magic": MAGIC, "format_version": FORMAT_VERSION, "kind": kinds[kind as usize],
+                "created_unix_ms": 0, "memory_mib": 1, "vcpus": 1, "accel": "tcg",
+                "kernel": "/k", "initramfs": "/i", "qemu_version": "q",
+                "state": { "name": name, "size": size, "crc32": "0" },
+                "memory": null, "disk": null, "hostname": "h",
+            });
+            std::fs::write(d.path().join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+            proptest::prop_assert!(Snapshot::open(d.path()).is_err());
+        }
+    }
+
     #[test]
     fn names_cannot_escape_the_directory() {
         let d = tempfile::tempdir().unwrap();
