@@ -16,6 +16,7 @@
 
 mod exec;
 mod files;
+mod hook;
 mod init;
 mod port;
 mod reaper;

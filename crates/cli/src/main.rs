@@ -3,6 +3,7 @@
 mod basecmd;
 mod bench;
 mod bench_snap;
+mod imagecmd;
 mod report;
 mod setup;
 mod snapcmd;
@@ -35,6 +36,10 @@ enum Cmd {
     /// Base images: list, build the managed ones, import docker/OCI archives.
     #[command(subcommand)]
     Base(basecmd::BaseCmd),
+    /// Images: build from a Dockerfile context (app started, /ready checked, snapshot),
+    /// list, show, remove, run.
+    #[command(subcommand)]
+    Image(imagecmd::ImageCmd),
     /// Templates: save a prepared VM, launch clones of it in milliseconds.
     #[command(subcommand)]
     Snapshot(snapcmd::SnapshotCmd),
@@ -72,7 +77,7 @@ fn main() {
     let code = rt.block_on(async {
         // Run directories left by a hearth that died without cleaning up (with their
         // overlays and RAM files) go first; live VMs of other processes hold their lock.
-        if matches!(cli.command, Cmd::Vm(_) | Cmd::Snapshot(_) | Cmd::Setup(_)) {
+        if matches!(cli.command, Cmd::Vm(_) | Cmd::Snapshot(_) | Cmd::Setup(_) | Cmd::Image(_)) {
             hearth_vmm::vm::sweep_stale_run_dirs(&hearth_vmm::home::hearth_home().join("run"));
         }
         let result = match cli.command {
@@ -81,6 +86,7 @@ fn main() {
             Cmd::Vm(VmCmd::Resume(a)) => snapcmd::resume(a).await,
             Cmd::Snapshot(c) => snapcmd::run(c).await,
             Cmd::Base(c) => basecmd::run(c).await,
+            Cmd::Image(c) => imagecmd::run(c).await,
             Cmd::Accel { json } => accel(json).map(|()| 0),
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),

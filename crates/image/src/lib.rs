@@ -17,9 +17,11 @@
 pub mod apt;
 pub mod artifact;
 pub mod base;
+pub mod build;
 pub mod dockerfile;
 pub mod ext4;
 pub mod oci;
+pub mod store;
 
 /// A failure building a root filesystem.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,7 @@
 //! | `GET /v1/files?path=P&offset=O&length=L` | — | the file's bytes, streamed |
 //! | `PUT /v1/files?path=P&mode=M` | the file's bytes, streamed | [`files::FileInfo`] |
 //! | `POST /v1/fs/{stat,list,mkdir,remove,rename}` | [`files::FsRequest`] | [`files::FsResponse`] |
+//! | `GET /v1/hook?port=P&path=/p&timeout_ms=T` | — | [`HookResponse`] |
 //! | `POST /v1/restore` | [`RestoreInfo`] | `{}` once clock, RNG and identity are fixed |
 //! | `POST /v1/sync` | — | `{}` once the guest's filesystems are flushed |
 //! | `POST /v1/detach` | — | `{}`; the agent then closes this connection and waits for a new one |
@@ -188,3 +189,18 @@ pub mod sync {
         }
     }
 }
+
+/// The answer to `GET /v1/hook?port=P&path=/ready&timeout_ms=T`: the agent makes a plain
+/// HTTP/1.0 GET to `127.0.0.1:P` inside the guest (the app's hooks port) and reports what
+/// came back, so the host can drive `/ready`, `/validate` and the runtime hooks without
+/// any tool in the guest's root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// The start of the body (at most [`MAX_HOOK_BODY`] bytes, lossy UTF-8).
+    pub body: String,
+}
+
+/// Most body bytes a [`HookResponse`] carries.
+pub const MAX_HOOK_BODY: usize = 64 << 10;

@@ -514,6 +514,14 @@ impl AgentClient {
         Ok(())
     }
 
+    /// An HTTP GET to `127.0.0.1:port` inside the guest (the app's hooks), bounded by
+    /// `timeout` inside the guest.
+    pub async fn hook(&self, port: u16, path: &str, timeout: Duration) -> Result<hearth_proto::HookResponse, AgentError> {
+        let uri = format!("/v1/hook?port={port}&path={path}&timeout_ms={}", timeout.as_millis());
+        let req = Request::get(uri).body(empty()).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        Self::json_response(self.send(req).await?).await
+    }
+
     /// Flushes the guest's filesystems.
     pub async fn sync(&self) -> Result<(), AgentError> {
         let req = Request::post("/v1/sync").body(empty()).expect("static request");

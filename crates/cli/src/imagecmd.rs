@@ -1,0 +1,191 @@
+//! `hearth image …`: build images from a Dockerfile context, list, show, remove, run.
+
+use crate::vmargs::VmArgs;
+use crate::vmrun::{self, CmdArgs};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hearth_image::base::Base;
+use hearth_image::build::{self, BuildRequest};
+use hearth_image::store::{self, VersionState};
+use hearth_vmm::{RestoreOptions, Snapshot, Vm};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Image commands.
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Build a new version of an image from a directory or zip with a Dockerfile at its
+    /// root: run its steps in a builder VM, start the app, wait for /ready, snapshot.
+    Build(BuildArgs),
+    /// List images and their versions.
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image version's record (NAME or NAME:vN).
+    Show {
+        /// The image.
+        image: String,
+    },
+    /// Remove an image (all versions) or one version (NAME:vN).
+    Rm {
+        /// The image.
+        image: String,
+    },
+    /// Launch a microVM from an image (its app already running), run a command, stop it.
+    Run(RunArgs),
+}
+
+/// Options of `hearth image build`.
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The code artifact: a directory, a .zip, or a file:// URI, with a Dockerfile at its root.
+    context: String,
+    /// Image name.
+    #[arg(long)]
+    name: String,
+    /// Base image the build starts from: debian-bookworm or minimal.
+    #[arg(long, default_value = "debian-bookworm")]
+    base: Base,
+    /// Environment variable for the build and the app (KEY=VALUE); repeatable.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// The app's hooks port inside the VM (/ready, /validate).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Seconds the app may take to answer /ready.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+    /// Also call /validate before the snapshot.
+    #[arg(long)]
+    validate: bool,
+    #[command(flatten)]
+    vm: VmArgs,
+}
+
+/// Options of `hearth image run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The image (NAME or NAME:vN).
+    image: String,
+    #[command(flatten)]
+    cmd: CmdArgs,
+}
+
+fn parse_ref(image: &str) -> anyhow::Result<(String, Option<u32>)> {
+    match image.rsplit_once(":v") {
+        Some((n, v)) => Ok((n.to_owned(), Some(v.parse().with_context(|| format!("bad version in {image:?}"))?))),
+        None => Ok((image.to_owned(), None)),
+    }
+}
+
+fn resolve(image: &str) -> anyhow::Result<store::VersionRecord> {
+    let home = hearth_vmm::home::hearth_home();
+    let (name, version) = parse_ref(image)?;
+    let rec = match version {
+        Some(v) => store::versions(&home, &name).into_iter().find(|r| r.version == v),
+        None => store::latest(&home, &name),
+    };
+    rec.with_context(|| format!("no built image {image} (see `hearth image ls`)"))
+}
+
+/// Runs an image command.
+pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
+    let home = hearth_vmm::home::hearth_home();
+    match cmd {
+        ImageCmd::Build(a) => {
+            let mut env = BTreeMap::new();
+            for kv in &a.env {
+                let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
+                env.insert(k.to_owned(), v.to_owned());
+            }
+            let src = hearth_image::artifact::locate(&a.context)?;
+            let mut rec = store::begin(&home, &a.name, a.base)?;
+            let vdir = store::version_dir(&home, &rec.name, rec.version);
+            let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(&vdir)?;
+            let context = if src.is_dir() {
+                src.clone()
+            } else {
+                let ctx = scratch.path().join("ctx");
+                hearth_image::artifact::extract_zip(&src, &ctx, Default::default())?;
+                ctx
+            };
+            let req = BuildRequest {
+                context,
+                base: a.base,
+                env,
+                hooks_port: a.port,
+                ready_timeout: Duration::from_secs(a.ready_timeout),
+                validate: a.validate,
+            };
+            rec.state = VersionState::InProgress;
+            store::save(&home, &rec)?;
+            let mut log_file = std::fs::File::create(vdir.join("build.log"))?;
+            let mut log = |line: &str| {
+                use std::io::Write;
+                eprintln!("{line}");
+                let _ = writeln!(log_file, "{line}");
+            };
+            let result = build::build(&req, a.vm.config()?, &home, &vdir.join("snapshot"), &mut log).await;
+            drop(scratch);
+            match result {
+                Ok((_, cfg)) => {
+                    rec.state = VersionState::Successful;
+                    rec.config = Some(cfg);
+                    store::save(&home, &rec)?;
+                    println!("{}:v{} built", rec.name, rec.version);
+                    Ok(0)
+                }
+                Err(e) => {
+                    rec.state = VersionState::Failed;
+                    rec.reason = Some(e.to_string());
+                    store::save(&home, &rec)?;
+                    Err(anyhow::Error::new(e).context(format!("building {}:v{} failed (log: {})", rec.name, rec.version, vdir.join("build.log").display())))
+                }
+            }
+        }
+        ImageCmd::Ls { json } => {
+            let all: Vec<_> = store::names(&home).into_iter().flat_map(|n| store::versions(&home, &n)).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!("{:<24} {:<8} {:<12} BASE", "NAME", "VERSION", "STATE");
+                for r in all {
+                    println!("{:<24} v{:<7} {:<12} {}", r.name, r.version, format!("{:?}", r.state).to_uppercase(), r.base);
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Show { image } => {
+            let (name, version) = parse_ref(&image)?;
+            let recs = store::versions(&home, &name);
+            let rec = match version {
+                Some(v) => recs.into_iter().find(|r| r.version == v),
+                None => recs.into_iter().last(),
+            }
+            .with_context(|| format!("no image {image}"))?;
+            println!("{}", serde_json::to_string_pretty(&rec)?);
+            Ok(0)
+        }
+        ImageCmd::Rm { image } => {
+            let (name, version) = parse_ref(&image)?;
+            store::check_name(&name)?;
+            let dir = match version {
+                Some(v) => store::version_dir(&home, &name, v),
+                None => store::image_dir(&home, &name),
+            };
+            anyhow::ensure!(dir.exists(), "no image {image}");
+            std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            Ok(0)
+        }
+        ImageCmd::Run(a) => {
+            let rec = resolve(&a.image)?;
+            let snap = Snapshot::open(&store::version_dir(&home, &rec.name, rec.version).join("snapshot"))?;
+            let req = vmrun::exec_request(&a.cmd)?;
+            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None };
+            let vm = Vm::launch(&snap, &opts).await?;
+            vmrun::finish(vm, &req, a.cmd.json, None).await
+        }
+    }
+}

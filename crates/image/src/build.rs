@@ -1,0 +1,322 @@
+//! Building an image: a Dockerfile's plan run in a builder microVM, the app started and
+//! checked (`/ready`, optionally `/validate` on the hooks port), and the VM saved as a
+//! template snapshot that clones launch from with the app already running.
+//!
+//! Not yet: network egress for RUN steps (builder VMs have no network until the network
+//! work lands), the layer cache, and ARG/ENV variable expansion (values are literal).
+
+use crate::base::Base;
+use crate::dockerfile::{self, Command, StepKind};
+use bytes::Bytes;
+use hearth_proto::binpath::BinPath;
+use hearth_proto::exec::ExecRequest;
+use hearth_vmm::agent::ExecEvent;
+use hearth_vmm::{Disk, DiskFormat, Memory, Snapshot, Vm, VmConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The build context: a directory with the Dockerfile at its root.
+    pub context: PathBuf,
+    /// The base image the build starts from.
+    pub base: Base,
+    /// Environment variables for the steps and the app.
+    pub env: BTreeMap<String, String>,
+    /// The app's hooks port inside the VM.
+    pub hooks_port: u16,
+    /// How long the app may take to answer `/ready` with 200.
+    pub ready_timeout: Duration,
+    /// Call `/validate` after `/ready` (so pages the app uses are warm in the snapshot).
+    pub validate: bool,
+}
+
+/// The runtime configuration an image records (from ENV, WORKDIR, USER, …).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// Working directory.
+    pub workdir: String,
+    /// User.
+    pub user: Option<String>,
+    /// The app's command line as run (`/bin/sh -c` string).
+    pub app: Option<String>,
+    /// LABELs.
+    pub labels: BTreeMap<String, String>,
+    /// EXPOSEd ports.
+    pub expose: Vec<String>,
+}
+
+/// Why a build failed. Nothing is left behind: the builder VM is gone, no snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The Dockerfile is missing, unreadable or unsupported.
+    #[error(transparent)]
+    Dockerfile(#[from] dockerfile::DockerfileError),
+    /// The context is unusable.
+    #[error("{0}")]
+    Context(String),
+    /// A RUN step failed.
+    #[error("Dockerfile line {line}: RUN failed ({status}); last output:\n{tail}")]
+    RunFailed {
+        /// Line of the step.
+        line: usize,
+        /// Exit code or signal.
+        status: String,
+        /// Last lines of its output.
+        tail: String,
+    },
+    /// The app never answered `/ready` (or `/validate`) with 200.
+    #[error("the app did not become ready ({reason}); its output:\n{app_log}")]
+    NotReady {
+        /// What was seen.
+        reason: String,
+        /// The app's output.
+        app_log: String,
+    },
+    /// The builder VM failed.
+    #[error("builder VM: {0}")]
+    Vm(String),
+}
+
+fn vm_err(e: impl std::fmt::Display) -> BuildError {
+    BuildError::Vm(e.to_string())
+}
+
+/// Single-quotes `s` for `/bin/sh`.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn shell_line(c: &Command) -> String {
+    match c {
+        Command::Shell(s) => s.clone(),
+        Command::Exec(v) => v.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A context path from COPY, refused when it would leave the context.
+fn context_path(context: &Path, src: &str) -> Result<PathBuf, BuildError> {
+    let mut out = context.to_path_buf();
+    for c in Path::new(src).components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir | Component::RootDir => {}
+            _ => return Err(BuildError::Context(format!("COPY source {src:?} leaves the build context"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Files under `p` (or `p` itself), as (absolute, relative-to-p) pairs; symlinks skipped.
+fn walk(p: &Path) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
+    let meta = std::fs::symlink_metadata(p)?;
+    if meta.is_file() {
+        return Ok(vec![(p.to_path_buf(), PathBuf::new())]);
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(p.join(&rel))? {
+            let e = e?;
+            let r = rel.join(e.file_name());
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(r);
+            } else if ft.is_file() {
+                out.push((e.path(), r));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the build in a VM made from `vm` (kernel, initramfs, run directory, accelerator;
+/// root disk and memory are set here) and saves the template into `dest`.
+pub async fn build(
+    req: &BuildRequest,
+    mut vm: VmConfig,
+    home: &Path,
+    dest: &Path,
+    log: &mut (dyn FnMut(&str) + Send),
+) -> Result<(Snapshot, ImageConfig), BuildError> {
+    let df_path = req.context.join("Dockerfile");
+    let text = std::fs::read_to_string(&df_path)
+        .map_err(|e| BuildError::Context(format!("cannot read {}: {e}", df_path.display())))?;
+    let plan = dockerfile::parse(&text)?;
+    let base_name = match req.base {
+        Base::Busybox => "minimal",
+        Base::DebianBookworm => "debian-bookworm",
+    };
+    dockerfile::check_from(&plan, base_name, &text)?;
+    let rootfs = req.base.path(home);
+    if !rootfs.is_file() {
+        return Err(BuildError::Context(format!("base image {base_name} is not built; run `hearth base build {base_name}`")));
+    }
+    vm.root = Some(Disk::base(rootfs, DiskFormat::Raw));
+    vm.memory = Memory::SnapshotReady;
+    log(&format!("booting a builder VM on {base_name}"));
+    let builder = Vm::boot(vm).await.map_err(vm_err)?;
+
+    let mut cfg = ImageConfig { env: req.env.clone(), workdir: "/".into(), ..Default::default() };
+    let mut args: BTreeMap<String, String> = BTreeMap::new();
+    let (mut entrypoint, mut cmd) = (None, None);
+    let total = plan.steps.len();
+    for (i, step) in plan.steps.iter().enumerate() {
+        log(&format!("step {}/{total} (line {}): {:?}", i + 1, step.line, step.kind));
+        match &step.kind {
+            StepKind::Arg(k, v) => {
+                args.insert(k.clone(), v.clone().unwrap_or_default());
+            }
+            StepKind::Env(vars) => cfg.env.extend(vars.iter().cloned()),
+            StepKind::Workdir(p) => {
+                let abs = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) };
+                run(&builder, &ExecRequest::argv(["mkdir", "-p", abs.as_str()]), step.line, log).await?;
+                cfg.workdir = abs;
+            }
+            StepKind::User(u) => cfg.user = Some(u.clone()),
+            StepKind::Label(l) => cfg.labels.extend(l.iter().cloned()),
+            StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
+            StepKind::Entrypoint(c) => entrypoint = Some(c.clone()),
+            StepKind::Cmd(c) => cmd = Some(c.clone()),
+            StepKind::Copy { sources, dest: to, chown } => {
+                let to_abs = if to.starts_with('/') { to.clone() } else { format!("{}/{to}", cfg.workdir.trim_end_matches('/')) };
+                let into_dir = to.ends_with('/') || sources.len() > 1;
+                let mut targets = Vec::new();
+                for src in sources {
+                    let from = context_path(&req.context, src)?;
+                    let files = walk(&from).map_err(|e| BuildError::Context(format!("COPY {src}: {e}")))?;
+                    let is_file = std::fs::symlink_metadata(&from).map(|m| m.is_file()).unwrap_or(false);
+                    for (abs, rel) in files {
+                        let target = if is_file {
+                            if into_dir {
+                                format!("{}/{}", to_abs.trim_end_matches('/'), from.file_name().and_then(|n| n.to_str()).unwrap_or("file"))
+                            } else {
+                                to_abs.clone()
+                            }
+                        } else {
+                            format!("{}/{}", to_abs.trim_end_matches('/'), rel.display())
+                        };
+                        let data = std::fs::read(&abs).map_err(|e| BuildError::Context(format!("read {}: {e}", abs.display())))?;
+                        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&abs).map_err(|e| BuildError::Context(e.to_string()))?.permissions()) & 0o777;
+                        builder
+                            .agent()
+                            .write_file_bytes(&BinPath::from(target.as_str()), Some(mode), Bytes::from(data))
+                            .await
+                            .map_err(vm_err)?;
+                        targets.push(target);
+                    }
+                }
+                if let Some(owner) = chown {
+                    let mut argv = vec!["chown".to_owned(), owner.clone()];
+                    argv.extend(targets);
+                    run(&builder, &ExecRequest::argv(argv), step.line, log).await?;
+                }
+            }
+            StepKind::Run(c) => {
+                let mut r = match c {
+                    Command::Shell(s) => ExecRequest::shell(s.clone()),
+                    Command::Exec(v) => ExecRequest::argv(v.clone()),
+                };
+                r.env = args.clone();
+                r.env.extend(cfg.env.clone());
+                r.cwd = Some(cfg.workdir.clone());
+                r.user = cfg.user.clone();
+                run(&builder, &r, step.line, log).await?;
+            }
+        }
+    }
+
+    // The app: ENTRYPOINT and CMD combined as Docker does, started in the background.
+    cfg.app = match (&entrypoint, &cmd) {
+        (Some(e @ Command::Exec(_)), Some(c @ Command::Exec(_))) => Some(format!("{} {}", shell_line(e), shell_line(c))),
+        (Some(e), _) => Some(shell_line(e)),
+        (None, Some(c)) => Some(shell_line(c)),
+        (None, None) => None,
+    };
+    if let Some(app) = &cfg.app {
+        log(&format!("starting the app: {app}"));
+        let mut r = ExecRequest::shell(format!("({app}) >/tmp/hearth-app.log 2>&1 </dev/null &"));
+        r.env = cfg.env.clone();
+        r.cwd = Some(cfg.workdir.clone());
+        r.user = cfg.user.clone();
+        run(&builder, &r, 0, log).await?;
+        wait_ready(&builder, req, log).await?;
+    }
+    log("saving the template snapshot");
+    let snap = builder.snapshot_template(dest).await.map_err(vm_err)?;
+    Ok((snap, cfg))
+}
+
+async fn run(vm: &Vm, r: &ExecRequest, line: usize, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {
+    let mut s = vm.exec_stream(r).await.map_err(vm_err)?;
+    s.close_stdin();
+    let mut output = String::new();
+    loop {
+        match s.next_event().await.map_err(vm_err)? {
+            Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => {
+                let text = String::from_utf8_lossy(&b);
+                for l in text.lines() {
+                    log(&format!("  | {l}"));
+                }
+                output.push_str(&text);
+                if output.len() > 1 << 20 {
+                    output = tail(&output, 200);
+                }
+            }
+            Some(ExecEvent::Exit(x)) if x.success() => return Ok(()),
+            Some(ExecEvent::Exit(x)) => {
+                let status = match (x.code, x.signal) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (None, Some(s)) => format!("signal {s}"),
+                    _ => "unknown status".into(),
+                };
+                return Err(BuildError::RunFailed { line, status, tail: tail(&output, 20) });
+            }
+            None => return Err(BuildError::Vm("exec ended without a status".into())),
+        }
+    }
+}
+
+async fn app_log(vm: &Vm) -> String {
+    vm.agent().read_file_bytes(&BinPath::from("/tmp/hearth-app.log"), 1 << 20).await.map(|b| tail(&String::from_utf8_lossy(&b), 30)).unwrap_or_default()
+}
+
+async fn wait_ready(vm: &Vm, req: &BuildRequest, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {
+    let deadline = Instant::now() + req.ready_timeout;
+    let mut last;
+    loop {
+        match vm.agent().hook(req.hooks_port, "/ready", Duration::from_secs(2)).await {
+            Ok(r) if r.status == 200 => break,
+            Ok(r) => last = format!("/ready answered {}", r.status),
+            // The agent refusing the call itself will not change by waiting.
+            Err(hearth_vmm::AgentError::Remote(b)) if b.code == hearth_proto::ErrorCode::InvalidInput => {
+                return Err(BuildError::Vm(format!("the agent refused the hook call: {b}")));
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(BuildError::NotReady { reason: format!("{last}, after {:?}", req.ready_timeout), app_log: app_log(vm).await });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    log("the app is ready");
+    if req.validate {
+        match vm.agent().hook(req.hooks_port, "/validate", req.ready_timeout).await {
+            Ok(r) if r.status == 200 => log("the app validated"),
+            Ok(r) => return Err(BuildError::NotReady { reason: format!("/validate answered {}", r.status), app_log: app_log(vm).await }),
+            Err(e) => return Err(BuildError::NotReady { reason: format!("/validate: {e}"), app_log: app_log(vm).await }),
+        }
+    }
+    Ok(())
+}
