@@ -18,12 +18,14 @@ pub mod accel;
 pub mod agent;
 pub mod assets;
 mod capture;
+mod console;
 pub mod config;
 pub mod home;
 pub mod qemu;
 pub mod pool;
 pub mod qmp;
 pub mod restore;
+mod rundir;
 pub mod snapshot;
 pub mod vm;
 

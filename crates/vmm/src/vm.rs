@@ -10,7 +10,11 @@ use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError, ExecOutput, ExecStream};
 use crate::config::{ConfigError, Start, VmConfig};
 use crate::qemu::{self, QemuProcess, RunPaths};
+use crate::console::ConsoleTap;
+pub use crate::console::MAX_CONSOLE_BYTES;
 use crate::qmp::{Qmp, QmpError};
+use crate::rundir::RunDir;
+pub use crate::rundir::sweep_stale_run_dirs;
 use hearth_proto::exec::ExecRequest;
 use hearth_proto::Hello;
 use std::io::{Read, Seek, SeekFrom};
@@ -155,117 +159,6 @@ pub enum VmError {
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
-}
-
-/// Most bytes of console output kept on disk; beyond this the log starts over (the most
-/// recent output is what errors quote).
-pub const MAX_CONSOLE_BYTES: u64 = 4 << 20;
-
-/// Copies the guest's serial console into `console.log`, capped at [`MAX_CONSOLE_BYTES`].
-/// Stops when QEMU closes the socket or the owning `Vm` drops.
-pub(crate) struct ConsoleTap(tokio::task::JoinHandle<()>);
-
-impl ConsoleTap {
-    pub(crate) fn start(sock: PathBuf, log: PathBuf) -> ConsoleTap {
-        ConsoleTap(tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut stream = loop {
-                match tokio::net::UnixStream::connect(&sock).await {
-                    Ok(s) => break s,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-                }
-            };
-            let Ok(mut file) = tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await else { return };
-            let mut written = 0u64;
-            let mut buf = vec![0u8; 16 << 10];
-            loop {
-                let n = match stream.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if written + n as u64 > MAX_CONSOLE_BYTES {
-                    let _ = file.set_len(0).await;
-                    written = 0;
-                }
-                if file.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-                written += n as u64;
-            }
-        }))
-    }
-}
-
-impl ConsoleTap {
-    /// Waits (up to 500 ms) for the last output to be copied after QEMU exited.
-    pub(crate) async fn settle(&self) {
-        for _ in 0..50 {
-            if self.0.is_finished() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for ConsoleTap {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Removes the run directory when dropped.
-/// A VM's run directory, removed when dropped. While it lives, its `lock` file is held
-/// (`flock`), so [`sweep_stale_run_dirs`] can tell a live directory from one left by a
-/// process that died without cleaning up (host crash, `kill -9`).
-pub(crate) struct RunDir(pub(crate) PathBuf, #[allow(dead_code)] Option<std::fs::File>);
-
-impl RunDir {
-    fn create(path: PathBuf) -> std::io::Result<RunDir> {
-        std::fs::create_dir_all(&path)?;
-        let lock = std::fs::File::create(path.join("lock"))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) };
-        Ok(RunDir(path, Some(lock)))
-    }
-}
-
-impl Drop for RunDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Removes run directories whose owner is gone (their lock is free), with the large
-/// files they may hold (overlays, RAM files). Returns how many were removed. Live VMs of
-/// any process keep their lock and are left alone.
-pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
-    let mut removed = 0;
-    for e in std::fs::read_dir(run_root).into_iter().flatten().flatten() {
-        let dir = e.path();
-        if !dir.is_dir() || !e.file_name().to_string_lossy().starts_with("vm-") {
-            continue;
-        }
-        let stale = match std::fs::File::open(dir.join("lock")) {
-            Ok(f) => {
-                // SAFETY: flock on a descriptor we own; no memory is involved.
-                let r = unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) };
-                r == 0
-            }
-            // No lock file: a directory from before locks existed, or one being created
-            // right now; only sweep it when it is older than a minute.
-            Err(_) => e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
-                .unwrap_or(false),
-        };
-        if stale && std::fs::remove_dir_all(&dir).is_ok() {
-            tracing::info!(dir = %dir.display(), "removed a stale run directory");
-            removed += 1;
-        }
-    }
-    removed
 }
 
 /// A running VM. Dropping it kills QEMU and removes its run directory.
@@ -600,28 +493,5 @@ impl Vm {
     /// Kills QEMU at once.
     pub async fn kill(mut self) -> ExitStatus {
         self.process.kill().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sweep_removes_only_dirs_whose_owner_is_gone() {
-        let root = tempfile::tempdir().unwrap();
-        let live = RunDir::create(root.path().join("vm-live")).unwrap();
-        {
-            // A directory whose owner died: its lock file exists but nobody holds it.
-            let mut dead = RunDir::create(root.path().join("vm-dead")).unwrap();
-            drop(dead.1.take());
-            // Its owner "dies" without its Drop running.
-            std::mem::forget(dead);
-        }
-        std::fs::create_dir(root.path().join("not-a-vm")).unwrap();
-        assert_eq!(sweep_stale_run_dirs(root.path()), 1);
-        assert!(live.0.is_dir());
-        assert!(!root.path().join("vm-dead").exists());
-        assert!(root.path().join("not-a-vm").exists());
     }
 }
