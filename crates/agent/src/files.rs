@@ -139,14 +139,13 @@ pub async fn write(req: Request<Incoming>) -> Response<Body> {
         Some(Ok(m)) if m <= 0o7777 => m,
         Some(_) => return bad("mode must be octal, at most 7777"),
     };
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+    let (Some(dir), Some(_)) = (path.parent(), path.file_name()) else {
         return bad(format!("cannot write to {}", path.display()));
     };
     if let Err(e) = tokio::fs::create_dir_all(dir).await {
         return server::io_error(&format!("create {}", dir.display()), &e);
     }
     // A short fixed-length name, whatever the target's length (NAME_MAX is 255 bytes).
-    let _ = name;
     let tmp = dir.join(format!(".hearth-upload-{:016x}", rand_suffix()));
     let mut guard = TempGuard(Some(tmp.clone()));
     let mut file = match tokio::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).await {

@@ -5,7 +5,7 @@
 //! - exec round trip of `true` on a running VM, p50/p90/p99;
 //! - host memory of one idle VM (RSS and PSS of its QEMU process).
 
-use crate::report::{self, Row};
+use crate::report::{self, ms, proc_kib, Row};
 use crate::vmargs::VmArgs;
 use clap::Args;
 use hearth_proto::exec::ExecRequest;
@@ -29,15 +29,6 @@ pub struct BenchArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 async fn cold_boots(args: &VmArgs, n: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {

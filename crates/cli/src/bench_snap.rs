@@ -1,7 +1,7 @@
 //! `hearth bench-snapshots`: launch, suspend/resume, density and throughput of snapshots,
 //! with a cold boot measured in the same run as the baseline.
 
-use crate::report::{self, Row};
+use crate::report::{self, ms, proc_kib, Row};
 use crate::vmargs::VmArgs;
 use clap::Args;
 use hearth_proto::binpath::BinPath;
@@ -36,15 +36,6 @@ pub struct BenchSnapArgs {
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn proc_field(pid: u32, file: &str, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 fn cpu_ticks(pid: u32) -> u64 {
@@ -169,8 +160,8 @@ pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let cpu = (t1 - t0) as f64 / hz / window.as_secs_f64() * 100.0;
-        let pss: Vec<f64> = pids.iter().map(|p| proc_field(*p, "smaps_rollup", "Pss:").unwrap_or(0) as f64 / 1024.0).collect();
-        let rss: Vec<f64> = pids.iter().map(|p| proc_field(*p, "status", "VmRSS:").unwrap_or(0) as f64 / 1024.0).collect();
+        let pss: Vec<f64> = pids.iter().map(|p| proc_kib(*p, "smaps_rollup", "Pss:").unwrap_or(0) as f64 / 1024.0).collect();
+        let rss: Vec<f64> = pids.iter().map(|p| proc_kib(*p, "status", "VmRSS:").unwrap_or(0) as f64 / 1024.0).collect();
         rows.push(Row { name: format!("idle VM host PSS ({} VMs)", args.idle_vms), samples: pss, unit: "MiB" });
         rows.push(Row { name: format!("idle VM host RSS ({} VMs)", args.idle_vms), samples: rss, unit: "MiB" });
         rows.push(Row { name: format!("host CPU of all {} idle VMs (% of one core)", args.idle_vms), samples: vec![cpu], unit: "%" });

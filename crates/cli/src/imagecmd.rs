@@ -100,10 +100,13 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
                 env.insert(k.to_owned(), v.to_owned());
             }
+            // Everything that fails on bad input happens before a version is recorded, so a
+            // bad artifact or option never leaves a PENDING version behind.
+            store::check_name(&a.name)?;
+            let vm_cfg = a.vm.config()?;
             let src = hearth_image::artifact::locate(&a.context)?;
-            let mut rec = store::begin(&home, &a.name, a.base)?;
-            let vdir = store::version_dir(&home, &rec.name, rec.version);
-            let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(&vdir)?;
+            std::fs::create_dir_all(home.join("images"))?;
+            let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(home.join("images"))?;
             let context = if src.is_dir() {
                 src.clone()
             } else {
@@ -111,6 +114,9 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 hearth_image::artifact::extract_zip(&src, &ctx, Default::default())?;
                 ctx
             };
+            anyhow::ensure!(context.join("Dockerfile").is_file(), "{} has no Dockerfile at its root", src.display());
+            let mut rec = store::begin(&home, &a.name, a.base)?;
+            let vdir = store::version_dir(&home, &rec.name, rec.version);
             let req = BuildRequest {
                 context,
                 base: a.base,
@@ -127,7 +133,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 eprintln!("{line}");
                 let _ = writeln!(log_file, "{line}");
             };
-            let result = build::build(&req, a.vm.config()?, &home, &vdir.join("snapshot"), &mut log).await;
+            let result = build::build(&req, vm_cfg, &home, &vdir.join("snapshot"), &mut log).await;
             drop(scratch);
             match result {
                 Ok((_, cfg)) => {

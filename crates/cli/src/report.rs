@@ -10,6 +10,17 @@ pub struct Row {
     pub unit: &'static str,
 }
 
+/// Milliseconds of a duration, as a float.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A `key:  N kB` field of `/proc/<pid>/<file>` (status, smaps_rollup), in KiB.
+pub fn proc_kib(pid: u32, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 /// The `p`-quantile (0..=1) of sorted samples, nearest rank.
 pub fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -16,7 +16,8 @@ pub enum SnapshotCmd {
     Create(CreateArgs),
     /// Start a clone of a template, run a command in it, and stop it.
     Launch(LaunchArgs),
-    /// Check a snapshot (magic, version, sizes, checksum) and print its manifest.
+    /// Check a snapshot (magic, version, sizes, checksums of state and memory) and print its
+    /// manifest.
     Show {
         /// The snapshot directory.
         dir: PathBuf,
@@ -90,6 +91,7 @@ pub async fn run(cmd: SnapshotCmd) -> anyhow::Result<i32> {
         }
         SnapshotCmd::Show { dir } => {
             let snap = Snapshot::open(&dir)?;
+            snap.verify_memory()?;
             println!("{}", serde_json::to_string_pretty(&snap.manifest)?);
             Ok(0)
         }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use common::config;
 use hearth_image::base::Base;
 use hearth_proto::binpath::BinPath;
-use hearth_proto::exec::{ExecRequest, FrameKind};
+use hearth_proto::exec::ExecRequest;
 use hearth_proto::files::{FileKind, FsRequest};
 use hearth_proto::ErrorCode;
 use hearth_vmm::agent::{AgentError, ExecEvent};
@@ -106,7 +106,6 @@ async fn exec_output_codes_streams_env_cwd_user() {
             ExecEvent::Exit(hearth_proto::exec::ExecExit { code: Some(0), signal: None, timed_out: false }),
         ]
     );
-    let _ = FrameKind::Stdout;
 
     // A slow reader loses nothing: the process exits long before the host has read its
     // output, which waits in the pipe and the HTTP/2 window, not cut by the exit grace.

@@ -59,7 +59,7 @@ pub struct Hello {
     pub agent_version: String,
     /// Kernel release as `uname -r` prints it.
     pub kernel: String,
-    /// Seconds since the guest booted, from `CLOCK_BOOTTIME`.
+    /// Milliseconds since the guest booted, from `CLOCK_BOOTTIME`.
     pub uptime_ms: u64,
 }
 

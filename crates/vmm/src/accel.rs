@@ -175,11 +175,4 @@ mod tests {
         assert!("xen".parse::<Accel>().is_err());
         assert_eq!(resolve(Accel::Tcg), Accel::Tcg);
     }
-
-    #[test]
-    fn probe_gives_an_answer() {
-        // Whatever the host, the probe must decide, and explain a refusal.
-        let p = probe_kvm();
-        assert!(p.usable() || p.reason.is_some());
-    }
 }

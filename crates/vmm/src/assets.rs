@@ -176,6 +176,14 @@ pub fn install_kernel_tree(home: &Path, root: &Path, wanted: &[&str]) -> Result<
     let kdir = home.join("kernel").join(&release);
     let staging = home.join("kernel").join(format!(".{release}.tmp"));
     let _ = std::fs::remove_dir_all(&staging);
+    // Removed on every path: renamed into place on success, deleted on failure.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(staging.clone());
     std::fs::create_dir_all(staging.join("modules")).map_err(io("create kernel staging"))?;
     std::fs::copy(&vmlinuz_src, staging.join("vmlinuz")).map_err(io("copy vmlinuz"))?;
     // The uncompressed kernel boots through its PVH entry, skipping ~0.8 s of in-guest

@@ -217,7 +217,7 @@ pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = base.with_file_name(format!(".{name}.overlay.tmp.{}.{seq}", std::process::id()));
-    if std::fs::copy(overlay, &tmp).is_ok() && std::fs::rename(&tmp, &cached).is_err() {
+    if std::fs::copy(overlay, &tmp).is_err() || std::fs::rename(&tmp, &cached).is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     Ok(())

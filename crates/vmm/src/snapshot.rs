@@ -248,6 +248,17 @@ impl Snapshot {
         Ok(Snapshot { dir: dir.to_path_buf(), manifest })
     }
 
+    /// Also checks the memory file's checksum (a read of all of a template's RAM, so
+    /// [`Snapshot::open`], on every launch, checks its size only).
+    pub fn verify_memory(&self) -> Result<(), SnapshotError> {
+        if let Some(m) = &self.manifest.memory {
+            let max = u64::from(self.manifest.memory_mib) << 20;
+            check_file(&self.dir, m, max, true)
+                .map_err(|reason| SnapshotError::Invalid { path: self.dir.clone(), reason })?;
+        }
+        Ok(())
+    }
+
     /// Path of a file of the snapshot.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
@@ -353,6 +364,12 @@ mod tests {
         let m = sample(d.path());
         write_manifest(d.path(), &m).unwrap();
         assert_eq!(Snapshot::open(d.path()).unwrap().manifest, m);
+
+        let mem = Snapshot::open(d.path()).unwrap();
+        mem.verify_memory().unwrap();
+        std::fs::write(d.path().join("memory"), [vec![1u8], vec![0u8; 4095]].concat()).unwrap();
+        assert!(mem.verify_memory().unwrap_err().to_string().contains("corrupted"));
+        assert!(Snapshot::open(d.path()).is_ok(), "open checks the memory file's size only");
 
         std::fs::write(d.path().join("state"), b"device stat!").unwrap();
         let e = Snapshot::open(d.path()).unwrap_err().to_string();
