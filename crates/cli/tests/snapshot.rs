@@ -88,8 +88,9 @@ async fn twenty_suspend_resume_cycles_keep_processes_and_files() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("vm");
     let vm = Vm::boot(config(Base::Busybox)).await.unwrap();
-    // (busybox-static has no nohup; a subshell detaches the job just as well.)
-    sh(&vm, "(sh -c 'i=0; while true; do i=$((i+1)); echo $i > /workspace/counter; sleep 0.05; done' >/dev/null 2>&1 &)").await;
+    // (busybox-static has no nohup; a subshell detaches the job just as well. The counter
+    // is replaced by rename so a reader never sees it truncated.)
+    sh(&vm, "(sh -c 'i=0; while true; do i=$((i+1)); echo $i > /workspace/counter.tmp; mv /workspace/counter.tmp /workspace/counter; sleep 0.05; done' >/dev/null 2>&1 &)").await;
     // An open file descriptor that must survive too.
     sh(&vm, "(sh -c 'exec 3>/workspace/held; while true; do echo tick >&3; sleep 0.2; done' >/dev/null 2>&1 &)").await;
     let mut vm = vm;
@@ -222,7 +223,7 @@ fn resume_works_from_a_new_hearth_process() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let d = dir.to_str().unwrap();
-    run(&["vm", "run", "--suspend-to", d, "--shell", "--", "(sh -c 'i=0; while true; do i=$((i+1)); echo $i > /workspace/n; sleep 0.05; done' >/dev/null 2>&1 &); echo hi > /workspace/note"]);
+    run(&["vm", "run", "--suspend-to", d, "--shell", "--", "(sh -c 'i=0; while true; do i=$((i+1)); echo $i > /workspace/n.tmp; mv /workspace/n.tmp /workspace/n; sleep 0.05; done' >/dev/null 2>&1 &); echo hi > /workspace/note"]);
     assert!(Snapshot::open(&dir).is_ok());
     let first: u64 = run(&["vm", "resume", d, "--shell", "--", "sleep 0.5; cat /workspace/n"]).trim().parse().unwrap();
     let second: u64 = run(&["vm", "resume", d, "--", "cat", "/workspace/n"]).trim().parse().unwrap();
