@@ -79,6 +79,21 @@ pub fn boot() -> Result<Booted, BootError> {
     let hostname = arg("hearth.hostname").unwrap_or_else(|| "hearth".into());
     let _ = nix::unistd::sethostname(&hostname);
     let _ = loopback_up();
+    if let Some(v) = arg("hearth.net") {
+        // Not fatal: the VM still serves exec and files; its network errors show there.
+        match crate::net::NetConfig::parse(&v) {
+            Some(net) => match crate::net::configure(&net) {
+                Ok(dev) => {
+                    step(&format!("network up on {dev}"));
+                    if let Err(e) = crate::net::write_resolv_conf(net.dns) {
+                        eprintln!("hearth-agent: cannot write /etc/resolv.conf: {e}");
+                    }
+                }
+                Err(e) => eprintln!("hearth-agent: network set-up failed: {e}"),
+            },
+            None => eprintln!("hearth-agent: ignoring malformed hearth.net={v}"),
+        }
+    }
 
     step("finding port");
     let port_path = find_port(Duration::from_secs(10))?;

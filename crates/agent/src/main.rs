@@ -18,6 +18,7 @@ mod exec;
 mod files;
 mod hook;
 mod init;
+mod net;
 mod port;
 mod reaper;
 mod restore;

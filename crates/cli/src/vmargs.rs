@@ -34,6 +34,52 @@ pub struct VmArgs {
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout: u64,
+    #[command(flatten)]
+    pub net: NetArgs,
+}
+
+/// Network options: a NIC in the VM's own namespace (needs root) and its egress policy.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NetArgs {
+    /// Egress: `none` (no network device), `closed` (a device, nothing reachable but
+    /// what --allow opens) or `internet` (public addresses over TCP, DNS; private ranges
+    /// and other UDP stay closed).
+    #[arg(long, value_name = "MODE")]
+    pub egress: Option<EgressMode>,
+    /// Also allow CIDR[:PORT[-PORT]][/tcp|/udp] (even private or UDP); repeatable.
+    #[arg(long = "allow", value_name = "RULE")]
+    pub allow: Vec<String>,
+    /// Refuse CIDR[:PORT[-PORT]][/tcp|/udp] whatever else allows it; repeatable.
+    #[arg(long = "deny", value_name = "RULE")]
+    pub deny: Vec<String>,
+}
+
+/// `--egress` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EgressMode {
+    /// No network device.
+    None,
+    /// A network device with only the allowed destinations reachable.
+    Closed,
+    /// Public internet over TCP plus DNS.
+    Internet,
+}
+
+impl NetArgs {
+    /// The egress policy, or `None` for no network device. `default` applies when
+    /// `--egress` is not given (rules given alone imply `closed`).
+    pub fn egress(&self, default: EgressMode) -> anyhow::Result<Option<hearth_vmm::net::Egress>> {
+        let parse = |v: &[String]| -> anyhow::Result<Vec<hearth_vmm::net::Rule>> {
+            v.iter().map(|r| hearth_vmm::net::Rule::parse(r).map_err(anyhow::Error::from)).collect()
+        };
+        let rules_given = !self.allow.is_empty() || !self.deny.is_empty();
+        let mode = self.egress.unwrap_or(if rules_given && default == EgressMode::None { EgressMode::Closed } else { default });
+        if mode == EgressMode::None {
+            anyhow::ensure!(!rules_given, "--allow/--deny need a network device; drop --egress none");
+            return Ok(None);
+        }
+        Ok(Some(hearth_vmm::net::Egress { internet: mode == EgressMode::Internet, allow: parse(&self.allow)?, deny: parse(&self.deny)? }))
+    }
 }
 
 impl VmArgs {
@@ -55,6 +101,7 @@ impl VmArgs {
         cfg.run_root = home.join("run");
         cfg.extra_cmdline = self.kernel_args.clone();
         cfg.root = Some(self.root_disk(&home)?);
+        cfg.network = self.net.egress(EgressMode::None)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -64,6 +64,7 @@ impl Vm {
             memory,
             disk: disk.then(|| "disk.qcow2".to_owned()),
             hostname: self.cfg.hostname.clone(),
+            network: self.egress(),
         }
     }
 

@@ -108,6 +108,9 @@ pub struct VmConfig {
     pub memory: Memory,
     /// Boot or restore.
     pub start: Start,
+    /// A network interface in the VM's own namespace with this egress policy (needs
+    /// root); `None` means no network device at all.
+    pub network: Option<crate::net::Egress>,
 }
 
 /// A configuration that cannot work.
@@ -152,6 +155,7 @@ impl VmConfig {
             extra_cmdline: Vec::new(),
             memory: Memory::Anonymous,
             start: Start::Boot,
+            network: None,
         }
     }
 

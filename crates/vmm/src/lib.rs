@@ -8,6 +8,7 @@
 //! - [`qemu`]: the QEMU command line and the process guard that kills it on every path.
 //! - [`qmp`]: a small QMP client.
 //! - [`agent`]: the HTTP/2 client of the in-guest agent, bounding all it reads.
+//! - [`net`]: a network namespace per VM (tap, uplink, NAT, nftables egress policy).
 //! - [`vm`]: [`vm::Vm`], which ties these together: boot, exec, files, shutdown.
 //! - [`snapshot`]: the on-disk snapshot format; `capture` (template snapshots, suspends,
 //!   forks) and [`restore`] (launch, resume, fork copies) are `Vm` methods.
@@ -21,6 +22,7 @@ mod capture;
 mod console;
 pub mod config;
 pub mod home;
+pub mod net;
 pub mod qemu;
 pub mod pool;
 pub mod qmp;

@@ -95,6 +95,9 @@ pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
     if cfg.root.is_some() {
         c.push("hearth.root=/dev/vda".into());
     }
+    if cfg.network.is_some() {
+        c.push(crate::net::guest_cmdline());
+    }
     // Only a booting kernel calibrates; a restored one already knows (and measuring costs
     // 20 ms).
     if accel != Accel::Kvm && cfg.start == Start::Boot {
@@ -196,6 +199,14 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
         a.push("-device".into());
         a.push("virtio-blk-pci,drive=root".into());
     }
+    // After the disk, so VMs without a NIC keep the device layout their snapshots have.
+    if cfg.network.is_some() {
+        // QEMU runs inside the VM's namespace, where `tap0` is the only tap.
+        a.push("-netdev".into());
+        a.push("tap,id=net0,ifname=tap0,script=no,downscript=no".into());
+        a.push("-device".into());
+        a.push(format!("virtio-net-pci,netdev=net0,mac={}", crate::net::GUEST_MAC));
+    }
     a
 }
 
@@ -245,9 +256,12 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts QEMU with `args`; its stderr goes to `stderr_log`.
-    pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path) -> std::io::Result<QemuProcess> {
+    /// Starts QEMU with `args`, inside the network namespace bound at `netns` when given;
+    /// its stderr goes to `stderr_log`.
+    pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path, netns: Option<&Path>) -> std::io::Result<QemuProcess> {
         let log = std::fs::File::create(stderr_log)?;
+        let ns = netns.map(std::fs::File::open).transpose()?;
+        let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = tokio::process::Command::new(binary);
         cmd.args(args)
             .stdin(std::process::Stdio::null())
@@ -255,17 +269,23 @@ impl QemuProcess {
             .stderr(log)
             .process_group(0)
             .kill_on_drop(true);
-        // SAFETY: runs in the child between fork and exec and only calls prctl(2), which
-        // is async-signal-safe.
+        // SAFETY: runs in the child between fork and exec and only calls prctl(2) and
+        // setns(2), which are async-signal-safe; `ns` stays open until after the spawn.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = ns_fd {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn()?;
+        drop(ns);
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<()>();

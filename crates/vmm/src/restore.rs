@@ -31,12 +31,16 @@ pub struct RestoreOptions {
     pub timeout: Duration,
     /// Hostname for the new VM (default: its VM id).
     pub hostname: Option<String>,
+    /// Egress policy for a snapshot with a network device. By default a suspended or
+    /// forked VM keeps the policy it had, and a template's clones get none (egress is
+    /// closed unless the launcher opens it).
+    pub egress: Option<crate::net::Egress>,
 }
 
 impl RestoreOptions {
     /// Defaults: `$HEARTH_HOME/run`, 60 s.
     pub fn new() -> Self {
-        RestoreOptions { run_root: crate::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None }
+        RestoreOptions { run_root: crate::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None, egress: None }
     }
 }
 
@@ -135,6 +139,9 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg.boot_timeout = opts.timeout;
     cfg.run_root = opts.run_root.clone();
     cfg.hostname = m.hostname.clone();
+    cfg.network = m.network.as_ref().map(|recorded| {
+        opts.egress.clone().unwrap_or_else(|| if m.kind == SnapshotKind::Template { crate::net::Egress::none() } else { recorded.clone() })
+    });
     cfg
 }
 

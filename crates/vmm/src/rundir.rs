@@ -49,6 +49,9 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
                 .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
                 .unwrap_or(false),
         };
+        if stale {
+            crate::net::remove_stale(&e.file_name().to_string_lossy());
+        }
         if stale && std::fs::remove_dir_all(&dir).is_ok() {
             tracing::info!(dir = %dir.display(), "removed a stale run directory");
             removed += 1;

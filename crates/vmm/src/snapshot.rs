@@ -90,6 +90,10 @@ pub struct Manifest {
     pub disk: Option<String>,
     /// Hostname at snapshot time.
     pub hostname: String,
+    /// The VM had a network device, with this egress policy. Restores recreate the device
+    /// in a new namespace (the guest sees the same addresses).
+    #[serde(default)]
+    pub network: Option<crate::net::Egress>,
 }
 
 /// Why a snapshot cannot be used or made.
@@ -355,6 +359,7 @@ mod tests {
             memory: Some(record(dir, "memory").unwrap()),
             disk: None,
             hostname: "h".into(),
+            network: None,
         }
     }
 

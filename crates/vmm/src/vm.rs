@@ -13,6 +13,7 @@ use crate::qemu::{self, QemuProcess, RunPaths};
 use crate::console::ConsoleTap;
 pub use crate::console::MAX_CONSOLE_BYTES;
 use crate::qmp::{Qmp, QmpError};
+use crate::net::{Egress, NetNs};
 use crate::rundir::RunDir;
 pub use crate::rundir::sweep_stale_run_dirs;
 use hearth_proto::exec::ExecRequest;
@@ -55,6 +56,9 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// The VM's network could not be set up.
+    #[error("cannot set up the VM's network: {0}")]
+    Network(crate::net::NetError),
     /// A unix socket path would be too long.
     #[error("run directory {0} is too deep for unix socket paths (108 bytes); set HEARTH_HOME to a shorter path")]
     PathTooLong(PathBuf),
@@ -159,12 +163,18 @@ pub enum VmError {
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    /// The VM's network refused the change.
+    #[error(transparent)]
+    Network(#[from] crate::net::NetError),
 }
 
 /// A running VM. Dropping it kills QEMU and removes its run directory.
 pub struct Vm {
     // Field order is drop order: QEMU goes before its directory.
     pub(crate) process: QemuProcess,
+    /// The VM's network namespace and its current egress policy (after QEMU: the
+    /// namespace goes away with its last process).
+    pub(crate) net: Option<(NetNs, std::sync::Mutex<Egress>)>,
     pub(crate) agent: AgentClient,
     pub(crate) qmp: tokio::sync::Mutex<Option<Qmp>>,
     pub(crate) hello: Hello,
@@ -237,10 +247,14 @@ impl Vm {
             (Some(_), Start::Incoming { mapped_ram: true, .. }) => true,
             _ => false,
         };
+        let net = match &cfg.network {
+            Some(egress) => Some((NetNs::create(&id, egress).map_err(BootError::Network)?, std::sync::Mutex::new(egress.clone()))),
+            None => None,
+        };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
-        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay)");
-        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log)
+        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay, network)");
+        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref())
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
         let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
 
@@ -339,6 +353,7 @@ impl Vm {
         tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
         Ok(Vm {
             process,
+            net,
             agent,
             qmp: tokio::sync::Mutex::new(qmp),
             hello,
@@ -377,6 +392,24 @@ impl Vm {
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// The VM's current egress policy, if it has a network.
+    pub fn egress(&self) -> Option<Egress> {
+        self.net.as_ref().map(|(_, e)| e.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Replaces the VM's egress policy while it runs (new connections see it at once).
+    pub fn set_egress(&self, egress: &Egress) -> Result<(), VmError> {
+        let (ns, current) = self.net.as_ref().ok_or(VmError::Network(crate::net::NetError::NoNetwork))?;
+        ns.set_egress(egress)?;
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = egress.clone();
+        Ok(())
+    }
+
+    /// The name of the VM's network namespace, if it has a network.
+    pub fn netns(&self) -> Option<&str> {
+        self.net.as_ref().map(|(n, _)| n.name())
     }
 
     /// The agent client.
