@@ -1,6 +1,6 @@
 //! `hearth image …`: build images from a Dockerfile context, list, show, remove, run.
 
-use crate::vmargs::VmArgs;
+use crate::vmargs::{EgressMode, NetArgs, VmArgs};
 use crate::vmrun::{self, CmdArgs};
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -60,6 +60,14 @@ pub struct BuildArgs {
     /// Also call /validate before the snapshot.
     #[arg(long)]
     validate: bool,
+    /// Run every step again instead of reusing cached layers (and record none).
+    #[arg(long)]
+    no_cache: bool,
+    /// Print the build log lines only (no progress bar), even on a terminal.
+    #[arg(long)]
+    plain: bool,
+    /// The builder VM's options. Its egress defaults to `internet` (RUN steps can fetch
+    /// packages; the host and private ranges stay closed); `--egress none` builds offline.
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -69,25 +77,37 @@ pub struct BuildArgs {
 pub struct RunArgs {
     /// The image (NAME or NAME:vN).
     image: String,
+    /// The microVM's network (images built with a network device keep it; egress is
+    /// closed unless opened here).
+    #[command(flatten)]
+    net: NetArgs,
     #[command(flatten)]
     cmd: CmdArgs,
 }
 
-fn parse_ref(image: &str) -> anyhow::Result<(String, Option<u32>)> {
-    match image.rsplit_once(":v") {
-        Some((n, v)) => Ok((n.to_owned(), Some(v.parse().with_context(|| format!("bad version in {image:?}"))?))),
-        None => Ok((image.to_owned(), None)),
-    }
-}
+use hearth_image::store::parse_ref;
 
-fn resolve(image: &str) -> anyhow::Result<store::VersionRecord> {
-    let home = hearth_vmm::home::hearth_home();
-    let (name, version) = parse_ref(image)?;
-    let rec = match version {
-        Some(v) => store::versions(&home, &name).into_iter().find(|r| r.version == v),
-        None => store::latest(&home, &name),
-    };
-    rec.with_context(|| format!("no built image {image} (see `hearth image ls`)"))
+/// Images whose disks are built on something inside `dir` (through their backing chains).
+fn dependents(home: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for name in store::names(home) {
+        for r in store::versions(home, &name) {
+            let vdir = store::version_dir(home, &r.name, r.version);
+            if vdir.starts_with(dir) {
+                continue;
+            }
+            let mut cur = hearth_image::layers::backing_file(&vdir.join("snapshot").join("disk.qcow2"));
+            for _ in 0..256 {
+                let Some(p) = cur else { break };
+                if p.starts_with(dir) {
+                    out.push(format!("{}:v{}", r.name, r.version));
+                    break;
+                }
+                cur = hearth_image::layers::backing_file(&p);
+            }
+        }
+    }
+    out
 }
 
 /// Runs an image command.
@@ -104,9 +124,9 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             // bad artifact or option never leaves a PENDING version behind.
             store::check_name(&a.name)?;
             let vm_cfg = a.vm.config()?;
-            let src = hearth_image::artifact::locate(&a.context)?;
             std::fs::create_dir_all(home.join("images"))?;
             let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(home.join("images"))?;
+            let src = hearth_image::artifact::fetch(&a.context, scratch.path(), Default::default()).await?;
             let context = if src.is_dir() {
                 src.clone()
             } else {
@@ -124,16 +144,37 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 hooks_port: a.port,
                 ready_timeout: Duration::from_secs(a.ready_timeout),
                 validate: a.validate,
+                network: a.vm.net.egress(EgressMode::Internet)?,
+                cache: !a.no_cache,
             };
             rec.state = VersionState::InProgress;
             store::save(&home, &rec)?;
             let mut log_file = std::fs::File::create(vdir.join("build.log"))?;
+            // On a terminal: a spinner with the current step and the elapsed time, the
+            // log streaming above it. Otherwise (CI, pipes): the log lines alone.
+            let bar = (!a.plain && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+                let pb = indicatif::ProgressBar::new_spinner();
+                pb.set_style(indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_msg}").expect("valid template"));
+                pb.enable_steady_tick(Duration::from_millis(120));
+                pb
+            });
             let mut log = |line: &str| {
                 use std::io::Write;
-                eprintln!("{line}");
+                match &bar {
+                    Some(pb) => {
+                        if !line.starts_with("  |") {
+                            pb.set_message(line.chars().take(120).collect::<String>());
+                        }
+                        pb.println(line);
+                    }
+                    None => eprintln!("{line}"),
+                }
                 let _ = writeln!(log_file, "{line}");
             };
             let result = build::build(&req, vm_cfg, &home, &vdir.join("snapshot"), &mut log).await;
+            if let Some(pb) = &bar {
+                pb.finish_and_clear();
+            }
             drop(scratch);
             match result {
                 Ok((_, cfg)) => {
@@ -182,14 +223,33 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 None => store::image_dir(&home, &name),
             };
             anyhow::ensure!(dir.exists(), "no image {image}");
+            let users = dependents(&home, &dir);
+            anyhow::ensure!(users.is_empty(), "cannot remove {image}: {} built on it (FROM hearth/{name}); remove those first", users.join(", "));
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             Ok(0)
         }
         ImageCmd::Run(a) => {
-            let rec = resolve(&a.image)?;
+            let rec = store::resolve(&home, &a.image)?;
             let snap = Snapshot::open(&store::version_dir(&home, &rec.name, rec.version).join("snapshot"))?;
-            let req = vmrun::exec_request(&a.cmd)?;
-            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None };
+            let mut req = vmrun::exec_request(&a.cmd)?;
+            // The image's WORKDIR, ENV and USER apply unless the command says otherwise.
+            if let Some(c) = &rec.config {
+                if req.cwd.is_none() {
+                    req.cwd = Some(c.workdir.clone());
+                }
+                for (k, v) in &c.env {
+                    req.env.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                if req.user.is_none() {
+                    req.user = c.user.clone();
+                }
+            }
+            let opts = RestoreOptions {
+                run_root: home.join("run"),
+                timeout: Duration::from_secs(60),
+                hostname: None,
+                egress: a.net.egress(EgressMode::Closed)?,
+            };
             let vm = Vm::launch(&snap, &opts).await?;
             vmrun::finish(vm, &req, a.cmd.json, None).await
         }

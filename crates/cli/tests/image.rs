@@ -78,16 +78,46 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
 "#;
 
-/// A Python app built from a Dockerfile on debian-bookworm: its snapshot's clones answer
-/// with the server that was started during the build (its start time predates the launch).
+fn nonce() -> String {
+    let mut b = [0u8; 8];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut b).unwrap();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Launches a clone of `snap` and checks its app answers with `greeting` from a server
+/// started before the launch (so it was not restarted).
+async fn clone_serves(snap: &hearth_vmm::Snapshot, greeting: &str) -> Vm {
+    let launched_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let vm = Vm::launch(snap, &hearth_vmm::RestoreOptions::new()).await.unwrap();
+    let r = vm.agent().hook(8080, "/", std::time::Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, 200);
+    let (said, started) = r.body.split_once(' ').unwrap();
+    assert_eq!(said, greeting);
+    let started: f64 = started.parse().unwrap();
+    assert!(started < launched_at, "the server started after the launch ({started} vs {launched_at}): it was restarted");
+    vm
+}
+
+/// A Python app built from a Dockerfile on debian-bookworm, with a package installed by
+/// `apt-get` through the builder's network: its snapshot's clones answer with the server
+/// started during the build. A rebuild after a code change reuses the cached layers up to
+/// the COPY.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
     let tmp = tempfile::tempdir().unwrap();
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir(&ctx).unwrap();
+    // The ARG's unique default gives this run its own cache keys, so the first build
+    // really runs apt-get (a cached layer from an earlier run would hide a broken network).
     std::fs::write(
         ctx.join("Dockerfile"),
-        "FROM debian:bookworm\nENV GREETING=hello\nWORKDIR /app\nCOPY app.py /app/\nRUN python3 -c 'import http.server' && test -f /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n",
+        format!(
+            "FROM debian:bookworm\nARG NONCE={}\nENV GREETING=hello\n\
+             RUN apt-get update && apt-get install -y --no-install-recommends python3 jq\n\
+             WORKDIR /app\nCOPY app.py /app/\nRUN python3 -c 'import http.server' && test -f /app/app.py\n\
+             CMD [\"python3\", \"/app/app.py\"]\n",
+            nonce()
+        ),
     )
     .unwrap();
     std::fs::write(ctx.join("app.py"), APP).unwrap();
@@ -99,6 +129,8 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         hooks_port: 8080,
         ready_timeout: std::time::Duration::from_secs(120),
         validate: true,
+        network: Some(hearth_vmm::net::Egress::internet()),
+        cache: true,
     };
     let mut lines = Vec::new();
     let (snap, cfg) = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image"), &mut |l| lines.push(l.to_owned()))
@@ -106,15 +138,24 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         .unwrap_or_else(|e| panic!("build failed: {e}"));
     assert_eq!(cfg.workdir, "/app");
     assert_eq!(cfg.env.get("GREETING").map(String::as_str), Some("hello"));
+    assert!(!lines.iter().any(|l| l.contains("[cached]")), "the first build used the cache:\n{}", lines.join("\n"));
 
-    let launched_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
-    let vm = Vm::launch(&snap, &hearth_vmm::RestoreOptions::new()).await.unwrap();
-    let r = vm.agent().hook(8080, "/", std::time::Duration::from_secs(30)).await.unwrap();
-    assert_eq!(r.status, 200);
-    let (greeting, started) = r.body.split_once(' ').unwrap();
-    assert_eq!(greeting, "hello");
-    let started: f64 = started.parse().unwrap();
-    assert!(started < launched_at, "the server started after the launch ({started} vs {launched_at}): it was restarted");
+    let vm = clone_serves(&snap, "hello").await;
+    let jq = vm.exec(&ExecRequest::shell("echo '{\"a\": 7}' | jq .a"), None, 1 << 16).await.unwrap();
+    assert_eq!(jq.stdout_str().trim(), "7", "jq (installed by apt-get in a RUN step) does not work: {}", jq.stderr_str());
+    vm.kill().await;
+
+    // A code-only change: every step before the COPY comes from the cache.
+    std::fs::write(ctx.join("app.py"), APP.replace("os.environ[\"GREETING\"]", "os.environ[\"GREETING\"].upper()")).unwrap();
+    let mut lines = Vec::new();
+    let (snap2, _) = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image-v2"), &mut |l| lines.push(l.to_owned()))
+        .await
+        .unwrap_or_else(|e| panic!("rebuild failed: {e}"));
+    let log = lines.join("\n");
+    assert!(log.contains("using cached layers up to step 4/7"), "{log}");
+    assert!(lines.iter().any(|l| l.contains("[cached]") && l.contains("apt-get")), "{log}");
+    assert!(!lines.iter().any(|l| l.starts_with("  |") && l.contains("Unpacking")), "apt-get ran again:\n{log}");
+    let vm = clone_serves(&snap2, "HELLO").await;
     vm.kill().await;
 
     // A RUN that fails names its line and shows its output; nothing is left.

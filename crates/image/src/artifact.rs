@@ -4,10 +4,27 @@
 //! of entries and the bytes actually written are capped (declared sizes can lie: a zip bomb
 //! is stopped by what it writes, not what it claims), and a failure removes what was
 //! extracted.
+//!
+//! [`fetch`] brings an artifact named by a URI onto the host first: local paths and
+//! `file://` URIs are used in place; `http://` and `https://` bodies are downloaded into a
+//! directory the caller owns, streamed chunk by chunk under the same byte limit (counted
+//! on what arrives, since a Content-Length can lie or be absent), with connect and overall
+//! timeouts and a bounded number of redirects. A failed download leaves no file behind.
+//! Errors show the URI without its password and query string, which often carry
+//! credentials (presigned URLs).
 
 use crate::{io, RootfsError};
 use std::io::Read;
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// How long opening a connection to an artifact's server may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole download (redirects, headers and body) may take.
+pub const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// Most redirects followed for one download.
+pub const MAX_REDIRECTS: usize = 5;
 
 /// Limits on one artifact.
 #[derive(Debug, Clone, Copy)]
@@ -45,8 +62,44 @@ pub enum ArtifactError {
     #[error("the code artifact has no Dockerfile at its root")]
     NoDockerfile,
     /// A URI scheme Hearth cannot fetch.
-    #[error("unsupported code artifact location {0:?}: use a local path or a file:// URI")]
+    #[error("unsupported code artifact location {0:?}: use a local path, a file://, http:// or https:// URI")]
     Scheme(String),
+    /// An http(s) URI that does not parse.
+    #[error("code artifact URI {uri} is not a valid URL: {reason}")]
+    BadUri {
+        /// The URI, password and query redacted.
+        uri: String,
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// The server answered with a status other than 2xx (after redirects).
+    #[error("fetching {uri} failed: the server answered HTTP {status}")]
+    Status {
+        /// The URI, password and query redacted.
+        uri: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// The body is larger than [`Limits::max_bytes`], by its Content-Length or by what
+    /// arrived.
+    #[error("{uri} is larger than the {limit}-byte limit on code artifacts")]
+    DownloadTooLarge {
+        /// The URI, password and query redacted.
+        uri: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The download failed: no connection, a timeout, too many redirects, a broken transfer.
+    #[error("fetching {uri} failed: {what}")]
+    Fetch {
+        /// The URI, password and query redacted.
+        uri: String,
+        /// What went wrong, in words.
+        what: String,
+        /// The HTTP client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// File trouble.
     #[error(transparent)]
     Io(#[from] RootfsError),
@@ -62,6 +115,131 @@ pub fn locate(uri: &str) -> Result<PathBuf, ArtifactError> {
         return Err(ArtifactError::Scheme(uri.to_owned()));
     }
     Ok(PathBuf::from(uri))
+}
+
+/// The local file or directory for a code artifact location, downloading it first when it
+/// is an `http://` or `https://` URI.
+///
+/// Local paths and `file://` URIs are returned as [`locate`] returns them, without
+/// touching `work`. An http(s) body is streamed into a new file inside `work` (a directory
+/// that must exist and that the caller owns and removes) whose path is returned; its name
+/// says nothing about its content, so callers decide what it is (a zip, usually).
+///
+/// The download follows at most [`MAX_REDIRECTS`] redirects, gives up after
+/// [`CONNECT_TIMEOUT`] without a connection or [`DOWNLOAD_TIMEOUT`] in all, and honours the
+/// usual `HTTPS_PROXY`/`NO_PROXY` environment variables.
+///
+/// # Errors
+///
+/// [`ArtifactError::Scheme`] for other schemes (`s3://`, `ftp://`...),
+/// [`ArtifactError::BadUri`], [`ArtifactError::Status`] for a non-2xx answer,
+/// [`ArtifactError::DownloadTooLarge`] when the body (declared or received) exceeds
+/// `limits.max_bytes`, [`ArtifactError::Fetch`] for network trouble and timeouts,
+/// [`ArtifactError::Io`] when the file cannot be written. After an error nothing of the
+/// download is left in `work`.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example() -> Result<(), hearth_image::artifact::ArtifactError> {
+/// let work = tempfile::tempdir().expect("temp dir");
+/// let zip = hearth_image::artifact::fetch("https://example.invalid/app.zip", work.path(), Default::default()).await?;
+/// assert!(zip.starts_with(work.path()));
+/// # Ok(()) }
+/// ```
+pub async fn fetch(uri: &str, work: &Path, limits: Limits) -> Result<PathBuf, ArtifactError> {
+    match uri.split_once("://") {
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+            let client = http_client().build().map_err(|e| fetch_error(&redact(uri), e))?;
+            download(&client, uri, work, limits).await
+        }
+        _ => locate(uri),
+    }
+}
+
+/// The HTTP client settings of [`fetch`].
+fn http_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(DOWNLOAD_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
+}
+
+/// `uri` for messages: no user or password, no query (tokens travel in the user name,
+/// presigned URLs carry their signature in the query).
+fn redact(uri: &str) -> String {
+    if let Ok(mut url) = reqwest::Url::parse(uri) {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        if url.query().is_some() {
+            url.set_query(Some("..."));
+        }
+        url.set_fragment(None);
+        return url.to_string();
+    }
+    // Unparseable: the same by hand, roughly.
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let authority_end = rest[..end].find('/').unwrap_or(end);
+    let start = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
+    let mut shown = format!("{scheme}://{}", &rest[start..end]);
+    if end < rest.len() {
+        shown.push_str("?...");
+    }
+    shown
+}
+
+fn fetch_error(uri: &str, e: reqwest::Error) -> ArtifactError {
+    let what = if e.is_connect() && e.is_timeout() {
+        format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())
+    } else if e.is_timeout() {
+        format!("the download did not finish within {} s", DOWNLOAD_TIMEOUT.as_secs())
+    } else if e.is_redirect() {
+        format!("could not follow its redirects (at most {MAX_REDIRECTS}, to http or https only)")
+    } else if e.is_connect() {
+        "could not connect to the server".to_owned()
+    } else if e.is_builder() {
+        "the HTTP client could not be set up".to_owned()
+    } else {
+        "the transfer broke off".to_owned()
+    };
+    // The client's own message repeats the full URL, secrets included.
+    ArtifactError::Fetch { uri: uri.to_owned(), what, source: Box::new(e.without_url()) }
+}
+
+/// Downloads `uri` into a new file inside `work` (see [`fetch`]).
+async fn download(client: &reqwest::Client, uri: &str, work: &Path, limits: Limits) -> Result<PathBuf, ArtifactError> {
+    let shown = redact(uri);
+    let url = reqwest::Url::parse(uri).map_err(|e| ArtifactError::BadUri { uri: shown.clone(), reason: e.to_string() })?;
+    let mut response = client.get(url).send().await.map_err(|e| fetch_error(&shown, e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ArtifactError::Status { uri: shown, status: status.as_u16() });
+    }
+    let too_large = || ArtifactError::DownloadTooLarge { uri: shown.clone(), limit: limits.max_bytes };
+    if response.content_length().is_some_and(|n| n > limits.max_bytes) {
+        return Err(too_large());
+    }
+    let (file, path) = tempfile::Builder::new()
+        .prefix("artifact-")
+        .tempfile_in(work)
+        .map_err(io(format!("create a download file in {}", work.display())))?
+        .into_parts();
+    // From here every early return drops `path`, which removes the partial file.
+    let mut file = tokio::fs::File::from_std(file);
+    let what = || format!("write {}", path.display());
+    let mut received = 0u64;
+    while let Some(chunk) = response.chunk().await.map_err(|e| fetch_error(&shown, e))? {
+        received += chunk.len() as u64;
+        if received > limits.max_bytes {
+            return Err(too_large());
+        }
+        file.write_all(&chunk).await.map_err(io(what()))?;
+    }
+    // A tokio file finishes its last write in the background until flushed.
+    file.flush().await.map_err(io(what()))?;
+    drop(file);
+    path.keep().map_err(|e| ArtifactError::Io(RootfsError::Io { what: format!("keep {}", e.path.display()), source: e.error }))
 }
 
 /// `name` as a relative path with no `..`, root or prefix components.
@@ -239,6 +417,149 @@ mod tests {
         assert!(matches!(e, ArtifactError::NoDockerfile), "{e}");
         let e = extract_zip(z.path(), &d.path().join("ctx3"), Limits { max_bytes: 1 << 20, max_entries: 0 }).unwrap_err();
         assert!(matches!(e, ArtifactError::TooLarge(_)), "{e}");
+    }
+
+    /// An HTTP/1.1 server on 127.0.0.1 answering every request with `respond(path)`, raw
+    /// bytes written as they are, then closing the connection. Returns its base URL.
+    async fn serve(respond: fn(&str) -> Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&request).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    // The client may hang up early (a refused body): ignore write errors.
+                    let _ = conn.write_all(&respond(&path)).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        base
+    }
+
+    fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\n{headers}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn with_length(body: &[u8]) -> Vec<u8> {
+        response("200 OK", &format!("Content-Length: {}\r\n", body.len()), body)
+    }
+
+    fn chunked(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for c in chunks {
+            body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            body.extend_from_slice(c);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        response("200 OK", "Transfer-Encoding: chunked\r\n", &body)
+    }
+
+    fn routes(path: &str) -> Vec<u8> {
+        match path {
+            "/app.zip" => with_length(b"0123456789"),
+            "/moved" => response("302 Found", "Location: /app.zip\r\nContent-Length: 0\r\n", b""),
+            "/loop" => response("302 Found", "Location: /loop\r\nContent-Length: 0\r\n", b""),
+            "/declared-big" => with_length(&[7u8; 11]),
+            "/chunked-big" => chunked(&[&[1u8; 6], &[2u8; 6]]),
+            "/chunked-ok" => chunked(&[&[1u8; 5], &[2u8; 5]]),
+            // No length at all: the body ends when the connection closes.
+            "/close-big" => response("200 OK", "", &[3u8; 11]),
+            "/truncated" => response("200 OK", "Content-Length: 10\r\n", b"01234"),
+            "/error" => response("500 Internal Server Error", "Content-Length: 0\r\n", b""),
+            _ => response("404 Not Found", "Content-Length: 9\r\n", b"not found"),
+        }
+    }
+
+    async fn get(base: &str, path: &str, work: &Path) -> Result<PathBuf, ArtifactError> {
+        // No proxy, whatever the environment says: the server is on loopback.
+        let client = http_client().no_proxy().build().unwrap();
+        download(&client, &format!("{base}{path}"), work, Limits { max_bytes: 10, max_entries: 10 }).await
+    }
+
+    fn is_empty(dir: &Path) -> bool {
+        std::fs::read_dir(dir).unwrap().next().is_none()
+    }
+
+    #[tokio::test]
+    async fn downloads_land_in_the_work_directory() {
+        let base = serve(routes).await;
+        let work = tempfile::tempdir().unwrap();
+        for path in ["/app.zip", "/moved", "/chunked-ok"] {
+            let file = get(&base, path, work.path()).await.unwrap();
+            assert!(file.starts_with(work.path()), "{path}: {}", file.display());
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), 10, "{path}");
+        }
+        let file = get(&base, "/app.zip", work.path()).await.unwrap();
+        assert_eq!(std::fs::read(file).unwrap(), b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn failed_downloads_say_why_and_leave_nothing() {
+        let base = serve(routes).await;
+        let work = tempfile::tempdir().unwrap();
+        let e = get(&base, "/missing", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Status { status: 404, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("404") && msg.contains(&format!("{base}/missing")), "{msg}");
+        let e = get(&base, "/error", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Status { status: 500, .. }), "{e}");
+        for path in ["/declared-big", "/chunked-big", "/close-big"] {
+            let e = get(&base, path, work.path()).await.unwrap_err();
+            assert!(matches!(e, ArtifactError::DownloadTooLarge { limit: 10, .. }), "{path}: {e}");
+            assert!(is_empty(work.path()), "{path}: partial download left behind");
+        }
+        let e = get(&base, "/truncated", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { .. }), "{e}");
+        let e = get(&base, "/loop", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { ref what, .. } if what.contains("redirect")), "{e}");
+        assert!(is_empty(work.path()), "partial download left behind");
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_and_bad_uris_are_errors() {
+        // Bind then drop: nothing listens on that port any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let work = tempfile::tempdir().unwrap();
+        let e = get(&format!("http://127.0.0.1:{port}"), "/a.zip", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { .. }), "{e}");
+        let e = fetch("http://[::1", work.path(), Limits::default()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::BadUri { .. }), "{e}");
+        assert!(is_empty(work.path()));
+    }
+
+    #[tokio::test]
+    async fn fetch_uses_local_paths_in_place_and_refuses_other_schemes() {
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(fetch("/tmp/a.zip", work.path(), Limits::default()).await.unwrap(), PathBuf::from("/tmp/a.zip"));
+        assert_eq!(fetch("file:///tmp/a.zip", work.path(), Limits::default()).await.unwrap(), PathBuf::from("/tmp/a.zip"));
+        for uri in ["s3://bucket/a.zip", "ftp://host/a.zip", "gs://b/a.zip"] {
+            let e = fetch(uri, work.path(), Limits::default()).await.unwrap_err();
+            assert!(matches!(e, ArtifactError::Scheme(_)), "{uri}: {e}");
+            assert!(e.to_string().contains("https://"), "{e}");
+        }
+        assert!(is_empty(work.path()));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_messages() {
+        assert_eq!(redact("https://user:hunter2@host.invalid/a.zip?X-Sig=abc#f"), "https://host.invalid/a.zip?...");
+        assert_eq!(redact("https://token@host.invalid/a.zip"), "https://host.invalid/a.zip");
+        assert_eq!(redact("https://host.invalid/a.zip"), "https://host.invalid/a.zip");
+        assert_eq!(redact("http://u:p@[::1/a@b?sig"), "http://[::1/a@b?...");
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! checked (`/ready`, optionally `/validate` on the hooks port), and the VM saved as a
 //! template snapshot that clones launch from with the app already running.
 //!
-//! Not yet: network egress for RUN steps (builder VMs have no network until the network
-//! work lands), the layer cache, and ARG/ENV variable expansion (values are literal).
+//! Steps run in order in one builder VM. After each step that changes the disk, the disk
+//! is checkpointed into the layer cache ([`crate::layers`]); a rebuild boots the builder
+//! on the last layer whose key still matches and runs only the steps after it. RUN steps
+//! reach the network through the builder's own namespace with internet egress (package
+//! managers work; the host and private ranges stay closed).
 
 use crate::base::Base;
 use crate::dockerfile::{self, Command, StepKind};
+use crate::layers::{self, LayerCache};
 use bytes::Bytes;
 use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::ExecRequest;
@@ -32,6 +36,10 @@ pub struct BuildRequest {
     pub ready_timeout: Duration,
     /// Call `/validate` after `/ready` (so pages the app uses are warm in the snapshot).
     pub validate: bool,
+    /// The builder VM's egress (`None`: no network device, needs no root).
+    pub network: Option<hearth_vmm::net::Egress>,
+    /// Reuse and record layers in the cache.
+    pub cache: bool,
 }
 
 /// The runtime configuration an image records (from ENV, WORKDIR, USER, …).
@@ -81,6 +89,38 @@ pub enum BuildError {
     /// The builder VM failed.
     #[error("builder VM: {0}")]
     Vm(String),
+    /// A variable substitution is malformed.
+    #[error("Dockerfile line {line}: {source}")]
+    Expand {
+        /// Line of the step.
+        line: usize,
+        /// What is wrong.
+        #[source]
+        source: crate::expand::ExpandError,
+    },
+}
+
+/// The step with `$VAR` / `${VAR…}` substituted where Docker substitutes (COPY, ENV, ARG,
+/// WORKDIR, USER, LABEL, EXPOSE; not RUN, whose shell expands its own variables from the
+/// environment it gets, nor ENTRYPOINT/CMD). ENV values win over ARG values.
+fn expand_step(kind: &StepKind, line: usize, args: &BTreeMap<String, String>, env: &BTreeMap<String, String>) -> Result<StepKind, BuildError> {
+    let vars = |k: &str| env.get(k).or_else(|| args.get(k)).cloned();
+    let x = |w: &str| crate::expand::expand(w, &vars).map_err(|source| BuildError::Expand { line, source });
+    let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| Ok((k.clone(), x(v)?))).collect::<Result<Vec<_>, BuildError>>();
+    Ok(match kind {
+        StepKind::Copy { sources, dest, chown } => StepKind::Copy {
+            sources: sources.iter().map(|s| x(s)).collect::<Result<_, _>>()?,
+            dest: x(dest)?,
+            chown: chown.as_deref().map(x).transpose()?,
+        },
+        StepKind::Env(v) => StepKind::Env(pairs(v)?),
+        StepKind::Label(v) => StepKind::Label(pairs(v)?),
+        StepKind::Arg(k, v) => StepKind::Arg(k.clone(), v.as_deref().map(x).transpose()?),
+        StepKind::Workdir(p) => StepKind::Workdir(x(p)?),
+        StepKind::User(u) => StepKind::User(x(u)?),
+        StepKind::Expose(p) => StepKind::Expose(p.iter().map(|s| x(s)).collect::<Result<_, _>>()?),
+        other => other.clone(),
+    })
 }
 
 fn vm_err(e: impl std::fmt::Display) -> BuildError {
@@ -119,7 +159,7 @@ fn context_path(context: &Path, src: &str) -> Result<PathBuf, BuildError> {
 }
 
 /// Files under `p` (or `p` itself), as (absolute, relative-to-p) pairs; symlinks skipped.
-fn walk(p: &Path) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
+pub(crate) fn walk(p: &Path) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
     let meta = std::fs::symlink_metadata(p)?;
     if meta.is_file() {
         return Ok(vec![(p.to_path_buf(), PathBuf::new())]);
@@ -159,22 +199,101 @@ pub async fn build(
         Base::DebianBookworm => "debian-bookworm",
     };
     dockerfile::check_from(&plan, base_name, &text)?;
-    let rootfs = req.base.path(home);
-    if !rootfs.is_file() {
-        return Err(BuildError::Context(format!("base image {base_name} is not built; run `hearth base build {base_name}`")));
-    }
-    vm.root = Some(Disk::base(rootfs, DiskFormat::Raw));
+    // `FROM hearth/NAME[:vN]` builds on another image: its disk, its configuration.
+    let (rootfs, rootfs_format, base_name, inherited) = match plan.from.as_deref().and_then(|f| f.strip_prefix("hearth/")) {
+        Some(r) => {
+            let rec = crate::store::resolve(home, r).map_err(|e| BuildError::Context(format!("FROM hearth/{r}: {e}")))?;
+            let disk = crate::store::version_dir(home, &rec.name, rec.version).join("snapshot").join("disk.qcow2");
+            if !disk.is_file() {
+                return Err(BuildError::Context(format!("FROM hearth/{r}: image {}:v{} has no disk to build on", rec.name, rec.version)));
+            }
+            (disk, DiskFormat::Qcow2, format!("hearth/{}:v{}", rec.name, rec.version), rec.config)
+        }
+        None => {
+            let rootfs = req.base.path(home);
+            if !rootfs.is_file() {
+                return Err(BuildError::Context(format!("base image {base_name} is not built; run `hearth base build {base_name}`")));
+            }
+            (rootfs, DiskFormat::Raw, base_name.to_owned(), None)
+        }
+    };
+    // An image built on another starts from its configuration, as Docker's FROM does.
+    let inherited_app = inherited.as_ref().and_then(|c| c.app.clone());
+    let mut cfg = inherited.unwrap_or_else(|| ImageConfig { workdir: "/".into(), ..Default::default() });
+    cfg.app = None;
+    cfg.env.extend(req.env.clone());
+    // Substitutions depend only on earlier ARG/ENV steps, so they are all made up front:
+    // the cache keys must see what a step really copies.
+    let kinds = {
+        let (mut args, mut env) = (BTreeMap::new(), cfg.env.clone());
+        let mut out = Vec::with_capacity(plan.steps.len());
+        for step in &plan.steps {
+            let k = expand_step(&step.kind, step.line, &args, &env)?;
+            match &k {
+                StepKind::Arg(name, v) => {
+                    args.insert(name.clone(), v.clone().unwrap_or_default());
+                }
+                StepKind::Env(vars) => env.extend(vars.iter().cloned()),
+                _ => {}
+            }
+            out.push(k);
+        }
+        out
+    };
+    let cache = LayerCache::new(home);
+    let resolve = |s: &str| context_path(&req.context, s).ok();
+    let keys = layers::step_keys(&layers::base_id(&rootfs), &cfg.env, &kinds, resolve)
+        .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
+    // The last step whose layer is cached; everything up to it is reused.
+    let hit = if req.cache {
+        plan.steps.iter().enumerate().rev().filter(|(_, s)| layers::changes_disk(&s.kind)).find_map(|(i, _)| cache.lookup(&keys[i]).map(|p| (i, p)))
+    } else {
+        None
+    };
+    let (parent, parent_format) = match &hit {
+        Some((i, layer)) => {
+            log(&format!("using cached layers up to step {}/{} (line {})", i + 1, plan.steps.len(), plan.steps[*i].line));
+            (layer.clone(), DiskFormat::Qcow2)
+        }
+        None => (rootfs, rootfs_format),
+    };
+    // The builder writes straight into a new layer file in the cache; until a step's
+    // layer is recorded, the file is removed if the build fails (after the VM is gone:
+    // `active` is declared before the VM, so it drops after it).
+    let mut active = ActiveLayer(Some(cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache {}: {e}", cache.dir().display())))?));
+    let work = active.path().to_path_buf();
+    hearth_vmm::qemu::create_overlay(&parent, parent_format.as_str(), &work).map_err(BuildError::Vm)?;
+    vm.root = Some(Disk::owned(&work, DiskFormat::Qcow2));
     vm.memory = Memory::SnapshotReady;
-    log(&format!("booting a builder VM on {base_name}"));
-    let builder = Vm::boot(vm).await.map_err(vm_err)?;
+    vm.network = req.network.clone();
+    log(&format!("booting a builder VM on {base_name}{}", if req.network.is_some() { " (network: internet egress)" } else { " (no network)" }));
+    let mut builder = Vm::boot(vm).await.map_err(vm_err)?;
 
-    let mut cfg = ImageConfig { env: req.env.clone(), workdir: "/".into(), ..Default::default() };
     let mut args: BTreeMap<String, String> = BTreeMap::new();
     let (mut entrypoint, mut cmd) = (None, None);
     let total = plan.steps.len();
     for (i, step) in plan.steps.iter().enumerate() {
-        log(&format!("step {}/{total} (line {}): {:?}", i + 1, step.line, step.kind));
-        match &step.kind {
+        let cached = hit.as_ref().is_some_and(|(h, _)| i <= *h);
+        log(&format!("step {}/{total} (line {}){}: {:?}", i + 1, step.line, if cached { " [cached]" } else { "" }, step.kind));
+        let kind = &kinds[i];
+        if cached {
+            // Reused from the cache: only the step's effect on the configuration remains.
+            match kind {
+                StepKind::Arg(k, v) => {
+                    args.insert(k.clone(), v.clone().unwrap_or_default());
+                }
+                StepKind::Env(vars) => cfg.env.extend(vars.iter().cloned()),
+                StepKind::Workdir(p) => cfg.workdir = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) },
+                StepKind::User(u) => cfg.user = Some(u.clone()),
+                StepKind::Label(l) => cfg.labels.extend(l.iter().cloned()),
+                StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
+                StepKind::Entrypoint(c) => entrypoint = Some(c.clone()),
+                StepKind::Cmd(c) => cmd = Some(c.clone()),
+                StepKind::Run(_) | StepKind::Copy { .. } => {}
+            }
+            continue;
+        }
+        match kind {
             StepKind::Arg(k, v) => {
                 args.insert(k.clone(), v.clone().unwrap_or_default());
             }
@@ -235,6 +354,15 @@ pub async fn build(
                 run(&builder, &r, step.line, log).await?;
             }
         }
+        if req.cache && layers::changes_disk(&step.kind) {
+            // Freeze the disk as this step's layer: flush the guest's page cache, switch
+            // QEMU to a new file, then record the finished one.
+            run(&builder, &ExecRequest::argv(["sync"]), step.line, log).await?;
+            let next = cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache: {e}")))?;
+            let done = builder.checkpoint_disk(&next).await.map_err(vm_err)?;
+            active.0 = Some(next);
+            cache.record(&keys[i], &done).map_err(|e| BuildError::Vm(format!("record layer: {e}")))?;
+        }
     }
 
     // The app: ENTRYPOINT and CMD combined as Docker does, started in the background.
@@ -242,7 +370,7 @@ pub async fn build(
         (Some(e @ Command::Exec(_)), Some(c @ Command::Exec(_))) => Some(format!("{} {}", shell_line(e), shell_line(c))),
         (Some(e), _) => Some(shell_line(e)),
         (None, Some(c)) => Some(shell_line(c)),
-        (None, None) => None,
+        (None, None) => inherited_app,
     };
     if let Some(app) = &cfg.app {
         log(&format!("starting the app: {app}"));
@@ -255,7 +383,26 @@ pub async fn build(
     }
     log("saving the template snapshot");
     let snap = builder.snapshot_template(dest).await.map_err(vm_err)?;
+    // The active layer moved into the snapshot as its disk.
+    active.0 = None;
     Ok((snap, cfg))
+}
+
+/// The layer file the builder writes, removed if the build fails.
+struct ActiveLayer(Option<PathBuf>);
+
+impl ActiveLayer {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("set while building")
+    }
+}
+
+impl Drop for ActiveLayer {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 async fn run(vm: &Vm, r: &ExecRequest, line: usize, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {

@@ -19,7 +19,9 @@ pub mod artifact;
 pub mod base;
 pub mod build;
 pub mod dockerfile;
+pub mod expand;
 pub mod ext4;
+pub mod layers;
 pub mod oci;
 pub mod store;
 

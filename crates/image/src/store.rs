@@ -133,6 +133,28 @@ pub fn latest(home: &Path, name: &str) -> Option<VersionRecord> {
     versions(home, name).into_iter().rev().find(|r| r.state == VersionState::Successful)
 }
 
+/// Splits `NAME` or `NAME:vN`.
+pub fn parse_ref(image: &str) -> Result<(String, Option<u32>), RootfsError> {
+    match image.rsplit_once(":v") {
+        Some((n, v)) => {
+            let v = v.parse().map_err(|_| RootfsError::Invalid(format!("bad version in image reference {image:?} (NAME or NAME:vN)")))?;
+            Ok((n.to_owned(), Some(v)))
+        }
+        None => Ok((image.to_owned(), None)),
+    }
+}
+
+/// The SUCCESSFUL version `image` (`NAME` for the newest, or `NAME:vN`) names.
+pub fn resolve(home: &Path, image: &str) -> Result<VersionRecord, RootfsError> {
+    let (name, version) = parse_ref(image)?;
+    check_name(&name)?;
+    let rec = match version {
+        Some(v) => versions(home, &name).into_iter().find(|r| r.version == v && r.state == VersionState::Successful),
+        None => latest(home, &name),
+    };
+    rec.ok_or_else(|| RootfsError::Invalid(format!("no successfully built image {image} (see `hearth image ls`)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,12 +40,21 @@ pub struct Disk {
     /// When true (the default) the image is a read-only base: the VM writes to its own
     /// qcow2 overlay in its run directory, discarded with the VM.
     pub overlay: bool,
+    /// Without an overlay: the image is Hearth's own (not a user's file), so snapshots
+    /// of the VM may move it.
+    pub hearth_made: bool,
 }
 
 impl Disk {
     /// A base image the VM must not modify (an overlay takes its writes).
     pub fn base(path: impl Into<PathBuf>, format: DiskFormat) -> Self {
-        Disk { path: path.into(), format, overlay: true }
+        Disk { path: path.into(), format, overlay: true, hearth_made: false }
+    }
+
+    /// An image Hearth made for this VM, written in place (no overlay) and movable into
+    /// the VM's snapshots.
+    pub fn owned(path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        Disk { path: path.into(), format, overlay: false, hearth_made: true }
     }
 }
 

@@ -163,6 +163,9 @@ pub enum VmError {
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    /// The request does not fit this VM.
+    #[error("{0}")]
+    Invalid(String),
     /// The VM's network refused the change.
     #[error(transparent)]
     Network(#[from] crate::net::NetError),
@@ -192,6 +195,15 @@ pub struct Vm {
     /// snapshot may move it. A user's own image is never moved.
     pub(crate) disk_owned: bool,
     pub(crate) _dir: RunDir,
+}
+
+/// Refuses a relative path (QEMU records backing files by the path it is given).
+fn require_absolute(p: &Path) -> Result<(), VmError> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(VmError::Invalid(format!("{} must be an absolute path", p.display())))
+    }
 }
 
 fn random_id() -> String {
@@ -243,7 +255,7 @@ impl Vm {
             None => None,
         };
         let disk_owned = match (&cfg.root, &cfg.start) {
-            (Some(d), _) if d.overlay => true,
+            (Some(d), _) if d.overlay || d.hearth_made => true,
             (Some(_), Start::Incoming { mapped_ram: true, .. }) => true,
             _ => false,
         };
@@ -405,6 +417,28 @@ impl Vm {
         ns.set_egress(egress)?;
         *current.lock().unwrap_or_else(|p| p.into_inner()) = egress.clone();
         Ok(())
+    }
+
+    /// Freezes the disk's current contents: QEMU starts writing to a new qcow2 file
+    /// `new_active` (created here, backed by the current file), and the current file —
+    /// returned — is never written again, so it can serve as a read-only layer. The
+    /// guest should `sync` first. The new file is Hearth's and moves with snapshots.
+    pub async fn checkpoint_disk(&mut self, new_active: &Path) -> Result<PathBuf, VmError> {
+        let current = self.disk.clone().ok_or_else(|| VmError::Invalid("the VM has no disk".into()))?;
+        require_absolute(new_active)?;
+        self.qmp(
+            "blockdev-snapshot-sync",
+            Some(serde_json::json!({
+                "device": "root",
+                "snapshot-file": new_active.display().to_string(),
+                "format": "qcow2",
+                "mode": "absolute-paths",
+            })),
+        )
+        .await?;
+        self.disk = Some(new_active.to_path_buf());
+        self.disk_owned = true;
+        Ok(current)
     }
 
     /// The name of the VM's network namespace, if it has a network.
