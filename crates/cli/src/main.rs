@@ -2,6 +2,7 @@
 
 mod basecmd;
 mod bench;
+mod bench_build;
 mod bench_snap;
 mod imagecmd;
 mod report;
@@ -54,6 +55,8 @@ enum Cmd {
     /// Measure snapshots: launch (pooled and unpooled) against a cold boot, suspend and
     /// resume, idle density, sustained launch rate.
     BenchSnapshots(bench_snap::BenchSnapArgs),
+    /// Measure an image build from scratch against a rebuild after a code change.
+    BenchBuild(bench_build::BenchBuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -90,6 +93,7 @@ fn main() {
             Cmd::Accel { json } => accel(json).map(|()| 0),
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
+            Cmd::BenchBuild(a) => bench_build::run(a).await.map(|()| 0),
         };
         match result {
             Ok(code) => code,

@@ -1,0 +1,141 @@
+//! Microvm egress, against a test host in a network namespace this test creates (an
+//! address outside the private ranges, on this machine only): TCP reaches it with internet
+//! egress, a deny rule or `none` stops it at once without a restart, UDP is dropped, and
+//! the host's own addresses and the VM's gateway are unreachable whatever the policy.
+
+mod common;
+
+use hearth_proto::exec::ExecRequest;
+use hearth_vmm::net::{Egress, Rule};
+use hearth_vmm::Vm;
+use std::process::{Child, Command, Stdio};
+
+const PEER_IP: &str = "198.51.100.1";
+const PEER_GW: &str = "198.51.100.254";
+const TCP_PORT: u16 = 8765;
+const UDP_PORT: u16 = 8766;
+
+/// A test host in its own namespace; removed (with its server) when dropped.
+struct Peer {
+    ns: String,
+    server: Child,
+    udp_log: std::path::PathBuf,
+}
+
+impl Peer {
+    fn start(dir: &std::path::Path) -> Peer {
+        let ns = format!("hearth-test-peer-{}", std::process::id());
+        let host_dev = format!("htp{}", std::process::id() % 100_000);
+        let sh = |c: &str| {
+            let o = Command::new("sh").args(["-c", c]).output().unwrap();
+            assert!(o.status.success(), "{c}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        sh(&format!("ip netns add {ns}"));
+        let udp_log = dir.join("udp.log");
+        let mut peer = Peer { ns: ns.clone(), server: Command::new("true").spawn().unwrap(), udp_log: udp_log.clone() };
+        sh(&format!(
+            "ip link add {host_dev} type veth peer name eth0 netns {ns} && ip addr add {PEER_GW}/24 dev {host_dev} && ip link set {host_dev} up && \
+             ip -n {ns} addr add {PEER_IP}/24 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && ip -n {ns} route add default via {PEER_GW}"
+        ));
+        let script = format!(
+            "import socket, threading\n\
+             t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(('{PEER_IP}', {TCP_PORT})); t.listen(16)\n\
+             u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('{PEER_IP}', {UDP_PORT}))\n\
+             def udp():\n    while True:\n        d, a = u.recvfrom(100)\n        open('{}', 'a').write('got\\n')\n\
+             threading.Thread(target=udp, daemon=True).start()\n\
+             print('ready', flush=True)\n\
+             while True:\n    c, a = t.accept(); c.sendall(b'peer-ok'); c.close()\n",
+            udp_log.display()
+        );
+        peer.server = Command::new("ip").args(["netns", "exec", &ns, "python3", "-c", &script]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(peer.server.stdout.as_mut().unwrap()), &mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        peer
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        // The veth pair goes with the namespace.
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+const PROBE: &str = r#"
+import socket, sys
+kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+try:
+    if kind == 'tcp':
+        s = socket.create_connection((host, port), timeout=3)
+        print(s.recv(100).decode() or 'connected')
+    else:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b'x', (host, port))
+        print('sent')
+except Exception as e:
+    print('fail:' + type(e).__name__)
+"#;
+
+async fn probe(vm: &Vm, kind: &str, host: &str, port: u16) -> String {
+    let r = ExecRequest::argv(["python3", "-c", PROBE, kind, host, &port.to_string()]);
+    let out = vm.exec(&r, None, 1 << 16).await.unwrap();
+    out.stdout_str().trim().to_owned()
+}
+
+/// The host's first global IPv4 address.
+fn host_ip() -> String {
+    let o = Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let word = text.split_whitespace().skip_while(|w| *w != "inet").nth(1).expect("a global IPv4 address");
+    word.split('/').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_policy_is_enforced_and_changes_without_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::start(tmp.path());
+    // A service on the host itself, listening on every address.
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let host_port = host_listener.local_addr().unwrap().port();
+
+    let mut cfg = common::config(hearth_image::base::Base::DebianBookworm);
+    cfg.network = Some(Egress::internet());
+    let vm = Vm::boot(cfg).await.unwrap();
+    assert!(vm.netns().is_some());
+
+    assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok", "internet egress cannot reach the test host");
+    // The host and the VM's own gateway are closed whatever the policy.
+    assert!(probe(&vm, "tcp", &host_ip(), host_port).await.starts_with("fail"), "the guest reached a host service");
+    assert!(probe(&vm, "tcp", "10.0.2.2", host_port).await.starts_with("fail"), "the guest reached its namespace");
+    // Outbound UDP (other than DNS) is dropped.
+    assert_eq!(probe(&vm, "udp", PEER_IP, UDP_PORT).await, "sent");
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!peer.udp_log.exists(), "a UDP datagram got out");
+
+    // Policy changes apply at once, no restart.
+    let deny = Egress { deny: vec![Rule::parse(&format!("{PEER_IP}:{TCP_PORT}/tcp")).unwrap()], ..Egress::internet() };
+    vm.set_egress(&deny).unwrap();
+    assert!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await.starts_with("fail"), "the deny rule did not apply");
+    vm.set_egress(&Egress::none()).unwrap();
+    assert!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await.starts_with("fail"), "egress none let TCP out");
+    // An allow rule opens UDP to one destination.
+    let udp_ok = Egress { allow: vec![Rule::parse(&format!("{PEER_IP}:{UDP_PORT}/udp")).unwrap()], ..Egress::none() };
+    vm.set_egress(&udp_ok).unwrap();
+    assert_eq!(probe(&vm, "udp", PEER_IP, UDP_PORT).await, "sent");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !peer.udp_log.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(peer.udp_log.exists(), "the allowed UDP datagram did not arrive");
+    vm.set_egress(&Egress::internet()).unwrap();
+    assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
+    assert!(vm.set_egress(&Egress { allow: vec![Rule { cidr: "10.0.0.1/8".into(), proto: Default::default(), ports: None }], ..Egress::none() }).is_err());
+
+    let ns = vm.netns().unwrap().to_owned();
+    vm.shutdown().await;
+    assert!(!std::path::Path::new("/run/netns").join(&ns).exists(), "the VM's namespace outlived it");
+    drop(host_listener);
+}
