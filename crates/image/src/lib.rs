@@ -8,9 +8,9 @@
 //! - [`artifact`]: code artifacts (zip with a Dockerfile at the root), extracted safely.
 //! - [`dockerfile`]: Dockerfiles parsed (`dockerfile-parser`) into a validated build plan.
 //! - [`oci`]: import of `docker save` / OCI layout archives (layers, whiteouts) as ext4.
-//!
-//! The image build itself (running the plan in a builder microVM, layer cache, hooks,
-//! image versions) is not built yet; see `docs/ARCHITECTURE.md`.
+//! - [`expand`]: Dockerfile variable substitution.
+//! - [`build`]: the plan run in a builder microVM, the app started and checked, the
+//!   template snapshot; [`layers`]: the layer cache; [`store`]: image versions.
 
 #![deny(missing_docs)]
 
