@@ -134,8 +134,35 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
     assert!(vm.set_egress(&Egress { allow: vec![Rule { cidr: "10.0.0.1/8".into(), proto: Default::default(), ports: None }], ..Egress::none() }).is_err());
 
-    let ns = vm.netns().unwrap().to_owned();
-    vm.shutdown().await;
-    assert!(!std::path::Path::new("/run/netns").join(&ns).exists(), "the VM's namespace outlived it");
+    // Suspend and resume: a new namespace, the same guest addresses, the policy kept.
+    let first_ns = vm.netns().unwrap().to_owned();
+    let snap = vm.suspend(&tmp.path().join("suspended")).await.map_err(|(_, e)| e).unwrap();
+    assert!(!std::path::Path::new("/run/netns").join(&first_ns).exists(), "a suspended VM kept its namespace");
+    let vm = Vm::resume(&snap, &hearth_vmm::RestoreOptions::new()).await.unwrap();
+    assert_ne!(vm.netns().unwrap(), first_ns);
+    assert_eq!(vm.egress(), Some(Egress::internet()));
+    assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok", "egress lost across suspend/resume");
+
+    // Template clones: each its own namespace; egress closed unless the launcher opens it.
+    vm.kill().await;
+    let mut cfg = common::config(hearth_image::base::Base::DebianBookworm);
+    cfg.network = Some(Egress::internet());
+    cfg.memory = hearth_vmm::Memory::SnapshotReady;
+    let tpl = Vm::boot(cfg).await.unwrap().snapshot_template(&tmp.path().join("template")).await.unwrap();
+    let open = hearth_vmm::RestoreOptions { egress: Some(Egress::internet()), ..hearth_vmm::RestoreOptions::new() };
+    let a = Vm::launch(&tpl, &open).await.unwrap();
+    let b = Vm::launch(&tpl, &open).await.unwrap();
+    let closed = Vm::launch(&tpl, &hearth_vmm::RestoreOptions::new()).await.unwrap();
+    assert_ne!(a.netns(), b.netns());
+    assert_eq!(probe(&a, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
+    assert_eq!(probe(&b, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
+    assert!(probe(&closed, "tcp", PEER_IP, TCP_PORT).await.starts_with("fail"), "a clone got egress nobody gave it");
+    let names: Vec<String> = [&a, &b, &closed].iter().map(|v| v.netns().unwrap().to_owned()).collect();
+    for v in [a, b, closed] {
+        v.kill().await;
+    }
+    for ns in names {
+        assert!(!std::path::Path::new("/run/netns").join(&ns).exists(), "a clone's namespace outlived it");
+    }
     drop(host_listener);
 }
