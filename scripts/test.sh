@@ -2,7 +2,7 @@
 # The whole test suite, set-up included: host packages, agent, kernel, initramfs, base
 # images (busybox and debian-bookworm), then every unit, fake-agent and real-VM test.
 # Afterwards it checks that no QEMU process and no run directory or temporary file
-# outlived the suite.
+# outlived the suite, nor any network namespace or uplink interface.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Tests keep their own state directory, beside the build, so they never touch a user's.
@@ -23,6 +23,16 @@ fi
 if [ -d "$HEARTH_HOME/run" ] && [ -n "$(ls -A "$HEARTH_HOME/run")" ]; then
     echo "LEAK: run directories survived the tests:" >&2
     ls -la "$HEARTH_HOME/run" >&2
+    leaks=1
+fi
+if ip netns list 2>/dev/null | grep -q '^hearth-'; then
+    echo "LEAK: network namespaces survived the tests:" >&2
+    ip netns list | grep '^hearth-' >&2
+    leaks=1
+fi
+if ip -o link show 2>/dev/null | grep -Eq ': (hh[0-9]+|htp[0-9]+)@'; then
+    echo "LEAK: uplink interfaces survived the tests:" >&2
+    ip -o link show | grep -E ': (hh[0-9]+|htp[0-9]+)@' >&2
     leaks=1
 fi
 stray=$(find "$HEARTH_HOME" -maxdepth 2 \( -name '.build-*' -o -name '.ext4-*' -o -name '.fetch-*' -o -name '.tmp*' -o -name '.untar-*' \) 2>/dev/null || true)
