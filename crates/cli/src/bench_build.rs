@@ -63,7 +63,7 @@ pub async fn run(args: BenchBuildArgs) -> anyhow::Result<()> {
             hooks_port: 8080,
             ready_timeout: Duration::from_secs(120),
             validate: false,
-            network: Some(args.vm.net.egress(crate::vmargs::EgressMode::Internet)?.unwrap_or_else(hearth_vmm::net::Egress::internet)),
+            network: args.vm.net.egress(crate::vmargs::EgressMode::Internet)?,
             cache: true,
         };
         eprintln!("round {}: full build", round + 1);

@@ -124,6 +124,11 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             // bad artifact or option never leaves a PENDING version behind.
             store::check_name(&a.name)?;
             let vm_cfg = a.vm.config()?;
+            let network = a.vm.net.egress(EgressMode::Internet)?;
+            anyhow::ensure!(
+                network.is_none() || hearth_vmm::net::can_network(),
+                "the builder VM's network (internet egress by default, for RUN steps that fetch packages) needs root; run as root or build offline with --egress none"
+            );
             std::fs::create_dir_all(home.join("images"))?;
             let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(home.join("images"))?;
             let src = hearth_image::artifact::fetch(&a.context, scratch.path(), Default::default()).await?;
@@ -144,7 +149,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 hooks_port: a.port,
                 ready_timeout: Duration::from_secs(a.ready_timeout),
                 validate: a.validate,
-                network: a.vm.net.egress(EgressMode::Internet)?,
+                network,
                 cache: !a.no_cache,
             };
             rec.state = VersionState::InProgress;
@@ -244,12 +249,14 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                     req.user = c.user.clone();
                 }
             }
-            let opts = RestoreOptions {
-                run_root: home.join("run"),
-                timeout: Duration::from_secs(60),
-                hostname: None,
-                egress: a.net.egress(EgressMode::Closed)?,
-            };
+            let egress = a.net.egress(EgressMode::Closed)?;
+            let flags_given = a.net.egress.is_some() || !a.net.allow.is_empty() || !a.net.deny.is_empty();
+            match (&snap.manifest.network, &egress) {
+                (None, Some(_)) if flags_given => anyhow::bail!("image {}:v{} was built without a network device (--egress none); its clones cannot have egress", rec.name, rec.version),
+                (Some(_), None) => anyhow::bail!("image {}:v{} has a network device; use --egress closed to keep everything out", rec.name, rec.version),
+                _ => {}
+            }
+            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress };
             let vm = Vm::launch(&snap, &opts).await?;
             vmrun::finish(vm, &req, a.cmd.json, None).await
         }

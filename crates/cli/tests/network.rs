@@ -109,6 +109,9 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok", "internet egress cannot reach the test host");
     // The host and the VM's own gateway are closed whatever the policy.
     assert!(probe(&vm, "tcp", &host_ip(), host_port).await.starts_with("fail"), "the guest reached a host service");
+    // The host's address on the test host's link is public-range, so only the host's own
+    // rules (not the private-range drop) keep the guest from its service there.
+    assert_eq!(probe(&vm, "tcp", PEER_GW, host_port).await, "fail:TimeoutError", "the guest reached a host service on a public address");
     assert!(probe(&vm, "tcp", "10.0.2.2", host_port).await.starts_with("fail"), "the guest reached its namespace");
     // Outbound UDP (other than DNS) is dropped.
     assert_eq!(probe(&vm, "udp", PEER_IP, UDP_PORT).await, "sent");

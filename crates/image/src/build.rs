@@ -242,7 +242,10 @@ pub async fn build(
     };
     let cache = LayerCache::new(home);
     let resolve = |s: &str| context_path(&req.context, s).ok();
-    let keys = layers::step_keys(&layers::base_id(&rootfs), &cfg.env, &kinds, resolve)
+    // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
+    // is part of the first key.
+    let base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
+    let keys = layers::step_keys(&base_key, &cfg.env, &kinds, resolve)
         .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
     // The last step whose layer is cached; everything up to it is reused.
     let hit = if req.cache {

@@ -76,9 +76,12 @@ impl LayerCache {
             created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64,
         };
         std::fs::File::open(file)?.sync_all()?;
-        let tmp = self.dir.join(format!(".{key}.json.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec(&e).map_err(std::io::Error::other)?)?;
-        std::fs::rename(&tmp, self.dir.join(format!("{key}.json")))
+        // A temporary file of our own: concurrent builds of the same steps may record the
+        // same key at once (the last one wins; both layers are valid).
+        let mut tmp = tempfile::Builder::new().prefix(".entry-").tempfile_in(&self.dir)?;
+        std::io::Write::write_all(&mut tmp, &serde_json::to_vec(&e).map_err(std::io::Error::other)?)?;
+        tmp.persist(self.dir.join(format!("{key}.json"))).map_err(|e| e.error)?;
+        Ok(())
     }
 }
 

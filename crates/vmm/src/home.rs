@@ -15,7 +15,10 @@ use std::path::PathBuf;
 /// `$XDG_DATA_HOME/hearth` or `~/.local/share/hearth`.
 pub fn hearth_home() -> PathBuf {
     if let Some(h) = std::env::var_os("HEARTH_HOME").filter(|h| !h.is_empty()) {
-        return PathBuf::from(h);
+        // Absolute and without symlinks: QEMU records backing files by the paths it is
+        // given, and layer chains are compared by path.
+        let p = PathBuf::from(h);
+        return std::fs::canonicalize(&p).unwrap_or_else(|_| std::path::absolute(&p).unwrap_or(p));
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } == 0 {

@@ -192,12 +192,10 @@ impl Egress {
         self.internet || !self.allow.is_empty()
     }
 
-    /// The nftables rules of the `egress` chain.
+    /// The nftables rules of the `egress` chain (the deny rules have their own chain,
+    /// evaluated before DNS and this one).
     fn rules(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for r in &self.deny {
-            out.extend(r.nft("drop"));
-        }
         for r in &self.allow {
             out.extend(r.nft("accept"));
         }
@@ -268,39 +266,53 @@ fn tool_in_ns(what: &str, ns: &Path, cmd: &mut Command, stdin: Option<&str>) -> 
     r
 }
 
-/// The host's first IPv4 resolver that a namespace can reach (not loopback).
+/// The host's first IPv4 resolver that a namespace can reach (not loopback): from
+/// `/etc/resolv.conf`, else systemd-resolved's upstream list (its stub is loopback).
 fn host_resolver() -> Option<Ipv4Addr> {
-    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
-        .find(|a| !a.is_loopback())
+    let found = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"].iter().find_map(|f| {
+        let text = std::fs::read_to_string(f).ok()?;
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|a| a.trim().parse::<Ipv4Addr>().ok())
+            .find(|a| !a.is_loopback())
+    });
+    if found.is_none() {
+        tracing::warn!("no non-loopback IPv4 nameserver on the host: microVMs will have no DNS");
+    }
+    found
 }
 
-/// Host-wide set-up, once per process: forwarding on, Hearth's host table (no input from
-/// VMs, no forwarding between them, NAT of uplinks).
+/// True when this process may set up networks.
+pub fn can_network() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Host-wide set-up: forwarding on, and Hearth's host table — nothing from a VM's uplink
+/// to the host itself (checked in prerouting, before any of the host's own DNAT could
+/// turn a host address into a forwarded one), no DNATed traffic from uplinks, no
+/// forwarding between uplinks, NAT of the uplink range. Applied on every network set-up
+/// and policy change (one atomic transaction each, so concurrent processes are safe), so
+/// a firewall reload that flushed the table is repaired by the next VM.
 fn ensure_host() -> Result<(), NetError> {
-    static DONE: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
-    let r = DONE.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(NetError::NotRoot.to_string());
-        }
-        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(|e| format!("enable IPv4 forwarding: {e}"))?;
-        let net = format!("{}.{}.0.0/16", UPLINK_NET[0], UPLINK_NET[1]);
-        // One transaction: create-if-missing, then replace the contents.
-        let rules = format!(
-            "table inet hearth {{}}\n\
-             flush table inet hearth\n\
-             table inet hearth {{\n\
-               chain input {{ type filter hook input priority -10; policy accept; iifname \"hh*\" drop; }}\n\
-               chain forward {{ type filter hook forward priority -10; policy accept; iifname \"hh*\" oifname \"hh*\" drop; }}\n\
-               chain post {{ type nat hook postrouting priority srcnat; policy accept; ip saddr {net} oifname != \"hh*\" masquerade; }}\n\
-             }}\n"
-        );
-        tool("nft (host table)", Command::new("nft").arg("-f").arg("-"), Some(&rules)).map_err(|e| e.to_string())
-    });
-    r.clone().map_err(|detail| if detail == NetError::NotRoot.to_string() { NetError::NotRoot } else { NetError::Tool { what: "host network set-up".into(), detail } })
+    if !can_network() {
+        return Err(NetError::NotRoot);
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
+        .map_err(|e| NetError::Tool { what: "enable IPv4 forwarding".into(), detail: e.to_string() })?;
+    let net = format!("{}.{}.0.0/16", UPLINK_NET[0], UPLINK_NET[1]);
+    // One transaction: create-if-missing, then replace the contents.
+    let rules = format!(
+        "table inet hearth {{}}\n\
+         flush table inet hearth\n\
+         table inet hearth {{\n\
+           chain pre {{ type filter hook prerouting priority -300; policy accept; iifname \"hh*\" fib daddr type local drop; iifname \"hh*\" meta nfproto ipv6 drop; }}\n\
+           chain input {{ type filter hook input priority -10; policy accept; iifname \"hh*\" drop; }}\n\
+           chain forward {{ type filter hook forward priority -10; policy accept; iifname \"hh*\" oifname \"hh*\" drop; iifname \"hh*\" ct status dnat drop; iifname \"hh*\" ip daddr 169.254.0.0/16 drop; }}\n\
+           chain post {{ type nat hook postrouting priority srcnat; policy accept; ip saddr {net} oifname != \"hh*\" masquerade; }}\n\
+         }}\n"
+    );
+    tool("nft (host table)", Command::new("nft").arg("-f").arg("-"), Some(&rules))
 }
 
 /// A VM's network namespace, removed (with its devices) when dropped.
@@ -342,7 +354,8 @@ impl NetNs {
         );
         tool("ip (namespace devices)", Command::new("ip").args(["-n", &ns.name, "-batch", "-"]), Some(&ns_batch))?;
         let mut sysctl = Command::new("sh");
-        sysctl.args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6"]);
+        // IPv6 may be absent from the kernel altogether; the rules drop it anyway.
+        sysctl.args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && { echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; true"]);
         tool_in_ns("namespace sysctls", &ns.path(), &mut sysctl, None)?;
         ns.load_rules(egress, true)?;
         Ok(ns)
@@ -363,6 +376,7 @@ impl NetNs {
         for r in egress.allow.iter().chain(&egress.deny) {
             r.validate()?;
         }
+        ensure_host()?;
         self.load_rules(egress, false)
     }
 
@@ -397,30 +411,42 @@ impl NetNs {
         let resolver = host_resolver();
         let mut t = String::new();
         if first {
-            // DNS to 10.0.2.3 goes to the host's resolver, marked so the `dns` chain can let
-            // it through while the policy allows any egress.
+            // DNS to 10.0.2.3 goes to the host's resolver; the connection is marked so the
+            // `dns` chain can let it through while the policy allows any egress.
             let dns = resolver
-                .map(|r| format!("iifname \"tap0\" ip daddr {DNS_IP} meta l4proto {{ tcp, udp }} th dport 53 meta mark set 0x53 dnat ip to {r}"))
+                .map(|r| format!("iifname \"tap0\" ip daddr {DNS_IP} meta l4proto {{ tcp, udp }} th dport 53 ct mark set 0x53 dnat ip to {r}"))
                 .unwrap_or_default();
+            // Every packet from the guest is checked against the current policy, not only a
+            // connection's first: revoking egress also stops connections already open.
+            // Only replies coming back in are accepted by connection state.
             t.push_str(&format!(
                 "table inet vm {{\n\
                    chain pre {{ type nat hook prerouting priority dstnat; policy accept; {dns}; }}\n\
                    chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"uplink\" masquerade; }}\n\
                    chain input {{ type filter hook input priority 0; policy drop; iifname \"lo\" accept; ct state established,related accept; }}\n\
+                   chain output {{ type filter hook output priority 0; policy drop; oifname \"lo\" accept; ct state established,related accept; meta l4proto icmp accept; }}\n\
                    chain forward {{ type filter hook forward priority 0; policy drop;\n\
-                     ct state established,related accept;\n\
+                     iifname \"uplink\" oifname \"tap0\" ct state established,related accept;\n\
+                     iifname \"tap0\" meta nfproto != ipv4 drop;\n\
                      iifname \"tap0\" ip saddr != {GUEST_IP} drop;\n\
-                     iifname \"tap0\" jump dns;\n\
+                     iifname \"tap0\" oifname \"uplink\" jump deny;\n\
+                     iifname \"tap0\" oifname \"uplink\" jump dns;\n\
                      iifname \"tap0\" oifname \"uplink\" jump egress;\n\
                    }}\n\
+                   chain deny {{ }}\n\
                    chain dns {{ }}\n\
                    chain egress {{ }}\n\
                  }}\n"
             ));
         }
-        t.push_str("flush chain inet vm dns\nflush chain inet vm egress\n");
+        t.push_str("flush chain inet vm deny\nflush chain inet vm dns\nflush chain inet vm egress\n");
+        for r in &egress.deny {
+            for l in r.nft("drop") {
+                t.push_str(&format!("add rule inet vm deny {l}\n"));
+            }
+        }
         if egress.any() && resolver.is_some() {
-            t.push_str("add rule inet vm dns meta mark 0x53 accept\n");
+            t.push_str("add rule inet vm dns ct mark 0x53 accept\n");
         }
         for r in egress.rules() {
             t.push_str(&format!("add rule inet vm egress {r}\n"));
@@ -476,17 +502,17 @@ mod tests {
     }
 
     #[test]
-    fn egress_order_is_deny_allow_then_internet() {
+    fn egress_order_is_allow_then_internet() {
         let e = Egress {
             internet: true,
             allow: vec![Rule::parse("192.168.1.0/24").unwrap()],
             deny: vec![Rule::parse("8.8.8.8").unwrap()],
         };
         let r = e.rules();
-        assert!(r[0].ends_with("drop") && r[0].contains("8.8.8.8"));
-        assert!(r[1].ends_with("accept") && r[1].contains("192.168.1.0/24"));
-        assert!(r[2].contains("10.0.0.0/8") && r[2].ends_with("drop"));
-        assert_eq!(r[3], "meta l4proto { tcp, icmp } accept");
+        assert!(!r.iter().any(|l| l.contains("8.8.8.8")), "deny rules live in their own chain");
+        assert!(r[0].ends_with("accept") && r[0].contains("192.168.1.0/24"));
+        assert!(r[1].contains("10.0.0.0/8") && r[1].ends_with("drop"));
+        assert_eq!(r[2], "meta l4proto { tcp, icmp } accept");
         assert!(Egress::none().rules().is_empty());
         assert!(!Egress::none().any());
     }

@@ -414,8 +414,10 @@ impl Vm {
     /// Replaces the VM's egress policy while it runs (new connections see it at once).
     pub fn set_egress(&self, egress: &Egress) -> Result<(), VmError> {
         let (ns, current) = self.net.as_ref().ok_or(VmError::Network(crate::net::NetError::NoNetwork))?;
+        // Held across the change, so the recorded policy is always the loaded one.
+        let mut recorded = current.lock().unwrap_or_else(|p| p.into_inner());
         ns.set_egress(egress)?;
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = egress.clone();
+        *recorded = egress.clone();
         Ok(())
     }
 
