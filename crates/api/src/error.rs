@@ -1,0 +1,123 @@
+//! API errors as the service sends them: the model's error shape name in
+//! `x-amzn-ErrorType`, its status code, and a JSON body with `message` (and
+//! `resourceId`/`resourceType` where the shape has them).
+
+use axum::response::{IntoResponse, Response};
+
+/// The error kinds Hearth answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Bad input (400).
+    Validation,
+    /// No such resource, or another tenant's (404).
+    NotFound,
+    /// Not allowed in the resource's current state (409).
+    Conflict,
+    /// Authenticated but not allowed (403).
+    AccessDenied,
+    /// Unknown access key (403).
+    UnrecognizedClient,
+    /// Signature missing, malformed, expired or wrong (403).
+    InvalidSignature,
+    /// A limit of this server (402).
+    Quota,
+    /// Hearth's own failure (500).
+    Internal,
+    /// No operation at this path (404).
+    UnknownOperation,
+    /// The path exists with another method (405).
+    MethodNotAllowed,
+}
+
+impl Kind {
+    /// The wire name (the model's error shape, or the service's own name for auth errors).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Validation => "ValidationException",
+            Kind::NotFound => "ResourceNotFoundException",
+            Kind::Conflict => "ConflictException",
+            Kind::AccessDenied => "AccessDeniedException",
+            Kind::UnrecognizedClient => "UnrecognizedClientException",
+            Kind::InvalidSignature => "InvalidSignatureException",
+            Kind::Quota => "ServiceQuotaExceededException",
+            Kind::Internal => "InternalServerException",
+            Kind::UnknownOperation => "UnknownOperationException",
+            Kind::MethodNotAllowed => "MethodNotAllowedException",
+        }
+    }
+
+    /// HTTP status: the model's where it defines the shape.
+    pub fn status(self) -> u16 {
+        if let Some(s) = crate::model::model().error_status(self.name()) {
+            return s;
+        }
+        match self {
+            Kind::UnrecognizedClient | Kind::InvalidSignature => 403,
+            Kind::UnknownOperation => 404,
+            Kind::MethodNotAllowed => 405,
+            _ => 500,
+        }
+    }
+}
+
+/// One error answer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}", kind.name())]
+pub struct ApiError {
+    /// Kind.
+    pub kind: Kind,
+    /// Human-readable message.
+    pub message: String,
+    /// The resource concerned.
+    pub resource: Option<(String, String)>,
+}
+
+impl ApiError {
+    /// An error of `kind`.
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        ApiError { kind, message: message.into(), resource: None }
+    }
+
+    /// A ValidationException.
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(Kind::Validation, message)
+    }
+
+    /// A body that is not JSON (a ValidationException, as the service answers).
+    pub fn serialization(message: impl Into<String>) -> Self {
+        Self::new(Kind::Validation, message)
+    }
+
+    /// A ResourceNotFoundException for `kind` `id`.
+    pub fn not_found(resource_type: &str, id: &str) -> Self {
+        ApiError { kind: Kind::NotFound, message: format!("{resource_type} {id} not found"), resource: Some((resource_type.into(), id.into())) }
+    }
+
+    /// A ConflictException about `id`.
+    pub fn conflict(resource_type: &str, id: &str, message: impl Into<String>) -> Self {
+        ApiError { kind: Kind::Conflict, message: message.into(), resource: Some((resource_type.into(), id.into())) }
+    }
+
+    /// An InternalServerException; the cause is logged, the client gets a generic message.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(%cause, "internal error");
+        Self::new(Kind::Internal, format!("internal error: {cause}"))
+    }
+
+    /// Its HTTP status.
+    pub fn status(&self) -> u16 {
+        self.kind.status()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({ "message": self.message });
+        if let Some((t, id)) = &self.resource {
+            body["resourceType"] = t.clone().into();
+            body["resourceId"] = id.clone().into();
+        }
+        let status = http::StatusCode::from_u16(self.status()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+        (status, [("x-amzn-errortype", self.kind.name()), ("content-type", "application/json")], body.to_string()).into_response()
+    }
+}
