@@ -154,7 +154,12 @@ impl Model {
                 "querystring" => {
                     let target = self.shape(m["shape"].as_str().unwrap_or_default());
                     let mut vals = query.iter().filter(|(k, _)| k == wire).map(|(_, v)| v.clone());
-                    if let Some(v) = vals.next() {
+                    if target["type"] == "list" {
+                        let all: Vec<Value> = vals.map(Value::String).collect();
+                        if !all.is_empty() {
+                            out.insert(name.clone(), Value::Array(all));
+                        }
+                    } else if let Some(v) = vals.next() {
                         if vals.next().is_some() {
                             return Err(ApiError::validation(format!("query parameter {wire} given more than once")));
                         }

@@ -4,6 +4,7 @@ mod basecmd;
 mod bench;
 mod bench_build;
 mod bench_snap;
+mod serve;
 mod imagecmd;
 mod report;
 mod setup;
@@ -57,6 +58,12 @@ enum Cmd {
     BenchSnapshots(bench_snap::BenchSnapArgs),
     /// Measure an image build from scratch against a rebuild after a code change.
     BenchBuild(bench_build::BenchBuildArgs),
+    /// Run the control plane: the Lambda MicroVMs API (SigV4, SQLite state, lifecycle,
+    /// idle policy). Prints a first access key on first start.
+    Serve(serve::ServeArgs),
+    /// Manage the API's access keys (one tenant per account).
+    #[command(subcommand)]
+    Keys(serve::KeysCmd),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +101,8 @@ fn main() {
             Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
             Cmd::BenchBuild(a) => bench_build::run(a).await.map(|()| 0),
+            Cmd::Serve(a) => serve::run(a).await.map(|()| 0),
+            Cmd::Keys(c) => serve::keys(c).map(|()| 0),
         };
         match result {
             Ok(code) => code,

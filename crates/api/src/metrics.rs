@@ -1,0 +1,80 @@
+//! Prometheus metrics: microvms by state (from the store), latency histograms of launch,
+//! suspend and resume, error and request counters. Written by hand in the text exposition
+//! format: a handful of series do not need a metrics framework.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Histogram bucket bounds in seconds.
+const BUCKETS: &[f64] = &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+struct Histogram {
+    counts: Vec<u64>,
+    sum: f64,
+    n: u64,
+}
+
+/// The daemon's metrics.
+#[derive(Default)]
+pub struct Metrics {
+    hist: Mutex<BTreeMap<&'static str, Histogram>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl Metrics {
+    /// Records one latency of `what` (launch, suspend, resume).
+    pub fn observe(&self, what: &'static str, d: Duration) {
+        let mut h = self.hist.lock().unwrap_or_else(|p| p.into_inner());
+        let e = h.entry(what).or_default();
+        if e.counts.is_empty() {
+            e.counts = vec![0; BUCKETS.len()];
+        }
+        let s = d.as_secs_f64();
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if s <= *b {
+                e.counts[i] += 1;
+            }
+        }
+        e.sum += s;
+        e.n += 1;
+    }
+
+    /// Counts a failed `what`.
+    pub fn error(&self, what: &str) {
+        *self.errors.lock().unwrap_or_else(|p| p.into_inner()).entry(what.to_owned()).or_default() += 1;
+    }
+
+    /// Counts an API request.
+    pub fn request(&self, op: &str, status: u16) {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((op.to_owned(), status)).or_default() += 1;
+    }
+
+    /// The exposition text, with `states` (microvms by state).
+    pub fn render(&self, states: &[(String, i64)]) -> String {
+        let mut o = String::new();
+        o.push_str("# HELP hearth_microvms Microvms by state.\n# TYPE hearth_microvms gauge\n");
+        for st in ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED"] {
+            let n = states.iter().find(|(s, _)| s == st).map_or(0, |(_, n)| *n);
+            o.push_str(&format!("hearth_microvms{{state=\"{st}\"}} {n}\n"));
+        }
+        for (what, h) in self.hist.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            o.push_str(&format!("# HELP hearth_{what}_seconds Microvm {what} latency.\n# TYPE hearth_{what}_seconds histogram\n"));
+            for (i, b) in BUCKETS.iter().enumerate() {
+                o.push_str(&format!("hearth_{what}_seconds_bucket{{le=\"{b}\"}} {}\n", h.counts[i]));
+            }
+            o.push_str(&format!("hearth_{what}_seconds_bucket{{le=\"+Inf\"}} {}\nhearth_{what}_seconds_sum {}\nhearth_{what}_seconds_count {}\n", h.n, h.sum, h.n));
+        }
+        o.push_str("# HELP hearth_errors_total Failed microvm actions.\n# TYPE hearth_errors_total counter\n");
+        for (what, n) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            o.push_str(&format!("hearth_errors_total{{action=\"{what}\"}} {n}\n"));
+        }
+        o.push_str("# HELP hearth_requests_total API requests.\n# TYPE hearth_requests_total counter\n");
+        for ((op, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            o.push_str(&format!("hearth_requests_total{{operation=\"{op}\",status=\"{status}\"}} {n}\n"));
+        }
+        o
+    }
+}

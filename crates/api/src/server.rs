@@ -1,0 +1,307 @@
+//! The HTTP side: every request is read (bounded), authenticated with SigV4, routed by
+//! the model, validated, made idempotent where the model has a `clientToken`, and answered
+//! with the model's status codes and error shapes. Hearth's own extensions live under
+//! `/hearth/v1/` (same authentication; described by `/hearth/v1/openapi.json`); `/health`
+//! and `/metrics` need none.
+
+use crate::error::{ApiError, Kind};
+use crate::model::{model, MAX_BODY};
+use crate::service::{not_yet, Service};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use hearth_proto::binpath::BinPath;
+use hearth_proto::exec::ExecRequest;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The router.
+pub fn router(svc: Arc<Service>) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(svc)
+}
+
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let dec = |s: &str| percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned();
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+fn json_response(status: u16, v: &Value) -> Response {
+    let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+    if status == http::StatusCode::NO_CONTENT {
+        return status.into_response();
+    }
+    (status, [("content-type", "application/json")], v.to_string()).into_response()
+}
+
+async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    match (parts.method.as_str(), path.as_str()) {
+        ("GET", "/health") => return (http::StatusCode::OK, "ok\n").into_response(),
+        ("GET", "/metrics") => {
+            let states = svc.store.count_by_state().unwrap_or_default();
+            return ([("content-type", "text/plain; version=0.0.4")], svc.metrics.render(&states)).into_response();
+        }
+        ("GET", "/hearth/v1/openapi.json") => return json_response(200, &openapi()),
+        _ => {}
+    }
+    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => return ApiError::validation(format!("the request body is over {MAX_BODY} bytes")).into_response(),
+    };
+    let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, SystemTime::now(), |k| {
+        svc.store.key(k).ok().flatten().map(|k| k.secret)
+    });
+    let account = match signed.and_then(|s| svc.store.key(&s.access_key).ok().flatten().ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))) {
+        Ok(k) => k.account,
+        Err(e) => {
+            svc.metrics.request("auth", e.status());
+            return e.into_response();
+        }
+    };
+    if let Some(rest) = path.strip_prefix("/hearth/v1/") {
+        return match extension(&svc, &account, &parts.method, rest, parts.uri.query(), bytes).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+    }
+    let (op, params) = match model().route(&parts.method, &path) {
+        Ok(x) => x,
+        Err(e) => return e.into_response(),
+    };
+    let result = async {
+        let input = model().parse_input(op, &params, &query_pairs(parts.uri.query()), &bytes)?;
+        let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
+        let hash = {
+            let mut without = input.clone();
+            without.remove("clientToken");
+            format!("{:x}", Sha256::digest(Value::Object(without).to_string()))
+        };
+        if let Some(t) = &token {
+            if let Some((h, resp)) = svc.store.idempotent(&account, &op.name, t).map_err(|e| ApiError::internal(e))? {
+                if h != hash {
+                    return Err(ApiError::conflict(&op.name, t, "clientToken was already used with different parameters"));
+                }
+                return serde_json::from_str(&resp).map_err(ApiError::internal);
+            }
+        }
+        let out = dispatch(&svc, &account, &op.name, &input).await?;
+        if let Some(t) = &token {
+            svc.store.remember(&account, &op.name, t, &hash, &out.to_string()).map_err(ApiError::internal)?;
+        }
+        Ok(out)
+    }
+    .await;
+    match result {
+        Ok(v) => {
+            svc.metrics.request(&op.name, op.status);
+            json_response(op.status, &v)
+        }
+        Err(e) => {
+            svc.metrics.request(&op.name, e.status());
+            e.into_response()
+        }
+    }
+}
+
+async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
+    let ident = input.get("microvmIdentifier").and_then(Value::as_str).unwrap_or_default();
+    match op {
+        "RunMicrovm" => svc.run_microvm(account, input).await,
+        "GetMicrovm" => svc.get_microvm(account, input).await,
+        "ListMicrovms" => svc.list_microvms(account, input).await,
+        "SuspendMicrovm" => svc.suspend_microvm(account, ident, None).await,
+        "ResumeMicrovm" => svc.resume_microvm(account, ident).await,
+        "TerminateMicrovm" => svc.terminate_microvm(account, ident, None).await,
+        "CreateMicrovmImage" => svc.create_image(account, input, false).await,
+        "UpdateMicrovmImage" => svc.create_image(account, input, true).await,
+        "GetMicrovmImage" => svc.get_image(account, input),
+        "ListMicrovmImages" => svc.list_images(account, input),
+        "DeleteMicrovmImage" => svc.delete_image(account, input),
+        "GetMicrovmImageVersion" => svc.get_version(account, input),
+        "ListMicrovmImageVersions" => svc.list_versions(account, input),
+        "UpdateMicrovmImageVersion" => svc.update_version(account, input),
+        "DeleteMicrovmImageVersion" => svc.delete_version(account, input),
+        "GetMicrovmImageBuild" => svc.get_build(account, input),
+        "ListMicrovmImageBuilds" => svc.list_builds(account, input),
+        "ListManagedMicrovmImages" => svc.list_managed(input),
+        "ListManagedMicrovmImageVersions" => svc.list_managed_versions(input),
+        "ListTags" => svc.list_tags(account, input),
+        "TagResource" => svc.tag(account, input),
+        "UntagResource" => svc.untag(account, input),
+        other => Err(not_yet(other)),
+    }
+}
+
+/// Most bytes of output an API exec returns per stream.
+const MAX_EXEC_OUTPUT: usize = 8 << 20;
+
+async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, rest: &str, query: Option<&str>, body: Bytes) -> Result<Response, ApiError> {
+    let q = query_pairs(query);
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let parts: Vec<&str> = rest.split('/').collect();
+    match (method.as_str(), parts.as_slice()) {
+        ("POST", ["microvms", id, "exec"]) => {
+            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;
+            let req = exec_request(&v)?;
+            let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
+            let out = svc
+                .with_vm(account, id, move |vm| {
+                    Box::pin(async move { vm.exec(&req, stdin, MAX_EXEC_OUTPUT).await.map_err(|e| ApiError::internal(format!("exec: {e}"))) })
+                })
+                .await?;
+            Ok(json_response(
+                200,
+                &json!({ "exitCode": out.exit.code, "signal": out.exit.signal, "stdout": out.stdout_str(), "stderr": out.stderr_str() }),
+            ))
+        }
+        ("GET", ["microvms", id, "files"]) => {
+            let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
+            let data = svc
+                .with_vm(account, id, move |vm| {
+                    Box::pin(async move { vm.agent().read_file_bytes(&BinPath::from(path.as_str()), 256 << 20).await.map_err(file_err) })
+                })
+                .await?;
+            Ok(([("content-type", "application/octet-stream")], data).into_response())
+        }
+        ("PUT", ["microvms", id, "files"]) => {
+            let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
+            let info = svc
+                .with_vm(account, id, move |vm| {
+                    Box::pin(async move { vm.agent().write_file_bytes(&BinPath::from(path.as_str()), None, body).await.map_err(file_err) })
+                })
+                .await?;
+            Ok(json_response(200, &json!({ "size": info.size })))
+        }
+        ("GET", ["microvms", id, "files", "list"]) => {
+            let path = param("path").unwrap_or_else(|| "/".into());
+            let entries = svc
+                .with_vm(account, id, move |vm| Box::pin(async move { vm.agent().list(&BinPath::from(path.as_str())).await.map_err(file_err) }))
+                .await?;
+            Ok(json_response(200, &json!({ "entries": serde_json::to_value(entries).map_err(ApiError::internal)? })))
+        }
+        ("GET", ["usage"]) => {
+            let num = |k: &str, d: f64| param(k).map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch")))).transpose().map(|x| x.unwrap_or(d));
+            let now = crate::service::now();
+            let (from, to) = (num("from", 0.0)?, num("to", now)?);
+            let u = svc.store.usage(account, from, to, now).map_err(ApiError::internal)?;
+            Ok(json_response(200, &json!({ "account": account, "from": from, "to": to, "usage": u })))
+        }
+        _ => Err(ApiError::new(Kind::UnknownOperation, format!("no Hearth extension at {method} /hearth/v1/{rest} (see /hearth/v1/openapi.json)"))),
+    }
+}
+
+fn file_err(e: hearth_vmm::AgentError) -> ApiError {
+    match e {
+        hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
+        hearth_vmm::AgentError::Remote(b) => ApiError::validation(b.message),
+        other => ApiError::internal(other),
+    }
+}
+
+fn exec_request(v: &Value) -> Result<ExecRequest, ApiError> {
+    let mut r = match (v.get("command"), v.get("shell")) {
+        (Some(Value::Array(a)), None) if !a.is_empty() => {
+            let argv: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_owned)).collect();
+            ExecRequest::argv(argv.ok_or_else(|| ApiError::validation("command must be a list of strings"))?)
+        }
+        (None, Some(Value::String(s))) => ExecRequest::shell(s.clone()),
+        _ => return Err(ApiError::validation("give either \"command\": [argv…] or \"shell\": \"…\"")),
+    };
+    if let Some(env) = v.get("env").and_then(Value::as_object) {
+        for (k, x) in env {
+            r.env.insert(k.clone(), x.as_str().ok_or_else(|| ApiError::validation("env values must be strings"))?.to_owned());
+        }
+    }
+    r.cwd = v.get("cwd").and_then(Value::as_str).map(str::to_owned);
+    r.user = v.get("user").and_then(Value::as_str).map(str::to_owned);
+    r.timeout_ms = v.get("timeoutSeconds").and_then(Value::as_f64).map(|s| (s * 1000.0) as u64);
+    r.stdin = v.get("stdin").is_some();
+    Ok(r)
+}
+
+/// The OpenAPI document of Hearth's extensions.
+pub fn openapi() -> Value {
+    json!({
+        "openapi": "3.0.3",
+        "info": { "title": "Hearth extensions to the Lambda MicroVMs API", "version": "1" },
+        "components": { "securitySchemes": { "sigv4": { "type": "apiKey", "name": "Authorization", "in": "header", "description": "AWS SigV4, signing name `lambda`" } } },
+        "security": [{ "sigv4": [] }],
+        "paths": {
+            "/hearth/v1/microvms/{microvmId}/exec": { "post": {
+                "summary": "Run a command to completion (resumes a SUSPENDED microvm when its idle policy allows; counts as activity)",
+                "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": {
+                    "command": { "type": "array", "items": { "type": "string" } }, "shell": { "type": "string" },
+                    "env": { "type": "object", "additionalProperties": { "type": "string" } }, "cwd": { "type": "string" },
+                    "user": { "type": "string" }, "timeoutSeconds": { "type": "number" }, "stdin": { "type": "string" } } } } } },
+                "responses": { "200": { "description": "exitCode, signal, stdout, stderr (UTF-8, lossy; at most 8 MiB each)" } } } },
+            "/hearth/v1/microvms/{microvmId}/files": {
+                "get": { "summary": "Read a file (?path=)", "responses": { "200": { "description": "the bytes" } } },
+                "put": { "summary": "Write a file atomically (?path=), body = bytes", "responses": { "200": { "description": "size" } } } },
+            "/hearth/v1/microvms/{microvmId}/files/list": { "get": { "summary": "List a directory (?path=)", "responses": { "200": { "description": "entries" } } } },
+            "/hearth/v1/usage": { "get": { "summary": "Metered usage of the caller's account between ?from= and ?to= (seconds since the epoch): vCPU-seconds and GiB-seconds while RUNNING, snapshot GiB-hours while SUSPENDED", "responses": { "200": { "description": "usage" } } } }
+        }
+    })
+}
+
+/// Where the daemon listens and keeps its state.
+pub struct ServeConfig {
+    /// Listen address.
+    pub listen: std::net::SocketAddr,
+    /// `$HEARTH_HOME` (images, layers, kernels).
+    pub home: std::path::PathBuf,
+    /// The API's own state: database, microvm and image files (`$HEARTH_HOME/api`).
+    pub state_dir: std::path::PathBuf,
+    /// Kernel, initramfs, accelerator, run directory for VMs.
+    pub vm: hearth_vmm::VmConfig,
+    /// How often the idle and lifetime policies run.
+    pub policy_interval: Duration,
+}
+
+/// What `serve` reports once it listens.
+pub struct Started {
+    /// The bound address.
+    pub addr: std::net::SocketAddr,
+    /// The access key created on first start (printed once).
+    pub first_key: Option<crate::store::AccessKey>,
+}
+
+/// Opens the store (creating the first tenant and key on first start), reconciles
+/// microvms left by a previous run, and serves until `shutdown` resolves; then suspends
+/// nothing and kills every VM it runs (they are recorded as ended on the next start).
+pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
+    let dir = cfg.state_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
+    let first_key = if store.keys().map_err(|e| e.to_string())?.is_empty() {
+        let k = crate::keys::new_key(&crate::keys::new_account());
+        store.add_key(&k).map_err(|e| e.to_string())?;
+        Some(k)
+    } else {
+        None
+    };
+    let svc = Arc::new(Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm));
+    svc.reconcile().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    started(Started { addr, first_key });
+    let policy_svc = svc.clone();
+    let policy = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(cfg.policy_interval).await;
+            policy_svc.enforce_policies().await;
+        }
+    });
+    let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+    policy.abort();
+    r
+}

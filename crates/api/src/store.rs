@@ -1,0 +1,417 @@
+//! The control plane's state: one SQLite database (`$HEARTH_HOME/api/hearth.db`, WAL,
+//! synchronous=FULL) holding tenants and their access keys, microvms, images and their
+//! versions, tags, idempotency records and usage. Records are JSON documents beside the
+//! columns that queries need; every change is one transaction, written before the action
+//! it announces is taken (a crash then leaves a state the daemon reconciles on start).
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A database error (always an internal error to clients).
+pub type DbResult<T> = Result<T, rusqlite::Error>;
+
+/// A tenant's access key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessKey {
+    /// Access key id.
+    pub access_key: String,
+    /// Secret.
+    pub secret: String,
+    /// The tenant's 12-digit account id.
+    pub account: String,
+}
+
+/// A microvm as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MicrovmRecord {
+    /// Id (`mvm-…`).
+    pub microvm_id: String,
+    /// Owner.
+    pub account: String,
+    /// Image name.
+    pub image_name: String,
+    /// Image version.
+    pub image_version: u32,
+    /// MicrovmState.
+    pub state: String,
+    /// Why it is in that state (failures).
+    pub state_reason: Option<String>,
+    /// The RunMicrovm request's settings (idlePolicy, connectors, …) as given.
+    pub spec: serde_json::Value,
+    /// Seconds since the epoch.
+    pub started_at: f64,
+    /// When it ended.
+    pub terminated_at: Option<f64>,
+    /// Last API call or guest work.
+    pub last_activity: f64,
+    /// When it was suspended.
+    pub suspended_at: Option<f64>,
+    /// Limit of its whole life, suspended time included.
+    pub maximum_duration_in_seconds: u64,
+    /// Guest memory and vCPUs (for metering).
+    pub memory_mib: u32,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+/// An image and its versions' common settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRecord {
+    /// Owner.
+    pub account: String,
+    /// Name.
+    pub name: String,
+    /// MicrovmImageState.
+    pub state: String,
+    /// Seconds since the epoch.
+    pub created_at: f64,
+    /// Last change.
+    pub updated_at: Option<f64>,
+}
+
+/// One version of an image: the request it was built from, and how the build went.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionRecord {
+    /// Owner.
+    pub account: String,
+    /// Image name.
+    pub name: String,
+    /// Version number.
+    pub version: u32,
+    /// MicrovmImageVersionState.
+    pub state: String,
+    /// ACTIVE or INACTIVE.
+    pub status: String,
+    /// The build's id.
+    pub build_id: String,
+    /// The CreateMicrovmImage/UpdateMicrovmImage request's settings.
+    pub spec: serde_json::Value,
+    /// Why it failed.
+    pub state_reason: Option<String>,
+    /// Seconds since the epoch.
+    pub created_at: f64,
+    /// Last change.
+    pub updated_at: Option<f64>,
+    /// Sizes of the snapshot once built.
+    pub snapshot_bytes: Option<(u64, u64)>,
+}
+
+/// The database.
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn to_doc<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("records serialize")
+}
+
+fn from_doc<T: DeserializeOwned>(s: String) -> DbResult<T> {
+    serde_json::from_str(&s).map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+impl Store {
+    /// Opens (creating) the database at `path`.
+    pub fn open(path: &Path) -> DbResult<Store> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=FULL;
+             PRAGMA busy_timeout=5000;
+             CREATE TABLE IF NOT EXISTS access_keys (access_key TEXT PRIMARY KEY, secret TEXT NOT NULL, account TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS microvms (id TEXT PRIMARY KEY, account TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL, doc TEXT NOT NULL);
+             CREATE INDEX IF NOT EXISTS microvms_by_account ON microvms(account, seq);
+             CREATE TABLE IF NOT EXISTS images (account TEXT NOT NULL, name TEXT NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (account, name));
+             CREATE TABLE IF NOT EXISTS image_versions (account TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL, PRIMARY KEY (account, name, version));
+             CREATE TABLE IF NOT EXISTS tags (arn TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, PRIMARY KEY (arn, key));
+             CREATE TABLE IF NOT EXISTS idempotency (account TEXT NOT NULL, operation TEXT NOT NULL, token TEXT NOT NULL, request_hash TEXT NOT NULL, response TEXT NOT NULL, PRIMARY KEY (account, operation, token));
+             CREATE TABLE IF NOT EXISTS usage (account TEXT NOT NULL, microvm_id TEXT NOT NULL, kind TEXT NOT NULL, start REAL NOT NULL, end REAL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0);
+             CREATE INDEX IF NOT EXISTS usage_by_account ON usage(account, start);",
+        )?;
+        Ok(Store { conn: Mutex::new(conn) })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every access key.
+    pub fn keys(&self) -> DbResult<Vec<AccessKey>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT access_key, secret, account FROM access_keys ORDER BY rowid")?;
+        let rows = st.query_map([], |r| Ok(AccessKey { access_key: r.get(0)?, secret: r.get(1)?, account: r.get(2)? }))?;
+        rows.collect()
+    }
+
+    /// The key with id `access_key`.
+    pub fn key(&self, access_key: &str) -> DbResult<Option<AccessKey>> {
+        self.db()
+            .query_row("SELECT access_key, secret, account FROM access_keys WHERE access_key = ?1", [access_key], |r| {
+                Ok(AccessKey { access_key: r.get(0)?, secret: r.get(1)?, account: r.get(2)? })
+            })
+            .optional()
+    }
+
+    /// Adds a key.
+    pub fn add_key(&self, k: &AccessKey) -> DbResult<()> {
+        self.db().execute("INSERT INTO access_keys (access_key, secret, account) VALUES (?1, ?2, ?3)", params![k.access_key, k.secret, k.account])?;
+        Ok(())
+    }
+
+    /// Inserts or replaces a microvm.
+    pub fn put_microvm(&self, m: &MicrovmRecord) -> DbResult<()> {
+        let db = self.db();
+        let seq: i64 = db
+            .query_row("SELECT seq FROM microvms WHERE id = ?1", [&m.microvm_id], |r| r.get(0))
+            .optional()?
+            .map_or_else(|| db.query_row("SELECT COALESCE(MAX(seq), 0) + 1 FROM microvms", [], |r| r.get(0)), Ok)?;
+        db.execute(
+            "INSERT OR REPLACE INTO microvms (id, account, seq, state, doc) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![m.microvm_id, m.account, seq, m.state, to_doc(m)],
+        )?;
+        Ok(())
+    }
+
+    /// A microvm of `account`.
+    pub fn microvm(&self, account: &str, id: &str) -> DbResult<Option<MicrovmRecord>> {
+        let doc: Option<String> = self.db().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;
+        doc.map(from_doc).transpose()
+    }
+
+    /// A page of `account`'s microvms after position `after`, `limit` long; returns the
+    /// records and the position of the last one.
+    pub fn list_microvms(&self, account: &str, after: i64, limit: usize) -> DbResult<Vec<(i64, MicrovmRecord)>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT seq, doc FROM microvms WHERE account = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
+        let rows = st.query_map(params![account, after, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|r| r.and_then(|(s, d)| Ok((s, from_doc(d)?)))).collect()
+    }
+
+    /// Every microvm not TERMINATED (all tenants).
+    pub fn live_microvms(&self) -> DbResult<Vec<MicrovmRecord>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT doc FROM microvms WHERE state != 'TERMINATED' ORDER BY seq")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        rows.map(|r| r.and_then(from_doc)).collect()
+    }
+
+    /// Counts microvms by state (all tenants).
+    pub fn count_by_state(&self) -> DbResult<Vec<(String, i64)>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT state, COUNT(*) FROM microvms GROUP BY state")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// Inserts or replaces an image.
+    pub fn put_image(&self, i: &ImageRecord) -> DbResult<()> {
+        self.db().execute("INSERT OR REPLACE INTO images (account, name, doc) VALUES (?1, ?2, ?3)", params![i.account, i.name, to_doc(i)])?;
+        Ok(())
+    }
+
+    /// An image.
+    pub fn image(&self, account: &str, name: &str) -> DbResult<Option<ImageRecord>> {
+        let doc: Option<String> = self.db().query_row("SELECT doc FROM images WHERE account = ?1 AND name = ?2", [account, name], |r| r.get(0)).optional()?;
+        doc.map(from_doc).transpose()
+    }
+
+    /// `account`'s images, by name.
+    pub fn images(&self, account: &str) -> DbResult<Vec<ImageRecord>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT doc FROM images WHERE account = ?1 ORDER BY name")?;
+        let rows = st.query_map([account], |r| r.get::<_, String>(0))?;
+        rows.map(|r| r.and_then(from_doc)).collect()
+    }
+
+    /// Removes an image and its versions.
+    pub fn delete_image(&self, account: &str, name: &str) -> DbResult<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        tx.execute("DELETE FROM images WHERE account = ?1 AND name = ?2", [account, name])?;
+        tx.execute("DELETE FROM image_versions WHERE account = ?1 AND name = ?2", [account, name])?;
+        tx.commit()
+    }
+
+    /// Inserts or replaces a version.
+    pub fn put_version(&self, v: &VersionRecord) -> DbResult<()> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO image_versions (account, name, version, doc) VALUES (?1, ?2, ?3, ?4)",
+            params![v.account, v.name, v.version, to_doc(v)],
+        )?;
+        Ok(())
+    }
+
+    /// The versions of an image, oldest first.
+    pub fn versions(&self, account: &str, name: &str) -> DbResult<Vec<VersionRecord>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT doc FROM image_versions WHERE account = ?1 AND name = ?2 ORDER BY version")?;
+        let rows = st.query_map([account, name], |r| r.get::<_, String>(0))?;
+        rows.map(|r| r.and_then(from_doc)).collect()
+    }
+
+    /// Removes one version.
+    pub fn delete_version(&self, account: &str, name: &str, version: u32) -> DbResult<()> {
+        self.db().execute("DELETE FROM image_versions WHERE account = ?1 AND name = ?2 AND version = ?3", params![account, name, version])?;
+        Ok(())
+    }
+
+    /// Tags of a resource.
+    pub fn tags(&self, arn: &str) -> DbResult<Vec<(String, String)>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT key, value FROM tags WHERE arn = ?1 ORDER BY key")?;
+        let rows = st.query_map([arn], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    }
+
+    /// Sets tags (one transaction).
+    pub fn tag(&self, arn: &str, tags: &[(String, String)]) -> DbResult<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for (k, v) in tags {
+            tx.execute("INSERT OR REPLACE INTO tags (arn, key, value) VALUES (?1, ?2, ?3)", params![arn, k, v])?;
+        }
+        tx.commit()
+    }
+
+    /// Removes tags.
+    pub fn untag(&self, arn: &str, keys: &[String]) -> DbResult<()> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        for k in keys {
+            tx.execute("DELETE FROM tags WHERE arn = ?1 AND key = ?2", params![arn, k])?;
+        }
+        tx.commit()
+    }
+
+    /// The recorded (request hash, response) of an idempotent call.
+    pub fn idempotent(&self, account: &str, op: &str, token: &str) -> DbResult<Option<(String, String)>> {
+        self.db()
+            .query_row(
+                "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3",
+                [account, op, token],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+    }
+
+    /// Records an idempotent call's response.
+    pub fn remember(&self, account: &str, op: &str, token: &str, hash: &str, response: &str) -> DbResult<()> {
+        self.db().execute(
+            "INSERT OR REPLACE INTO idempotency (account, operation, token, request_hash, response) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![account, op, token, hash, response],
+        )?;
+        Ok(())
+    }
+
+    /// Opens a usage period (`kind` RUNNING or SUSPENDED) for a microvm.
+    pub fn usage_start(&self, m: &MicrovmRecord, kind: &str, now: f64, bytes: u64) -> DbResult<()> {
+        self.db().execute(
+            "INSERT INTO usage (account, microvm_id, kind, start, vcpus, memory_mib, bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![m.account, m.microvm_id, kind, now, m.vcpus, m.memory_mib, bytes as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Closes a microvm's open usage periods.
+    pub fn usage_end(&self, id: &str, now: f64) -> DbResult<()> {
+        self.db().execute("UPDATE usage SET end = ?2 WHERE microvm_id = ?1 AND end IS NULL", params![id, now])?;
+        Ok(())
+    }
+
+    /// Usage of `account` between `from` and `to` (seconds since the epoch): vCPU-seconds
+    /// and GiB-seconds while running, snapshot GiB-hours while suspended.
+    pub fn usage(&self, account: &str, from: f64, to: f64, now: f64) -> DbResult<Usage> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT kind, start, COALESCE(end, ?4), vcpus, memory_mib, bytes FROM usage WHERE account = ?1 AND start < ?3 AND COALESCE(end, ?4) > ?2")?;
+        let rows = st.query_map(params![account, from, to, now], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+        })?;
+        let mut u = Usage::default();
+        for r in rows {
+            let (kind, start, end, vcpus, mem, bytes) = r?;
+            let secs = (end.min(to) - start.max(from)).max(0.0);
+            if kind == "RUNNING" {
+                u.vcpu_seconds += secs * vcpus as f64;
+                u.gib_seconds += secs * mem as f64 / 1024.0;
+            } else {
+                u.snapshot_gib_hours += secs / 3600.0 * bytes as f64 / (1u64 << 30) as f64;
+            }
+        }
+        Ok(u)
+    }
+}
+
+/// Metered usage.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    /// vCPU-seconds while RUNNING.
+    pub vcpu_seconds: f64,
+    /// Memory GiB-seconds while RUNNING.
+    pub gib_seconds: f64,
+    /// Snapshot storage GiB-hours while SUSPENDED.
+    pub snapshot_gib_hours: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mvm(id: &str, account: &str) -> MicrovmRecord {
+        MicrovmRecord {
+            microvm_id: id.into(),
+            account: account.into(),
+            image_name: "img".into(),
+            image_version: 1,
+            state: "RUNNING".into(),
+            state_reason: None,
+            spec: serde_json::json!({}),
+            started_at: 0.0,
+            terminated_at: None,
+            last_activity: 0.0,
+            suspended_at: None,
+            maximum_duration_in_seconds: 60,
+            memory_mib: 1024,
+            vcpus: 2,
+        }
+    }
+
+    #[test]
+    fn tenants_see_only_their_own_and_pages_are_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        for i in 0..5 {
+            s.put_microvm(&mvm(&format!("a{i}"), "111111111111")).unwrap();
+        }
+        s.put_microvm(&mvm("b0", "222222222222")).unwrap();
+        assert!(s.microvm("222222222222", "a0").unwrap().is_none());
+        let p1 = s.list_microvms("111111111111", 0, 2).unwrap();
+        let p2 = s.list_microvms("111111111111", p1.last().unwrap().0, 10).unwrap();
+        let ids: Vec<_> = p1.iter().chain(&p2).map(|(_, m)| m.microvm_id.clone()).collect();
+        assert_eq!(ids, ["a0", "a1", "a2", "a3", "a4"]);
+        // Updating keeps the position.
+        let mut m = mvm("a0", "111111111111");
+        m.state = "SUSPENDED".into();
+        s.put_microvm(&m).unwrap();
+        assert_eq!(s.list_microvms("111111111111", 0, 1).unwrap()[0].1.state, "SUSPENDED");
+    }
+
+    #[test]
+    fn usage_is_prorated_to_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let m = mvm("a", "111111111111");
+        s.usage_start(&m, "RUNNING", 100.0, 0).unwrap();
+        s.usage_end("a", 200.0).unwrap();
+        s.usage_start(&m, "SUSPENDED", 200.0, 1 << 30).unwrap();
+        let u = s.usage("111111111111", 150.0, 3800.0, 3800.0).unwrap();
+        assert_eq!(u.vcpu_seconds, 100.0);
+        assert_eq!(u.gib_seconds, 50.0);
+        assert!((u.snapshot_gib_hours - 1.0).abs() < 1e-9);
+        assert_eq!(s.usage("222222222222", 0.0, 1e9, 1e9).unwrap(), Usage::default());
+    }
+}

@@ -1,0 +1,124 @@
+//! `hearth serve`: the control plane daemon (Lambda MicroVMs API, SigV4, SQLite state).
+
+use clap::Args;
+use std::net::SocketAddr;
+
+/// Options of `hearth serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on. The API authenticates every call with SigV4; put it behind
+    /// TLS before exposing it beyond this host.
+    #[arg(long, default_value = "127.0.0.1:8377", env = "HEARTH_LISTEN")]
+    listen: SocketAddr,
+    /// Accelerator for microVMs: auto (measure KVM, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
+    accel: hearth_vmm::Accel,
+    /// The API's state directory (database, microvm and image files).
+    #[arg(long, env = "HEARTH_API_STATE")]
+    state_dir: Option<std::path::PathBuf>,
+    /// Seconds between passes of the idle and lifetime policies.
+    #[arg(long, default_value_t = 1.0)]
+    policy_interval: f64,
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let home = hearth_vmm::home::hearth_home();
+    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
+    let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
+    vm.accel = a.accel;
+    vm.run_root = home.join("run");
+    vm.boot_timeout = std::time::Duration::from_secs(120);
+    hearth_vmm::vm::sweep_stale_run_dirs(&vm.run_root);
+    let state_dir = a.state_dir.clone().unwrap_or_else(|| home.join("api"));
+    let cfg = hearth_api::server::ServeConfig {
+        listen: a.listen,
+        home: home.clone(),
+        state_dir: state_dir.clone(),
+        vm,
+        policy_interval: std::time::Duration::from_secs_f64(a.policy_interval.max(0.1)),
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    hearth_api::server::serve(
+        cfg,
+        |s| {
+            let url = format!("http://{}", s.addr);
+            eprintln!("hearth serve: Lambda MicroVMs API on {url} (state in {})", state_dir.display());
+            if let Some(k) = s.first_key {
+                eprintln!(
+                    "\nFirst start: created account {} with an access key (shown only now):\n\
+                     \n  aws_access_key_id     = {}\n  aws_secret_access_key = {}\n\
+                     \nUse it with the AWS CLI:\n  aws configure set aws_access_key_id {} --profile hearth\n  aws configure set aws_secret_access_key {} --profile hearth\n  aws configure set region us-east-1 --profile hearth\n  aws --profile hearth lambda-microvms list-microvms --endpoint-url {url}\n\
+                     \nwith boto3:\n  boto3.client(\"lambda-microvms\", endpoint_url=\"{url}\", region_name=\"us-east-1\",\n               aws_access_key_id=\"{}\", aws_secret_access_key=\"...\")\n\
+                     \nor export AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY for `hearth` client commands.\n",
+                    k.account, k.access_key, k.secret, k.access_key, k.secret, k.access_key
+                );
+            }
+            println!("listening {url}");
+        },
+        shutdown,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Options of `hearth keys`.
+#[derive(clap::Subcommand, Debug)]
+pub enum KeysCmd {
+    /// Create an access key: for a new tenant (a new account), or for `--account`.
+    Create {
+        /// Existing account (12 digits) to add the key to.
+        #[arg(long)]
+        account: Option<String>,
+        /// The API's state directory.
+        #[arg(long, env = "HEARTH_API_STATE")]
+        state_dir: Option<std::path::PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List access key ids and their accounts.
+    Ls {
+        /// The API's state directory.
+        #[arg(long, env = "HEARTH_API_STATE")]
+        state_dir: Option<std::path::PathBuf>,
+    },
+}
+
+/// Runs a `hearth keys` command (on the local database; the daemon may be running).
+pub fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
+    let dir = |d: Option<std::path::PathBuf>| d.unwrap_or_else(|| hearth_vmm::home::hearth_home().join("api"));
+    match cmd {
+        KeysCmd::Create { account, state_dir, json } => {
+            let dir = dir(state_dir);
+            std::fs::create_dir_all(&dir)?;
+            let store = hearth_api::store::Store::open(&dir.join("hearth.db"))?;
+            if let Some(a) = &account {
+                anyhow::ensure!(a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit()), "--account must be 12 digits");
+                anyhow::ensure!(store.keys()?.iter().any(|k| &k.account == a), "no account {a} (hearth keys ls)");
+            }
+            let k = hearth_api::keys::new_key(&account.unwrap_or_else(hearth_api::keys::new_account));
+            store.add_key(&k)?;
+            if json {
+                println!("{}", serde_json::json!({ "account": k.account, "accessKeyId": k.access_key, "secretAccessKey": k.secret }));
+            } else {
+                println!("account               {}\naws_access_key_id     {}\naws_secret_access_key {}", k.account, k.access_key, k.secret);
+            }
+        }
+        KeysCmd::Ls { state_dir } => {
+            let store = hearth_api::store::Store::open(&dir(state_dir).join("hearth.db"))?;
+            println!("{:<24} ACCOUNT", "ACCESS KEY");
+            for k in store.keys()? {
+                println!("{:<24} {}", k.access_key, k.account);
+            }
+        }
+    }
+    Ok(())
+}
