@@ -9,6 +9,11 @@ cd "$(dirname "$0")/.."
 export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
 
 ./scripts/setup.sh --debian
+# The API tests drive `hearth serve` with boto3 and the AWS CLI, from PyPI.
+if ! target/pyenv/bin/python -c 'import boto3, awscli; assert boto3.__version__ == "1.44.8"' 2>/dev/null; then
+    python3 -m venv target/pyenv
+    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3
+fi
 
 status=0
 cargo test --workspace --locked -- --test-threads=2 || status=$?
@@ -23,6 +28,12 @@ fi
 if [ -d "$HEARTH_HOME/run" ] && [ -n "$(ls -A "$HEARTH_HOME/run")" ]; then
     echo "LEAK: run directories survived the tests:" >&2
     ls -la "$HEARTH_HOME/run" >&2
+    leaks=1
+fi
+if pgrep -f 'hearth serve' >/dev/null; then
+    echo "LEAK: hearth serve daemons survived the tests:" >&2
+    pgrep -fa 'hearth serve' >&2
+    pkill -9 -f 'hearth serve' || true
     leaks=1
 fi
 if ip netns list 2>/dev/null | grep -q '^hearth-'; then

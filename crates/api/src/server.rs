@@ -152,7 +152,15 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
     match (method.as_str(), parts.as_slice()) {
         ("POST", ["microvms", id, "exec"]) => {
             let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;
-            let req = exec_request(&v)?;
+            let mut req = exec_request(&v)?;
+            // The image's WORKDIR, ENV and USER apply unless the call says otherwise.
+            if let Some(c) = svc.image_config(account, id) {
+                req.cwd = req.cwd.or(Some(c.workdir));
+                for (k, x) in c.env {
+                    req.env.entry(k).or_insert(x);
+                }
+                req.user = req.user.or(c.user);
+            }
             let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
             let out = svc
                 .with_vm(account, id, move |vm| {

@@ -444,6 +444,12 @@ impl Service {
         r
     }
 
+    /// The runtime configuration of the image microvm `ident` runs.
+    pub fn image_config(&self, account: &str, ident: &str) -> Option<hearth_image::build::ImageConfig> {
+        let m = self.load(account, ident).ok()?;
+        self.store.versions(account, &m.image_name).ok()?.into_iter().find(|v| v.version == m.image_version)?.config
+    }
+
     // ---- images ----
 
     fn version_json(&self, image: &ImageRecord, v: &VersionRecord) -> Value {
@@ -532,6 +538,7 @@ impl Service {
             created_at: t,
             updated_at: None,
             snapshot_bytes: None,
+            config: None,
         };
         image.state = if update { "UPDATING".into() } else { "CREATING".into() };
         image.updated_at = update.then_some(t);
@@ -562,9 +569,10 @@ impl Service {
         let result = self.build_version(&rec, base, &dir).await;
         rec.updated_at = Some(now());
         match result {
-            Ok(sizes) => {
+            Ok((sizes, config)) => {
                 rec.state = "SUCCESSFUL".into();
                 rec.snapshot_bytes = Some(sizes);
+                rec.config = Some(config);
                 image.state = if update { "UPDATED".into() } else { "CREATED".into() };
             }
             Err(e) => {
@@ -580,7 +588,12 @@ impl Service {
         let _ = self.store.put_image(&image);
     }
 
-    async fn build_version(&self, rec: &VersionRecord, base: hearth_image::base::Base, dir: &std::path::Path) -> Result<(u64, u64), String> {
+    async fn build_version(
+        &self,
+        rec: &VersionRecord,
+        base: hearth_image::base::Base,
+        dir: &std::path::Path,
+    ) -> Result<((u64, u64), hearth_image::build::ImageConfig), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(dir).map_err(|e| e.to_string())?;
         let uri = rec.spec.pointer("/codeArtifact/uri").and_then(Value::as_str).unwrap_or_default();
@@ -619,9 +632,9 @@ impl Service {
         let mut log = |line: &str| {
             let _ = std::io::Write::write_all(&mut log_file, format!("{line}\n").as_bytes());
         };
-        let (snap, _config) = hearth_image::build::build(&req, vm, &self.home, &dir.join("snapshot"), &mut log).await.map_err(|e| e.to_string())?;
+        let (snap, config) = hearth_image::build::build(&req, vm, &self.home, &dir.join("snapshot"), &mut log).await.map_err(|e| e.to_string())?;
         let mem = snap.manifest.memory.as_ref().map_or(0, |m| m.size);
-        Ok((mem, dir_size(&dir.join("snapshot")).saturating_sub(mem)))
+        Ok(((mem, dir_size(&dir.join("snapshot")).saturating_sub(mem)), config))
     }
 
     /// GetMicrovmImage.
@@ -860,7 +873,8 @@ impl Service {
         let t = now();
         let active = match guard.cpu {
             Some((prev, at)) if t > at => (ticks.saturating_sub(prev) as f64 / clock_ticks()) / (t - at) > 0.05,
-            _ => false,
+            // No earlier sample (just started or resumed): not known to be idle.
+            _ => true,
         };
         guard.cpu = Some((ticks, t));
         drop(guard);

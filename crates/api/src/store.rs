@@ -99,6 +99,9 @@ pub struct VersionRecord {
     pub updated_at: Option<f64>,
     /// Sizes of the snapshot once built.
     pub snapshot_bytes: Option<(u64, u64)>,
+    /// The built image's runtime configuration (ENV, WORKDIR, USER, app).
+    #[serde(default)]
+    pub config: Option<hearth_image::build::ImageConfig>,
 }
 
 /// The database.

@@ -1,0 +1,91 @@
+//! `hearth serve` end to end: the Python test (`tests/api/test_api.py`) drives it with
+//! boto3 and the AWS CLI (installed into `target/pyenv` by `scripts/test.sh`), then the
+//! daemon is killed with SIGKILL and restarted, and the suspended microvm it left is
+//! resumed by the new one.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn hearth() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+}
+
+/// A running daemon, stopped (SIGKILL) when dropped.
+struct Daemon(Child, String);
+
+impl Daemon {
+    fn start(state: &Path) -> Daemon {
+        let mut child = hearth()
+            .args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"])
+            .arg(state)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start hearth serve");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
+        Daemon(child, url)
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn key(state: &Path) -> String {
+    let out = hearth().args(["keys", "create", "--json", "--state-dir"]).arg(state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn python() -> PathBuf {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python");
+    assert!(py.is_file(), "{} missing: scripts/test.sh installs boto3 and the AWS CLI there", py.display());
+    py
+}
+
+fn run_py(url: &str, keys: (&str, &str), ctx: &Path, state: &Path, args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api/test_api.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .env("HEARTH_URL", url)
+        .env("HEARTH_KEY_A", keys.0)
+        .env("HEARTH_KEY_B", keys.1)
+        .env("HEARTH_CTX", ctx)
+        .env("HEARTH_STATE", state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "test_api.py {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[test]
+fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let (a, b) = (key(&state), key(&state));
+    let ctx = tmp.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n").unwrap();
+
+    let mut daemon = Daemon::start(&state);
+    let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &[]);
+    assert!(out.contains("\"suspended\""), "{out}");
+
+    // kill -9: the suspended microvm and the images survive; a new daemon serves them.
+    daemon.kill9();
+    let daemon = Daemon::start(&state);
+    let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &["after-restart"]);
+    assert!(out.contains("ok"), "{out}");
+    drop(daemon);
+}

@@ -1,0 +1,284 @@
+"""The Lambda MicroVMs API of a running `hearth serve`, driven by boto3 and the AWS CLI.
+
+Run by crates/cli/tests/api.rs, which starts the daemon and passes, in the environment:
+HEARTH_URL, HEARTH_KEY_A / HEARTH_KEY_B (JSON access keys of two tenants), HEARTH_CTX
+(a build context directory), HEARTH_STATE (the daemon's state directory).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import boto3
+import botocore
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from botocore.credentials import Credentials
+
+URL = os.environ["HEARTH_URL"]
+KEY_A = json.loads(os.environ["HEARTH_KEY_A"])
+KEY_B = json.loads(os.environ["HEARTH_KEY_B"])
+CTX = os.environ["HEARTH_CTX"]
+MINIMAL = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:minimal"
+ROLE = "arn:aws:iam::123456789012:role/hearth-build"
+
+
+def client(key, validate=True, secret=None):
+    return boto3.client(
+        "lambda-microvms",
+        endpoint_url=URL,
+        region_name="us-east-1",
+        aws_access_key_id=key["accessKeyId"],
+        aws_secret_access_key=secret or key["secretAccessKey"],
+        config=Config(parameter_validation=validate, retries={"max_attempts": 1}),
+    )
+
+
+def expect_error(code, status, fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except botocore.exceptions.ClientError as e:
+        got = (e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"])
+        assert got == (code, status), f"expected {code} {status}, got {got}: {e}"
+        return e
+    raise AssertionError(f"expected {code}, the call succeeded")
+
+
+def signed(key, method, path, body=b""):
+    """A raw SigV4-signed request (for Hearth's extensions and malformed bodies)."""
+    req = AWSRequest(method=method, url=URL + path, data=body, headers={"Content-Type": "application/json"})
+    SigV4Auth(Credentials(key["accessKeyId"], key["secretAccessKey"]), "lambda", "us-east-1").add_auth(req)
+    p = req.prepare()
+    r = urllib.request.Request(p.url, data=body or None, method=method, headers=dict(p.headers))
+    try:
+        with urllib.request.urlopen(r, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def exec_in(key, mid, shell):
+    status, body = signed(key, "POST", f"/hearth/v1/microvms/{mid}/exec", json.dumps({"shell": shell}).encode())
+    assert status == 200, (status, body)
+    return json.loads(body)
+
+
+def wait_version(c, name, version, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = c.get_microvm_image_version(imageIdentifier=name, imageVersion=version)
+        if v["state"] in ("SUCCESSFUL", "FAILED"):
+            return v
+        time.sleep(0.5)
+    raise AssertionError(f"{name} v{version} still building after {timeout}s")
+
+
+def wait_state(c, mid, state, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = c.get_microvm(microvmIdentifier=mid)
+        if m["state"] == state:
+            return m
+        time.sleep(0.25)
+    raise AssertionError(f"{mid} is {m['state']}, not {state}, after {timeout}s")
+
+
+def aws(key, *args):
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=key["accessKeyId"], AWS_SECRET_ACCESS_KEY=key["secretAccessKey"], AWS_DEFAULT_REGION="us-east-1")
+    aws_bin = os.path.join(os.path.dirname(sys.executable), "aws")
+    out = subprocess.run([aws_bin, "lambda-microvms", *args, "--endpoint-url", URL, "--output", "json"], env=env, capture_output=True, text=True, timeout=300)
+    return out.returncode, out.stdout, out.stderr
+
+
+def main():
+    a, b = client(KEY_A), client(KEY_B)
+
+    managed = [i["imageArn"] for i in a.list_managed_microvm_images()["items"]]
+    assert MINIMAL in managed, managed
+    assert a.list_managed_microvm_image_versions(imageIdentifier=MINIMAL)["items"][0]["imageVersion"] == "1"
+
+    # Image creation, with an idempotent retry and a reused token with other parameters.
+    req = dict(
+        name="web",
+        baseImageArn=MINIMAL,
+        buildRoleArn=ROLE,
+        codeArtifact={"uri": "file://" + CTX},
+        hooks={"port": 8080, "microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 60}},
+        environmentVariables={"GREETING": "hi"},
+        tags={"team": "alpha"},
+        clientToken="create-web-1",
+    )
+    created = a.create_microvm_image(**req)
+    assert created["ResponseMetadata"]["HTTPStatusCode"] == 201
+    assert created["name"] == "web" and created["imageVersion"] == "1" and created["state"] == "CREATING"
+    again = a.create_microvm_image(**req)
+    assert again["imageArn"] == created["imageArn"] and again["imageVersion"] == "1"
+    expect_error("ConflictException", 409, a.create_microvm_image, **dict(req, description="other"))
+    expect_error("ConflictException", 409, a.create_microvm_image, **dict(req, clientToken="create-web-2"))
+    v = wait_version(a, "web", "1")
+    assert v["state"] == "SUCCESSFUL", v
+    builds = a.list_microvm_image_builds(imageIdentifier="web", imageVersion="1")["items"]
+    assert builds[0]["buildState"] == "SUCCESSFUL", builds
+    image = a.get_microvm_image(imageIdentifier=created["imageArn"])
+    assert image["state"] == "CREATED" and image["latestActiveImageVersion"] == "1", image
+
+    # Tags.
+    arn = created["imageArn"]
+    assert a.list_tags(Resource=arn)["Tags"] == {"team": "alpha"}
+    a.tag_resource(Resource=arn, Tags={"env": "test"})
+    a.untag_resource(Resource=arn, TagKeys=["team"])
+    assert a.list_tags(Resource=arn)["Tags"] == {"env": "test"}
+
+    # Run three, idempotently; list with pagination.
+    first = a.run_microvm(imageIdentifier="web", clientToken="run-1")
+    assert a.run_microvm(imageIdentifier="web", clientToken="run-1")["microvmId"] == first["microvmId"]
+    ids = {first["microvmId"], a.run_microvm(imageIdentifier="web")["microvmId"], a.run_microvm(imageIdentifier=arn, imageVersion="1")["microvmId"]}
+    assert len(ids) == 3
+    for mid in ids:
+        assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
+    page1 = a.list_microvms(maxResults=2)
+    assert len(page1["items"]) == 2 and "nextToken" in page1
+    page2 = a.list_microvms(maxResults=2, nextToken=page1["nextToken"])
+    listed = {m["microvmId"] for m in page1["items"] + page2["items"]}
+    assert ids <= listed, (ids, listed)
+    paged = {m["microvmId"] for p in a.get_paginator("list_microvms").paginate(PaginationConfig={"PageSize": 1}) for m in p["items"]}
+    assert ids <= paged
+
+    # The app started at build time answers in the clone; state survives suspend/resume.
+    mid = first["microvmId"]
+    out = exec_in(KEY_A, mid, "busybox wget -q -O- http://127.0.0.1:8080/ready && echo $GREETING && echo 41 > /workspace/n")
+    assert out["stdout"] == "ok\nhi\n", out
+    a.suspend_microvm(microvmIdentifier=mid)
+    assert a.get_microvm(microvmIdentifier=mid)["state"] == "SUSPENDED"
+    expect_error("ConflictException", 409, a.suspend_microvm, microvmIdentifier=mid)
+    a.resume_microvm(microvmIdentifier=mid)
+    assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
+    assert exec_in(KEY_A, mid, "cat /workspace/n")["stdout"] == "41\n"
+    expect_error("ConflictException", 409, a.resume_microvm, microvmIdentifier=mid)
+
+    # Tenants never see each other's resources.
+    expect_error("ResourceNotFoundException", 404, b.get_microvm, microvmIdentifier=mid)
+    expect_error("ResourceNotFoundException", 404, b.terminate_microvm, microvmIdentifier=mid)
+    expect_error("ResourceNotFoundException", 404, b.get_microvm_image, imageIdentifier=arn)
+    expect_error("ResourceNotFoundException", 404, b.list_tags, Resource=arn)
+    assert b.list_microvms()["items"] == [] and b.list_microvm_images()["items"] == []
+    status, _ = signed(KEY_B, "POST", f"/hearth/v1/microvms/{mid}/exec", b'{"shell":"true"}')
+    assert status == 404
+
+    # Idle policy (the model's shortest idle time is 60 s): three microvms start now and are
+    # checked after the other steps. One is idle and auto-resumes, one is idle without
+    # auto-resume, one runs a busy loop (guest work counts as activity, API calls or not).
+    policy = {"maxIdleDurationSeconds": 60, "suspendedDurationSeconds": 600}
+    idle = a.run_microvm(imageIdentifier="web", idlePolicy=dict(policy, autoResumeEnabled=True))["microvmId"]
+    idle_manual = a.run_microvm(imageIdentifier="web", idlePolicy=dict(policy, autoResumeEnabled=False))["microvmId"]
+    busy = a.run_microvm(imageIdentifier="web", idlePolicy=dict(policy, autoResumeEnabled=False))["microvmId"]
+    assert a.get_microvm(microvmIdentifier=idle)["idlePolicy"]["maxIdleDurationSeconds"] == 60
+    exec_in(KEY_A, idle, "echo before > /workspace/f")
+    exec_in(KEY_A, busy, "sh -c 'echo $$ > /tmp/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
+
+    # Bad input: the model's error types and codes, never a 500.
+    raw = client(KEY_A, validate=False)
+    expect_error("ValidationException", 400, raw.run_microvm, imageIdentifier="web", maximumDurationInSeconds=28801)
+    expect_error("ValidationException", 400, raw.run_microvm, imageIdentifier="web", maximumDurationInSeconds="long")
+    expect_error("ValidationException", 400, raw.list_microvms, maxResults=0)
+    expect_error("ValidationException", 400, raw.list_microvms, nextToken="garbage")
+    expect_error("ResourceNotFoundException", 404, a.get_microvm, microvmIdentifier="mvm-0000000000000000")
+    expect_error("ResourceNotFoundException", 404, a.run_microvm, imageIdentifier="no-such-image")
+    status, body = signed(KEY_A, "POST", "/2025-09-09/microvms", b'{"imageIdentifier": "web", "colour": "blue"}')
+    assert status == 400 and b"colour" in body, (status, body)
+    status, body = signed(KEY_A, "POST", "/2025-09-09/microvms", b'{"imageIdentifier": ')
+    assert status == 400, (status, body)
+    expect_error("InvalidSignatureException", 403, client(KEY_A, secret="wrong" * 8).list_microvms)
+    expect_error("UnrecognizedClientException", 403, client({"accessKeyId": "HKIANOBODY", "secretAccessKey": "x" * 40}).list_microvms)
+    req_unsigned = urllib.request.Request(URL + "/2025-09-09/microvms")
+    try:
+        urllib.request.urlopen(req_unsigned, timeout=10)
+        raise AssertionError("an unsigned request was served")
+    except urllib.error.HTTPError as e:
+        assert e.code == 403
+
+    # maximumDurationInSeconds terminates.
+    short = a.run_microvm(imageIdentifier="web", maximumDurationInSeconds=2)
+    m = wait_state(a, short["microvmId"], "TERMINATED", timeout=30)
+    assert "maximumDurationInSeconds" in m["stateReason"]
+
+    # Suspend and Terminate raced: one wins, the state is consistent.
+    import concurrent.futures
+    race = a.run_microvm(imageIdentifier="web")["microvmId"]
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        fs = [ex.submit(a.suspend_microvm, microvmIdentifier=race), ex.submit(a.terminate_microvm, microvmIdentifier=race)]
+        results = []
+        for f in fs:
+            try:
+                f.result()
+                results.append("ok")
+            except botocore.exceptions.ClientError as e:
+                results.append(e.response["Error"]["Code"])
+    assert a.get_microvm(microvmIdentifier=race)["state"] == "TERMINATED", results
+    assert results[1] == "ok", results
+
+    # The AWS CLI.
+    rc, out, err = aws(KEY_A, "list-managed-microvm-images")
+    assert rc == 0 and MINIMAL in out, (rc, out, err)
+    rc, out, err = aws(KEY_A, "run-microvm", "--image-identifier", "web")
+    assert rc == 0, err
+    cli_id = json.loads(out)["microvmId"]
+    rc, out, err = aws(KEY_A, "get-microvm", "--microvm-identifier", cli_id)
+    assert rc == 0 and json.loads(out)["state"] == "RUNNING", (out, err)
+    rc, out, err = aws(KEY_A, "list-microvms", "--max-items", "1")
+    assert rc == 0 and len(json.loads(out)["items"]) == 1, (out, err)
+    rc, out, err = aws(KEY_A, "terminate-microvm", "--microvm-identifier", cli_id)
+    assert rc == 0, err
+    rc, out, err = aws(KEY_A, "get-microvm", "--microvm-identifier", "mvm-nope")
+    assert rc != 0 and "ResourceNotFoundException" in err, err
+
+    # The idle ones were suspended; the busy one was not.
+    m = wait_state(a, idle, "SUSPENDED", timeout=120)
+    assert "maxIdleDurationSeconds" in m.get("stateReason", ""), m
+    wait_state(a, idle_manual, "SUSPENDED", timeout=30)
+    assert a.get_microvm(microvmIdentifier=busy)["state"] == "RUNNING", "a busy guest was suspended as idle"
+    exec_in(KEY_A, busy, "kill $(cat /tmp/busy.pid)")
+    assert exec_in(KEY_A, idle, "cat /workspace/f")["stdout"] == "before\n"
+    assert a.get_microvm(microvmIdentifier=idle)["state"] == "RUNNING", "the exec did not resume it"
+    status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{idle_manual}/exec", b'{"shell":"true"}')
+    assert status == 409 and b"ResumeMicrovm" in body, (status, body)
+
+    # Terminate: TERMINATED, a second time is a conflict; an image in use cannot go.
+    expect_error("ConflictException", 409, a.delete_microvm_image, imageIdentifier="web")
+    for m in a.list_microvms()["items"]:
+        if m["state"] != "TERMINATED":
+            a.terminate_microvm(microvmIdentifier=m["microvmId"])
+    expect_error("ConflictException", 409, a.terminate_microvm, microvmIdentifier=mid)
+    assert a.get_microvm(microvmIdentifier=mid)["state"] == "TERMINATED"
+
+    # Usage was metered while they ran.
+    status, body = signed(KEY_A, "GET", "/hearth/v1/usage")
+    usage = json.loads(body)["usage"]
+    assert status == 200 and usage["vcpuSeconds"] > 0 and usage["gibSeconds"] > 0, usage
+    status, body = signed(KEY_B, "GET", "/hearth/v1/usage")
+    assert json.loads(body)["usage"]["vcpuSeconds"] == 0
+
+    # One suspended microvm is left for the restart test.
+    keep = a.run_microvm(imageIdentifier="web", clientToken="keep")["microvmId"]
+    exec_in(KEY_A, keep, "echo kept > /workspace/k")
+    a.suspend_microvm(microvmIdentifier=keep)
+    print(json.dumps({"suspended": keep}))
+
+
+def after_restart():
+    a = client(KEY_A)
+    keep = a.run_microvm(imageIdentifier="web", clientToken="keep")["microvmId"]  # idempotent: the same one
+    assert a.get_microvm(microvmIdentifier=keep)["state"] == "SUSPENDED"
+    a.resume_microvm(microvmIdentifier=keep)
+    assert exec_in(KEY_A, keep, "cat /workspace/k")["stdout"] == "kept\n"
+    a.terminate_microvm(microvmIdentifier=keep)
+    a.delete_microvm_image(imageIdentifier="web")
+    assert a.list_microvm_images()["items"] == []
+    print("ok")
+
+
+if __name__ == "__main__":
+    after_restart() if sys.argv[1:] == ["after-restart"] else main()
