@@ -2,6 +2,7 @@
 
 mod basecmd;
 mod bench;
+mod bench_api;
 mod bench_build;
 mod bench_snap;
 mod serve;
@@ -58,6 +59,9 @@ enum Cmd {
     BenchSnapshots(bench_snap::BenchSnapArgs),
     /// Measure an image build from scratch against a rebuild after a code change.
     BenchBuild(bench_build::BenchBuildArgs),
+    /// Measure the API: RunMicrovm → RUNNING and → first exec against a cold boot;
+    /// ListMicrovms latency with 1,000 microvms in the store.
+    BenchApi(bench_api::BenchApiArgs),
     /// Run the control plane: the Lambda MicroVMs API (SigV4, SQLite state, lifecycle,
     /// idle policy). Prints a first access key on first start.
     Serve(serve::ServeArgs),
@@ -102,6 +106,7 @@ fn main() {
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
             Cmd::BenchBuild(a) => bench_build::run(a).await.map(|()| 0),
             Cmd::Serve(a) => serve::run(a).await.map(|()| 0),
+            Cmd::BenchApi(a) => bench_api::run(a).await.map(|()| 0),
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
         };
         match result {

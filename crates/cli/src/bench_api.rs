@@ -1,0 +1,168 @@
+//! `hearth bench-api`: the control plane measured through its HTTP API, in one run:
+//! RunMicrovm → RUNNING and → first exec result (via the exec extension), against a cold
+//! boot of the same root filesystem; ListMicrovms latency with 1,000 microvms in the store.
+//!
+//! A daemon is started in this process on a loopback port with a scratch state directory;
+//! the image is a busybox httpd app built through CreateMicrovmImage.
+
+use crate::report::{self, ms, Row};
+use clap::Args;
+use hearth_api::client::Client;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+/// Options of `hearth bench-api`.
+#[derive(Args, Debug)]
+pub struct BenchApiArgs {
+    /// Microvms launched (sequentially).
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Microvm records in the store for the ListMicrovms measurement.
+    #[arg(long, default_value_t = 1000)]
+    records: usize,
+    /// ListMicrovms calls measured.
+    #[arg(long, default_value_t = 100)]
+    lists: usize,
+    /// Accelerator.
+    #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
+    accel: hearth_vmm::Accel,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the benchmark.
+pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
+    let home = hearth_vmm::home::hearth_home();
+    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
+    let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
+    vm.accel = a.accel;
+    vm.run_root = home.join("run");
+    let state = tempfile::Builder::new().prefix("bench-api-").tempdir_in(&home)?;
+    std::fs::create_dir_all(state.path())?;
+    let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
+    let key = hearth_api::keys::new_key(&hearth_api::keys::new_account());
+    store.add_key(&key)?;
+    drop(store);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cfg = hearth_api::server::ServeConfig {
+        listen: "127.0.0.1:0".parse()?,
+        home: home.clone(),
+        state_dir: state.path().to_path_buf(),
+        vm: vm.clone(),
+        policy_interval: Duration::from_secs(1),
+    };
+    let daemon = tokio::spawn(hearth_api::server::serve(cfg, move |s| { let _ = tx.send(s.addr); }, async move { let _ = stop_rx.await; }));
+    let addr = rx.await?;
+    let c = Client::new(&format!("http://{addr}"), &key.access_key, &key.secret);
+
+    let ctx = state.path().join("ctx");
+    std::fs::create_dir_all(&ctx)?;
+    std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n")?;
+    eprintln!("building the image through the API");
+    c.call(
+        http::Method::POST,
+        "/2025-09-09/microvm-images",
+        Some(&json!({
+            "name": "bench",
+            "baseImageArn": hearth_api::service::managed_arn("minimal"),
+            "buildRoleArn": "arn:aws:iam::123456789012:role/bench",
+            "codeArtifact": { "uri": format!("file://{}", ctx.display()) },
+        })),
+    )
+    .await?;
+    loop {
+        let v = c.call(http::Method::GET, "/2025-09-09/microvm-images/bench/versions/1", None).await?;
+        match v["state"].as_str() {
+            Some("SUCCESSFUL") => break,
+            Some("FAILED") => anyhow::bail!("the image build failed: {}", v["stateReason"]),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+
+    eprintln!("RunMicrovm ×{}", a.runs);
+    let (mut running, mut first_exec, mut cold) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.runs {
+        let t = Instant::now();
+        let m = c.call(http::Method::POST, "/2025-09-09/microvms", Some(&json!({ "imageIdentifier": "bench" }))).await?;
+        anyhow::ensure!(m["state"] == "RUNNING", "RunMicrovm answered {m}");
+        running.push(ms(t.elapsed()));
+        let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
+        let out = c.call(http::Method::POST, &format!("/hearth/v1/microvms/{id}/exec"), Some(&json!({ "command": ["true"] }))).await?;
+        anyhow::ensure!(out["exitCode"] == 0, "exec answered {out}");
+        first_exec.push(ms(t.elapsed()));
+        c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
+    }
+    eprintln!("cold boots ×{} (baseline)", a.runs.min(5));
+    for _ in 0..a.runs.min(5) {
+        let mut cfg = vm.clone();
+        cfg.root = Some(hearth_vmm::Disk::base(hearth_image::base::Base::Busybox.path(&home), hearth_vmm::DiskFormat::Raw));
+        let t = Instant::now();
+        let v = hearth_vmm::Vm::boot(cfg).await?;
+        v.exec(&hearth_proto::exec::ExecRequest::argv(["true"]), None, 1 << 16).await?;
+        cold.push(ms(t.elapsed()));
+        v.shutdown().await;
+    }
+
+    eprintln!("ListMicrovms with {} microvms in the store", a.records);
+    {
+        let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
+        let t = hearth_api::service::now();
+        for i in 0..a.records {
+            store.put_microvm(&hearth_api::store::MicrovmRecord {
+                microvm_id: format!("mvm-bench{i:08}"),
+                account: key.account.clone(),
+                image_name: "bench".into(),
+                image_version: 1,
+                state: "TERMINATED".into(),
+                state_reason: Some("benchmark record".into()),
+                spec: json!({}),
+                started_at: t,
+                terminated_at: Some(t),
+                last_activity: t,
+                suspended_at: None,
+                maximum_duration_in_seconds: 60,
+                memory_mib: 512,
+                vcpus: 1,
+            })?;
+        }
+    }
+    let mut page = Vec::new();
+    for _ in 0..a.lists {
+        let t = Instant::now();
+        c.call(http::Method::GET, "/2025-09-09/microvms?maxResults=50", None).await?;
+        page.push(ms(t.elapsed()));
+    }
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let mut token: Option<String> = None;
+        let mut n = 0;
+        loop {
+            let q = token.as_ref().map_or_else(String::new, |t| format!("&nextToken={t}"));
+            let v = c.call(http::Method::GET, &format!("/2025-09-09/microvms?maxResults=50{q}"), None).await?;
+            n += v["items"].as_array().map_or(0, Vec::len);
+            match v["nextToken"].as_str() {
+                Some(t) => token = Some(t.to_owned()),
+                None => break,
+            }
+        }
+        anyhow::ensure!(n >= a.records, "listed {n} of {} microvms", a.records);
+        all.push(ms(t.elapsed()));
+    }
+    let _ = stop_tx.send(());
+    let _ = daemon.await;
+    report::print(
+        vec![
+            Row { name: "RunMicrovm → RUNNING (API, minimal image)".into(), samples: running, unit: "ms" },
+            Row { name: "RunMicrovm → first exec result (API)".into(), samples: first_exec, unit: "ms" },
+            Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
+            Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
+            Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
+        ],
+        a.json,
+        json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string() }),
+    );
+    Ok(())
+}
