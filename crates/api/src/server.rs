@@ -284,8 +284,8 @@ pub struct Started {
 }
 
 /// Opens the store (creating the first tenant and key on first start), reconciles
-/// microvms left by a previous run, and serves until `shutdown` resolves; then suspends
-/// nothing and kills every VM it runs (they are recorded as ended on the next start).
+/// microvms left by a previous run (reattaching running ones), and serves until
+/// `shutdown` resolves; running VMs are then released to run on until the next start.
 pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
     let dir = cfg.state_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -298,7 +298,9 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
         None
     };
     let svc = Arc::new(Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm));
-    svc.reconcile().map_err(|e| e.to_string())?;
+    svc.reconcile().await.map_err(|e| e.to_string())?;
+    // Run directories of VMs nobody reattached (their QEMU is gone) go.
+    hearth_vmm::vm::sweep_stale_run_dirs(&svc.vm_template.run_root);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     started(Started { addr, first_key });
@@ -311,5 +313,6 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     });
     let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
     policy.abort();
+    svc.release_all().await;
     r
 }

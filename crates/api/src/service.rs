@@ -214,6 +214,7 @@ impl Service {
             maximum_duration_in_seconds: input.get("maximumDurationInSeconds").and_then(Value::as_u64).unwrap_or(MAX_DURATION),
             memory_mib: snap.manifest.memory_mib,
             vcpus: snap.manifest.vcpus,
+            vm_dir: None,
         };
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
@@ -221,6 +222,7 @@ impl Service {
         let started = std::time::Instant::now();
         match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
+                m.vm_dir = Some(vm.run_dir().display().to_string());
                 guard.vm = Some(vm);
                 m.state = "RUNNING".into();
                 self.put(&m)?;
@@ -247,7 +249,8 @@ impl Service {
                 hearth_vmm::net::Egress::none()
             }
         });
-        RestoreOptions { run_root: self.vm_template.run_root.clone(), timeout: Duration::from_secs(120), hostname: None, egress }
+        // Detached: microvms outlive the daemon (a crash or an upgrade) and are reattached.
+        RestoreOptions { run_root: self.vm_template.run_root.clone(), timeout: Duration::from_secs(120), hostname: None, egress, detached: true }
     }
 
     /// GetMicrovm.
@@ -360,6 +363,7 @@ impl Service {
         let started = std::time::Instant::now();
         match Vm::resume(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
+                m.vm_dir = Some(vm.run_dir().display().to_string());
                 guard.vm = Some(vm);
                 guard.cpu = None;
                 m.state = "RUNNING".into();
@@ -448,6 +452,17 @@ impl Service {
     pub fn image_config(&self, account: &str, ident: &str) -> Option<hearth_image::build::ImageConfig> {
         let m = self.load(account, ident).ok()?;
         self.store.versions(account, &m.image_name).ok()?.into_iter().find(|v| v.version == m.image_version)?.config
+    }
+
+    /// Lets every running VM go on without this daemon (its graceful stop); the next
+    /// start reattaches them.
+    pub async fn release_all(&self) {
+        let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for s in slots {
+            if let Some(vm) = s.lock().await.vm.take() {
+                vm.release();
+            }
+        }
     }
 
     // ---- images ----
@@ -887,20 +902,40 @@ impl Service {
         active
     }
 
-    /// After a restart: microvms whose VM is gone are reconciled. RUNNING (and every
-    /// transitional state) had its QEMU end with the previous daemon: TERMINATED with the
-    /// reason; SUSPENDED ones stay, their state on disk intact (or TERMINATED if it is not).
-    pub fn reconcile(&self) -> Result<(), ApiError> {
+    /// After a restart: RUNNING microvms are reattached (their QEMU outlived the previous
+    /// daemon); SUSPENDED ones stay when their state is on disk. Any other — a QEMU that
+    /// died, a state lost half-way (a transitional state) — is TERMINATED with the reason.
+    pub async fn reconcile(&self) -> Result<(), ApiError> {
         for mut m in self.store.live_microvms().map_err(db)? {
             let ok = match m.state.as_str() {
                 "SUSPENDED" => self.microvm_dir(&m.microvm_id).join("suspended").join("manifest.json").is_file(),
+                "RUNNING" => match &m.vm_dir {
+                    Some(d) => match Vm::reattach(std::path::Path::new(d)).await {
+                        Ok(vm) => {
+                            self.slot(&m.microvm_id).lock().await.vm = Some(vm);
+                            true
+                        }
+                        Err(e) => {
+                            m.state_reason = Some(format!("lost while the daemon was down: {e}"));
+                            false
+                        }
+                    },
+                    None => false,
+                },
                 _ => false,
             };
             if !ok {
                 let was = m.state.clone();
                 m.state = "TERMINATED".into();
                 m.terminated_at = Some(now());
-                m.state_reason = Some(format!("its VM ended with the previous Hearth daemon (it was {was})"));
+                let why = m.state_reason.take().unwrap_or_else(|| format!("it was {was} when the previous Hearth daemon stopped"));
+                m.state_reason = Some(why);
+                if let Some(d) = &m.vm_dir {
+                    // Whatever is left of its VM goes (a QEMU that lost its agent, files).
+                    if let Ok(vm) = Vm::reattach(std::path::Path::new(d)).await {
+                        vm.kill().await;
+                    }
+                }
                 self.put(&m)?;
                 self.store.usage_end(&m.microvm_id, now()).map_err(db)?;
                 let _ = std::fs::remove_dir_all(self.microvm_dir(&m.microvm_id));

@@ -55,6 +55,9 @@ pub struct MicrovmRecord {
     pub memory_mib: u32,
     /// vCPUs.
     pub vcpus: u32,
+    /// The run directory of its VM while RUNNING (to reattach after a restart).
+    #[serde(default)]
+    pub vm_dir: Option<String>,
 }
 
 /// An image and its versions' common settings.
@@ -380,6 +383,7 @@ mod tests {
             maximum_duration_in_seconds: 60,
             memory_mib: 1024,
             vcpus: 2,
+            vm_dir: None,
         }
     }
 

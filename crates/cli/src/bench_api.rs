@@ -37,8 +37,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
     let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
     vm.accel = a.accel;
-    vm.run_root = home.join("run");
     let state = tempfile::Builder::new().prefix("bench-api-").tempdir_in(&home)?;
+    vm.run_root = state.path().join("run");
     std::fs::create_dir_all(state.path())?;
     let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
     let key = hearth_api::keys::new_key(&hearth_api::keys::new_account());
@@ -125,6 +125,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
                 maximum_duration_in_seconds: 60,
                 memory_mib: 512,
                 vcpus: 1,
+                vm_dir: None,
             })?;
         }
     }

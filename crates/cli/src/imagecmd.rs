@@ -256,7 +256,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 (Some(_), None) => anyhow::bail!("image {}:v{} has a network device; use --egress closed to keep everything out", rec.name, rec.version),
                 _ => {}
             }
-            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress };
+            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress, detached: false };
             let vm = Vm::launch(&snap, &opts).await?;
             vmrun::finish(vm, &req, a.cmd.json, None).await
         }

@@ -27,10 +27,11 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
     let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
     vm.accel = a.accel;
-    vm.run_root = home.join("run");
     vm.boot_timeout = std::time::Duration::from_secs(120);
-    hearth_vmm::vm::sweep_stale_run_dirs(&vm.run_root);
     let state_dir = a.state_dir.clone().unwrap_or_else(|| home.join("api"));
+    // The daemon's VMs have their own run root: they outlive it, and nothing else sweeps
+    // them by mistake.
+    vm.run_root = state_dir.join("run");
     let cfg = hearth_api::server::ServeConfig {
         listen: a.listen,
         home: home.clone(),

@@ -1,7 +1,7 @@
 //! `hearth serve` end to end: the Python test (`tests/api/test_api.py`) drives it with
 //! boto3 and the AWS CLI (installed into `target/pyenv` by `scripts/test.sh`), then the
-//! daemon is killed with SIGKILL and restarted, and the suspended microvm it left is
-//! resumed by the new one.
+//! daemon is killed with SIGKILL and restarted: the new one reattaches the running
+//! microvm (its QEMU outlived the daemon) and resumes the suspended one.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,20 @@ fn hearth() -> Command {
 
 /// A running daemon, stopped (SIGKILL) when dropped.
 struct Daemon(Child, String);
+
+/// Kills whatever microvm QEMU of this test is left (they outlive the daemon by design)
+/// and their network namespaces.
+struct Microvms(PathBuf);
+
+impl Drop for Microvms {
+    fn drop(&mut self) {
+        let run = self.0.join("run");
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(format!("{}/", run.display())).status();
+        for e in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+            let _ = Command::new("ip").args(["netns", "del"]).arg(format!("hearth-{}", e.file_name().to_string_lossy())).stderr(Stdio::null()).status();
+        }
+    }
+}
 
 impl Daemon {
     fn start(state: &Path) -> Daemon {
@@ -78,9 +92,10 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n").unwrap();
 
+    let _microvms = Microvms(state.clone());
     let mut daemon = Daemon::start(&state);
     let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &[]);
-    assert!(out.contains("\"suspended\""), "{out}");
+    assert!(out.contains("\"suspended\"") && out.contains("\"running\""), "{out}");
 
     // kill -9: the suspended microvm and the images survive; a new daemon serves them.
     daemon.kill9();

@@ -12,7 +12,7 @@ pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 pub const MAX_VCPUS: u32 = 64;
 
 /// Format of a disk image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum DiskFormat {
     /// A raw image.
     Raw,
@@ -31,7 +31,7 @@ impl DiskFormat {
 }
 
 /// The VM's root disk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Disk {
     /// Image file.
     pub path: PathBuf,
@@ -60,7 +60,7 @@ impl Disk {
 
 /// Where guest RAM lives. QEMU always gets one memory backend with id `mem`, so the RAM
 /// block is named the same whichever backing a snapshot was taken from or restored into.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Memory {
     /// Private anonymous memory.
     Anonymous,
@@ -74,7 +74,7 @@ pub enum Memory {
 }
 
 /// Where a VM starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Start {
     /// Boot the kernel.
     Boot,
@@ -89,7 +89,7 @@ pub enum Start {
 }
 
 /// Everything needed to boot one VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest memory in MiB.
     pub memory_mib: u32,
@@ -120,6 +120,11 @@ pub struct VmConfig {
     /// A network interface in the VM's own namespace with this egress policy (needs
     /// root); `None` means no network device at all.
     pub network: Option<crate::net::Egress>,
+    /// QEMU outlives the process that starts it (its own session, no parent-death
+    /// signal): [`crate::Vm::release`] lets it run on, [`crate::Vm::reattach`] takes it
+    /// back from its run directory. Dropping the `Vm` still kills it.
+    #[serde(default)]
+    pub detached: bool,
 }
 
 /// A configuration that cannot work.
@@ -165,6 +170,7 @@ impl VmConfig {
             memory: Memory::Anonymous,
             start: Start::Boot,
             network: None,
+            detached: false,
         }
     }
 

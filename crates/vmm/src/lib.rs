@@ -20,6 +20,7 @@ pub mod agent;
 pub mod assets;
 mod capture;
 mod console;
+mod detach;
 pub mod config;
 pub mod home;
 pub mod net;

@@ -361,6 +361,16 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The namespace `name` made earlier (by a process that released its VM).
+    pub(crate) fn adopt(name: String) -> NetNs {
+        NetNs { name }
+    }
+
+    /// Keeps the namespace when this handle goes (its VM runs on, detached).
+    pub(crate) fn release(self) {
+        std::mem::forget(self);
+    }
+
     /// The namespace's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -248,32 +248,38 @@ fn make_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<(), St
     Ok(())
 }
 
-/// A running QEMU, killed when dropped.
+/// A running QEMU, killed when dropped (unless released).
 pub struct QemuProcess {
     pid: u32,
     exit: watch::Receiver<Option<ExitStatus>>,
-    kill: Option<oneshot::Sender<()>>,
+    /// `true`: kill it; `false`: let it run on (released). Dropping the sender kills.
+    kill: Option<oneshot::Sender<bool>>,
 }
 
 impl QemuProcess {
     /// Starts QEMU with `args`, inside the network namespace bound at `netns` when given;
-    /// its stderr goes to `stderr_log`.
-    pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path, netns: Option<&Path>) -> std::io::Result<QemuProcess> {
+    /// its stderr goes to `stderr_log`. A `detached` QEMU gets its own session and no
+    /// parent-death signal, so it outlives this process if released ([`Self::release`])
+    /// or if this process dies; otherwise it dies with the thread that started it.
+    pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path, netns: Option<&Path>, detached: bool) -> std::io::Result<QemuProcess> {
         let log = std::fs::File::create(stderr_log)?;
         let ns = netns.map(std::fs::File::open).transpose()?;
         let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = tokio::process::Command::new(binary);
-        cmd.args(args)
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: runs in the child between fork and exec and only calls prctl(2) and
-        // setns(2), which are async-signal-safe; `ns` stays open until after the spawn.
+        cmd.args(args).stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log).kill_on_drop(!detached);
+        if !detached {
+            cmd.process_group(0);
+        }
+        // SAFETY: runs in the child between fork and exec and only calls prctl(2),
+        // setsid(2) and setns(2), which are async-signal-safe; `ns` stays open until after
+        // the spawn.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                if detached {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(fd) = ns_fd {
@@ -288,11 +294,15 @@ impl QemuProcess {
         drop(ns);
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = oneshot::channel::<bool>();
         tokio::spawn(async move {
             let status = tokio::select! {
                 s = child.wait() => s,
-                _ = kill_rx => {
+                k = kill_rx => {
+                    if k == Ok(false) {
+                        // Released: it runs on; nobody here waits for it any more.
+                        return;
+                    }
                     // Killed on request or because the owner dropped us.
                     let _ = child.start_kill();
                     child.wait().await
@@ -301,6 +311,49 @@ impl QemuProcess {
             let _ = exit_tx.send(Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1))));
         });
         Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx) })
+    }
+
+    /// Takes over a QEMU this process did not start (a detached one whose starter is
+    /// gone): its exit is watched through a pidfd (the status is not knowable: reported
+    /// as killed by SIGKILL), and it is killed when dropped unless released again.
+    pub fn adopt(pid: u32) -> std::io::Result<QemuProcess> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        // SAFETY: the descriptor is an OwnedFd moved into the AsyncFd, which deregisters it
+        // before closing it; nothing else uses it.
+        let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<bool>();
+        tokio::spawn(async move {
+            let killed = std::os::unix::process::ExitStatusExt::from_raw(libc::SIGKILL);
+            tokio::select! {
+                _ = afd.readable() => {}
+                k = kill_rx => {
+                    if k == Ok(false) {
+                        return;
+                    }
+                    // SAFETY: pidfd_send_signal on our pidfd: no memory is involved, and the
+                    // pidfd cannot refer to a reused pid.
+                    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(afd.get_ref()), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+                    let _ = afd.readable().await;
+                }
+            }
+            let _ = exit_tx.send(Some(killed));
+        });
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx) })
+    }
+
+    /// Lets QEMU run on without this handle (a detached QEMU then outlives this process).
+    pub fn release(mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(false);
+        }
     }
 
     /// QEMU's pid.
@@ -333,7 +386,7 @@ impl QemuProcess {
     /// Kills QEMU (SIGKILL) and waits for it to be reaped.
     pub async fn kill(&mut self) -> ExitStatus {
         if let Some(k) = self.kill.take() {
-            let _ = k.send(());
+            let _ = k.send(true);
         }
         self.exit_status().await
     }
@@ -342,7 +395,7 @@ impl QemuProcess {
 impl Drop for QemuProcess {
     fn drop(&mut self) {
         if let Some(k) = self.kill.take() {
-            let _ = k.send(());
+            let _ = k.send(true);
         }
     }
 }

@@ -35,12 +35,14 @@ pub struct RestoreOptions {
     /// forked VM keeps the policy it had, and a template's clones get none (egress is
     /// closed unless the launcher opens it).
     pub egress: Option<crate::net::Egress>,
+    /// Start QEMU detached ([`crate::VmConfig::detached`]).
+    pub detached: bool,
 }
 
 impl RestoreOptions {
     /// Defaults: `$HEARTH_HOME/run`, 60 s.
     pub fn new() -> Self {
-        RestoreOptions { run_root: crate::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None, egress: None }
+        RestoreOptions { run_root: crate::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None, egress: None, detached: false }
     }
 }
 
@@ -139,6 +141,7 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg.boot_timeout = opts.timeout;
     cfg.run_root = opts.run_root.clone();
     cfg.hostname = m.hostname.clone();
+    cfg.detached = opts.detached;
     cfg.network = m.network.as_ref().map(|recorded| {
         opts.egress.clone().unwrap_or_else(|| if m.kind == SnapshotKind::Template { crate::net::Egress::none() } else { recorded.clone() })
     });

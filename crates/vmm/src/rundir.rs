@@ -19,6 +19,25 @@ impl RunDir {
     }
 }
 
+impl RunDir {
+    /// Takes an existing directory (a detached VM's) and its lock; fails when another
+    /// process holds it.
+    pub(crate) fn adopt(path: PathBuf) -> std::io::Result<RunDir> {
+        let lock = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(path.join("lock"))?;
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::other("another process holds this VM"));
+        }
+        Ok(RunDir(path, Some(lock)))
+    }
+
+    /// Gives the directory up without removing it (its VM runs on, detached).
+    pub(crate) fn release(mut self) {
+        drop(self.1.take());
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -49,6 +68,8 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
                 .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
                 .unwrap_or(false),
         };
+        // A detached VM whose starter is gone still runs: it is waiting to be reattached.
+        let stale = stale && !crate::detach::live_detached(&dir);
         if stale {
             crate::net::remove_stale(&e.file_name().to_string_lossy());
         }

@@ -56,6 +56,9 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// A detached VM could not be taken back.
+    #[error("cannot reattach the VM: {0}")]
+    Reattach(String),
     /// The VM's network could not be set up.
     #[error("cannot set up the VM's network: {0}")]
     Network(crate::net::NetError),
@@ -266,7 +269,7 @@ impl Vm {
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
         tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay, network)");
-        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref())
+        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
         let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
 
@@ -363,7 +366,7 @@ impl Vm {
         }
         let boot_time = started.elapsed();
         tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
-        Ok(Vm {
+        let vm = Vm {
             process,
             net,
             agent,
@@ -378,7 +381,9 @@ impl Vm {
             disk,
             disk_owned,
             _dir: dir,
-        })
+        };
+        vm.persist();
+        Ok(vm)
     }
 
     /// The VM's id (also its run directory's name).
@@ -418,6 +423,8 @@ impl Vm {
         let mut recorded = current.lock().unwrap_or_else(|p| p.into_inner());
         ns.set_egress(egress)?;
         *recorded = egress.clone();
+        drop(recorded);
+        self.persist();
         Ok(())
     }
 
@@ -440,6 +447,7 @@ impl Vm {
         .await?;
         self.disk = Some(new_active.to_path_buf());
         self.disk_owned = true;
+        self.persist();
         Ok(current)
     }
 

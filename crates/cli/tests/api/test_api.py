@@ -261,11 +261,13 @@ def main():
     status, body = signed(KEY_B, "GET", "/hearth/v1/usage")
     assert json.loads(body)["usage"]["vcpuSeconds"] == 0
 
-    # One suspended microvm is left for the restart test.
+    # One suspended and one running microvm are left for the restart test.
     keep = a.run_microvm(imageIdentifier="web", clientToken="keep")["microvmId"]
     exec_in(KEY_A, keep, "echo kept > /workspace/k")
     a.suspend_microvm(microvmIdentifier=keep)
-    print(json.dumps({"suspended": keep}))
+    alive = a.run_microvm(imageIdentifier="web", clientToken="alive")["microvmId"]
+    exec_in(KEY_A, alive, "echo alive > /workspace/a; sh -c 'while :; do date +%s > /tmp/tick; sleep 1; done' >/dev/null 2>&1 &")
+    print(json.dumps({"suspended": keep, "running": alive}))
 
 
 def after_restart():
@@ -275,6 +277,15 @@ def after_restart():
     a.resume_microvm(microvmIdentifier=keep)
     assert exec_in(KEY_A, keep, "cat /workspace/k")["stdout"] == "kept\n"
     a.terminate_microvm(microvmIdentifier=keep)
+    # The running one outlived the killed daemon and was reattached, processes and all.
+    alive = a.run_microvm(imageIdentifier="web", clientToken="alive")["microvmId"]
+    m = a.get_microvm(microvmIdentifier=alive)
+    assert m["state"] == "RUNNING", m
+    assert exec_in(KEY_A, alive, "cat /workspace/a")["stdout"] == "alive\n"
+    t0 = int(exec_in(KEY_A, alive, "cat /tmp/tick")["stdout"])
+    time.sleep(2.5)
+    assert int(exec_in(KEY_A, alive, "cat /tmp/tick")["stdout"]) > t0, "the guest's process stopped"
+    a.terminate_microvm(microvmIdentifier=alive)
     a.delete_microvm_image(imageIdentifier="web")
     assert a.list_microvm_images()["items"] == []
     print("ok")
