@@ -1,7 +1,9 @@
-//! `GET /v1/hook`: an HTTP GET to the app inside the guest (see `hearth_proto::HookResponse`).
+//! `GET|POST /v1/hook`: an HTTP GET, or a POST with the request's body, to the app inside
+//! the guest (see `hearth_proto::HookResponse`).
 
 use crate::server::{self, Body};
-use hearth_proto::{ErrorCode, HookResponse, MAX_HOOK_BODY};
+use hearth_proto::{ErrorCode, HookResponse, MAX_HOOK_BODY, MAX_HOOK_REQUEST};
+use http_body_util::BodyExt;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use std::time::Duration;
@@ -19,9 +21,27 @@ pub async fn call(req: Request<Incoming>) -> Response<Body> {
         return server::error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, "hook path must be /something without spaces");
     }
     let timeout = Duration::from_millis(get("timeout_ms").and_then(|t| t.parse().ok()).unwrap_or(5000).min(600_000));
+    let path = path.to_owned();
+    let post = req.method() == http::Method::POST;
+    let payload = if post {
+        match http_body_util::Limited::new(req.into_body(), MAX_HOOK_REQUEST).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return server::error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("hook body: {e} (at most {MAX_HOOK_REQUEST} bytes)")),
+        }
+    } else {
+        bytes::Bytes::new()
+    };
     let result = tokio::time::timeout(timeout, async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        if post {
+            s.write_all(
+                format!("POST {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n", payload.len()).as_bytes(),
+            )
+            .await?;
+            s.write_all(&payload).await?;
+        } else {
+            s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        }
         let mut buf = Vec::new();
         (&mut s).take(MAX_HOOK_BODY as u64 + 8192).read_to_end(&mut buf).await?;
         Ok::<_, std::io::Error>(buf)

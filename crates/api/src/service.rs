@@ -167,6 +167,26 @@ impl Service {
         v
     }
 
+    /// Calls lifecycle hook `which` (run, resume, suspend, terminate) of the app when the
+    /// image enables it, with its timeout (default 30 s).
+    async fn call_hook(&self, vm: &Vm, m: &MicrovmRecord, which: &str, payload: &str) -> Result<(), String> {
+        let Some(v) = self.store.versions(&m.account, &m.image_name).ok().and_then(|vs| vs.into_iter().find(|v| v.version == m.image_version)) else {
+            return Ok(());
+        };
+        let Some(hooks) = v.spec.get("hooks") else { return Ok(()) };
+        let h = &hooks["microvmHooks"];
+        if h.get(which).and_then(Value::as_str) != Some("ENABLED") {
+            return Ok(());
+        }
+        let port = hooks.get("port").and_then(Value::as_u64).unwrap_or(8080) as u16;
+        let timeout = Duration::from_secs(h.get(format!("{which}TimeoutInSeconds")).and_then(Value::as_u64).unwrap_or(30));
+        match vm.agent().hook_post(port, &format!("/{which}"), bytes::Bytes::from(payload.to_owned()), timeout).await {
+            Ok(r) if (200..300).contains(&r.status) => Ok(()),
+            Ok(r) => Err(format!("the /{which} hook answered {}", r.status)),
+            Err(e) => Err(format!("the /{which} hook failed: {e}")),
+        }
+    }
+
     fn put(&self, m: &MicrovmRecord) -> Result<(), ApiError> {
         self.store.put_microvm(m).map_err(db)
     }
@@ -223,6 +243,17 @@ impl Service {
         match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
+                let payload = input.get("runHookPayload").and_then(Value::as_str).unwrap_or_default();
+                if let Err(e) = self.call_hook(&vm, &m, "run", payload).await {
+                    // The app refused to start this microvm: it is not handed out.
+                    vm.kill().await;
+                    m.state = "TERMINATED".into();
+                    m.terminated_at = Some(now());
+                    m.state_reason = Some(e);
+                    self.put(&m)?;
+                    self.metrics.error("run-hook");
+                    return Ok(self.microvm_json(&m));
+                }
                 guard.vm = Some(vm);
                 m.state = "RUNNING".into();
                 self.put(&m)?;
@@ -312,6 +343,8 @@ impl Service {
         };
         m.state = "SUSPENDING".into();
         self.put(&m)?;
+        // The app hears of it first; a failing hook does not stop the suspend.
+        let hook_error = self.call_hook(&vm, &m, "suspend", "").await.err();
         let dir = self.microvm_dir(&id).join("suspended");
         let _ = std::fs::create_dir_all(self.microvm_dir(&id));
         let started = std::time::Instant::now();
@@ -319,7 +352,7 @@ impl Service {
             Ok(_) => {
                 m.state = "SUSPENDED".into();
                 m.suspended_at = Some(now());
-                m.state_reason = reason.map(str::to_owned);
+                m.state_reason = reason.map(str::to_owned).or(hook_error);
                 self.put(&m)?;
                 self.store.usage_end(&id, now()).map_err(db)?;
                 self.store.usage_start(&m, "SUSPENDED", now(), dir_size(&dir)).map_err(db)?;
@@ -364,11 +397,11 @@ impl Service {
         match Vm::resume(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
+                m.state_reason = self.call_hook(&vm, &m, "resume", "").await.err();
                 guard.vm = Some(vm);
                 guard.cpu = None;
                 m.state = "RUNNING".into();
                 m.suspended_at = None;
-                m.state_reason = None;
                 m.last_activity = now();
                 self.put(&m)?;
                 self.store.usage_end(&id, now()).map_err(db)?;
@@ -395,6 +428,9 @@ impl Service {
         m.state = "TERMINATING".into();
         self.put(&m)?;
         if let Some(vm) = guard.vm.take() {
+            if let Err(e) = self.call_hook(&vm, &m, "terminate", "").await {
+                tracing::info!(microvm = %id, error = %e, "terminate hook");
+            }
             vm.kill().await;
         }
         let _ = std::fs::remove_dir_all(self.microvm_dir(&id));

@@ -74,7 +74,8 @@ fn run_py(url: &str, keys: (&str, &str), ctx: &Path, state: &Path, args: &[&str]
         .env("HEARTH_URL", url)
         .env("HEARTH_KEY_A", keys.0)
         .env("HEARTH_KEY_B", keys.1)
-        .env("HEARTH_CTX", ctx)
+        .env("HEARTH_CTX", ctx.join("web"))
+        .env("HEARTH_CTX_HOOKS", ctx.join("hooked"))
         .env("HEARTH_STATE", state)
         .output()
         .unwrap();
@@ -83,14 +84,38 @@ fn run_py(url: &str, keys: (&str, &str), ctx: &Path, state: &Path, args: &[&str]
     stdout
 }
 
+/// An app that records its lifecycle hook calls (and refuses a /run whose payload says so).
+const HOOKED_APP: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with open("/tmp/hooks.log", "a") as f:
+            f.write("%s %s\n" % (self.path, data.decode()))
+        self.send_response(500 if data == b"refuse" else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"#;
+
 #[test]
 fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     let tmp = tempfile::tempdir().unwrap();
     let state = tmp.path().join("state");
     let (a, b) = (key(&state), key(&state));
     let ctx = tmp.path().join("ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n").unwrap();
+    std::fs::create_dir_all(ctx.join("web")).unwrap();
+    std::fs::write(ctx.join("web/Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n").unwrap();
+    std::fs::create_dir_all(ctx.join("hooked")).unwrap();
+    std::fs::write(ctx.join("hooked/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n").unwrap();
+    std::fs::write(ctx.join("hooked/app.py"), HOOKED_APP).unwrap();
 
     let _microvms = Microvms(state.clone());
     let mut daemon = Daemon::start(&state);

@@ -18,6 +18,7 @@
 //! | `PUT /v1/files?path=P&mode=M` | the file's bytes, streamed | [`files::FileInfo`] |
 //! | `POST /v1/fs/{stat,list,mkdir,remove,rename}` | [`files::FsRequest`] | [`files::FsResponse`] |
 //! | `GET /v1/hook?port=P&path=/p&timeout_ms=T` | — | [`HookResponse`] |
+//! | `POST /v1/hook?port=P&path=/p&timeout_ms=T` | the body to POST (≤ [`MAX_HOOK_REQUEST`]) | [`HookResponse`] |
 //! | `POST /v1/restore` | [`RestoreInfo`] | `{}` once clock, RNG and identity are fixed |
 //! | `POST /v1/sync` | — | `{}` once the guest's filesystems are flushed |
 //! | `POST /v1/detach` | — | `{}`; the agent then closes this connection and waits for a new one |
@@ -204,3 +205,5 @@ pub struct HookResponse {
 
 /// Most body bytes a [`HookResponse`] carries.
 pub const MAX_HOOK_BODY: usize = 64 << 10;
+/// Most body bytes a POSTed hook call carries (the API's `runHookPayload` is ≤ 16 KiB).
+pub const MAX_HOOK_REQUEST: usize = 64 << 10;

@@ -522,6 +522,16 @@ impl AgentClient {
         Self::json_response(self.send(req).await?).await
     }
 
+    /// POSTs `body` to `path` on the guest's loopback `port` (a lifecycle hook).
+    pub async fn hook_post(&self, port: u16, path: &str, body: Bytes, timeout: Duration) -> Result<hearth_proto::HookResponse, AgentError> {
+        if body.len() > hearth_proto::MAX_HOOK_REQUEST {
+            return Err(AgentError::Protocol(format!("hook body over {} bytes", hearth_proto::MAX_HOOK_REQUEST)));
+        }
+        let uri = format!("/v1/hook?port={port}&path={path}&timeout_ms={}", timeout.as_millis());
+        let req = Request::post(uri).body(full(body)).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        Self::json_response(self.send(req).await?).await
+    }
+
     /// Flushes the guest's filesystems.
     pub async fn sync(&self) -> Result<(), AgentError> {
         let req = Request::post("/v1/sync").body(empty()).expect("static request");

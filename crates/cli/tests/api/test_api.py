@@ -22,6 +22,8 @@ URL = os.environ["HEARTH_URL"]
 KEY_A = json.loads(os.environ["HEARTH_KEY_A"])
 KEY_B = json.loads(os.environ["HEARTH_KEY_B"])
 CTX = os.environ["HEARTH_CTX"]
+CTX_HOOKS = os.environ["HEARTH_CTX_HOOKS"]
+DEBIAN = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:debian-bookworm"
 MINIMAL = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:minimal"
 ROLE = "arn:aws:iam::123456789012:role/hearth-build"
 
@@ -179,6 +181,25 @@ def main():
     exec_in(KEY_A, idle, "echo before > /workspace/f")
     exec_in(KEY_A, busy, "sh -c 'echo $$ > /tmp/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
 
+    # Lifecycle hooks of the app: /run with the payload, /suspend, /resume; a refused /run
+    # means the microvm is not handed out.
+    hooks = {
+        "port": 8080,
+        "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 20, "suspend": "ENABLED", "resume": "ENABLED", "terminate": "ENABLED"},
+        "microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 120},
+    }
+    a.create_microvm_image(name="hooked", baseImageArn=DEBIAN, buildRoleArn=ROLE, codeArtifact={"uri": "file://" + CTX_HOOKS}, hooks=hooks)
+    assert wait_version(a, "hooked", "1")["state"] == "SUCCESSFUL"
+    h = a.run_microvm(imageIdentifier="hooked", runHookPayload="tenant-42")
+    assert h["state"] == "RUNNING", h
+    a.suspend_microvm(microvmIdentifier=h["microvmId"])
+    a.resume_microvm(microvmIdentifier=h["microvmId"])
+    log = exec_in(KEY_A, h["microvmId"], "cat /tmp/hooks.log")["stdout"]
+    assert log == "/run tenant-42\n/suspend \n/resume \n", repr(log)
+    refused = a.run_microvm(imageIdentifier="hooked", runHookPayload="refuse")
+    assert refused["state"] == "TERMINATED" and "/run hook answered 500" in refused["stateReason"], refused
+    a.terminate_microvm(microvmIdentifier=h["microvmId"])
+
     # Bad input: the model's error types and codes, never a 500.
     raw = client(KEY_A, validate=False)
     expect_error("ValidationException", 400, raw.run_microvm, imageIdentifier="web", maximumDurationInSeconds=28801)
@@ -287,6 +308,7 @@ def after_restart():
     assert int(exec_in(KEY_A, alive, "cat /tmp/tick")["stdout"]) > t0, "the guest's process stopped"
     a.terminate_microvm(microvmIdentifier=alive)
     a.delete_microvm_image(imageIdentifier="web")
+    a.delete_microvm_image(imageIdentifier="hooked")
     assert a.list_microvm_images()["items"] == []
     print("ok")
 
