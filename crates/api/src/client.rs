@@ -42,37 +42,66 @@ impl Client {
         Client { base: base.trim_end_matches('/').to_owned(), access_key: access_key.into(), secret: secret.into(), http: reqwest::Client::new() }
     }
 
-    /// Calls `method path?query` with a JSON body; returns the decoded answer (`Null` for
-    /// an empty one).
-    pub async fn call(&self, method: http::Method, path_and_query: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    /// Sends a signed request; returns the status, the error type header and the body.
+    async fn send(&self, method: http::Method, path_and_query: &str, body: Vec<u8>, content_type: Option<&str>) -> Result<(u16, Option<String>, bytes::Bytes), ClientError> {
         let url = format!("{}{path_and_query}", self.base);
-        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-        let uri: http::Uri = url.parse().map_err(|_| ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() })?;
+        let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
+        let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
         let mut headers = http::HeaderMap::new();
         let host = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        headers.insert("host", http::HeaderValue::from_str(&host).map_err(|_| ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() })?);
-        crate::sigv4::sign(&method, &uri, &mut headers, &bytes, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
-        let mut req = self.http.request(method, &url).body(bytes);
+        headers.insert("host", http::HeaderValue::from_str(&host).map_err(|_| bad_url())?);
+        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
+        let mut req = self.http.request(method, &url).body(body);
         for (k, v) in &headers {
             if k != "host" {
                 req = req.header(k, v);
             }
         }
-        if body.is_some() {
-            req = req.header("content-type", "application/json");
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
         }
         let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = resp.status().as_u16();
         let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let text = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
-        let v: Value = if text.is_empty() { Value::Null } else { serde_json::from_slice(&text).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&text).into_owned())) };
-        if status >= 400 {
-            return Err(ClientError::Api {
-                status,
-                code: code.unwrap_or_else(|| "Error".into()),
-                message: v.get("message").and_then(Value::as_str).map_or_else(|| v.to_string(), str::to_owned),
-            });
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
+        Ok((status, code, bytes))
+    }
+
+    fn error(status: u16, code: Option<String>, body: &[u8]) -> ClientError {
+        let v: Value = serde_json::from_slice(body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
+        ClientError::Api {
+            status,
+            code: code.unwrap_or_else(|| "Error".into()),
+            message: v.get("message").and_then(Value::as_str).map_or_else(|| v.to_string(), str::to_owned),
         }
-        Ok(v)
+    }
+
+    /// Calls `method path?query` with a JSON body; returns the decoded answer (`Null` for
+    /// an empty one).
+    pub async fn call(&self, method: http::Method, path_and_query: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+        let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+        let (status, code, text) = self.send(method, path_and_query, bytes, body.map(|_| "application/json")).await?;
+        if status >= 400 {
+            return Err(Self::error(status, code, &text));
+        }
+        Ok(if text.is_empty() { Value::Null } else { serde_json::from_slice(&text).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&text).into_owned())) })
+    }
+
+    /// PUTs raw bytes; returns the JSON answer.
+    pub async fn put_bytes(&self, path_and_query: &str, data: Vec<u8>) -> Result<Value, ClientError> {
+        let (status, code, text) = self.send(http::Method::PUT, path_and_query, data, Some("application/octet-stream")).await?;
+        if status >= 400 {
+            return Err(Self::error(status, code, &text));
+        }
+        Ok(serde_json::from_slice(&text).unwrap_or(Value::Null))
+    }
+
+    /// GETs raw bytes.
+    pub async fn get_bytes(&self, path_and_query: &str) -> Result<bytes::Bytes, ClientError> {
+        let (status, code, text) = self.send(http::Method::GET, path_and_query, Vec::new(), None).await?;
+        if status >= 400 {
+            return Err(Self::error(status, code, &text));
+        }
+        Ok(text)
     }
 }

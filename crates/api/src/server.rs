@@ -148,7 +148,8 @@ const MAX_EXEC_OUTPUT: usize = 8 << 20;
 async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, rest: &str, query: Option<&str>, body: Bytes) -> Result<Response, ApiError> {
     let q = query_pairs(query);
     let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let parts: Vec<&str> = rest.split('/').collect();
+    let decoded: Vec<String> = rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     match (method.as_str(), parts.as_slice()) {
         ("POST", ["microvms", id, "exec"]) => {
             let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;

@@ -5,6 +5,7 @@ mod bench;
 mod bench_api;
 mod bench_build;
 mod bench_snap;
+mod client;
 mod serve;
 mod imagecmd;
 mod report;
@@ -62,6 +63,10 @@ enum Cmd {
     /// Measure the API: RunMicrovm → RUNNING and → first exec against a cold boot;
     /// ListMicrovms latency with 1,000 microvms in the store.
     BenchApi(bench_api::BenchApiArgs),
+    /// API client commands (talk to a running `hearth serve`; keys from AWS_ACCESS_KEY_ID /
+    /// AWS_SECRET_ACCESS_KEY, endpoint from HEARTH_ENDPOINT).
+    #[command(flatten)]
+    Client(client::ClientCmd),
     /// Run the control plane: the Lambda MicroVMs API (SigV4, SQLite state, lifecycle,
     /// idle policy). Prints a first access key on first start.
     Serve(serve::ServeArgs),
@@ -106,6 +111,7 @@ fn main() {
             Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
             Cmd::BenchBuild(a) => bench_build::run(a).await.map(|()| 0),
             Cmd::Serve(a) => serve::run(a).await.map(|()| 0),
+            Cmd::Client(c) => client::run(c).await,
             Cmd::BenchApi(a) => bench_api::run(a).await.map(|()| 0),
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
         };

@@ -122,6 +122,44 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &[]);
     assert!(out.contains("\"suspended\"") && out.contains("\"running\""), "{out}");
 
+    // The `hearth` CLI as a client of the same daemon.
+    let ids: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let alive = ids["running"].as_str().unwrap();
+    let key_a: serde_json::Value = serde_json::from_str(&a).unwrap();
+    let cli = |args: &[&str]| {
+        hearth()
+            .args(args)
+            .env("HEARTH_ENDPOINT", &daemon.1)
+            .env("AWS_ACCESS_KEY_ID", key_a["accessKeyId"].as_str().unwrap())
+            .env("AWS_SECRET_ACCESS_KEY", key_a["secretAccessKey"].as_str().unwrap())
+            .output()
+            .unwrap()
+    };
+    let o = cli(&["exec", alive, "--", "cat", "/workspace/a"]);
+    assert!(o.status.success() && o.stdout == b"alive\n", "{o:?}");
+    let o = cli(&["exec", alive, "--shell", "--", "echo oops >&2; exit 3"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    assert_eq!(o.stderr, b"oops\n");
+    let local = tmp.path().join("blob");
+    std::fs::write(&local, (0..100_000u32).flat_map(|i| i.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+    let o = cli(&["cp", local.to_str().unwrap(), &format!("{alive}:/workspace/blob")]);
+    assert!(o.status.success(), "{o:?}");
+    let back = tmp.path().join("blob.back");
+    let o = cli(&["cp", &format!("{alive}:/workspace/blob"), back.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(std::fs::read(&local).unwrap(), std::fs::read(&back).unwrap());
+    let o = cli(&["ls", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|_| panic!("{o:?}"));
+    assert!(listed.as_array().unwrap().iter().any(|m| m["microvmId"] == alive && m["state"] == "RUNNING"), "{listed}");
+    let o = cli(&["get", alive, "--json"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("RUNNING"), "{o:?}");
+    let o = cli(&["get", "mvm-nope"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("ResourceNotFoundException"), "{o:?}");
+    let o = cli(&["usage", "--json"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("vcpuSeconds"), "{o:?}");
+    let o = hearth().args(["ls"]).env("HEARTH_ENDPOINT", &daemon.1).env_remove("AWS_ACCESS_KEY_ID").output().unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("hearth keys create"), "{o:?}");
+
     // kill -9: the suspended microvm and the images survive; a new daemon serves them.
     daemon.kill9();
     let daemon = Daemon::start(&state);

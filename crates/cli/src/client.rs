@@ -1,0 +1,394 @@
+//! `hearth run|ls|get|exec|cp|suspend|resume|rm|images|usage`: the CLI as a client of a
+//! running `hearth serve`, signing with SigV4 like the AWS SDKs. Tables for people,
+//! `--json` for scripts.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use hearth_api::client::Client;
+use serde_json::{json, Value};
+
+/// Where the API is and who calls it.
+#[derive(Args, Debug, Clone)]
+pub struct Conn {
+    /// The API's URL.
+    #[arg(long, global = true, env = "HEARTH_ENDPOINT", default_value = "http://127.0.0.1:8377")]
+    endpoint: String,
+    /// Access key id (from `hearth keys create`, or the first start's output).
+    #[arg(long, global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    access_key: Option<String>,
+    /// Secret access key.
+    #[arg(long, global = true, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    secret_key: Option<String>,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<Client> {
+        let ak = self.access_key.as_deref().context("no access key: set AWS_ACCESS_KEY_ID (and AWS_SECRET_ACCESS_KEY) or pass --access-key/--secret-key; `hearth keys create` makes one")?;
+        let sk = self.secret_key.as_deref().context("no secret key: set AWS_SECRET_ACCESS_KEY or pass --secret-key")?;
+        Ok(Client::new(&self.endpoint, ak, sk))
+    }
+}
+
+/// The client commands.
+#[derive(Subcommand, Debug)]
+pub enum ClientCmd {
+    /// Run a microvm from an image (RunMicrovm).
+    Run {
+        /// Image name or ARN.
+        image: String,
+        /// Image version (default: the newest successful one).
+        #[arg(long)]
+        version: Option<String>,
+        /// Suspend after this many idle seconds (≥ 60).
+        #[arg(long)]
+        idle_suspend: Option<u64>,
+        /// Terminate after this many seconds suspended (0: terminate instead of suspending).
+        #[arg(long, default_value_t = 3600)]
+        suspended_for: u64,
+        /// Resume automatically on the next exec/file call.
+        #[arg(long)]
+        auto_resume: bool,
+        /// Lifetime limit in seconds (≤ 28800).
+        #[arg(long)]
+        max_duration: Option<u64>,
+        /// Allow internet egress (INTERNET_EGRESS).
+        #[arg(long)]
+        internet: bool,
+        /// Payload for the app's /run hook.
+        #[arg(long)]
+        payload: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List microvms (ListMicrovms, all pages).
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show a microvm (GetMicrovm).
+    Get {
+        /// Microvm id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a command in a microvm and print its output; the exit code passes through.
+    Exec {
+        /// Microvm id.
+        id: String,
+        /// Working directory.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Run through /bin/sh -c.
+        #[arg(long)]
+        shell: bool,
+        #[command(flatten)]
+        conn: Conn,
+        /// The command.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file into (`LOCAL ID:PATH`) or out of (`ID:PATH LOCAL`) a microvm.
+    Cp {
+        /// Source.
+        from: String,
+        /// Destination.
+        to: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Suspend a microvm (SuspendMicrovm).
+    Suspend {
+        /// Microvm id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Resume a microvm (ResumeMicrovm).
+    Resume {
+        /// Microvm id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Terminate a microvm (TerminateMicrovm).
+    Rm {
+        /// Microvm id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// API images: create (build), ls, get, rm.
+    #[command(subcommand)]
+    Images(ImagesCmd),
+    /// Metered usage of your account (vCPU-seconds, GiB-seconds, snapshot GiB-hours).
+    Usage {
+        /// From (seconds since the epoch; default: the beginning).
+        #[arg(long)]
+        from: Option<f64>,
+        /// To (default: now).
+        #[arg(long)]
+        to: Option<f64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `hearth images …`.
+#[derive(Subcommand, Debug)]
+pub enum ImagesCmd {
+    /// Build an image from a code artifact (CreateMicrovmImage, or UpdateMicrovmImage for
+    /// an existing name) and wait for the build.
+    Create {
+        /// Image name.
+        name: String,
+        /// Code artifact: a local path (made a file:// URI), file://, http:// or https://.
+        artifact: String,
+        /// Managed base image.
+        #[arg(long, default_value = "debian-bookworm")]
+        base: String,
+        /// The app's hooks port.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Return at once instead of waiting for the build.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List images.
+    Ls {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show an image and its versions.
+    Get {
+        /// Image name or ARN.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete an image.
+    Rm {
+        /// Image name or ARN.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Percent-encodes a path segment or query value (unreserved characters stay).
+fn enc(s: &str) -> String {
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
+}
+
+fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        table(v);
+    }
+}
+
+fn ts(v: &Value) -> String {
+    v.as_f64().map_or_else(|| "-".into(), |t| format!("{:.0}s ago", (hearth_api::service::now() - t).max(0.0)))
+}
+
+async fn all_pages(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
+    let mut items = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let q = token.as_ref().map_or_else(|| "?maxResults=50".to_owned(), |t| format!("?maxResults=50&nextToken={}", enc(t)));
+        let v = c.call(http::Method::GET, &format!("{path}{q}"), None).await?;
+        items.extend(v["items"].as_array().cloned().unwrap_or_default());
+        match v["nextToken"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => return Ok(items),
+        }
+    }
+}
+
+/// Runs a client command; returns the exit code.
+pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ClientCmd::Run { image, version, idle_suspend, suspended_for, auto_resume, max_duration, internet, payload, conn } => {
+            let mut body = json!({ "imageIdentifier": image });
+            if let Some(v) = version {
+                body["imageVersion"] = v.into();
+            }
+            if let Some(idle) = idle_suspend {
+                body["idlePolicy"] = json!({ "maxIdleDurationSeconds": idle, "suspendedDurationSeconds": suspended_for, "autoResumeEnabled": auto_resume });
+            }
+            if let Some(d) = max_duration {
+                body["maximumDurationInSeconds"] = d.into();
+            }
+            if internet {
+                body["egressNetworkConnectors"] = json!(["INTERNET_EGRESS"]);
+            }
+            if let Some(p) = payload {
+                body["runHookPayload"] = p.into();
+            }
+            let v = conn.client()?.call(http::Method::POST, "/2025-09-09/microvms", Some(&body)).await?;
+            print(&conn, &v, |v| {
+                println!("{}  {}", v["microvmId"].as_str().unwrap_or("?"), v["state"].as_str().unwrap_or("?"));
+                if let Some(r) = v["stateReason"].as_str() {
+                    println!("reason: {r}");
+                }
+            });
+            Ok(if v["state"] == "RUNNING" { 0 } else { 1 })
+        }
+        ClientCmd::Ls { conn } => {
+            let items = all_pages(&conn.client()?, "/2025-09-09/microvms").await?;
+            print(&conn, &Value::Array(items.clone()), |_| {
+                println!("{:<22} {:<12} {:<8} {:<14} IMAGE", "MICROVM", "STATE", "VERSION", "STARTED");
+                for m in &items {
+                    let image = m["imageArn"].as_str().unwrap_or("").rsplit(':').next().unwrap_or("");
+                    println!("{:<22} {:<12} {:<8} {:<14} {image}", m["microvmId"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""), m["imageVersion"].as_str().unwrap_or(""), ts(&m["startedAt"]));
+                }
+            });
+            Ok(0)
+        }
+        ClientCmd::Get { id, conn } => {
+            let v = conn.client()?.call(http::Method::GET, &format!("/2025-09-09/microvms/{}", enc(&id)), None).await?;
+            print(&conn, &v, |v| {
+                for k in ["microvmId", "state", "stateReason", "imageArn", "imageVersion", "maximumDurationInSeconds", "idlePolicy", "egressNetworkConnectors"] {
+                    if !v[k].is_null() {
+                        println!("{k:<26} {}", v[k].as_str().map_or_else(|| v[k].to_string(), str::to_owned));
+                    }
+                }
+                println!("{:<26} {}", "startedAt", ts(&v["startedAt"]));
+            });
+            Ok(0)
+        }
+        ClientCmd::Exec { id, cwd, shell, conn, command } => {
+            let mut body = if shell { json!({ "shell": command.join(" ") }) } else { json!({ "command": command }) };
+            if let Some(c) = cwd {
+                body["cwd"] = c.into();
+            }
+            let v = conn.client()?.call(http::Method::POST, &format!("/hearth/v1/microvms/{}/exec", enc(&id)), Some(&body)).await?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                use std::io::Write;
+                let _ = std::io::stdout().write_all(v["stdout"].as_str().unwrap_or("").as_bytes());
+                let _ = std::io::stderr().write_all(v["stderr"].as_str().unwrap_or("").as_bytes());
+            }
+            Ok(v["exitCode"].as_i64().map_or_else(|| 128 + v["signal"].as_i64().unwrap_or(0) as i32, |c| c as i32))
+        }
+        ClientCmd::Cp { from, to, conn } => {
+            let c = conn.client()?;
+            let remote = |s: &str| s.split_once(':').filter(|(id, p)| id.starts_with("mvm-") && p.starts_with('/')).map(|(a, b)| (a.to_owned(), b.to_owned()));
+            match (remote(&from), remote(&to)) {
+                (None, Some((id, path))) => {
+                    let data = std::fs::read(&from).with_context(|| format!("read {from}"))?;
+                    // Files go as raw bytes, not JSON: a direct signed PUT.
+                    let v = c.put_bytes(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), data).await?;
+                    print(&conn, &v, |v| println!("{} bytes → {id}:{path}", v["size"]));
+                }
+                (Some((id, path)), None) => {
+                    let data = c.get_bytes(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path))).await?;
+                    std::fs::write(&to, &data).with_context(|| format!("write {to}"))?;
+                    print(&conn, &json!({ "size": data.len() }), |_| println!("{} bytes → {to}", data.len()));
+                }
+                _ => anyhow::bail!("give one local path and one mvm-ID:/absolute/path"),
+            }
+            Ok(0)
+        }
+        ClientCmd::Suspend { id, conn } => simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/suspend", enc(&id)), "suspended").await,
+        ClientCmd::Resume { id, conn } => simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/resume", enc(&id)), "resumed").await,
+        ClientCmd::Rm { id, conn } => simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvms/{}", enc(&id)), "terminated").await,
+        ClientCmd::Usage { from, to, conn } => {
+            let mut q = Vec::new();
+            if let Some(f) = from {
+                q.push(format!("from={f}"));
+            }
+            if let Some(t) = to {
+                q.push(format!("to={t}"));
+            }
+            let v = conn.client()?.call(http::Method::GET, &format!("/hearth/v1/usage?{}", q.join("&")), None).await?;
+            print(&conn, &v, |v| {
+                let u = &v["usage"];
+                println!("account {}", v["account"].as_str().unwrap_or(""));
+                println!("vCPU-seconds        {:.1}", u["vcpuSeconds"].as_f64().unwrap_or(0.0));
+                println!("GiB-seconds         {:.1}", u["gibSeconds"].as_f64().unwrap_or(0.0));
+                println!("snapshot GiB-hours  {:.4}", u["snapshotGibHours"].as_f64().unwrap_or(0.0));
+            });
+            Ok(0)
+        }
+        ClientCmd::Images(cmd) => images(cmd).await,
+    }
+}
+
+async fn simple(conn: &Conn, method: http::Method, path: &str, done: &str) -> anyhow::Result<i32> {
+    let v = conn.client()?.call(method, path, None).await?;
+    print(conn, &v, |_| println!("{done}"));
+    Ok(0)
+}
+
+async fn images(cmd: ImagesCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ImagesCmd::Create { name, artifact, base, port, no_wait, conn } => {
+            let c = conn.client()?;
+            let uri = if artifact.contains("://") { artifact } else { format!("file://{}", std::fs::canonicalize(&artifact).with_context(|| format!("{artifact}"))?.display()) };
+            let base_arn = if base.starts_with("arn:") { base } else { hearth_api::service::managed_arn(&base) };
+            let mut body = json!({
+                "baseImageArn": base_arn,
+                "buildRoleArn": "arn:aws:iam::000000000000:role/hearth-cli",
+                "codeArtifact": { "uri": uri },
+                "hooks": { "port": port },
+            });
+            let exists = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}", enc(&name)), None).await.is_ok();
+            let v = if exists {
+                c.call(http::Method::PUT, &format!("/2025-09-09/microvm-images/{}", enc(&name)), Some(&body)).await?
+            } else {
+                body["name"] = name.clone().into();
+                c.call(http::Method::POST, "/2025-09-09/microvm-images", Some(&body)).await?
+            };
+            let version = v["imageVersion"].as_str().unwrap_or("1").to_owned();
+            if no_wait {
+                print(&conn, &v, |_| println!("{name}:v{version} building"));
+                return Ok(0);
+            }
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message(format!("building {name}:v{version}"));
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            let v = loop {
+                let v = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}/versions/{version}", enc(&name)), None).await?;
+                if matches!(v["state"].as_str(), Some("SUCCESSFUL" | "FAILED")) {
+                    break v;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            };
+            bar.finish_and_clear();
+            print(&conn, &v, |v| {
+                println!("{name}:v{version} {}", v["state"].as_str().unwrap_or(""));
+                if let Some(r) = v["stateReason"].as_str() {
+                    println!("{r}");
+                }
+            });
+            Ok(if v["state"] == "SUCCESSFUL" { 0 } else { 1 })
+        }
+        ImagesCmd::Ls { conn } => {
+            let items = all_pages(&conn.client()?, "/2025-09-09/microvm-images").await?;
+            print(&conn, &Value::Array(items.clone()), |_| {
+                println!("{:<24} {:<14} {:<8} FAILED", "NAME", "STATE", "ACTIVE");
+                for i in &items {
+                    println!("{:<24} {:<14} {:<8} {}", i["name"].as_str().unwrap_or(""), i["state"].as_str().unwrap_or(""), i["latestActiveImageVersion"].as_str().unwrap_or("-"), i["latestFailedImageVersion"].as_str().unwrap_or("-"));
+                }
+            });
+            Ok(0)
+        }
+        ImagesCmd::Get { name, conn } => {
+            let c = conn.client()?;
+            let mut v = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}", enc(&name)), None).await?;
+            v["versions"] = Value::Array(all_pages(&c, &format!("/2025-09-09/microvm-images/{}/versions", enc(&name))).await?);
+            print(&conn, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
+            Ok(0)
+        }
+        ImagesCmd::Rm { name, conn } => simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvm-images/{}", enc(&name)), "deleted").await,
+    }
+}
