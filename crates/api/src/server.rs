@@ -43,6 +43,7 @@ fn json_response(status: u16, v: &Value) -> Response {
 }
 
 async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
+    let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     match (parts.method.as_str(), path.as_str()) {
@@ -101,15 +102,12 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         Ok(out)
     }
     .await;
+    let status = result.as_ref().map_or_else(ApiError::status, |_| op.status);
+    svc.metrics.request(&op.name, status);
+    tracing::info!(operation = %op.name, %account, status, ms = started.elapsed().as_secs_f64() * 1000.0, "api call");
     match result {
-        Ok(v) => {
-            svc.metrics.request(&op.name, op.status);
-            json_response(op.status, &v)
-        }
-        Err(e) => {
-            svc.metrics.request(&op.name, e.status());
-            e.into_response()
-        }
+        Ok(v) => json_response(op.status, &v),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -163,6 +161,9 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
                 req.user = req.user.or(c.user);
             }
             let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
+            if param("stream").as_deref() == Some("true") {
+                return stream_exec(svc.clone(), account.to_owned(), id.to_string(), req, stdin).await;
+            }
             let out = svc
                 .with_vm(account, id, move |vm| {
                     Box::pin(async move { vm.exec(&req, stdin, MAX_EXEC_OUTPUT).await.map_err(|e| ApiError::internal(format!("exec: {e}"))) })
@@ -209,6 +210,61 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
     }
 }
 
+/// `exec?stream=true`: the command's output as it comes, one JSON object per line
+/// (`{"stdout": "…"}`, `{"stderr": "…"}`, finally `{"exit": {"code": …, "signal": …}}`
+/// or `{"error": "…"}`), over a chunked response.
+async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRequest, stdin: Option<Bytes>) -> Result<Response, ApiError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, ApiError>>(32);
+    tokio::spawn(async move {
+        let lines = tx.clone();
+        let r = svc
+            .with_vm(&account, &id, move |vm| {
+                Box::pin(async move {
+                    let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
+                    let mut s = vm.exec_stream(&req).await.map_err(|e| ApiError::internal(format!("exec: {e}")))?;
+                    // The stream has started: from here on, errors are lines of the body.
+                    let _ = lines.send(Ok(Bytes::new())).await;
+                    if let Some(data) = stdin {
+                        if let Err(e) = s.write_stdin(data).await {
+                            let _ = lines.send(line(json!({ "error": format!("stdin: {e}") }))).await;
+                        }
+                    }
+                    s.close_stdin();
+                    loop {
+                        let msg = match s.next_event().await {
+                            Ok(Some(hearth_vmm::agent::ExecEvent::Stdout(b))) => json!({ "stdout": String::from_utf8_lossy(&b) }),
+                            Ok(Some(hearth_vmm::agent::ExecEvent::Stderr(b))) => json!({ "stderr": String::from_utf8_lossy(&b) }),
+                            Ok(Some(hearth_vmm::agent::ExecEvent::Exit(x))) => json!({ "exit": { "code": x.code, "signal": x.signal } }),
+                            Ok(None) => json!({ "error": "the exec ended without a status" }),
+                            Err(e) => json!({ "error": e.to_string() }),
+                        };
+                        let last = msg.get("stdout").is_none() && msg.get("stderr").is_none();
+                        if lines.send(line(msg)).await.is_err() {
+                            // The client went away: stop the command.
+                            return Ok(());
+                        }
+                        if last {
+                            return Ok(());
+                        }
+                    }
+                })
+            })
+            .await;
+        if let Err(e) = r {
+            let _ = tx.send(Err(e)).await;
+        }
+    });
+    match rx.recv().await {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => return Err(e),
+        None => return Err(ApiError::internal("the exec stream ended before it started")),
+    }
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item.map_err(|e| std::io::Error::other(e.to_string())), rx))
+    });
+    Ok(([("content-type", "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response())
+}
+
 fn file_err(e: hearth_vmm::AgentError) -> ApiError {
     match e {
         hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
@@ -252,7 +308,8 @@ pub fn openapi() -> Value {
                     "command": { "type": "array", "items": { "type": "string" } }, "shell": { "type": "string" },
                     "env": { "type": "object", "additionalProperties": { "type": "string" } }, "cwd": { "type": "string" },
                     "user": { "type": "string" }, "timeoutSeconds": { "type": "number" }, "stdin": { "type": "string" } } } } } },
-                "responses": { "200": { "description": "exitCode, signal, stdout, stderr (UTF-8, lossy; at most 8 MiB each)" } } } },
+                "parameters": [{ "name": "stream", "in": "query", "schema": { "type": "boolean" }, "description": "stream the output as NDJSON lines ({stdout}, {stderr}, then {exit} or {error}) over a chunked response" }],
+                "responses": { "200": { "description": "exitCode, signal, stdout, stderr (UTF-8, lossy; at most 8 MiB each), or with ?stream=true the NDJSON lines" } } } },
             "/hearth/v1/microvms/{microvmId}/files": {
                 "get": { "summary": "Read a file (?path=)", "responses": { "200": { "description": "the bytes" } } },
                 "put": { "summary": "Write a file atomically (?path=), body = bytes", "responses": { "200": { "description": "size" } } } },

@@ -269,15 +269,33 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             if let Some(c) = cwd {
                 body["cwd"] = c.into();
             }
-            let v = conn.client()?.call(http::Method::POST, &format!("/hearth/v1/microvms/{}/exec", enc(&id)), Some(&body)).await?;
+            let c = conn.client()?;
             if conn.json {
+                let v = c.call(http::Method::POST, &format!("/hearth/v1/microvms/{}/exec", enc(&id)), Some(&body)).await?;
                 println!("{v}");
-            } else {
-                use std::io::Write;
-                let _ = std::io::stdout().write_all(v["stdout"].as_str().unwrap_or("").as_bytes());
-                let _ = std::io::stderr().write_all(v["stderr"].as_str().unwrap_or("").as_bytes());
+                return Ok(v["exitCode"].as_i64().map_or_else(|| 128 + v["signal"].as_i64().unwrap_or(0) as i32, |c| c as i32));
             }
-            Ok(v["exitCode"].as_i64().map_or_else(|| 128 + v["signal"].as_i64().unwrap_or(0) as i32, |c| c as i32))
+            // Output is printed as the command writes it.
+            let mut code = 1;
+            let mut failure = None;
+            c.stream_lines(&format!("/hearth/v1/microvms/{}/exec?stream=true", enc(&id)), &body, |line| {
+                use std::io::Write;
+                if let Some(s) = line["stdout"].as_str() {
+                    let _ = std::io::stdout().write_all(s.as_bytes());
+                    let _ = std::io::stdout().flush();
+                } else if let Some(s) = line["stderr"].as_str() {
+                    let _ = std::io::stderr().write_all(s.as_bytes());
+                } else if let Some(x) = line.get("exit") {
+                    code = x["code"].as_i64().map_or_else(|| 128 + x["signal"].as_i64().unwrap_or(0) as i32, |c| c as i32);
+                } else if let Some(e) = line["error"].as_str() {
+                    failure = Some(e.to_owned());
+                }
+            })
+            .await?;
+            if let Some(e) = failure {
+                anyhow::bail!("exec failed: {e}");
+            }
+            Ok(code)
         }
         ClientCmd::Cp { from, to, conn } => {
             let c = conn.client()?;

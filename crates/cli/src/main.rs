@@ -26,6 +26,9 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, global = true, default_value = "warn")]
     log: String,
+    /// Log lines as JSON objects (for log collectors), one per line on stderr.
+    #[arg(long, global = true, env = "HEARTH_LOG_JSON")]
+    log_json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -91,7 +94,11 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if cli.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let code = rt.block_on(async {
         // Run directories left by a hearth that died without cleaning up (with their

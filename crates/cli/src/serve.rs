@@ -29,6 +29,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     vm.accel = a.accel;
     vm.boot_timeout = std::time::Duration::from_secs(120);
     let state_dir = a.state_dir.clone().unwrap_or_else(|| home.join("api"));
+    tracing::info!(listen = %a.listen, state = %state_dir.display(), "starting the API daemon");
     // The daemon's VMs have their own run root: they outlive it, and nothing else sweeps
     // them by mistake.
     vm.run_root = state_dir.join("run");

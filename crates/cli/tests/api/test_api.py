@@ -160,6 +160,10 @@ def main():
     assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
     assert exec_in(KEY_A, mid, "cat /workspace/n")["stdout"] == "41\n"
     expect_error("ConflictException", 409, a.resume_microvm, microvmIdentifier=mid)
+    # Streamed exec: lines arrive as the command writes them.
+    status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{mid}/exec?stream=true", b'{"shell": "echo one; sleep 1; echo two >&2; exit 4"}')
+    lines = [json.loads(l) for l in body.decode().splitlines()]
+    assert status == 200 and lines == [{"stdout": "one\n"}, {"stderr": "two\n"}, {"exit": {"code": 4, "signal": None}}], (status, lines)
 
     # Tenants never see each other's resources.
     expect_error("ResourceNotFoundException", 404, b.get_microvm, microvmIdentifier=mid)
