@@ -98,10 +98,13 @@ impl ApiError {
         ApiError { kind: Kind::Conflict, message: message.into(), resource: Some((resource_type.into(), id.into())) }
     }
 
-    /// An InternalServerException; the cause is logged, the client gets a generic message.
+    /// An InternalServerException; the cause is logged (with an id), the client gets a
+    /// generic message with that id.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
-        tracing::error!(%cause, "internal error");
-        Self::new(Kind::Internal, format!("internal error: {cause}"))
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::error!(%cause, error_id = id, "internal error");
+        Self::new(Kind::Internal, format!("internal error #{id}; the server's log has the details"))
     }
 
     /// Its HTTP status.

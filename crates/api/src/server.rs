@@ -88,18 +88,25 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
             format!("{:x}", Sha256::digest(Value::Object(without).to_string()))
         };
         if let Some(t) = &token {
-            if let Some((h, resp)) = svc.store.idempotent(&account, &op.name, t).map_err(|e| ApiError::internal(e))? {
+            // Claimed before the call runs, so two concurrent retries cannot both run it.
+            if let Some((h, resp)) = svc.store.claim(&account, &op.name, t, &hash).map_err(ApiError::internal)? {
                 if h != hash {
                     return Err(ApiError::conflict(&op.name, t, "clientToken was already used with different parameters"));
+                }
+                if resp.is_empty() {
+                    return Err(ApiError::conflict(&op.name, t, "a call with this clientToken is still in progress; retry shortly"));
                 }
                 return serde_json::from_str(&resp).map_err(ApiError::internal);
             }
         }
-        let out = dispatch(&svc, &account, &op.name, &input).await?;
+        let out = dispatch(&svc, &account, &op.name, &input).await;
         if let Some(t) = &token {
-            svc.store.remember(&account, &op.name, t, &hash, &out.to_string()).map_err(ApiError::internal)?;
+            match &out {
+                Ok(v) => svc.store.remember(&account, &op.name, t, &hash, &v.to_string()).map_err(ApiError::internal)?,
+                Err(_) => svc.store.unclaim(&account, &op.name, t).map_err(ApiError::internal)?,
+            }
         }
-        Ok(out)
+        out
     }
     .await;
     let status = result.as_ref().map_or_else(ApiError::status, |_| op.status);
@@ -166,7 +173,12 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
             }
             let out = svc
                 .with_vm(account, id, move |vm| {
-                    Box::pin(async move { vm.exec(&req, stdin, MAX_EXEC_OUTPUT).await.map_err(|e| ApiError::internal(format!("exec: {e}"))) })
+                    Box::pin(async move {
+                        vm.exec(&req, stdin, MAX_EXEC_OUTPUT).await.map_err(|e| match e {
+                            hearth_vmm::VmError::Agent(a) => file_err(a),
+                            other => ApiError::internal(format!("exec: {other}")),
+                        })
+                    })
                 })
                 .await?;
             Ok(json_response(
@@ -221,7 +233,10 @@ async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRe
             .with_vm(&account, &id, move |vm| {
                 Box::pin(async move {
                     let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
-                    let mut s = vm.exec_stream(&req).await.map_err(|e| ApiError::internal(format!("exec: {e}")))?;
+                    let mut s = vm.exec_stream(&req).await.map_err(|e| match e {
+                        hearth_vmm::VmError::Agent(a) => file_err(a),
+                        other => ApiError::internal(format!("exec: {other}")),
+                    })?;
                     // The stream has started: from here on, errors are lines of the body.
                     let _ = lines.send(Ok(Bytes::new())).await;
                     if let Some(data) = stdin {
@@ -347,6 +362,7 @@ pub struct Started {
 pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
     let dir = cfg.state_dir.clone();
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| format!("chmod {}: {e}", dir.display()))?;
     let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
     let first_key = if store.keys().map_err(|e| e.to_string())?.is_empty() {
         let k = crate::keys::new_key(&crate::keys::new_account());
@@ -357,20 +373,28 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     };
     let svc = Arc::new(Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm));
     svc.reconcile().await.map_err(|e| e.to_string())?;
-    // Run directories of VMs nobody reattached (their QEMU is gone) go.
+    // Detached VMs nobody reattached (a crash between their start and their record) are
+    // killed; then run directories whose QEMU is gone go.
+    hearth_vmm::vm::kill_unowned_detached(&svc.vm_template.run_root);
     hearth_vmm::vm::sweep_stale_run_dirs(&svc.vm_template.run_root);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     started(Started { addr, first_key });
     let policy_svc = svc.clone();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let policy = tokio::spawn(async move {
         loop {
-            tokio::time::sleep(cfg.policy_interval).await;
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.policy_interval) => {}
+                _ = stop_rx.changed() => return,
+            }
+            // A pass runs to its end (a suspend is never cut in half by a shutdown).
             policy_svc.enforce_policies().await;
         }
     });
     let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
-    policy.abort();
+    let _ = stop_tx.send(true);
+    let _ = policy.await;
     svc.release_all().await;
     r
 }

@@ -53,6 +53,12 @@ pub fn managed_arn(name: &str) -> String {
     format!("arn:{PARTITION}:lambda:{REGION}:hearth:microvm-image:{name}")
 }
 
+/// An image name as the model's `ImageName` means it, matched whole (the model's
+/// unanchored pattern would let `-/../x` through): 1-64 of `[A-Za-z0-9_-]`.
+pub fn valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// The managed bases: API name and Hearth base.
 pub const MANAGED: &[(&str, hearth_image::base::Base)] =
     &[("debian-bookworm", hearth_image::base::Base::DebianBookworm), ("minimal", hearth_image::base::Base::Busybox)];
@@ -60,12 +66,44 @@ pub const MANAGED: &[(&str, hearth_image::base::Base)] =
 /// What a running microvm has in memory.
 #[derive(Default)]
 pub struct Slot {
-    /// The VM while RUNNING.
-    pub vm: Option<Vm>,
+    /// The VM while RUNNING. Execs hold clones of the `Arc` while they run (without the
+    /// slot's lock); suspend, terminate and release take it back from them.
+    pub vm: Option<Arc<Vm>>,
     /// QEMU CPU ticks and when they were read (guest activity).
     pub cpu: Option<(u64, f64)>,
-    /// Execs running through the API.
-    pub busy: usize,
+}
+
+/// How long a suspend waits for execs in flight to end.
+const EXEC_DRAIN: Duration = Duration::from_secs(30);
+
+/// Takes sole ownership of a VM whose execs may still run: waits up to `wait` for them
+/// to end; then (when `kill` is set) kills QEMU so they end at once, or gives up.
+async fn sole(vm: Arc<Vm>, wait: Duration, kill: bool) -> Result<Vm, Arc<Vm>> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut vm = vm;
+    let mut killed = false;
+    loop {
+        match Arc::try_unwrap(vm) {
+            Ok(v) => return Ok(v),
+            Err(shared) => {
+                if std::time::Instant::now() >= deadline {
+                    if !kill {
+                        return Err(shared);
+                    }
+                    if !killed {
+                        // The exec's connection breaks and it returns; its clone drops.
+                        shared.agent().close();
+                        // SAFETY: kill(2) on QEMU's pid, which stays ours (unreaped) while
+                        // we hold its Vm; no memory is involved.
+                        unsafe { libc::kill(shared.pid() as libc::pid_t, libc::SIGKILL) };
+                        killed = true;
+                    }
+                }
+                vm = shared;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 /// The service.
@@ -119,11 +157,18 @@ impl Service {
 
     /// Resolves an image identifier (name or ARN) of `account` to its name.
     fn image_name(account: &str, ident: &str) -> Result<String, ApiError> {
-        if let Some(rest) = ident.strip_prefix("arn:") {
-            let prefix = format!("{PARTITION}:lambda:{REGION}:{account}:microvm-image:");
-            return rest.strip_prefix(&prefix).map(str::to_owned).ok_or_else(|| ApiError::not_found("MicrovmImage", ident));
+        let name = match ident.strip_prefix("arn:") {
+            Some(rest) => {
+                let prefix = format!("{PARTITION}:lambda:{REGION}:{account}:microvm-image:");
+                rest.strip_prefix(&prefix).ok_or_else(|| ApiError::not_found("MicrovmImage", ident))?
+            }
+            None => ident,
+        };
+        // Names become directory names: the model's pattern, anchored.
+        if !valid_name(name) {
+            return Err(ApiError::not_found("MicrovmImage", ident));
         }
-        Ok(ident.to_owned())
+        Ok(name.to_owned())
     }
 
     fn image(&self, account: &str, ident: &str) -> Result<ImageRecord, ApiError> {
@@ -180,10 +225,14 @@ impl Service {
         }
         let port = hooks.get("port").and_then(Value::as_u64).unwrap_or(8080) as u16;
         let timeout = Duration::from_secs(h.get(format!("{which}TimeoutInSeconds")).and_then(Value::as_u64).unwrap_or(30));
-        match vm.agent().hook_post(port, &format!("/{which}"), bytes::Bytes::from(payload.to_owned()), timeout).await {
-            Ok(r) if (200..300).contains(&r.status) => Ok(()),
-            Ok(r) => Err(format!("the /{which} hook answered {}", r.status)),
-            Err(e) => Err(format!("the /{which} hook failed: {e}")),
+        // Bounded here too: a guest that stops answering must not hold the slot.
+        let path = format!("/{which}");
+        let call = vm.agent().hook_post(port, &path, bytes::Bytes::from(payload.to_owned()), timeout);
+        match tokio::time::timeout(timeout + Duration::from_secs(5), call).await {
+            Ok(Ok(r)) if (200..300).contains(&r.status) => Ok(()),
+            Ok(Ok(r)) => Err(format!("the /{which} hook answered {}", r.status)),
+            Ok(Err(e)) => Err(format!("the /{which} hook failed: {e}")),
+            Err(_) => Err(format!("the /{which} hook did not answer within {timeout:?}")),
         }
     }
 
@@ -243,6 +292,8 @@ impl Service {
         match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
+                // Recorded before the hook: a crash from here on still finds the VM.
+                self.put(&m)?;
                 let payload = input.get("runHookPayload").and_then(Value::as_str).unwrap_or_default();
                 if let Err(e) = self.call_hook(&vm, &m, "run", payload).await {
                     // The app refused to start this microvm: it is not handed out.
@@ -254,7 +305,7 @@ impl Service {
                     self.metrics.error("run-hook");
                     return Ok(self.microvm_json(&m));
                 }
-                guard.vm = Some(vm);
+                guard.vm = Some(Arc::new(vm));
                 m.state = "RUNNING".into();
                 self.put(&m)?;
                 self.store.usage_start(&m, "RUNNING", now(), 0).map_err(db)?;
@@ -332,14 +383,24 @@ impl Service {
     /// SuspendMicrovm (also used by the idle policy).
     pub async fn suspend_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
         let id = Self::microvm_id(account, ident);
+        // Unknown ids (and other tenants') are refused before a lock is made for them.
+        self.load(account, &id)?;
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         let mut m = self.load(account, &id)?;
         if m.state != "RUNNING" {
             return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is {}; only a RUNNING microvm can be suspended", m.state)));
         }
-        let Some(vm) = guard.vm.take() else {
+        let Some(shared) = guard.vm.take() else {
             return Err(ApiError::internal(format!("microvm {id} is RUNNING without a VM")));
+        };
+        // Execs in flight finish first (new ones wait for the slot).
+        let vm = match sole(shared, EXEC_DRAIN, false).await {
+            Ok(vm) => vm,
+            Err(shared) => {
+                guard.vm = Some(shared);
+                return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} still runs execs after {EXEC_DRAIN:?}; suspend it when they end")));
+            }
         };
         m.state = "SUSPENDING".into();
         self.put(&m)?;
@@ -362,7 +423,7 @@ impl Service {
             Err((vm, e)) => {
                 self.metrics.error("suspend");
                 if vm.is_running() {
-                    guard.vm = Some(*vm);
+                    guard.vm = Some(Arc::new(*vm));
                     m.state = "RUNNING".into();
                     m.state_reason = Some(format!("suspend failed: {e}"));
                 } else {
@@ -380,6 +441,8 @@ impl Service {
     /// ResumeMicrovm (also used by auto-resume).
     pub async fn resume_microvm(&self, account: &str, ident: &str) -> Result<Value, ApiError> {
         let id = Self::microvm_id(account, ident);
+        // Unknown ids (and other tenants') are refused before a lock is made for them.
+        self.load(account, &id)?;
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         let m = self.load(account, &id)?;
@@ -397,8 +460,9 @@ impl Service {
         match Vm::resume(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
+                self.put(&m)?;
                 m.state_reason = self.call_hook(&vm, &m, "resume", "").await.err();
-                guard.vm = Some(vm);
+                guard.vm = Some(Arc::new(vm));
                 guard.cpu = None;
                 m.state = "RUNNING".into();
                 m.suspended_at = None;
@@ -419,6 +483,8 @@ impl Service {
     /// TerminateMicrovm (also used by the lifetime and idle policies).
     pub async fn terminate_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
         let id = Self::microvm_id(account, ident);
+        // Unknown ids (and other tenants') are refused before a lock is made for them.
+        self.load(account, &id)?;
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         let mut m = self.load(account, &id)?;
@@ -427,11 +493,14 @@ impl Service {
         }
         m.state = "TERMINATING".into();
         self.put(&m)?;
-        if let Some(vm) = guard.vm.take() {
-            if let Err(e) = self.call_hook(&vm, &m, "terminate", "").await {
+        if let Some(shared) = guard.vm.take() {
+            if let Err(e) = self.call_hook(&shared, &m, "terminate", "").await {
                 tracing::info!(microvm = %id, error = %e, "terminate hook");
             }
-            vm.kill().await;
+            // Execs in flight get a moment, then QEMU is killed under them.
+            if let Ok(vm) = sole(shared, Duration::from_secs(2), true).await {
+                vm.kill().await;
+            }
         }
         let _ = std::fs::remove_dir_all(self.microvm_dir(&id));
         m.state = "TERMINATED".into();
@@ -453,6 +522,7 @@ impl Service {
         f: impl for<'a> FnOnce(&'a Vm) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ApiError>> + Send + 'a>>,
     ) -> Result<T, ApiError> {
         let id = Self::microvm_id(account, ident);
+        self.load(account, &id)?;
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         let mut m = self.load(account, &id)?;
@@ -468,15 +538,12 @@ impl Service {
         }
         m.last_activity = now();
         self.put(&m)?;
-        guard.busy += 1;
-        // The exec runs without the lock, so a long command does not block GetMicrovm-like
-        // readers; a concurrent Suspend/Terminate waits for the slot, not for the command.
-        let vm = guard.vm.take().ok_or_else(|| ApiError::internal("RUNNING without a VM"))?;
+        // The exec runs on a clone of the VM's handle, without the lock: other execs run
+        // beside it; Suspend waits for it to end, Terminate ends it.
+        let vm = guard.vm.clone().ok_or_else(|| ApiError::internal("RUNNING without a VM"))?;
         drop(guard);
         let r = f(&vm).await;
-        let mut guard = slot.lock().await;
-        guard.vm = Some(vm);
-        guard.busy -= 1;
+        drop(vm);
         if let Ok(Some(mut m)) = self.store.microvm(account, &id) {
             m.last_activity = now();
             let _ = self.put(&m);
@@ -495,8 +562,11 @@ impl Service {
     pub async fn release_all(&self) {
         let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for s in slots {
-            if let Some(vm) = s.lock().await.vm.take() {
-                vm.release();
+            let taken = s.lock().await.vm.take();
+            if let Some(shared) = taken {
+                if let Ok(vm) = sole(shared, Duration::from_secs(5), false).await {
+                    vm.release();
+                }
             }
         }
     }
@@ -532,7 +602,7 @@ impl Service {
             "state": image.state,
             "createdAt": image.created_at,
         });
-        if let Some(v) = versions.iter().rev().find(|v| v.state == "SUCCESSFUL") {
+        if let Some(v) = versions.iter().rev().find(|v| v.state == "SUCCESSFUL" && v.status == "ACTIVE") {
             out["latestActiveImageVersion"] = v.version.to_string().into();
         }
         if let Some(v) = versions.iter().rev().find(|v| v.state == "FAILED") {
@@ -551,6 +621,9 @@ impl Service {
             (image.name.clone(), image)
         } else {
             let name = s(&input["name"]).unwrap_or_default().to_owned();
+            if !valid_name(&name) {
+                return Err(ApiError::validation(format!("name {name:?} must be 1-64 letters, digits, '-' or '_'")));
+            }
             if self.store.image(account, &name).map_err(db)?.is_some() {
                 return Err(ApiError::conflict("MicrovmImage", &name, format!("an image named {name} exists; UpdateMicrovmImage builds a new version")));
             }
@@ -701,7 +774,8 @@ impl Service {
 
     /// ListMicrovmImages.
     pub fn list_images(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
-        let all: Vec<Value> = self.store.images(account).map_err(db)?.iter().map(|i| self.image_json(i)).collect::<Result<_, _>>()?;
+        let filter = input.get("nameFilter").and_then(Value::as_str).unwrap_or("");
+        let all: Vec<Value> = self.store.images(account).map_err(db)?.iter().filter(|i| i.name.contains(filter)).map(|i| self.image_json(i)).collect::<Result<_, _>>()?;
         page(all, input)
     }
 
@@ -916,10 +990,11 @@ impl Service {
     async fn guest_active(&self, account: &str, id: &str) -> bool {
         let slot = self.slot(id);
         let Ok(mut guard) = slot.try_lock() else { return true };
-        if guard.busy > 0 {
+        if guard.vm.as_ref().is_some_and(|v| Arc::strong_count(v) > 1) {
+            // Execs in flight.
             return true;
         }
-        let Some(pid) = guard.vm.as_ref().map(Vm::pid) else { return false };
+        let Some(pid) = guard.vm.as_ref().map(|v| v.pid()) else { return false };
         let Some(ticks) = cpu_ticks(pid) else { return false };
         let t = now();
         let active = match guard.cpu {
@@ -942,13 +1017,27 @@ impl Service {
     /// daemon); SUSPENDED ones stay when their state is on disk. Any other — a QEMU that
     /// died, a state lost half-way (a transitional state) — is TERMINATED with the reason.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
+        // Builds cut off by the stop: FAILED, their partial files gone.
+        for mut v in self.store.unfinished_versions().map_err(db)? {
+            v.state = "FAILED".into();
+            v.state_reason = Some("the build was interrupted by a daemon restart; UpdateMicrovmImage builds again".into());
+            v.updated_at = Some(now());
+            let _ = std::fs::remove_dir_all(self.version_dir(&v.account, &v.name, v.version));
+            self.store.put_version(&v).map_err(db)?;
+            if let Some(mut i) = self.store.image(&v.account, &v.name).map_err(db)? {
+                if i.state == "CREATING" || i.state == "UPDATING" {
+                    i.state = if i.state == "CREATING" { "CREATE_FAILED".into() } else { "UPDATE_FAILED".into() };
+                    self.store.put_image(&i).map_err(db)?;
+                }
+            }
+        }
         for mut m in self.store.live_microvms().map_err(db)? {
             let ok = match m.state.as_str() {
                 "SUSPENDED" => self.microvm_dir(&m.microvm_id).join("suspended").join("manifest.json").is_file(),
                 "RUNNING" => match &m.vm_dir {
                     Some(d) => match Vm::reattach(std::path::Path::new(d)).await {
                         Ok(vm) => {
-                            self.slot(&m.microvm_id).lock().await.vm = Some(vm);
+                            self.slot(&m.microvm_id).lock().await.vm = Some(Arc::new(vm));
                             true
                         }
                         Err(e) => {

@@ -108,6 +108,27 @@ fn parse_authorization(h: &str) -> Result<Auth<'_>, ApiError> {
     Ok(Auth { access_key, date, region, service, signed_headers, signature })
 }
 
+/// The path with `.`/`..` segments resolved and empty segments dropped, as the SDKs do
+/// before signing (RFC 3986 section 5.2.4, botocore's `remove_dot_segments`).
+fn normalize_path(path: &str) -> String {
+    if path.is_empty() {
+        return "/".into();
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let first = if path.starts_with('/') { "/" } else { "" };
+    let last = if path.ends_with('/') && !out.is_empty() { "/" } else { "" };
+    format!("{first}{}{last}", out.join("/"))
+}
+
 /// The canonical query string of a raw query.
 fn canonical_query(raw: &str) -> String {
     let mut pairs: Vec<(String, String)> = raw
@@ -184,7 +205,7 @@ pub fn verify(
     let canonical = format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         method.as_str(),
-        uri_encode(path.as_bytes(), true),
+        uri_encode(normalize_path(path).as_bytes(), true),
         canonical_query(uri.query().unwrap_or("")),
         canon_headers,
         a.signed_headers.join(";"),
@@ -233,7 +254,7 @@ pub fn sign(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMa
     let canonical = format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         method.as_str(),
-        uri_encode(path.as_bytes(), true),
+        uri_encode(normalize_path(path).as_bytes(), true),
         canonical_query(uri.query().unwrap_or("")),
         canon_headers,
         signed_headers.join(";"),
@@ -313,6 +334,9 @@ mod tests {
         assert_eq!(uri_encode(b"/2017-03-31/tags/arn%3Aaws", true), "/2017-03-31/tags/arn%253Aaws");
         assert_eq!(canonical_query("nextToken=a%2Bb&maxResults=2"), "maxResults=2&nextToken=a%2Bb");
         assert_eq!(canonical_query("a=b c"), "a=b%20c");
+        assert_eq!(normalize_path("/a/b/../c/./d//e/"), "/a/c/d/e/");
+        assert_eq!(normalize_path("/.."), "/");
+        assert_eq!(normalize_path(""), "/");
     }
 
     include!("sigv4_vectors.rs");

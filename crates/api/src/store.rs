@@ -124,6 +124,8 @@ impl Store {
     /// Opens (creating) the database at `path`.
     pub fn open(path: &Path) -> DbResult<Store> {
         let conn = Connection::open(path)?;
+        // Access keys' secrets live here: owner only.
+        let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
@@ -259,6 +261,15 @@ impl Store {
         rows.map(|r| r.and_then(from_doc)).collect()
     }
 
+    /// Versions still PENDING or IN_PROGRESS (all tenants).
+    pub fn unfinished_versions(&self) -> DbResult<Vec<VersionRecord>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT doc FROM image_versions")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let all: Vec<VersionRecord> = rows.map(|r| r.and_then(from_doc)).collect::<DbResult<_>>()?;
+        Ok(all.into_iter().filter(|v| v.state == "PENDING" || v.state == "IN_PROGRESS").collect())
+    }
+
     /// Removes one version.
     pub fn delete_version(&self, account: &str, name: &str, version: u32) -> DbResult<()> {
         self.db().execute("DELETE FROM image_versions WHERE account = ?1 AND name = ?2 AND version = ?3", params![account, name, version])?;
@@ -302,6 +313,29 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()
+    }
+
+    /// Claims `token` for a call with `hash`: `Ok(None)` when this call now owns it,
+    /// `Ok(Some((hash, response)))` when it was claimed before (response empty while that
+    /// call is still running).
+    pub fn claim(&self, account: &str, op: &str, token: &str, hash: &str) -> DbResult<Option<(String, String)>> {
+        let db = self.db();
+        let n = db.execute(
+            "INSERT OR IGNORE INTO idempotency (account, operation, token, request_hash, response) VALUES (?1, ?2, ?3, ?4, '')",
+            params![account, op, token, hash],
+        )?;
+        if n == 1 {
+            return Ok(None);
+        }
+        db.query_row("SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3", [account, op, token], |r| {
+            Ok(Some((r.get(0)?, r.get(1)?)))
+        })
+    }
+
+    /// Releases a claim whose call failed (a retry may run it again).
+    pub fn unclaim(&self, account: &str, op: &str, token: &str) -> DbResult<()> {
+        self.db().execute("DELETE FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3 AND response = ''", [account, op, token])?;
+        Ok(())
     }
 
     /// Records an idempotent call's response.

@@ -53,27 +53,62 @@ fn err(msg: impl Into<String>) -> BootError {
     BootError::Reattach(msg.into())
 }
 
+/// Writes `vm.json` into `dir`, atomically (called right after QEMU starts, so a crash
+/// during boot still leaves a VM that can be found and killed, and after every change).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write(dir: &Path, id: &str, cfg: &VmConfig, accel: Accel, pid: u32, disk: Option<PathBuf>, disk_owned: bool, netns: Option<String>, egress: Option<Egress>) {
+    if !cfg.detached {
+        return;
+    }
+    let p = Persisted { id: id.to_owned(), cfg: cfg.clone(), accel, pid, disk, disk_owned, netns, egress };
+    let tmp = dir.join(".vm.json.tmp");
+    if std::fs::write(&tmp, serde_json::to_vec(&p).unwrap_or_default()).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join(FILE));
+    }
+}
+
+/// Kills detached VMs under `run_root` that no process holds (their lock is free) while
+/// their QEMU runs: VMs whose owner died before recording them anywhere. Their network
+/// namespaces go with them; the run-directory sweep removes the rest.
+pub fn kill_unowned_detached(run_root: &Path) -> usize {
+    let mut killed = 0;
+    for e in std::fs::read_dir(run_root).into_iter().flatten().flatten() {
+        let dir = e.path();
+        let Ok(text) = std::fs::read_to_string(dir.join(FILE)) else { continue };
+        let Ok(p) = serde_json::from_str::<Persisted>(&text) else { continue };
+        // Taking the lock proves nobody owns it; holding it keeps others off meanwhile.
+        let Ok(lock) = RunDir::adopt(dir.clone()) else { continue };
+        if let Ok(pidfd) = pidfd(p.pid) {
+            if qemu_is(p.pid, &p.id) {
+                // SAFETY: pidfd_send_signal on a pidfd we own; no memory is involved.
+                unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&pidfd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+                tracing::warn!(vm = %p.id, pid = p.pid, "killed a detached VM nobody owned");
+                killed += 1;
+            }
+        }
+        if p.netns.is_some() {
+            crate::net::remove_stale(&p.id);
+        }
+        drop(lock);
+    }
+    killed
+}
+
+/// A pidfd for `pid`.
+fn pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
 impl Vm {
-    /// Writes `vm.json` (detached VMs only), atomically.
+    /// Writes `vm.json` (detached VMs only).
     pub(crate) fn persist(&self) {
-        if !self.cfg.detached {
-            return;
-        }
-        let p = Persisted {
-            id: self.id.clone(),
-            cfg: self.cfg.clone(),
-            accel: self.accel,
-            pid: self.process.pid(),
-            disk: self.disk.clone(),
-            disk_owned: self.disk_owned,
-            netns: self.netns().map(str::to_owned),
-            egress: self.egress(),
-        };
-        let dir = &self._dir.0;
-        let tmp = dir.join(".vm.json.tmp");
-        if std::fs::write(&tmp, serde_json::to_vec(&p).unwrap_or_default()).is_ok() {
-            let _ = std::fs::rename(&tmp, dir.join(FILE));
-        }
+        write(&self._dir.0, &self.id, &self.cfg, self.accel, self.process.pid(), self.disk.clone(), self.disk_owned, self.netns().map(str::to_owned), self.egress());
     }
 
     /// The VM's run directory.
@@ -105,17 +140,20 @@ impl Vm {
     pub async fn reattach(dir: &Path) -> Result<Vm, BootError> {
         let text = std::fs::read_to_string(dir.join(FILE)).map_err(|e| err(format!("{}: {e}", dir.join(FILE).display())))?;
         let p: Persisted = serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", dir.join(FILE).display())))?;
+        let rundir = RunDir::adopt(dir.to_path_buf()).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+        // Owned from here: failing below removes the namespace with the handle.
+        let net = p.netns.map(|n| (NetNs::adopt(n), std::sync::Mutex::new(p.egress.unwrap_or_default())));
+        // The pidfd first, then the check: the pid cannot be reused in between.
+        let process = QemuProcess::adopt(p.pid).map_err(|e| err(format!("adopt QEMU {}: {e}", p.pid)))?;
         if !qemu_is(p.pid, &p.id) {
+            process.release();
             return Err(err(format!("the QEMU of {} (pid {}) is gone", p.id, p.pid)));
         }
-        let rundir = RunDir::adopt(dir.to_path_buf()).map_err(|e| err(format!("{}: {e}", dir.display())))?;
-        let process = QemuProcess::adopt(p.pid).map_err(|e| err(format!("adopt QEMU {}: {e}", p.pid)))?;
         let paths = RunPaths::new(dir);
         let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
         let qmp = Qmp::connect(&paths.qmp).await.ok();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let (agent, hello) = AgentClient::connect_retrying(&paths.agent, deadline).await.map_err(|e| err(format!("the agent of {} does not answer: {e}", p.id)))?;
-        let net = p.netns.map(|n| (NetNs::adopt(n), std::sync::Mutex::new(p.egress.unwrap_or_default())));
         tracing::info!(vm = %p.id, pid = p.pid, "reattached");
         Ok(Vm {
             process,

@@ -254,6 +254,26 @@ pub struct QemuProcess {
     exit: watch::Receiver<Option<ExitStatus>>,
     /// `true`: kill it; `false`: let it run on (released). Dropping the sender kills.
     kill: Option<oneshot::Sender<bool>>,
+    /// For a detached or adopted QEMU: a pidfd to kill it synchronously when dropped (the
+    /// watcher task may be gone already when the runtime shuts down, and nothing else
+    /// would stop a QEMU that outlives us).
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) })
+}
+
+fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
+    // SAFETY: pidfd_send_signal on a pidfd we own; no memory is involved, and a pidfd
+    // never refers to a reused pid.
+    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
 }
 
 impl QemuProcess {
@@ -293,6 +313,8 @@ impl QemuProcess {
         let mut child = cmd.spawn()?;
         drop(ns);
         let pid = child.id().unwrap_or(0);
+        // Our unreaped child: the pid is still this QEMU.
+        let pidfd = if detached { Some(open_pidfd(pid)?) } else { None };
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<bool>();
         tokio::spawn(async move {
@@ -310,20 +332,15 @@ impl QemuProcess {
             };
             let _ = exit_tx.send(Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1))));
         });
-        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx) })
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd })
     }
 
     /// Takes over a QEMU this process did not start (a detached one whose starter is
     /// gone): its exit is watched through a pidfd (the status is not knowable: reported
     /// as killed by SIGKILL), and it is killed when dropped unless released again.
     pub fn adopt(pid: u32) -> std::io::Result<QemuProcess> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let fd = open_pidfd(pid)?;
+        let kill_fd = fd.try_clone()?;
         // SAFETY: the descriptor is an OwnedFd moved into the AsyncFd, which deregisters it
         // before closing it; nothing else uses it.
         let afd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
@@ -338,19 +355,18 @@ impl QemuProcess {
                     if k == Ok(false) {
                         return;
                     }
-                    // SAFETY: pidfd_send_signal on our pidfd: no memory is involved, and the
-                    // pidfd cannot refer to a reused pid.
-                    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(afd.get_ref()), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+                    pidfd_kill(afd.get_ref());
                     let _ = afd.readable().await;
                 }
             }
             let _ = exit_tx.send(Some(killed));
         });
-        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx) })
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd) })
     }
 
     /// Lets QEMU run on without this handle (a detached QEMU then outlives this process).
     pub fn release(mut self) {
+        self.pidfd = None;
         if let Some(k) = self.kill.take() {
             let _ = k.send(false);
         }
@@ -396,6 +412,9 @@ impl Drop for QemuProcess {
     fn drop(&mut self) {
         if let Some(k) = self.kill.take() {
             let _ = k.send(true);
+        }
+        if let Some(fd) = &self.pidfd {
+            pidfd_kill(fd);
         }
     }
 }

@@ -15,6 +15,7 @@ pub use crate::console::MAX_CONSOLE_BYTES;
 use crate::qmp::{Qmp, QmpError};
 use crate::net::{Egress, NetNs};
 use crate::rundir::RunDir;
+pub use crate::detach::kill_unowned_detached;
 pub use crate::rundir::sweep_stale_run_dirs;
 use hearth_proto::exec::ExecRequest;
 use hearth_proto::Hello;
@@ -271,6 +272,7 @@ impl Vm {
         tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay, network)");
         let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+        crate::detach::write(&dir_path, &id, &cfg, accel, process.pid(), disk.clone(), disk_owned, net.as_ref().map(|(n, _)| n.name().to_owned()), cfg.network.clone());
         let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
 
         let exited = |status: ExitStatus| BootError::Exited {

@@ -120,6 +120,10 @@ def main():
     assert again["imageArn"] == created["imageArn"] and again["imageVersion"] == "1"
     expect_error("ConflictException", 409, a.create_microvm_image, **dict(req, description="other"))
     expect_error("ConflictException", 409, a.create_microvm_image, **dict(req, clientToken="create-web-2"))
+    # Names become directories: nothing but the model's characters, whole.
+    expect_error("ValidationException", 400, a.create_microvm_image, **dict(req, name="-/../../escape", clientToken="escape"))
+    expect_error("ResourceNotFoundException", 404, a.get_microvm_image, imageIdentifier="-/../..")
+    expect_error("ResourceNotFoundException", 404, a.delete_microvm_image, imageIdentifier="..")
     v = wait_version(a, "web", "1")
     assert v["state"] == "SUCCESSFUL", v
     builds = a.list_microvm_image_builds(imageIdentifier="web", imageVersion="1")["items"]
