@@ -23,6 +23,7 @@ mod port;
 mod reaper;
 mod restore;
 mod server;
+mod tunnel;
 
 use std::sync::Arc;
 

@@ -78,6 +78,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Method::POST, "/v1/restore") => crate::restore::restore(req).await,
         (Method::POST, "/v1/sync") => crate::restore::sync().await,
         (Method::GET | Method::POST, "/v1/hook") => crate::hook::call(req).await,
+        (Method::POST, "/v1/connect") => crate::tunnel::connect(req).await,
         _ => error(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no route for {path}")),
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod error;
+pub mod ingress;
 pub mod keys;
 pub mod metrics;
 pub mod model;

@@ -55,6 +55,13 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         ("GET", "/hearth/v1/openapi.json") => return json_response(200, &openapi()),
         _ => {}
     }
+    // Microvm endpoints: token-authenticated, proxied to the app.
+    if let Some(rest) = path.strip_prefix("/microvms/") {
+        let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
+        let (id, rest) = (id.to_owned(), rest.to_owned());
+        let req = Request::from_parts(parts, body);
+        return crate::ingress::proxy(svc, req, id, rest).await;
+    }
     let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
         Err(_) => return ApiError::validation(format!("the request body is over {MAX_BODY} bytes")).into_response(),
@@ -140,6 +147,7 @@ async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<Strin
         "ListMicrovmImageBuilds" => svc.list_builds(account, input),
         "ListManagedMicrovmImages" => svc.list_managed(input),
         "ListManagedMicrovmImageVersions" => svc.list_managed_versions(input),
+        "CreateMicrovmAuthToken" => svc.auth_token(account, input),
         "ListTags" => svc.list_tags(account, input),
         "TagResource" => svc.tag(account, input),
         "UntagResource" => svc.untag(account, input),
@@ -346,6 +354,9 @@ pub struct ServeConfig {
     pub vm: hearth_vmm::VmConfig,
     /// How often the idle and lifetime policies run.
     pub policy_interval: Duration,
+    /// The URL clients reach the daemon at (microvm endpoints are under it); default
+    /// `http://<listen address>`.
+    pub public_url: Option<String>,
 }
 
 /// What `serve` reports once it listens.
@@ -371,14 +382,17 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     } else {
         None
     };
-    let svc = Arc::new(Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm));
+    let token_key = crate::ingress::TokenKey::load_or_create(&dir).map_err(|e| format!("token key: {e}"))?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
+    service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let svc = Arc::new(service);
     svc.reconcile().await.map_err(|e| e.to_string())?;
     // Detached VMs nobody reattached (a crash between their start and their record) are
     // killed; then run directories whose QEMU is gone go.
     hearth_vmm::vm::kill_unowned_detached(&svc.vm_template.run_root);
     hearth_vmm::vm::sweep_stale_run_dirs(&svc.vm_template.run_root);
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     started(Started { addr, first_key });
     let policy_svc = svc.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);

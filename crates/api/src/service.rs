@@ -114,12 +114,20 @@ pub struct Service {
     pub home: PathBuf,
     /// The API's state directory.
     pub state: PathBuf,
+    /// The daemon's URL as clients reach it (endpoints are under it).
+    pub public_url: String,
     /// Kernel, initramfs, accelerator, run directory of every VM.
     pub vm_template: VmConfig,
     slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     /// Counters and latency samples for /metrics.
     pub metrics: crate::metrics::Metrics,
+    /// Signs and checks ingress tokens.
+    pub token_key: crate::ingress::TokenKey,
+    ingress: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
+
+/// Most concurrent ingress connections to one microvm.
+pub const MAX_INGRESS_CONNECTIONS: usize = 256;
 
 fn s(v: &Value) -> Option<&str> {
     v.as_str()
@@ -127,8 +135,34 @@ fn s(v: &Value) -> Option<&str> {
 
 impl Service {
     /// A service over `store`.
-    pub fn new(store: Store, home: PathBuf, state: PathBuf, vm_template: VmConfig) -> Self {
-        Service { store, home, state, vm_template, slots: Default::default(), metrics: Default::default() }
+    pub fn new(store: Store, home: PathBuf, state: PathBuf, vm_template: VmConfig, token_key: crate::ingress::TokenKey) -> Self {
+        Service { store, home, state, public_url: String::new(), vm_template, slots: Default::default(), metrics: Default::default(), token_key, ingress: Default::default() }
+    }
+
+    /// A permit for one ingress connection to microvm `id` (at most
+    /// [`MAX_INGRESS_CONNECTIONS`] at once).
+    pub fn ingress_permit(&self, id: &str) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::TryAcquireError> {
+        let sem = self.ingress.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_INGRESS_CONNECTIONS))).clone();
+        sem.try_acquire_owned()
+    }
+
+    /// CreateMicrovmAuthToken: a token for the microvm's endpoint.
+    pub fn auth_token(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
+        let m = self.load(account, s(&input["microvmIdentifier"]).unwrap_or_default())?;
+        if m.state == "TERMINATED" || m.state == "TERMINATING" {
+            return Err(ApiError::conflict("Microvm", &m.microvm_id, format!("microvm {} is {}", m.microvm_id, m.state)));
+        }
+        let minutes = input.get("expirationInMinutes").and_then(Value::as_u64).unwrap_or(60);
+        if minutes > crate::ingress::MAX_TOKEN_MINUTES {
+            return Err(ApiError::validation(format!("expirationInMinutes is at most {}", crate::ingress::MAX_TOKEN_MINUTES)));
+        }
+        let claims = crate::ingress::Claims {
+            a: account.to_owned(),
+            m: m.microvm_id.clone(),
+            e: now() as u64 + minutes * 60,
+            p: crate::ingress::port_ranges(&input["allowedPorts"])?,
+        };
+        Ok(json!({ "authToken": { "X-aws-proxy-auth": self.token_key.issue(&claims) } }))
     }
 
     /// The lock of microvm `id`.
@@ -192,7 +226,7 @@ impl Service {
         let mut v = json!({
             "microvmId": m.microvm_id,
             "state": m.state,
-            "endpoint": format!("https://{}.microvms.{REGION}.hearth.invalid", m.microvm_id),
+            "endpoint": format!("{}/microvms/{}", self.public_url, m.microvm_id),
             "imageArn": image_arn(&m.account, &m.image_name),
             "imageVersion": m.image_version.to_string(),
             "maximumDurationInSeconds": m.maximum_duration_in_seconds,

@@ -52,6 +52,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         state_dir: state.path().to_path_buf(),
         vm: vm.clone(),
         policy_interval: Duration::from_secs(1),
+        public_url: None,
     };
     let daemon = tokio::spawn(hearth_api::server::serve(cfg, move |s| { let _ = tx.send(s.addr); }, async move { let _ = stop_rx.await; }));
     let addr = rx.await?;

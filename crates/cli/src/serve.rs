@@ -13,6 +13,10 @@ pub struct ServeArgs {
     /// Accelerator for microVMs: auto (measure KVM, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: hearth_vmm::Accel,
+    /// The URL clients reach this daemon at (behind a proxy or TLS terminator); microvm
+    /// endpoints are `<URL>/microvms/<id>`. Default: http://<listen address>.
+    #[arg(long, env = "HEARTH_PUBLIC_URL")]
+    public_url: Option<String>,
     /// The API's state directory (database, microvm and image files).
     #[arg(long, env = "HEARTH_API_STATE")]
     state_dir: Option<std::path::PathBuf>,
@@ -39,6 +43,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         state_dir: state_dir.clone(),
         vm,
         policy_interval: std::time::Duration::from_secs_f64(a.policy_interval.max(0.1)),
+        public_url: a.public_url.clone(),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -19,6 +19,7 @@
 //! | `POST /v1/fs/{stat,list,mkdir,remove,rename}` | [`files::FsRequest`] | [`files::FsResponse`] |
 //! | `GET /v1/hook?port=P&path=/p&timeout_ms=T` | — | [`HookResponse`] |
 //! | `POST /v1/hook?port=P&path=/p&timeout_ms=T` | the body to POST (≤ [`MAX_HOOK_REQUEST`]) | [`HookResponse`] |
+//! | `POST /v1/connect?port=P` | bytes to the app (streamed) | bytes from the app (streamed): a TCP connection to 127.0.0.1:P in the guest |
 //! | `POST /v1/restore` | [`RestoreInfo`] | `{}` once clock, RNG and identity are fixed |
 //! | `POST /v1/sync` | — | `{}` once the guest's filesystems are flushed |
 //! | `POST /v1/detach` | — | `{}`; the agent then closes this connection and waits for a new one |

@@ -522,6 +522,43 @@ impl AgentClient {
         Self::json_response(self.send(req).await?).await
     }
 
+    /// Opens a TCP connection to `port` on the guest's loopback through the agent channel
+    /// (one HTTP/2 stream each way); the returned stream is the host's end.
+    pub async fn connect_port(&self, port: u16) -> Result<tokio::io::DuplexStream, AgentError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (tx, rx) = mpsc::channel::<Bytes>(8);
+        let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx)) })).boxed();
+        let req = Request::post(format!("/v1/connect?port={port}")).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let resp = Self::check_status(self.send(req).await?).await?;
+        let (ours, theirs) = tokio::io::duplex(256 << 10);
+        let (mut r, mut w) = tokio::io::split(theirs);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        let mut body = resp.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    if w.write_all(&d).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        Ok(ours)
+    }
+
     /// POSTs `body` to `path` on the guest's loopback `port` (a lifecycle hook).
     pub async fn hook_post(&self, port: u16, path: &str, body: Bytes, timeout: Duration) -> Result<hearth_proto::HookResponse, AgentError> {
         if body.len() > hearth_proto::MAX_HOOK_REQUEST {

@@ -68,6 +68,15 @@ def exec_in(key, mid, shell):
     return json.loads(body)
 
 
+def http_get(url, headers):
+    r = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(r, timeout=120) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
 def wait_version(c, name, version, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -164,6 +173,16 @@ def main():
     assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
     assert exec_in(KEY_A, mid, "cat /workspace/n")["stdout"] == "41\n"
     expect_error("ConflictException", 409, a.resume_microvm, microvmIdentifier=mid)
+    # The endpoint: HTTP to the app through a token, refused without one.
+    token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+    endpoint = a.get_microvm(microvmIdentifier=mid)["endpoint"]
+    assert http_get(endpoint + "/ready", {"X-aws-proxy-auth": token}) == (200, b"ok\n")
+    assert http_get(endpoint + "/ready", {})[0] == 403
+    assert http_get(endpoint + "/ready", {"X-aws-proxy-auth": token[:-2] + "00"})[0] == 403
+    assert http_get(endpoint + "/ready", {"X-aws-proxy-auth": token, "X-aws-proxy-port": "9999"})[0] == 403
+    other = [i for i in ids if i != mid][0]
+    assert http_get(endpoint.replace(mid, other) + "/ready", {"X-aws-proxy-auth": token})[0] == 403
+    expect_error("ResourceNotFoundException", 404, b.create_microvm_auth_token, microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"allPorts": {}}])
     # Streamed exec: lines arrive as the command writes them.
     status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{mid}/exec?stream=true", b'{"shell": "echo one; sleep 1; echo two >&2; exit 4"}')
     lines = [json.loads(l) for l in body.decode().splitlines()]
@@ -187,6 +206,8 @@ def main():
     busy = a.run_microvm(imageIdentifier="web", idlePolicy=dict(policy, autoResumeEnabled=False))["microvmId"]
     assert a.get_microvm(microvmIdentifier=idle)["idlePolicy"]["maxIdleDurationSeconds"] == 60
     exec_in(KEY_A, idle, "echo before > /workspace/f")
+    idle_token = a.create_microvm_auth_token(microvmIdentifier=idle, expirationInMinutes=30, allowedPorts=[{"range": {"startPort": 8000, "endPort": 8100}}])["authToken"]["X-aws-proxy-auth"]
+    idle_endpoint = a.get_microvm(microvmIdentifier=idle)["endpoint"]
     exec_in(KEY_A, busy, "sh -c 'echo $$ > /tmp/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
 
     # Lifecycle hooks of the app: /run with the payload, /suspend, /resume; a refused /run
@@ -270,8 +291,10 @@ def main():
     wait_state(a, idle_manual, "SUSPENDED", timeout=30)
     assert a.get_microvm(microvmIdentifier=busy)["state"] == "RUNNING", "a busy guest was suspended as idle"
     exec_in(KEY_A, busy, "kill $(cat /tmp/busy.pid)")
+    # Traffic to the endpoint resumes it, without the client seeing an error.
+    assert http_get(idle_endpoint + "/ready", {"X-aws-proxy-auth": idle_token}) == (200, b"ok\n")
+    assert a.get_microvm(microvmIdentifier=idle)["state"] == "RUNNING", "the request did not resume it"
     assert exec_in(KEY_A, idle, "cat /workspace/f")["stdout"] == "before\n"
-    assert a.get_microvm(microvmIdentifier=idle)["state"] == "RUNNING", "the exec did not resume it"
     status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{idle_manual}/exec", b'{"shell":"true"}')
     assert status == 409 and b"ResumeMicrovm" in body, (status, body)
 

@@ -1,0 +1,227 @@
+//! Ingress: each microvm's endpoint, `<daemon URL>/microvms/<id>/…`, proxies HTTP
+//! (streaming bodies, SSE, WebSocket upgrades) to a port of the app inside the VM —
+//! 8080 unless the request names another in `X-aws-proxy-port`. Every request needs a
+//! token from CreateMicrovmAuthToken in `X-aws-proxy-auth`; anything else is refused
+//! before it reaches the VM. A request for a SUSPENDED microvm whose idle policy allows
+//! it resumes it first (concurrent requests share the resume: they wait on the
+//! microvm's lock, and the first one resumes).
+//!
+//! The proxy reaches the app through the agent channel (`POST /v1/connect`, one HTTP/2
+//! stream per connection) rather than the VM's network: it needs no NIC, no route from the
+//! host into the guest and no address allocation, works the same on clones and resumed
+//! VMs, and cannot be pointed at anything but the guest's own loopback.
+//!
+//! Tokens: `base64url(claims).hex(HMAC-SHA256(key, claims))` with the account, microvm,
+//! expiry and allowed ports; the key is 32 random bytes in the state directory (0600).
+
+use crate::error::{ApiError, Kind};
+use crate::service::Service;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The header carrying the token.
+pub const AUTH_HEADER: &str = "x-aws-proxy-auth";
+/// The header choosing the app's port.
+pub const PORT_HEADER: &str = "x-aws-proxy-port";
+/// Port used when the request names none.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Longest a token may live.
+pub const MAX_TOKEN_MINUTES: u64 = 24 * 60;
+/// How long the app may take to send response headers.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a token grants.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Account.
+    pub a: String,
+    /// Microvm id.
+    pub m: String,
+    /// Expiry, seconds since the epoch.
+    pub e: u64,
+    /// Allowed port ranges (inclusive); empty means every port.
+    pub p: Vec<(u16, u16)>,
+}
+
+/// The token key.
+pub struct TokenKey(Vec<u8>);
+
+impl TokenKey {
+    /// Loads the key from `dir/token.key`, creating it on first use.
+    pub fn load_or_create(dir: &Path) -> std::io::Result<TokenKey> {
+        let path = dir.join("token.key");
+        if let Ok(k) = std::fs::read(&path) {
+            if k.len() == 32 {
+                return Ok(TokenKey(k));
+            }
+        }
+        let mut k = vec![0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut k)?;
+        let tmp = dir.join(".token.key.tmp");
+        std::fs::write(&tmp, &k)?;
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(TokenKey(k))
+    }
+
+    fn mac(&self, data: &[u8]) -> String {
+        aws_sigv4::sign::v4::calculate_signature(&self.0, data)
+    }
+
+    /// A token for `claims`.
+    pub fn issue(&self, claims: &Claims) -> String {
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let mac = self.mac(body.as_bytes());
+        format!("{body}.{mac}")
+    }
+
+    /// The claims of a genuine, unexpired token.
+    pub fn verify(&self, token: &str, now: u64) -> Result<Claims, &'static str> {
+        if token.len() > 4096 {
+            return Err("malformed token");
+        }
+        let (body, mac) = token.split_once('.').ok_or("malformed token")?;
+        let expected = self.mac(body.as_bytes());
+        let same = expected.len() == mac.len() && expected.bytes().zip(mac.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        if !same {
+            return Err("invalid token");
+        }
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(body).map_err(|_| "malformed token")?;
+        let claims: Claims = serde_json::from_slice(&raw).map_err(|_| "malformed token")?;
+        if claims.e <= now {
+            return Err("expired token");
+        }
+        Ok(claims)
+    }
+}
+
+/// The claims' port ranges from the API's `allowedPorts` (already validated by the model).
+pub fn port_ranges(allowed: &serde_json::Value) -> Result<Vec<(u16, u16)>, ApiError> {
+    let mut out = Vec::new();
+    for spec in allowed.as_array().into_iter().flatten() {
+        if let Some(p) = spec.get("port").and_then(serde_json::Value::as_u64) {
+            out.push((p as u16, p as u16));
+        } else if let Some(r) = spec.get("range") {
+            let (s, e) = (r["startPort"].as_u64().unwrap_or(0) as u16, r["endPort"].as_u64().unwrap_or(0) as u16);
+            if s > e {
+                return Err(ApiError::validation(format!("allowedPorts: range {s}-{e} is empty")));
+            }
+            out.push((s, e));
+        } else if spec.get("allPorts").is_some() {
+            return Ok(Vec::new());
+        }
+    }
+    Ok(out)
+}
+
+fn denied(msg: &str) -> Response {
+    ApiError::new(Kind::AccessDenied, msg).into_response()
+}
+
+/// Proxies one request for `/microvms/<id>/<rest>`.
+pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: String, rest: String) -> Response {
+    let now = crate::service::now() as u64;
+    let Some(token) = req.headers().get(AUTH_HEADER).and_then(|v| v.to_str().ok()) else {
+        return denied("missing X-aws-proxy-auth token (CreateMicrovmAuthToken)");
+    };
+    let claims = match svc.token_key.verify(token, now) {
+        Ok(c) => c,
+        Err(why) => return denied(why),
+    };
+    if claims.m != id {
+        return denied("the token is for another microvm");
+    }
+    let port = match req.headers().get(PORT_HEADER).map(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()).filter(|p| *p > 0)) {
+        None => DEFAULT_PORT,
+        Some(Some(p)) => p,
+        Some(None) => return ApiError::validation("X-aws-proxy-port must be a port number").into_response(),
+    };
+    if !claims.p.is_empty() && !claims.p.iter().any(|(s, e)| (*s..=*e).contains(&port)) {
+        return denied("the token does not allow this port");
+    }
+    // At most this many connections to one microvm at once.
+    let Ok(_permit) = svc.ingress_permit(&id) else {
+        return ApiError::new(Kind::Quota, "too many concurrent connections to this microvm").into_response();
+    };
+    let tunnel = svc.with_vm(&claims.a, &id, move |vm| Box::pin(async move { vm.agent().connect_port(port).await.map_err(|e| ApiError::new(Kind::Validation, format!("the app does not accept connections on port {port}: {e}"))) })).await;
+    let tunnel = match tunnel {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel)).await {
+        Ok(x) => x,
+        Err(e) => return ApiError::internal(format!("proxy handshake: {e}")).into_response(),
+    };
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    let upgrade = req.headers().contains_key(http::header::UPGRADE);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    parts.headers.remove(AUTH_HEADER);
+    parts.headers.remove(PORT_HEADER);
+    let q = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    parts.uri = match format!("/{rest}{q}").parse() {
+        Ok(u) => u,
+        Err(_) => return ApiError::validation("bad request path").into_response(),
+    };
+    parts.version = http::Version::HTTP_11;
+    let out = http::Request::from_parts(parts, body);
+    let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return (http::StatusCode::BAD_GATEWAY, format!("the app's answer broke off: {e}\n")).into_response(),
+        Err(_) => return (http::StatusCode::GATEWAY_TIMEOUT, format!("the app did not answer within {RESPONSE_TIMEOUT:?}\n")).into_response(),
+    };
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let (parts, body) = resp.into_parts();
+            let mut app_resp = http::Response::from_parts(parts.clone(), body);
+            let app = hyper::upgrade::on(&mut app_resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(a)) = (client.await, app.await) {
+                    let mut c = hyper_util::rt::TokioIo::new(c);
+                    let mut a = hyper_util::rt::TokioIo::new(a);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
+                }
+            });
+            return http::Response::from_parts(parts, axum::body::Body::empty());
+        }
+    }
+    let (parts, body) = resp.into_parts();
+    http::Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_and_refuse_forgeries() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = TokenKey::load_or_create(dir.path()).unwrap();
+        assert_eq!(TokenKey::load_or_create(dir.path()).unwrap().0, k.0, "the key persists");
+        let c = Claims { a: "111111111111".into(), m: "mvm-1".into(), e: 1000, p: vec![(8080, 8080)] };
+        let t = k.issue(&c);
+        assert_eq!(k.verify(&t, 999).unwrap(), c);
+        assert_eq!(k.verify(&t, 1000).unwrap_err(), "expired token");
+        let forged = Claims { m: "mvm-2".into(), ..c.clone() };
+        let body = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged).unwrap());
+        let mac = t.split_once('.').unwrap().1;
+        assert_eq!(k.verify(&format!("{body}.{mac}"), 1).unwrap_err(), "invalid token");
+        assert!(k.verify("garbage", 1).is_err());
+        let other = TokenKey(vec![7; 32]);
+        assert_eq!(other.verify(&t, 1).unwrap_err(), "invalid token");
+    }
+
+    #[test]
+    fn port_specs() {
+        let v = serde_json::json!([{ "port": 8080 }, { "range": { "startPort": 9000, "endPort": 9010 } }]);
+        assert_eq!(port_ranges(&v).unwrap(), vec![(8080, 8080), (9000, 9010)]);
+        assert_eq!(port_ranges(&serde_json::json!([{ "allPorts": {} }])).unwrap(), vec![]);
+        assert!(port_ranges(&serde_json::json!([{ "range": { "startPort": 9, "endPort": 1 } }])).is_err());
+    }
+}
