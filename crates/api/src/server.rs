@@ -219,6 +219,27 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
                 .await?;
             Ok(json_response(200, &json!({ "entries": serde_json::to_value(entries).map_err(ApiError::internal)? })))
         }
+        ("PUT", ["microvms", id, "egress"]) => {
+            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("egress body is not JSON: {e}")))?;
+            let egress = egress_from(&v)?;
+            let recorded = serde_json::to_value(&egress).map_err(ApiError::internal)?;
+            let e2 = egress.clone();
+            svc.with_vm(account, id, move |vm| {
+                Box::pin(async move {
+                    vm.set_egress(&e2).map_err(|e| match e {
+                        hearth_vmm::VmError::Network(n) => ApiError::validation(n.to_string()),
+                        other => ApiError::internal(other),
+                    })
+                })
+            })
+            .await?;
+            svc.record_egress(account, id, recorded.clone())?;
+            Ok(json_response(200, &json!({ "egress": recorded })))
+        }
+        ("GET", ["microvms", id, "egress"]) => {
+            let e = svc.with_vm(account, id, |vm| Box::pin(async move { Ok(vm.egress()) })).await?;
+            Ok(json_response(200, &json!({ "egress": e })))
+        }
         ("GET", ["usage"]) => {
             let num = |k: &str, d: f64| param(k).map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch")))).transpose().map(|x| x.unwrap_or(d));
             let now = crate::service::now();
@@ -288,6 +309,25 @@ async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRe
     Ok(([("content-type", "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response())
 }
 
+/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules.
+fn egress_from(v: &Value) -> Result<hearth_vmm::net::Egress, ApiError> {
+    let rules = |k: &str| -> Result<Vec<hearth_vmm::net::Rule>, ApiError> {
+        v.get(k)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|r| {
+                let s = r.as_str().ok_or_else(|| ApiError::validation(format!("{k} rules must be strings")))?;
+                hearth_vmm::net::Rule::parse(s).map_err(|e| ApiError::validation(e.to_string()))
+            })
+            .collect()
+    };
+    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny"].contains(&k.as_str()))) {
+        return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny)")));
+    }
+    Ok(hearth_vmm::net::Egress { internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false), allow: rules("allow")?, deny: rules("deny")? })
+}
+
 fn file_err(e: hearth_vmm::AgentError) -> ApiError {
     match e {
         hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
@@ -337,6 +377,9 @@ pub fn openapi() -> Value {
                 "get": { "summary": "Read a file (?path=)", "responses": { "200": { "description": "the bytes" } } },
                 "put": { "summary": "Write a file atomically (?path=), body = bytes", "responses": { "200": { "description": "size" } } } },
             "/hearth/v1/microvms/{microvmId}/files/list": { "get": { "summary": "List a directory (?path=)", "responses": { "200": { "description": "entries" } } } },
+            "/hearth/v1/microvms/{microvmId}/egress": {
+                "get": { "summary": "The microvm's egress policy", "responses": { "200": { "description": "{egress}" } } },
+                "put": { "summary": "Replace the egress policy while it runs: {internet: bool, allow: [rule], deny: [rule]}, rules CIDR[:PORT[-PORT]][/tcp|/udp]; kept across suspend/resume", "responses": { "200": { "description": "{egress}" } } } },
             "/hearth/v1/usage": { "get": { "summary": "Metered usage of the caller's account between ?from= and ?to= (seconds since the epoch): vCPU-seconds and GiB-seconds while RUNNING, snapshot GiB-hours while SUSPENDED", "responses": { "200": { "description": "usage" } } } }
         }
     })

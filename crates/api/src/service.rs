@@ -233,6 +233,7 @@ impl Service {
             "startedAt": m.started_at,
         });
         for k in ["executionRoleArn", "idlePolicy", "kmsKeyIdentifier", "ingressNetworkConnectors", "egressNetworkConnectors"] {
+            // (Hearth's own `hearthEgress` stays out of the model's shape.)
             if let Some(x) = m.spec.get(k) {
                 v[k] = x.clone();
             }
@@ -356,7 +357,19 @@ impl Service {
         Ok(self.microvm_json(&m))
     }
 
+    /// Records a microvm's egress policy (set through the extension) so resumes keep it.
+    pub fn record_egress(&self, account: &str, ident: &str, egress: Value) -> Result<(), ApiError> {
+        let mut m = self.load(account, ident)?;
+        if let Value::Object(spec) = &mut m.spec {
+            spec.insert("hearthEgress".into(), egress);
+        }
+        self.put(&m)
+    }
+
     fn restore_options(&self, m: &MicrovmRecord, has_nic: bool) -> RestoreOptions {
+        if let Some(e) = m.spec.get("hearthEgress").and_then(|e| serde_json::from_value::<hearth_vmm::net::Egress>(e.clone()).ok()) {
+            return RestoreOptions { run_root: self.vm_template.run_root.clone(), timeout: Duration::from_secs(120), hostname: None, egress: has_nic.then_some(e), detached: true };
+        }
         let connectors: Vec<&str> = m.spec.get("egressNetworkConnectors").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
         let egress = has_nic.then(|| {
             if connectors.iter().any(|c| c.contains("INTERNET_EGRESS")) {

@@ -20,6 +20,9 @@ pub struct BenchApiArgs {
     /// Microvm records in the store for the ListMicrovms measurement.
     #[arg(long, default_value_t = 1000)]
     records: usize,
+    /// Requests through the ingress endpoint.
+    #[arg(long, default_value_t = 200)]
+    requests: usize,
     /// ListMicrovms calls measured.
     #[arg(long, default_value_t = 100)]
     lists: usize,
@@ -95,6 +98,65 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         first_exec.push(ms(t.elapsed()));
         c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
     }
+    eprintln!("ingress: {} requests through the endpoint and from inside the VM", a.requests);
+    let m = c
+        .call(
+            http::Method::POST,
+            "/2025-09-09/microvms",
+            Some(&json!({ "imageIdentifier": "bench", "idlePolicy": { "maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600, "autoResumeEnabled": true } })),
+        )
+        .await?;
+    let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
+    let url = format!("{}/ready", m["endpoint"].as_str().unwrap_or_default());
+    let tok = c
+        .call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/auth-token"), Some(&json!({ "expirationInMinutes": 10, "allowedPorts": [{ "port": 8080 }] })))
+        .await?["authToken"]["X-aws-proxy-auth"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let web = reqwest::Client::new();
+    let get = |web: reqwest::Client, url: String, tok: String| async move {
+        let r = web.get(&url).header("X-aws-proxy-auth", tok).send().await?;
+        anyhow::ensure!(r.status() == 200, "endpoint answered {}", r.status());
+        r.bytes().await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    get(web.clone(), url.clone(), tok.clone()).await?;
+    let mut through = Vec::new();
+    for _ in 0..a.requests {
+        let t = Instant::now();
+        get(web.clone(), url.clone(), tok.clone()).await?;
+        through.push(ms(t.elapsed()));
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (web, url, tok, n) = (web.clone(), url.clone(), tok.clone(), a.requests / 8);
+            tokio::spawn(async move {
+                for _ in 0..n {
+                    get(web.clone(), url.clone(), tok.clone()).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    let rps = (a.requests / 8 * 8) as f64 / t.elapsed().as_secs_f64();
+    let inside_cmd = format!("i=0; while [ $i -lt {} ]; do busybox wget -q -O- http://127.0.0.1:8080/ready >/dev/null; i=$((i+1)); done", a.requests);
+    let t = Instant::now();
+    c.call(http::Method::POST, &format!("/hearth/v1/microvms/{id}/exec"), Some(&json!({ "shell": inside_cmd }))).await?;
+    let inside = ms(t.elapsed()) / a.requests as f64;
+    let mut resume_first = Vec::new();
+    for _ in 0..3 {
+        c.call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/suspend"), None).await?;
+        let t = Instant::now();
+        get(web.clone(), url.clone(), tok.clone()).await?;
+        resume_first.push(ms(t.elapsed()));
+    }
+    c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
+
     eprintln!("cold boots ×{} (baseline)", a.runs.min(5));
     for _ in 0..a.runs.min(5) {
         let mut cfg = vm.clone();
@@ -160,6 +222,10 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
             Row { name: "RunMicrovm → RUNNING (API, minimal image)".into(), samples: running, unit: "ms" },
             Row { name: "RunMicrovm → first exec result (API)".into(), samples: first_exec, unit: "ms" },
             Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
+            Row { name: "GET through the endpoint (token, tunnel, app), sequential".into(), samples: through, unit: "ms" },
+            Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },
+            Row { name: "GET from inside the VM (busybox wget, per request)".into(), samples: vec![inside], unit: "ms" },
+            Row { name: "first GET to a SUSPENDED microvm (auto-resume)".into(), samples: resume_first, unit: "ms" },
             Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
             Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
         ],

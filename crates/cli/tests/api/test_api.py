@@ -166,12 +166,21 @@ def main():
     mid = first["microvmId"]
     out = exec_in(KEY_A, mid, "busybox wget -q -O- http://127.0.0.1:8080/ready && echo $GREETING && echo 41 > /workspace/n")
     assert out["stdout"] == "ok\nhi\n", out
+    # Egress changes while it runs (Hearth extension), kept across suspend/resume.
+    status, body = signed(KEY_A, "PUT", f"/hearth/v1/microvms/{mid}/egress", json.dumps({"internet": True, "deny": ["198.51.100.0/24:443/tcp"]}).encode())
+    assert status == 200, (status, body)
+    status, body = signed(KEY_A, "PUT", f"/hearth/v1/microvms/{mid}/egress", b'{"internet": true, "allow": ["10.0.0.1/8"]}')
+    assert status == 400 and b"host bits" in body, (status, body)
+    status, body = signed(KEY_B, "PUT", f"/hearth/v1/microvms/{mid}/egress", b'{"internet": true}')
+    assert status == 404, (status, body)
     a.suspend_microvm(microvmIdentifier=mid)
     assert a.get_microvm(microvmIdentifier=mid)["state"] == "SUSPENDED"
     expect_error("ConflictException", 409, a.suspend_microvm, microvmIdentifier=mid)
     a.resume_microvm(microvmIdentifier=mid)
     assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
     assert exec_in(KEY_A, mid, "cat /workspace/n")["stdout"] == "41\n"
+    status, body = signed(KEY_A, "GET", f"/hearth/v1/microvms/{mid}/egress")
+    assert status == 200 and json.loads(body)["egress"]["deny"][0]["cidr"] == "198.51.100.0/24", (status, body)
     expect_error("ConflictException", 409, a.resume_microvm, microvmIdentifier=mid)
     # The endpoint: HTTP to the app through a token, refused without one.
     token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
