@@ -42,13 +42,16 @@ pub async fn connect(req: Request<Incoming>) -> Response<Body> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 64 << 10];
         loop {
-            match rd.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                        break;
-                    }
-                }
+            let n = tokio::select! {
+                r = rd.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                },
+                // The host went away while the app was silent.
+                _ = tx.closed() => break,
+            };
+            if tx.send(Ok(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
+                break;
             }
         }
     });

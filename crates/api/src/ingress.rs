@@ -33,6 +33,8 @@ pub const DEFAULT_PORT: u16 = 8080;
 pub const MAX_TOKEN_MINUTES: u64 = 24 * 60;
 /// How long the app may take to send response headers.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long resuming (if needed) and connecting to the app may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a token grants.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -143,15 +145,24 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     if !claims.p.is_empty() && !claims.p.iter().any(|(s, e)| (*s..=*e).contains(&port)) {
         return denied("the token does not allow this port");
     }
-    // At most this many connections to one microvm at once.
-    let Ok(_permit) = svc.ingress_permit(&id) else {
+    // At most this many connections to one microvm at once; the permit and a VM handle
+    // live as long as the connection (its body or its upgraded stream), so open
+    // connections count as activity and keep the bound.
+    let Ok(permit) = svc.ingress_permit(&id) else {
         return ApiError::new(Kind::Quota, "too many concurrent connections to this microvm").into_response();
     };
-    let tunnel = svc.with_vm(&claims.a, &id, move |vm| Box::pin(async move { vm.agent().connect_port(port).await.map_err(|e| ApiError::new(Kind::Validation, format!("the app does not accept connections on port {port}: {e}"))) })).await;
-    let tunnel = match tunnel {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
+    let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let vm = svc.vm_handle(&claims.a, &id).await.map_err(IntoResponse::into_response)?;
+        let t = vm.agent().connect_port(port).await.map_err(|e| (http::StatusCode::BAD_GATEWAY, format!("the app does not accept connections on port {port}: {e}\n")).into_response())?;
+        Ok::<_, Response>((vm, t))
+    })
+    .await;
+    let (vm, tunnel) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(r)) => return r,
+        Err(_) => return (http::StatusCode::GATEWAY_TIMEOUT, format!("no connection to the app within {CONNECT_TIMEOUT:?}\n")).into_response(),
     };
+    let held = (permit, vm);
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel)).await {
         Ok(x) => x,
         Err(e) => return ApiError::internal(format!("proxy handshake: {e}")).into_response(),
@@ -164,6 +175,7 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     let (mut parts, body) = req.into_parts();
     parts.headers.remove(AUTH_HEADER);
     parts.headers.remove(PORT_HEADER);
+    strip_hop_by_hop(&mut parts.headers, upgrade);
     let q = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     parts.uri = match format!("/{rest}{q}").parse() {
         Ok(u) => u,
@@ -177,22 +189,52 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
         Err(_) => return (http::StatusCode::GATEWAY_TIMEOUT, format!("the app did not answer within {RESPONSE_TIMEOUT:?}\n")).into_response(),
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
-            let (parts, body) = resp.into_parts();
-            let mut app_resp = http::Response::from_parts(parts.clone(), body);
-            let app = hyper::upgrade::on(&mut app_resp);
-            tokio::spawn(async move {
-                if let (Ok(c), Ok(a)) = (client.await, app.await) {
-                    let mut c = hyper_util::rt::TokioIo::new(c);
-                    let mut a = hyper_util::rt::TokioIo::new(a);
-                    let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
-                }
-            });
-            return http::Response::from_parts(parts, axum::body::Body::empty());
-        }
+        let Some(client) = client_upgrade else {
+            return (http::StatusCode::BAD_GATEWAY, "the app switched protocols unasked\n").into_response();
+        };
+        let (parts, body) = resp.into_parts();
+        let mut app_resp = http::Response::from_parts(parts.clone(), body);
+        let app = hyper::upgrade::on(&mut app_resp);
+        tokio::spawn(async move {
+            let _held = held;
+            if let (Ok(c), Ok(a)) = (client.await, app.await) {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut a = hyper_util::rt::TokioIo::new(a);
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut a).await;
+            }
+        });
+        return http::Response::from_parts(parts, axum::body::Body::empty());
     }
-    let (parts, body) = resp.into_parts();
-    http::Response::from_parts(parts, axum::body::Body::new(body))
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers, false);
+    // The body carries the permit and the VM handle until it ends.
+    let stream = futures_util::StreamExt::map(http_body_util::BodyExt::into_data_stream(body), move |chunk| {
+        let _ = &held;
+        chunk
+    });
+    http::Response::from_parts(parts, axum::body::Body::from_stream(stream))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1), keeping `Connection`/`Upgrade`
+/// for an upgrade.
+fn strip_hop_by_hop(h: &mut http::HeaderMap, upgrade: bool) {
+    let named: Vec<String> = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .filter(|n| !(upgrade && n == "upgrade"))
+        .collect();
+    for n in named {
+        h.remove(n.as_str());
+    }
+    for n in ["keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding"] {
+        h.remove(n);
+    }
+    if !upgrade {
+        h.remove(http::header::CONNECTION);
+        h.remove(http::header::UPGRADE);
+    }
 }
 
 #[cfg(test)]

@@ -283,9 +283,11 @@ async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRe
                             Err(e) => json!({ "error": e.to_string() }),
                         };
                         let last = msg.get("stdout").is_none() && msg.get("stderr").is_none();
-                        if lines.send(line(msg)).await.is_err() {
-                            // The client went away: stop the command.
-                            return Ok(());
+                        // A client that went away, or stopped reading for a minute, ends it
+                        // (and lets go of the VM).
+                        match tokio::time::timeout(Duration::from_secs(60), lines.send(line(msg))).await {
+                            Ok(Ok(())) => {}
+                            _ => return Ok(()),
                         }
                         if last {
                             return Ok(());

@@ -184,6 +184,20 @@ impl Store {
         Ok(())
     }
 
+    /// Records activity on a microvm (one field, so it never overwrites a concurrent
+    /// state change).
+    pub fn touch(&self, id: &str, t: f64) -> DbResult<()> {
+        self.db().execute("UPDATE microvms SET doc = json_set(doc, '$.lastActivity', ?2) WHERE id = ?1", params![id, t])?;
+        Ok(())
+    }
+
+    /// Sets one member of a microvm's `spec` (one field, as `touch`).
+    pub fn set_spec_field(&self, id: &str, key: &str, value: &serde_json::Value) -> DbResult<()> {
+        let path = format!("$.spec.{key}");
+        self.db().execute("UPDATE microvms SET doc = json_set(doc, ?2, json(?3)) WHERE id = ?1", params![id, path, value.to_string()])?;
+        Ok(())
+    }
+
     /// A microvm of `account`.
     pub fn microvm(&self, account: &str, id: &str) -> DbResult<Option<MicrovmRecord>> {
         let doc: Option<String> = self.db().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;

@@ -160,6 +160,27 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     assert_eq!(probe(&a, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
     assert_eq!(probe(&b, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
     assert!(probe(&closed, "tcp", PEER_IP, TCP_PORT).await.starts_with("fail"), "a clone got egress nobody gave it");
+    // Another microvm is unreachable, even with private ranges allowed in the policy: a
+    // listener in b's namespace (where b's traffic leaves from) is out of a's reach
+    // (forwarding between uplinks is dropped on the host, namespaces take no input).
+    let b_uplink = {
+        let o = Command::new("ip").args(["-n", b.netns().unwrap(), "-4", "-o", "addr", "show", "dev", "uplink"]).output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().to_owned()
+    };
+    let mut listener = Command::new("ip")
+        .args(["netns", "exec", b.netns().unwrap(), "python3", "-c"])
+        .arg("import socket,time; s=socket.socket(); s.bind(('0.0.0.0', 8765)); s.listen(); print('ready', flush=True); c=s.accept(); c[0].sendall(b'reached'); time.sleep(5)")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(listener.stdout.as_mut().unwrap()), &mut line).unwrap();
+    a.set_egress(&Egress { allow: vec![Rule::parse("10.200.0.0/16").unwrap()], ..Egress::internet() }).unwrap();
+    let reached = probe(&a, "tcp", &b_uplink, 8765).await;
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert!(reached.starts_with("fail"), "a microvm reached another's namespace: {reached}");
     let names: Vec<String> = [&a, &b, &closed].iter().map(|v| v.netns().unwrap().to_owned()).collect();
     for v in [a, b, closed] {
         v.kill().await;

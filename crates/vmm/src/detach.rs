@@ -111,6 +111,12 @@ impl Vm {
         write(&self._dir.0, &self.id, &self.cfg, self.accel, self.process.pid(), self.disk.clone(), self.disk_owned, self.netns().map(str::to_owned), self.egress());
     }
 
+    /// Kills QEMU at once through its pidfd (detached or adopted VMs; others are killed
+    /// when their handle drops). For callers that only share the VM.
+    pub fn kill_now(&self) {
+        self.process.kill_now();
+    }
+
     /// The VM's run directory.
     pub fn run_dir(&self) -> &Path {
         &self._dir.0

@@ -314,7 +314,18 @@ impl QemuProcess {
         drop(ns);
         let pid = child.id().unwrap_or(0);
         // Our unreaped child: the pid is still this QEMU.
-        let pidfd = if detached { Some(open_pidfd(pid)?) } else { None };
+        let pidfd = if detached {
+            match open_pidfd(pid) {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    // Without it a detached QEMU could outlive everything: stop it now.
+                    let _ = child.start_kill();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<bool>();
         tokio::spawn(async move {
@@ -362,6 +373,13 @@ impl QemuProcess {
             let _ = exit_tx.send(Some(killed));
         });
         Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd) })
+    }
+
+    /// Kills QEMU now through its pidfd, when it has one (detached or adopted).
+    pub fn kill_now(&self) {
+        if let Some(fd) = &self.pidfd {
+            pidfd_kill(fd);
+        }
     }
 
     /// Lets QEMU run on without this handle (a detached QEMU then outlives this process).

@@ -192,6 +192,11 @@ def main():
     other = [i for i in ids if i != mid][0]
     assert http_get(endpoint.replace(mid, other) + "/ready", {"X-aws-proxy-auth": token})[0] == 403
     expect_error("ResourceNotFoundException", 404, b.create_microvm_auth_token, microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"allPorts": {}}])
+    # Oversized headers are refused by the daemon's HTTP layer, before any token check.
+    huge = {"X-aws-proxy-auth": token}
+    huge.update({f"X-Pad-{i}": "x" * 200 for i in range(200)})
+    status, _ = http_get(endpoint + "/ready", huge)
+    assert status in (400, 431), status
     # Streamed exec: lines arrive as the command writes them.
     status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{mid}/exec?stream=true", b'{"shell": "echo one; sleep 1; echo two >&2; exit 4"}')
     lines = [json.loads(l) for l in body.decode().splitlines()]
