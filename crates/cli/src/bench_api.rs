@@ -34,6 +34,23 @@ pub struct BenchApiArgs {
     json: bool,
 }
 
+/// Kills whatever microvm QEMU of the benchmark is left (they are detached, and outlive
+/// an in-process daemon that stops on an error) and their network namespaces.
+struct Leftovers(std::path::PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("pkill").arg("-9").arg("-f").arg(format!("{}/", self.0.display())).status();
+        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del"])
+                .arg(format!("hearth-{}", e.file_name().to_string_lossy()))
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 /// Runs the benchmark.
 pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let home = hearth_vmm::home::hearth_home();
@@ -42,6 +59,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     vm.accel = a.accel;
     let state = tempfile::Builder::new().prefix("bench-api-").tempdir_in(&home)?;
     vm.run_root = state.path().join("run");
+    // Declared after `state`, so it runs before the directory is removed.
+    let _leftovers = Leftovers(vm.run_root.clone());
     std::fs::create_dir_all(state.path())?;
     let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
     let key = hearth_api::keys::new_key(&hearth_api::keys::new_account());
