@@ -1173,7 +1173,7 @@ fn clock_ticks() -> f64 {
 
 /// The error for operations Hearth does not serve yet.
 pub fn not_yet(op: &str) -> ApiError {
-    ApiError::new(Kind::Validation, format!("{op} is not supported by this Hearth server yet (microvm ingress endpoints and shells come with the networking work)"))
+    ApiError::new(Kind::Validation, format!("{op} is not supported by this Hearth server yet (interactive shells are not built yet)"))
 }
 
 #[cfg(test)]
