@@ -42,21 +42,29 @@ impl Client {
         Client { base: base.trim_end_matches('/').to_owned(), access_key: access_key.into(), secret: secret.into(), http: reqwest::Client::new() }
     }
 
-    /// POSTs a JSON body and hands each NDJSON line of the (streamed) answer to `line`.
-    pub async fn stream_lines(&self, path_and_query: &str, body: &Value, mut line: impl FnMut(Value)) -> Result<(), ClientError> {
+    /// A SigV4-signed request for `path_and_query` and its URL.
+    fn signed(&self, method: http::Method, path_and_query: &str, body: Vec<u8>, content_type: Option<&str>) -> Result<(String, reqwest::RequestBuilder), ClientError> {
         let url = format!("{}{path_and_query}", self.base);
-        let bytes = body.to_string().into_bytes();
         let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
         let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
-        crate::sigv4::sign(&http::Method::POST, &uri, &mut headers, &bytes, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
-        let mut req = self.http.post(&url).body(bytes).header("content-type", "application/json");
+        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
+        let mut req = self.http.request(method, &url).body(body);
         for (k, v) in &headers {
             if k != "host" {
                 req = req.header(k, v);
             }
         }
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        Ok((url, req))
+    }
+
+    /// POSTs a JSON body and hands each NDJSON line of the (streamed) answer to `line`.
+    pub async fn stream_lines(&self, path_and_query: &str, body: &Value, mut line: impl FnMut(Value)) -> Result<(), ClientError> {
+        let (url, req) = self.signed(http::Method::POST, path_and_query, body.to_string().into_bytes(), Some("application/json"))?;
         let mut resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         if resp.status().as_u16() >= 400 {
             let status = resp.status().as_u16();
@@ -79,22 +87,7 @@ impl Client {
 
     /// Sends a signed request; returns the status, the error type header and the body.
     async fn send(&self, method: http::Method, path_and_query: &str, body: Vec<u8>, content_type: Option<&str>) -> Result<(u16, Option<String>, bytes::Bytes), ClientError> {
-        let url = format!("{}{path_and_query}", self.base);
-        let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
-        let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
-        let mut headers = http::HeaderMap::new();
-        let host = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
-        headers.insert("host", http::HeaderValue::from_str(&host).map_err(|_| bad_url())?);
-        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
-        let mut req = self.http.request(method, &url).body(body);
-        for (k, v) in &headers {
-            if k != "host" {
-                req = req.header(k, v);
-            }
-        }
-        if let Some(ct) = content_type {
-            req = req.header("content-type", ct);
-        }
+        let (url, req) = self.signed(method, path_and_query, body, content_type)?;
         let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = resp.status().as_u16();
         let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);

@@ -163,6 +163,16 @@ impl Service {
         Ok(json!({ "authToken": { "X-aws-proxy-auth": self.token_key.issue(&claims) } }))
     }
 
+    /// Microvm `ident` of `account` with its lock held, read again under the lock.
+    /// Unknown ids (and other tenants') are refused before a lock is made for them.
+    async fn locked(&self, account: &str, ident: &str) -> Result<(String, tokio::sync::OwnedMutexGuard<Slot>, MicrovmRecord), ApiError> {
+        let id = Self::microvm_id(account, ident);
+        self.load(account, &id)?;
+        let guard = self.slot(&id).lock_owned().await;
+        let m = self.load(account, &id)?;
+        Ok((id, guard, m))
+    }
+
     /// The lock of microvm `id`.
     pub fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().clone()
@@ -424,12 +434,7 @@ impl Service {
 
     /// SuspendMicrovm (also used by the idle policy).
     pub async fn suspend_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
-        let id = Self::microvm_id(account, ident);
-        // Unknown ids (and other tenants') are refused before a lock is made for them.
-        self.load(account, &id)?;
-        let slot = self.slot(&id);
-        let mut guard = slot.lock().await;
-        let mut m = self.load(account, &id)?;
+        let (id, mut guard, mut m) = self.locked(account, ident).await?;
         if m.state != "RUNNING" {
             return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is {}; only a RUNNING microvm can be suspended", m.state)));
         }
@@ -478,12 +483,7 @@ impl Service {
 
     /// ResumeMicrovm (also used by auto-resume).
     pub async fn resume_microvm(&self, account: &str, ident: &str) -> Result<Value, ApiError> {
-        let id = Self::microvm_id(account, ident);
-        // Unknown ids (and other tenants') are refused before a lock is made for them.
-        self.load(account, &id)?;
-        let slot = self.slot(&id);
-        let mut guard = slot.lock().await;
-        let m = self.load(account, &id)?;
+        let (_, mut guard, m) = self.locked(account, ident).await?;
         self.resume_locked(&mut guard, m).await.map(|_| json!({}))
     }
 
@@ -520,12 +520,7 @@ impl Service {
 
     /// TerminateMicrovm (also used by the lifetime and idle policies).
     pub async fn terminate_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
-        let id = Self::microvm_id(account, ident);
-        // Unknown ids (and other tenants') are refused before a lock is made for them.
-        self.load(account, &id)?;
-        let slot = self.slot(&id);
-        let mut guard = slot.lock().await;
-        let mut m = self.load(account, &id)?;
+        let (id, mut guard, mut m) = self.locked(account, ident).await?;
         if m.state == "TERMINATED" {
             return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is already TERMINATED")));
         }
@@ -577,11 +572,7 @@ impl Service {
     /// allows, and counts as activity. While a handle lives, the VM counts as busy;
     /// Suspend waits for handles to go, Terminate ends them.
     pub async fn vm_handle(&self, account: &str, ident: &str) -> Result<Arc<Vm>, ApiError> {
-        let id = Self::microvm_id(account, ident);
-        self.load(account, &id)?;
-        let slot = self.slot(&id);
-        let mut guard = slot.lock().await;
-        let mut m = self.load(account, &id)?;
+        let (id, mut guard, mut m) = self.locked(account, ident).await?;
         if m.state == "SUSPENDED" {
             let auto = m.spec.pointer("/idlePolicy/autoResumeEnabled").and_then(Value::as_bool).unwrap_or(false);
             if !auto {

@@ -144,6 +144,20 @@ fn canonical_query(raw: &str) -> String {
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
 }
 
+/// The SigV4 string to sign: the canonical request (method, path normalized and encoded
+/// once more, canonical query, headers, signed header names, payload hash), hashed, under
+/// the date and scope. Shared by [`verify`] and [`sign`].
+fn string_to_sign(method: &http::Method, uri: &http::Uri, canon_headers: &str, signed_headers: &str, payload_hash: &str, amz_date: &str, scope: &str) -> String {
+    let path = if uri.path().is_empty() { "/" } else { uri.path() };
+    let canonical = format!(
+        "{}\n{}\n{}\n{canon_headers}\n{signed_headers}\n{payload_hash}",
+        method.as_str(),
+        uri_encode(normalize_path(path).as_bytes(), true),
+        canonical_query(uri.query().unwrap_or("")),
+    );
+    format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex_sha256(canonical.as_bytes()))
+}
+
 /// Verifies a request's signature. `secret_of` returns the secret of an access key (None
 /// for an unknown key). Returns who signed it.
 pub fn verify(
@@ -201,18 +215,8 @@ pub fn verify(
             return Err(denied("X-Amz-Content-Sha256 does not match the body"));
         }
     }
-    let path = if uri.path().is_empty() { "/" } else { uri.path() };
-    let canonical = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}",
-        method.as_str(),
-        uri_encode(normalize_path(path).as_bytes(), true),
-        canonical_query(uri.query().unwrap_or("")),
-        canon_headers,
-        a.signed_headers.join(";"),
-        payload_hash
-    );
     let scope = format!("{}/{}/{}/aws4_request", a.date, a.region, a.service);
-    let to_sign = format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex_sha256(canonical.as_bytes()));
+    let to_sign = string_to_sign(method, uri, &canon_headers, &a.signed_headers.join(";"), &payload_hash, amz_date, &scope);
     let key = aws_sigv4::sign::v4::generate_signing_key(&secret, when, a.region, a.service);
     let expected = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     // Constant time: every byte is compared whatever the first difference.
@@ -250,18 +254,8 @@ pub fn sign(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMa
         .iter()
         .map(|n| format!("{n}:{}\n", headers.get(*n).and_then(|v| v.to_str().ok()).unwrap_or_default().trim()))
         .collect();
-    let path = if uri.path().is_empty() { "/" } else { uri.path() };
-    let canonical = format!(
-        "{}\n{}\n{}\n{}\n{}\n{}",
-        method.as_str(),
-        uri_encode(normalize_path(path).as_bytes(), true),
-        canonical_query(uri.query().unwrap_or("")),
-        canon_headers,
-        signed_headers.join(";"),
-        hex_sha256(body)
-    );
     let scope = format!("{}/{region}/{SERVICE}/aws4_request", &date[..8]);
-    let to_sign = format!("AWS4-HMAC-SHA256\n{date}\n{scope}\n{}", hex_sha256(canonical.as_bytes()));
+    let to_sign = string_to_sign(method, uri, &canon_headers, &signed_headers.join(";"), &hex_sha256(body), &date, &scope);
     let key = aws_sigv4::sign::v4::generate_signing_key(secret, now, region, SERVICE);
     let sig = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     let auth = format!("AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={}, Signature={sig}", signed_headers.join(";"));

@@ -318,17 +318,6 @@ impl Store {
         tx.commit()
     }
 
-    /// The recorded (request hash, response) of an idempotent call.
-    pub fn idempotent(&self, account: &str, op: &str, token: &str) -> DbResult<Option<(String, String)>> {
-        self.db()
-            .query_row(
-                "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3",
-                [account, op, token],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-    }
-
     /// Claims `token` for a call with `hash`: `Ok(None)` when this call now owns it,
     /// `Ok(Some((hash, response)))` when it was claimed before (response empty while that
     /// call is still running).

@@ -78,10 +78,9 @@ pub fn kill_unowned_detached(run_root: &Path) -> usize {
         let Ok(p) = serde_json::from_str::<Persisted>(&text) else { continue };
         // Taking the lock proves nobody owns it; holding it keeps others off meanwhile.
         let Ok(lock) = RunDir::adopt(dir.clone()) else { continue };
-        if let Ok(pidfd) = pidfd(p.pid) {
+        if let Ok(pidfd) = crate::qemu::open_pidfd(p.pid) {
             if qemu_is(p.pid, &p.id) {
-                // SAFETY: pidfd_send_signal on a pidfd we own; no memory is involved.
-                unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(&pidfd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+                crate::qemu::pidfd_kill(&pidfd);
                 tracing::warn!(vm = %p.id, pid = p.pid, "killed a detached VM nobody owned");
                 killed += 1;
             }
@@ -92,17 +91,6 @@ pub fn kill_unowned_detached(run_root: &Path) -> usize {
         drop(lock);
     }
     killed
-}
-
-/// A pidfd for `pid`.
-fn pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
-    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
 }
 
 impl Vm {

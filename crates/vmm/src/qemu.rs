@@ -260,7 +260,7 @@ pub struct QemuProcess {
     pidfd: Option<std::os::fd::OwnedFd>,
 }
 
-fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(crate) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if raw < 0 {
@@ -270,7 +270,7 @@ fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) })
 }
 
-fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
+pub(crate) fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
     // SAFETY: pidfd_send_signal on a pidfd we own; no memory is involved, and a pidfd
     // never refers to a reused pid.
     unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
