@@ -1,14 +1,17 @@
 //! `POST /v1/exec`: run a process, stream its stdin/stdout/stderr, report how it ended.
 //!
-//! Each exec runs in its own process group; a timeout or the host
-//! abandoning the stream kills the whole group. Output is read in chunks and sent as
+//! Each exec runs in its own process group (a session of its own on a pseudo-terminal,
+//! for `tty` execs); a timeout or the host abandoning the stream kills the whole group.
+//! Signal and resize frames in the request body are handled as they arrive, ahead of
+//! stdin still waiting for the process to read it. Output is read in chunks and sent as
 //! frames through a small bounded channel, so a slow host applies back-pressure through
 //! HTTP/2 flow control down to the process's pipe instead of growing a buffer here.
 
 use crate::reaper::Exit;
 use crate::server::{self, Body, State};
 use bytes::Bytes;
-use hearth_proto::exec::{chunked, Command, ExecExit, ExecRequest, Frame, FrameDecoder, FrameKind};
+use crate::pty;
+use hearth_proto::exec::{chunked, Command, ExecExit, ExecRequest, Frame, FrameDecoder, FrameKind, SignalRequest, TtySize};
 use hearth_proto::{ErrorBody, ErrorCode};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -119,12 +122,27 @@ fn describe(r: &ExecRequest) -> String {
     }
 }
 
+/// Where the process's input goes.
+enum Input {
+    /// Its stdin pipe.
+    Pipe(OwnedFd),
+    /// Its terminal.
+    Pty(Arc<pty::Master>),
+}
+
+/// Where the process's output comes from.
+enum Output {
+    /// Its stdout and stderr pipes.
+    Pipes(OwnedFd, OwnedFd),
+    /// Its terminal (stdout and stderr are both the terminal).
+    Pty(Arc<pty::Master>),
+}
+
 struct Running {
     pid: i32,
     exit: tokio::sync::oneshot::Receiver<Exit>,
-    stdin: Option<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
+    stdin: Option<Input>,
+    output: Output,
 }
 
 /// A user to run as.
@@ -192,18 +210,34 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
         .env("HOME", &user.home)
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
-        .env("TERM", "xterm")
-        .envs(&r.env)
-        .current_dir(&cwd)
-        .stdin(if r.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .env("TERM", if r.tty.is_some() { "xterm-256color" } else { "xterm" });
+    if r.tty.is_some() && !r.env.contains_key("LANG") {
+        cmd.env("LANG", "C.UTF-8");
+    }
+    cmd.envs(&r.env).current_dir(&cwd);
     if user.uid != 0 || user.gid != 0 {
         cmd.uid(user.uid).gid(user.gid);
     }
-    // Its own process group, so a timeout can kill the whole tree. (No pre_exec hook:
-    // without one std can use posix_spawn (vfork), far cheaper than fork under emulation.)
-    cmd.process_group(0);
+    let mut master = None;
+    if let Some(TtySize { rows, cols }) = r.tty {
+        let (m, slave) = pty::open(rows, cols)?;
+        // The user's own terminal, as a login would leave it.
+        nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&slave), Some(nix::unistd::Uid::from_raw(user.uid)), None)?;
+        cmd.stdin(slave.try_clone()?).stdout(slave.try_clone()?).stderr(slave);
+        // A session of its own with the terminal as controlling tty: job control, ^C, and
+        // SIGHUP when the terminal goes all work as in a login shell. Its session id is
+        // its pid, which is also its process group.
+        // SAFETY: the hook only makes async-signal-safe calls.
+        unsafe { cmd.pre_exec(pty::make_controlling) };
+        master = Some(m);
+    } else {
+        cmd.stdin(if r.stdin { std::process::Stdio::piped() } else { std::process::Stdio::null() })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        // Its own process group, so a timeout can kill the whole tree. (No pre_exec hook:
+        // without one std can use posix_spawn (vfork), far cheaper than fork under emulation.)
+        cmd.process_group(0);
+    }
     let (mut child, exit) = state.reaper.spawn(&mut cmd).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(&cwd).is_dir() {
             std::io::Error::new(std::io::ErrorKind::NotFound, format!("working directory {cwd} does not exist"))
@@ -211,24 +245,46 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
             e
         }
     })?;
+    // The slave copies held by `cmd` close with it, so the master sees EIO once the
+    // processes are gone.
+    drop(cmd);
+    let pid = child.id() as i32;
+    if let Some(m) = master {
+        let m = Arc::new(pty::Master::new(m)?);
+        return Ok(Running { pid, exit, stdin: Some(Input::Pty(m.clone())), output: Output::Pty(m) });
+    }
     let take = |o: Option<OwnedFd>| o.ok_or_else(|| std::io::Error::other("missing pipe"));
     Ok(Running {
-        pid: child.id() as i32,
+        pid,
         exit,
-        stdin: child.stdin.take().map(OwnedFd::from),
-        stdout: take(child.stdout.take().map(OwnedFd::from))?,
-        stderr: take(child.stderr.take().map(OwnedFd::from))?,
+        stdin: child.stdin.take().map(OwnedFd::from).map(Input::Pipe),
+        output: Output::Pipes(take(child.stdout.take().map(OwnedFd::from))?, take(child.stderr.take().map(OwnedFd::from))?),
     })
 }
 
-async fn pump(fd: OwnedFd, kind: FrameKind, tx: Tx, state: Arc<PumpState>) {
+/// Something output is read from.
+enum Source {
+    Pipe(tokio::net::unix::pipe::Receiver),
+    Pty(Arc<pty::Master>),
+}
+
+impl Source {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::Pipe(p) => p.read(buf).await,
+            Source::Pty(m) => m.read(buf).await,
+        }
+    }
+}
+
+async fn pump(source: std::io::Result<Source>, kind: FrameKind, tx: Tx, state: Arc<PumpState>) {
     use std::sync::atomic::Ordering::Relaxed;
-    let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else { return };
+    let Ok(mut source) = source else { return };
     let mut buf = vec![0u8; READ_CHUNK];
     loop {
         state.since_ms.store(now_ms(), Relaxed);
         state.reading.store(true, Relaxed);
-        let got = pipe.read(&mut buf).await;
+        let got = source.read(&mut buf).await;
         state.reading.store(false, Relaxed);
         match got {
             Ok(0) | Err(_) => return,
@@ -243,18 +299,64 @@ async fn pump(fd: OwnedFd, kind: FrameKind, tx: Tx, state: Arc<PumpState>) {
     }
 }
 
-/// Feeds stdin frames from the request body to the process; ends by closing its stdin.
-async fn feed_stdin(fd: OwnedFd, mut body: Incoming, mut decoder: FrameDecoder) {
-    let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else { return };
-    loop {
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(f)) if f.kind == FrameKind::Stdin => {
-                    if pipe.write_all(&f.payload).await.is_err() {
+/// Reads the request body: stdin frames go to the process (through a writer task, so a
+/// process that does not read its input never holds up a signal), signal and resize
+/// frames are applied at once. The end of the body closes a piped stdin.
+async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decoder: FrameDecoder) {
+    let master = match &input {
+        Some(Input::Pty(m)) => Some(m.clone()),
+        _ => None,
+    };
+    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Bytes>(64);
+    let writer = tokio::spawn(async move {
+        match input {
+            Some(Input::Pipe(fd)) => {
+                let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else { return };
+                while let Some(data) = stdin_rx.recv().await {
+                    if pipe.write_all(&data).await.is_err() {
                         return;
                     }
                 }
-                Ok(Some(_)) | Err(_) => return,
+            }
+            Some(Input::Pty(m)) => {
+                while let Some(data) = stdin_rx.recv().await {
+                    if m.write_all(&data).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            None => {}
+        }
+    });
+    let mut writer = AbortOnDrop(writer);
+    loop {
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(f)) => match f.kind {
+                    FrameKind::Stdin => {
+                        // The writer may be gone (input closed by the process): drop the data.
+                        let _ = stdin_tx.send(f.payload).await;
+                    }
+                    FrameKind::Signal => {
+                        let Ok(sig) = serde_json::from_slice::<SignalRequest>(&f.payload) else { continue };
+                        if sig.validate().is_err() {
+                            continue;
+                        }
+                        // On a terminal the signal goes where ^C would: its foreground group.
+                        let target = master.as_ref().and_then(|m| pty::foreground(m.raw())).map_or(group, Pid::from_raw);
+                        // SAFETY: kill with a negative pid signals a process group; no memory involved.
+                        unsafe { libc::kill(-target.as_raw(), sig.signal) };
+                    }
+                    FrameKind::Resize => {
+                        if let (Some(m), Ok(size)) = (&master, serde_json::from_slice::<TtySize>(&f.payload)) {
+                            if size.validate().is_ok() {
+                                let _ = pty::resize(m.raw(), size.rows, size.cols);
+                            }
+                        }
+                    }
+                    _ => return,
+                },
+                Err(_) => return,
                 Ok(None) => break,
             }
         }
@@ -264,20 +366,39 @@ async fn feed_stdin(fd: OwnedFd, mut body: Incoming, mut decoder: FrameDecoder) 
                     decoder.push(&data);
                 }
             }
-            _ => return,
+            _ => {
+                // End of input: let the writer finish what it has, then close the pipe.
+                drop(stdin_tx);
+                let _ = (&mut writer.0).await;
+                return;
+            }
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder: FrameDecoder, tx: Tx) {
     let group = Pid::from_raw(r.pid);
-    let stdin_task = match r.stdin {
-        Some(fd) => tokio::spawn(feed_stdin(fd, body, decoder)),
+    let stdin_task = tokio::spawn(control(r.stdin, group, body, decoder));
+    let (out_state, err_state) = (Arc::new(PumpState::default()), Arc::new(PumpState::default()));
+    let pipe = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map(Source::Pipe);
+    let (out_src, err_src) = match r.output {
+        Output::Pipes(o, e) => (pipe(o), Some(pipe(e))),
+        Output::Pty(m) => (Ok(Source::Pty(m)), None),
+    };
+    let mut out = tokio::spawn(pump(out_src, FrameKind::Stdout, tx.clone(), out_state.clone()));
+    let mut err = match err_src {
+        Some(src) => tokio::spawn(pump(src, FrameKind::Stderr, tx.clone(), err_state.clone())),
         None => tokio::spawn(async {}),
     };
-    let (out_state, err_state) = (Arc::new(PumpState::default()), Arc::new(PumpState::default()));
-    let mut out = tokio::spawn(pump(r.stdout, FrameKind::Stdout, tx.clone(), out_state.clone()));
-    let mut err = tokio::spawn(pump(r.stderr, FrameKind::Stderr, tx.clone(), err_state.clone()));
 
     let timeout = async {
         match timeout_ms {

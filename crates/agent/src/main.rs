@@ -20,6 +20,7 @@ mod hook;
 mod init;
 mod net;
 mod port;
+mod pty;
 mod reaper;
 mod restore;
 mod server;

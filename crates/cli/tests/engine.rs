@@ -321,3 +321,86 @@ async fn invalid_configurations_fail_before_anything_starts() {
     assert!(e.to_string().contains("setup"), "{e}");
     assert_eq!(std::fs::read_dir(run_root.path()).unwrap().count(), 0);
 }
+
+/// Reads a tty exec's output until `needle` appears (within 60 s); returns all of it.
+async fn read_until(s: &mut hearth_vmm::agent::ExecStream, seen: &mut Vec<u8>, needle: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = String::from_utf8_lossy(seen).into_owned();
+        if let Some(at) = text.find(needle) {
+            let cut = text[..at + needle.len()].len();
+            seen.drain(..cut);
+            return text[..at + needle.len()].to_owned();
+        }
+        match tokio::time::timeout_at(deadline, s.next_event()).await {
+            Ok(Ok(Some(ExecEvent::Stdout(b)))) => seen.extend_from_slice(&b),
+            other => panic!("waiting for {needle:?} after {text:?}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tty_exec_is_a_terminal_that_resizes_and_takes_signals() {
+    let vm = boot(Base::DebianBookworm).await;
+    // A one-shot command sees a terminal of the requested size as its controlling tty,
+    // with stdout and stderr both on it.
+    let mut r = ExecRequest::shell("tty; stty size; [ -t 0 ] && [ -t 1 ] && echo interactive; echo to-stderr >&2; [ \"$(cut -d' ' -f6 /proc/$$/stat)\" -eq $$ ] && echo leader");
+    r.tty = Some(hearth_proto::exec::TtySize { rows: 33, cols: 101 });
+    let out = vm.exec(&r, None, 1 << 20).await.unwrap();
+    let text = out.stdout_str();
+    assert!(out.exit.success(), "{out:?}");
+    assert!(text.starts_with("/dev/pts/"), "{text:?}");
+    for want in ["33 101\r\n", "interactive\r\n", "to-stderr\r\n", "leader\r\n"] {
+        assert!(text.contains(want), "{want:?} missing from {text:?}");
+    }
+    assert!(out.stderr.is_empty());
+
+    // An interactive bash: resize, a signal to the foreground job, ^C, UTF-8, exit code.
+    let mut r = ExecRequest::argv(["bash", "--norc", "-i"]);
+    r.env.insert("PS1".into(), "$ ".into());
+    r.tty = Some(hearth_proto::exec::TtySize { rows: 24, cols: 80 });
+    let mut s = vm.exec_stream(&r).await.unwrap();
+    let mut seen = Vec::new();
+    s.write_stdin(Bytes::from("stty size; echo a$((1+1))\n")).await.unwrap();
+    assert!(read_until(&mut s, &mut seen, "a2\r\n").await.contains("24 80\r\n"));
+    s.resize(50, 132).await.unwrap();
+    s.write_stdin(Bytes::from("stty size; echo b$((1+2))\n")).await.unwrap();
+    assert!(read_until(&mut s, &mut seen, "b3\r\n").await.contains("50 132\r\n"));
+    // A signal goes to the foreground job, not to the shell.
+    s.write_stdin(Bytes::from("sleep 1000; echo never$((0))\n")).await.unwrap();
+    read_until(&mut s, &mut seen, "sleep 1000; echo never$((0))\r\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.signal(libc::SIGINT).await.unwrap();
+    s.write_stdin(Bytes::from("echo c$((1+3))\n")).await.unwrap();
+    let after = read_until(&mut s, &mut seen, "c4\r\n").await;
+    assert!(!after.contains("never0"), "{after:?}");
+    // ^C typed on the terminal does the same through the line discipline.
+    s.write_stdin(Bytes::from("sleep 1000\n")).await.unwrap();
+    read_until(&mut s, &mut seen, "sleep 1000\r\n").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.write_stdin(Bytes::from_static(b"\x03")).await.unwrap();
+    s.write_stdin(Bytes::from("echo d$((1+4))\n")).await.unwrap();
+    read_until(&mut s, &mut seen, "d5\r\n").await;
+    s.write_stdin(Bytes::from("echo 'h\u{e9}llo \u{2713}' | wc -m\n")).await.unwrap();
+    assert!(read_until(&mut s, &mut seen, "8\r\n").await.contains("h\u{e9}llo \u{2713}"));
+    s.write_stdin(Bytes::from("exit 7\n")).await.unwrap();
+    let exit = loop {
+        match s.next_event().await.unwrap() {
+            Some(ExecEvent::Exit(x)) => break x,
+            Some(_) => {}
+            None => panic!("no exit"),
+        }
+    };
+    assert_eq!(exit.code, Some(7));
+
+    // Without a terminal a signal goes to the exec's process group; resizing is refused
+    // on the host before it is sent.
+    let mut s = vm.exec_stream(&ExecRequest::argv(["sleep", "1000"])).await.unwrap();
+    assert!(s.resize(0, 10).await.is_err());
+    s.signal(libc::SIGTERM).await.unwrap();
+    match s.next_event().await.unwrap() {
+        Some(ExecEvent::Exit(x)) => assert_eq!(x.signal, Some(libc::SIGTERM)),
+        other => panic!("{other:?}"),
+    }
+    vm.shutdown().await;
+}

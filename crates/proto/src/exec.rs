@@ -14,6 +14,13 @@
 //! body is [`FrameKind::Stdout`] and [`FrameKind::Stderr`] frames as the process writes, then
 //! exactly one [`FrameKind::Exit`] (JSON [`ExecExit`]) or [`FrameKind::Error`] (JSON
 //! [`crate::ErrorBody`]). A payload longer than [`MAX_FRAME_PAYLOAD`] is a protocol error.
+//!
+//! An exec with [`ExecRequest::tty`] runs on a pseudo-terminal: the process is a session
+//! leader with the terminal as its controlling tty and as stdin, stdout and stderr, so all
+//! of its output arrives as [`FrameKind::Stdout`]. The request body may then also carry
+//! [`FrameKind::Resize`] frames (JSON [`TtySize`]); any exec's body may carry
+//! [`FrameKind::Signal`] frames (JSON [`SignalRequest`]), delivered to the terminal's
+//! foreground process group, or to the exec's process group without a terminal.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -60,6 +67,51 @@ pub struct ExecRequest {
     /// pipe fewer to set up per exec).
     #[serde(default = "yes")]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (an interactive shell); absent for pipes.
+    /// Left out of the JSON when absent, so agents that predate it accept the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size in character cells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtySize {
+    /// Rows, 1 to [`MAX_TTY_CELLS`].
+    pub rows: u16,
+    /// Columns, 1 to [`MAX_TTY_CELLS`].
+    pub cols: u16,
+}
+
+/// Largest number of rows or columns a terminal may have.
+pub const MAX_TTY_CELLS: u16 = 4096;
+
+impl TtySize {
+    /// Checks the size is within bounds.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.rows == 0 || self.cols == 0 || self.rows > MAX_TTY_CELLS || self.cols > MAX_TTY_CELLS {
+            return Err(format!("terminal size {}x{} is out of range (1 to {MAX_TTY_CELLS})", self.cols, self.rows));
+        }
+        Ok(())
+    }
+}
+
+/// A signal for the exec's processes (the payload of a [`FrameKind::Signal`] frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// The signal number, 1 to 64.
+    pub signal: i32,
+}
+
+impl SignalRequest {
+    /// Checks the number names a signal.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=64).contains(&self.signal) {
+            return Err(format!("signal {} is not a signal number (1 to 64)", self.signal));
+        }
+        Ok(())
+    }
 }
 
 fn yes() -> bool {
@@ -80,6 +132,7 @@ impl ExecRequest {
             user: None,
             timeout_ms: None,
             stdin: true,
+            tty: None,
         }
     }
 
@@ -110,6 +163,9 @@ impl ExecRequest {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
                 return Err(format!("invalid environment variable name or value: {k:?}"));
             }
+        }
+        if let Some(t) = &self.tty {
+            t.validate()?;
         }
         if let Some(cwd) = &self.cwd {
             if !cwd.starts_with('/') || cwd.contains('\0') {
@@ -154,6 +210,10 @@ pub enum FrameKind {
     Exit = 5,
     /// JSON [`crate::ErrorBody`]; last frame of a response body when the exec failed.
     Error = 6,
+    /// JSON [`TtySize`]: the terminal was resized (request body, tty execs only).
+    Resize = 7,
+    /// JSON [`SignalRequest`]: send a signal (request body).
+    Signal = 8,
 }
 
 impl FrameKind {
@@ -165,6 +225,8 @@ impl FrameKind {
             4 => FrameKind::Stderr,
             5 => FrameKind::Exit,
             6 => FrameKind::Error,
+            7 => FrameKind::Resize,
+            8 => FrameKind::Signal,
             _ => return None,
         })
     }
@@ -318,6 +380,20 @@ mod tests {
         let mut r = ExecRequest::shell("echo");
         r.env.insert("A=B".into(), "x".into());
         assert!(r.validate().is_err());
+        let mut r = ExecRequest::shell("echo");
+        r.tty = Some(TtySize { rows: 0, cols: 80 });
+        assert!(r.validate().is_err());
+        r.tty = Some(TtySize { rows: 24, cols: 80 });
+        assert!(r.validate().is_ok());
+        assert!(SignalRequest { signal: 0 }.validate().is_err());
+        assert!(SignalRequest { signal: 65 }.validate().is_err());
+        assert!(SignalRequest { signal: 2 }.validate().is_ok());
+    }
+
+    #[test]
+    fn requests_without_a_tty_serialize_as_before() {
+        let json = serde_json::to_string(&ExecRequest::shell("true")).unwrap();
+        assert!(!json.contains("tty"), "{json}");
     }
 
     #[test]

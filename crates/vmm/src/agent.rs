@@ -147,7 +147,27 @@ impl ExecStream {
         Ok(())
     }
 
-    /// Closes the process's stdin.
+    /// Resizes the exec's terminal (execs started with a `tty`; ignored otherwise).
+    pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let size = hearth_proto::exec::TtySize { rows, cols };
+        size.validate().map_err(AgentError::Protocol)?;
+        self.control(Frame::json(FrameKind::Resize, &size)).await
+    }
+
+    /// Sends a signal to the exec's processes: the terminal's foreground group for a `tty`
+    /// exec, the exec's process group otherwise.
+    pub async fn signal(&mut self, signal: i32) -> Result<(), AgentError> {
+        let sig = hearth_proto::exec::SignalRequest { signal };
+        sig.validate().map_err(AgentError::Protocol)?;
+        self.control(Frame::json(FrameKind::Signal, &sig)).await
+    }
+
+    async fn control(&mut self, frame: Frame) -> Result<(), AgentError> {
+        let tx = self.stdin.as_ref().ok_or_else(|| AgentError::Protocol("the exec's input is already closed".into()))?;
+        tx.send(frame.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))
+    }
+
+    /// Closes the process's stdin (and with it the way to send signals and resizes).
     pub fn close_stdin(&mut self) {
         self.stdin = None;
     }
