@@ -47,7 +47,14 @@ pub struct Claims {
     pub e: u64,
     /// Allowed port ranges (inclusive); empty means every port.
     pub p: Vec<(u16, u16)>,
+    /// What the token opens: absent for the endpoint, [`SHELL_SCOPE`] for the shell. A
+    /// token opens nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k: Option<String>,
 }
+
+/// The scope of shell tokens.
+pub const SHELL_SCOPE: &str = "shell";
 
 /// The token key.
 pub struct TokenKey(Vec<u8>);
@@ -124,19 +131,29 @@ fn denied(msg: &str) -> Response {
     ApiError::new(Kind::AccessDenied, msg).into_response()
 }
 
+/// The claims of the request's token, if it is genuine, unexpired, for microvm `id` and
+/// of `scope` (None: the endpoint; [`SHELL_SCOPE`]: the shell); else the refusal.
+pub fn authorize(svc: &Service, headers: &http::HeaderMap, id: &str, scope: Option<&str>) -> Result<Claims, Response> {
+    let operation = if scope.is_some() { "CreateMicrovmShellAuthToken" } else { "CreateMicrovmAuthToken" };
+    let Some(token) = headers.get(AUTH_HEADER).and_then(|v| v.to_str().ok()) else {
+        return Err(denied(&format!("missing X-aws-proxy-auth token ({operation})")));
+    };
+    let claims = svc.token_key.verify(token, crate::service::now() as u64).map_err(denied)?;
+    if claims.m != id {
+        return Err(denied("the token is for another microvm"));
+    }
+    if claims.k.as_deref() != scope {
+        return Err(denied(&format!("this token does not open this; use {operation}")));
+    }
+    Ok(claims)
+}
+
 /// Proxies one request for `/microvms/<id>/<rest>`.
 pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: String, rest: String) -> Response {
-    let now = crate::service::now() as u64;
-    let Some(token) = req.headers().get(AUTH_HEADER).and_then(|v| v.to_str().ok()) else {
-        return denied("missing X-aws-proxy-auth token (CreateMicrovmAuthToken)");
-    };
-    let claims = match svc.token_key.verify(token, now) {
+    let claims = match authorize(&svc, req.headers(), &id, None) {
         Ok(c) => c,
-        Err(why) => return denied(why),
+        Err(refused) => return refused,
     };
-    if claims.m != id {
-        return denied("the token is for another microvm");
-    }
     let port = match req.headers().get(PORT_HEADER).map(|v| v.to_str().ok().and_then(|s| s.parse::<u16>().ok()).filter(|p| *p > 0)) {
         None => DEFAULT_PORT,
         Some(Some(p)) => p,
@@ -246,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = TokenKey::load_or_create(dir.path()).unwrap();
         assert_eq!(TokenKey::load_or_create(dir.path()).unwrap().0, k.0, "the key persists");
-        let c = Claims { a: "111111111111".into(), m: "mvm-1".into(), e: 1000, p: vec![(8080, 8080)] };
+        let c = Claims { a: "111111111111".into(), m: "mvm-1".into(), e: 1000, p: vec![(8080, 8080)], k: None };
         let t = k.issue(&c);
         assert_eq!(k.verify(&t, 999).unwrap(), c);
         assert_eq!(k.verify(&t, 1000).unwrap_err(), "expired token");

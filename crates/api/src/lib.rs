@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod service;
+pub mod shell;
 pub mod sigv4;
 pub mod store;

@@ -6,7 +6,7 @@
 
 use crate::error::{ApiError, Kind};
 use crate::model::{model, MAX_BODY};
-use crate::service::{not_yet, Service};
+use crate::service::{unknown_operation, Service};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -54,6 +54,11 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         }
         ("GET", "/hearth/v1/openapi.json") => return json_response(200, &openapi()),
         _ => {}
+    }
+    // Shells: token-authenticated WebSockets to a terminal in the microvm.
+    if let Some(id) = path.strip_prefix("/shell/") {
+        let id = percent_encoding::percent_decode_str(id.trim_end_matches('/')).decode_utf8_lossy().into_owned();
+        return crate::shell::serve(svc, Request::from_parts(parts, body), id).await;
     }
     // Microvm endpoints: token-authenticated, proxied to the app.
     if let Some(rest) = path.strip_prefix("/microvms/") {
@@ -151,7 +156,8 @@ async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<Strin
         "ListTags" => svc.list_tags(account, input),
         "TagResource" => svc.tag(account, input),
         "UntagResource" => svc.untag(account, input),
-        other => Err(not_yet(other)),
+        "CreateMicrovmShellAuthToken" => svc.shell_token(account, input),
+        other => Err(unknown_operation(other)),
     }
 }
 
@@ -168,13 +174,7 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
             let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;
             let mut req = exec_request(&v)?;
             // The image's WORKDIR, ENV and USER apply unless the call says otherwise.
-            if let Some(c) = svc.image_config(account, id) {
-                req.cwd = req.cwd.or(Some(c.workdir));
-                for (k, x) in c.env {
-                    req.env.entry(k).or_insert(x);
-                }
-                req.user = req.user.or(c.user);
-            }
+            svc.apply_image_config(account, id, &mut req);
             let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
             if param("stream").as_deref() == Some("true") {
                 return stream_exec(svc.clone(), account.to_owned(), id.to_string(), req, stdin).await;

@@ -6,6 +6,7 @@
 //! sees the state the previous one left. The transitional state (SUSPENDING, TERMINATING…)
 //! is written before the action, the final one after it.
 
+use hearth_proto::exec::ExecRequest;
 use crate::error::{ApiError, Kind};
 use crate::store::{ImageRecord, MicrovmRecord, Store, VersionRecord};
 use hearth_vmm::{RestoreOptions, Snapshot, Vm, VmConfig};
@@ -127,6 +128,9 @@ pub struct Service {
 /// streams, so execs, files and hooks always have streams left).
 pub const MAX_INGRESS_CONNECTIONS: usize = 192;
 
+/// The ingress connector that enables shells (CreateMicrovmShellAuthToken).
+pub const SHELL_INGRESS: &str = "SHELL_INGRESS";
+
 fn s(v: &Value) -> Option<&str> {
     v.as_str()
 }
@@ -146,6 +150,25 @@ impl Service {
 
     /// CreateMicrovmAuthToken: a token for the microvm's endpoint.
     pub fn auth_token(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
+        let ports = crate::ingress::port_ranges(&input["allowedPorts"])?;
+        self.issue_token(account, input, ports, None)
+    }
+
+    /// CreateMicrovmShellAuthToken: a token for the microvm's shell (`/shell/<id>`), only
+    /// for microvms run with the `SHELL_INGRESS` connector, as the service requires.
+    pub fn shell_token(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
+        let m = self.load(account, s(&input["microvmIdentifier"]).unwrap_or_default())?;
+        let connectors = m.spec.get("ingressNetworkConnectors").and_then(Value::as_array);
+        if !connectors.into_iter().flatten().filter_map(Value::as_str).any(|c| c.contains(SHELL_INGRESS)) {
+            return Err(ApiError::validation(format!(
+                "microvm {} was not run with the {SHELL_INGRESS} ingress network connector; run it with ingressNetworkConnectors=[\"{SHELL_INGRESS}\"] for shells",
+                m.microvm_id
+            )));
+        }
+        self.issue_token(account, input, Vec::new(), Some(crate::ingress::SHELL_SCOPE.to_owned()))
+    }
+
+    fn issue_token(&self, account: &str, input: &Map<String, Value>, ports: Vec<(u16, u16)>, scope: Option<String>) -> Result<Value, ApiError> {
         let m = self.load(account, s(&input["microvmIdentifier"]).unwrap_or_default())?;
         if m.state == "TERMINATED" || m.state == "TERMINATING" {
             return Err(ApiError::conflict("Microvm", &m.microvm_id, format!("microvm {} is {}", m.microvm_id, m.state)));
@@ -154,13 +177,19 @@ impl Service {
         if minutes > crate::ingress::MAX_TOKEN_MINUTES {
             return Err(ApiError::validation(format!("expirationInMinutes is at most {}", crate::ingress::MAX_TOKEN_MINUTES)));
         }
-        let claims = crate::ingress::Claims {
-            a: account.to_owned(),
-            m: m.microvm_id.clone(),
-            e: now() as u64 + minutes * 60,
-            p: crate::ingress::port_ranges(&input["allowedPorts"])?,
-        };
+        let claims = crate::ingress::Claims { a: account.to_owned(), m: m.microvm_id.clone(), e: now() as u64 + minutes * 60, p: ports, k: scope };
         Ok(json!({ "authToken": { "X-aws-proxy-auth": self.token_key.issue(&claims) } }))
+    }
+
+    /// Applies the image's WORKDIR, ENV and USER to an exec where the caller left them out.
+    pub fn apply_image_config(&self, account: &str, ident: &str, req: &mut ExecRequest) {
+        if let Some(c) = self.image_config(account, ident) {
+            req.cwd = req.cwd.take().or(Some(c.workdir));
+            for (k, x) in c.env {
+                req.env.entry(k).or_insert(x);
+            }
+            req.user = req.user.take().or(c.user);
+        }
     }
 
     /// Microvm `ident` of `account` with its lock held, read again under the lock.
@@ -1162,9 +1191,9 @@ fn clock_ticks() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
-/// The error for operations Hearth does not serve yet.
-pub fn not_yet(op: &str) -> ApiError {
-    ApiError::new(Kind::Validation, format!("{op} is not supported by this Hearth server yet (interactive shells are not built yet)"))
+/// The error for operations Hearth does not know.
+pub fn unknown_operation(op: &str) -> ApiError {
+    ApiError::new(Kind::UnknownOperation, format!("{op} is not an operation of this Hearth server"))
 }
 
 #[cfg(test)]

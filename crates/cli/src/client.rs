@@ -1,4 +1,4 @@
-//! `hearth run|ls|get|exec|cp|suspend|resume|rm|images|usage`: the CLI as a client of a
+//! `hearth run|ls|get|exec|shell|cp|suspend|resume|rm|images|usage`: the CLI as a client of a
 //! running `hearth serve`, signing with SigV4 like the AWS SDKs. Tables for people,
 //! `--json` for scripts.
 
@@ -40,7 +40,7 @@ pub enum ClientCmd {
         /// Image name or ARN.
         image: String,
         /// Image version (default: the newest successful one).
-        #[arg(long)]
+        #[arg(long = "image-version", id = "image_version", value_name = "VERSION")]
         version: Option<String>,
         /// Suspend after this many idle seconds (≥ 60).
         #[arg(long)]
@@ -60,6 +60,9 @@ pub enum ClientCmd {
         /// Payload for the app's /run hook.
         #[arg(long)]
         payload: Option<String>,
+        /// Run without the SHELL_INGRESS connector: no `hearth shell` into it.
+        #[arg(long)]
+        no_shell: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -89,6 +92,18 @@ pub enum ClientCmd {
         conn: Conn,
         /// The command.
         #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
+    /// An interactive terminal in a microvm (needs SHELL_INGRESS, which `hearth run`
+    /// attaches). ^C, ^Z and window resizes reach the microvm; the exit code passes
+    /// through. With piped input, the input is typed in and followed by ^D.
+    Shell {
+        /// Microvm id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+        /// A command line to run instead of a login shell.
+        #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
     /// Copy a file into (`LOCAL ID:PATH`) or out of (`ID:PATH LOCAL`) a microvm.
@@ -181,7 +196,8 @@ pub enum ImagesCmd {
 }
 
 /// Percent-encodes a path segment or query value (unreserved characters stay).
-fn enc(s: &str) -> String {
+/// Percent-encodes a path segment or query value.
+pub(crate) fn enc(s: &str) -> String {
     const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
     percent_encoding::utf8_percent_encode(s, SET).to_string()
 }
@@ -215,7 +231,7 @@ async fn all_pages(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
 /// Runs a client command; returns the exit code.
 pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
     match cmd {
-        ClientCmd::Run { image, version, idle_suspend, suspended_for, auto_resume, max_duration, internet, payload, conn } => {
+        ClientCmd::Run { image, version, idle_suspend, suspended_for, auto_resume, max_duration, internet, payload, no_shell, conn } => {
             let mut body = json!({ "imageIdentifier": image });
             if let Some(v) = version {
                 body["imageVersion"] = v.into();
@@ -231,6 +247,9 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             }
             if let Some(p) = payload {
                 body["runHookPayload"] = p.into();
+            }
+            if !no_shell {
+                body["ingressNetworkConnectors"] = json!([hearth_api::service::SHELL_INGRESS]);
             }
             let v = conn.client()?.call(http::Method::POST, "/2025-09-09/microvms", Some(&body)).await?;
             print(&conn, &v, |v| {
@@ -255,7 +274,7 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
         ClientCmd::Get { id, conn } => {
             let v = conn.client()?.call(http::Method::GET, &format!("/2025-09-09/microvms/{}", enc(&id)), None).await?;
             print(&conn, &v, |v| {
-                for k in ["microvmId", "state", "stateReason", "imageArn", "imageVersion", "maximumDurationInSeconds", "idlePolicy", "egressNetworkConnectors"] {
+                for k in ["microvmId", "state", "stateReason", "imageArn", "imageVersion", "maximumDurationInSeconds", "idlePolicy", "ingressNetworkConnectors", "egressNetworkConnectors"] {
                     if !v[k].is_null() {
                         println!("{k:<26} {}", v[k].as_str().map_or_else(|| v[k].to_string(), str::to_owned));
                     }
@@ -296,6 +315,10 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
                 anyhow::bail!("exec failed: {e}");
             }
             Ok(code)
+        }
+        ClientCmd::Shell { id, conn, command } => {
+            let command = (!command.is_empty()).then(|| command.join(" "));
+            crate::shell::run(&conn.client()?, &conn.endpoint, &id, command).await
         }
         ClientCmd::Cp { from, to, conn } => {
             let c = conn.client()?;

@@ -10,6 +10,7 @@ mod serve;
 mod imagecmd;
 mod report;
 mod setup;
+mod shell;
 mod snapcmd;
 mod vmargs;
 mod vmrun;
@@ -157,4 +158,13 @@ fn accel(json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        // clap checks names, flags and groups only when a command is built; this builds all.
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -1,0 +1,234 @@
+//! Shells: `GET <daemon>/shell/<microvm id>`, a WebSocket to a terminal in the microvm.
+//!
+//! The request needs a token from CreateMicrovmShellAuthToken in `X-aws-proxy-auth`
+//! (endpoint tokens do not open shells, nor shell tokens the endpoint), and the microvm must
+//! have been run with the `SHELL_INGRESS` connector. Query parameters: `rows` and `cols`
+//! (the terminal's size, 24×80 by default) and `command` (a shell command line to run
+//! instead of a login shell). A SUSPENDED microvm whose idle policy allows it is resumed
+//! first; an open shell counts as activity.
+//!
+//! Messages, both ways:
+//!
+//! | direction | kind   | content                                                        |
+//! |-----------|--------|----------------------------------------------------------------|
+//! | client→   | binary | terminal input (keys, pasted text), bytes as typed              |
+//! | client→   | text   | `{"resize":{"rows":R,"cols":C}}` or `{"signal":"INT"}` (a name or number) |
+//! | →client   | binary | terminal output, bytes as the programs wrote them (UTF-8 is passed through, never re-encoded) |
+//! | →client   | text   | `{"exit":{"code":C,"signal":S}}` when the shell ends, then a close; `{"error":"…"}` for a refused control message or a failure |
+//!
+//! Closing the WebSocket hangs up the terminal: every process of the shell's session is
+//! killed.
+
+use crate::error::{ApiError, Kind};
+use crate::ingress::{authorize, SHELL_SCOPE};
+use crate::service::Service;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use hearth_proto::exec::{ExecRequest, TtySize};
+use hearth_vmm::agent::{ExecEvent, ExecStream};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+/// Largest WebSocket message a client may send.
+pub const MAX_MESSAGE: usize = 1 << 20;
+/// Longest `command` a shell request may carry.
+pub const MAX_COMMAND: usize = 64 << 10;
+/// What runs when the request names no command: the guest's bash, else its sh, as a
+/// login shell.
+const LOGIN_SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash -l; fi; exec sh -l";
+
+/// A control message from the client.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum Control {
+    Resize { rows: u16, cols: u16 },
+    Signal(SignalName),
+}
+
+/// A signal by name (`INT`, `SIGINT`) or number.
+#[derive(Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+enum SignalName {
+    Number(i32),
+    Name(String),
+}
+
+impl SignalName {
+    fn number(&self) -> Option<i32> {
+        match self {
+            SignalName::Number(n) => Some(*n).filter(|n| (1..=64).contains(n)),
+            SignalName::Name(name) => {
+                let name = name.strip_prefix("SIG").unwrap_or(name);
+                Some(match name {
+                    "HUP" => libc::SIGHUP,
+                    "INT" => libc::SIGINT,
+                    "QUIT" => libc::SIGQUIT,
+                    "KILL" => libc::SIGKILL,
+                    "USR1" => libc::SIGUSR1,
+                    "USR2" => libc::SIGUSR2,
+                    "TERM" => libc::SIGTERM,
+                    "CONT" => libc::SIGCONT,
+                    "STOP" => libc::SIGSTOP,
+                    "TSTP" => libc::SIGTSTP,
+                    "WINCH" => libc::SIGWINCH,
+                    _ => return None,
+                })
+            }
+        }
+    }
+}
+
+/// The query of a shell request.
+#[derive(Debug, PartialEq, Eq)]
+struct ShellQuery {
+    size: TtySize,
+    command: Option<String>,
+}
+
+fn parse_query(query: Option<&str>) -> Result<ShellQuery, ApiError> {
+    let mut q = ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None };
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8().map_err(|_| ApiError::validation(format!("{k} is not UTF-8")))?.into_owned();
+        let cells = |v: &str| v.parse::<u16>().map_err(|_| ApiError::validation(format!("{k} must be a number of character cells, got {v:?}")));
+        match k {
+            "rows" => q.size.rows = cells(&v)?,
+            "cols" => q.size.cols = cells(&v)?,
+            "command" if v.len() > MAX_COMMAND => return Err(ApiError::validation(format!("command is over {MAX_COMMAND} bytes"))),
+            "command" => q.command = Some(v),
+            other => return Err(ApiError::validation(format!("unknown shell parameter {other:?} (rows, cols, command)"))),
+        }
+    }
+    q.size.validate().map_err(ApiError::validation)?;
+    Ok(q)
+}
+
+/// Serves one shell request.
+pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -> Response {
+    let claims = match authorize(&svc, req.headers(), &id, Some(SHELL_SCOPE)) {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let query = match parse_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let (mut parts, _body) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(r) => return r.into_response(),
+    };
+    // A shell holds one of the microvm's connection permits, like an endpoint connection.
+    let Ok(permit) = svc.ingress_permit(&id) else {
+        return ApiError::new(Kind::Quota, "too many concurrent connections to this microvm").into_response();
+    };
+    let vm = match svc.vm_handle(&claims.a, &id).await {
+        Ok(vm) => vm,
+        Err(e) => return e.into_response(),
+    };
+    let mut exec = ExecRequest::shell(query.command.unwrap_or_else(|| LOGIN_SHELL.to_owned()));
+    exec.tty = Some(query.size);
+    svc.apply_image_config(&claims.a, &id, &mut exec);
+    let stream = match vm.exec_stream(&exec).await {
+        Ok(s) => s,
+        Err(e) => return ApiError::new(Kind::Conflict, format!("cannot start a shell in microvm {id}: {e}")).into_response(),
+    };
+    tracing::info!(microvm = %id, account = %claims.a, "shell opened");
+    ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(move |socket| async move {
+        // The permit and the VM handle live as long as the shell.
+        let _held = (permit, vm);
+        relay(socket, stream).await;
+        tracing::info!(microvm = %id, "shell closed");
+    })
+}
+
+/// Moves bytes and control messages between the WebSocket and the exec until either ends.
+async fn relay(mut socket: WebSocket, mut stream: ExecStream) {
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(data))) => {
+                    if stream.write_stdin(data).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => {
+                    if let Err(why) = apply(&mut stream, text.as_str()).await {
+                        if socket.send(Message::Text(json!({ "error": why }).to_string().into())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+                // The client is gone: dropping the exec hangs up the terminal.
+                Some(Err(_)) | None => return,
+            },
+            event = stream.next_event() => match event {
+                Ok(Some(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))) => {
+                    if socket.send(Message::Binary(b)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(ExecEvent::Exit(x))) => {
+                    let _ = socket.send(Message::Text(json!({ "exit": { "code": x.code, "signal": x.signal } }).to_string().into())).await;
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "shell exited".into() }))).await;
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = socket.send(Message::Text(json!({ "error": format!("the shell broke off: {e}") }).to_string().into())).await;
+                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1011, reason: "shell broke off".into() }))).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Applies one control message.
+async fn apply(stream: &mut ExecStream, text: &str) -> Result<(), String> {
+    let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}} or {{\"signal\":\"INT\"}})"))?;
+    match control {
+        Control::Resize { rows, cols } => stream.resize(rows, cols).await.map_err(|e| e.to_string()),
+        Control::Signal(s) => {
+            let n = s.number().ok_or_else(|| format!("unknown signal {s:?}"))?;
+            stream.signal(n).await.map_err(|e| e.to_string())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages() {
+        assert_eq!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5,"cols":9}}"#).unwrap(), Control::Resize { rows: 5, cols: 9 });
+        let sig = |t: &str| serde_json::from_str::<Control>(t).ok().and_then(|c| match c {
+            Control::Signal(s) => s.number(),
+            _ => None,
+        });
+        assert_eq!(sig(r#"{"signal":"INT"}"#), Some(libc::SIGINT));
+        assert_eq!(sig(r#"{"signal":"SIGTERM"}"#), Some(libc::SIGTERM));
+        assert_eq!(sig(r#"{"signal":9}"#), Some(9));
+        assert_eq!(sig(r#"{"signal":0}"#), None);
+        assert_eq!(sig(r#"{"signal":"BOGUS"}"#), None);
+        assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5}}"#).is_err());
+        assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5,"cols":9},"x":1}"#).is_err());
+        assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":-1,"cols":9}}"#).is_err());
+    }
+
+    #[test]
+    fn queries() {
+        assert_eq!(parse_query(None).unwrap(), ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None });
+        let q = parse_query(Some("rows=50&cols=132&command=ls%20-l+%2Ftmp")).unwrap();
+        assert_eq!(q, ShellQuery { size: TtySize { rows: 50, cols: 132 }, command: Some("ls -l /tmp".into()) });
+        assert!(parse_query(Some("rows=0")).is_err());
+        assert!(parse_query(Some("cols=99999")).is_err());
+        assert!(parse_query(Some("rows=abc")).is_err());
+        assert!(parse_query(Some("user=root")).is_err());
+        assert!(parse_query(Some(&format!("command={}", "x".repeat(MAX_COMMAND + 1)))).is_err());
+    }
+}
