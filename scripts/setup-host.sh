@@ -27,6 +27,7 @@ all_ok() {
         && command -v cpio >/dev/null && command -v xz >/dev/null \
         && command -v python3 >/dev/null \
         && command -v nft >/dev/null && command -v ip >/dev/null \
+        && command -v curl >/dev/null \
         && python3 -c 'import ensurepip' 2>/dev/null
 }
 
@@ -74,7 +75,7 @@ apt-get update -qq
 if ! all_ok; then
     apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
     apt-get install -y -qq e2fsprogs busybox-static mmdebstrap cpio xz-utils zstd python3 \
-        python3-venv iproute2 nftables procps >/dev/null
+        python3-venv iproute2 nftables procps curl >/dev/null
 fi
 qemu_ok || { echo "QEMU 10 did not install" >&2; exit 1; }
 # The guest kernel is fetched later with `apt-get download` from bookworm-backports.

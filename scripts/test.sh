@@ -9,10 +9,10 @@ cd "$(dirname "$0")/.."
 export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
 
 ./scripts/setup.sh --debian
-# The API tests drive `hearth serve` with boto3 and the AWS CLI, from PyPI.
-if ! target/pyenv/bin/python -c 'import boto3, awscli; assert boto3.__version__ == "1.44.8"' 2>/dev/null; then
+# The API tests drive `hearth serve` with boto3, the AWS CLI and websocket-client, from PyPI.
+if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket; assert boto3.__version__ == "1.44.8"' 2>/dev/null; then
     python3 -m venv target/pyenv
-    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3
+    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0
 fi
 
 status=0

@@ -376,6 +376,20 @@ async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decod
     }
 }
 
+/// Kills every process of session `sid` (found through /proc: a session has no handle).
+fn kill_session(sid: i32) {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // Fields after the command name, which may hold spaces: state ppid pgrp session.
+        let session = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(3)?.parse::<i32>().ok());
+        if session == Some(sid) {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Aborts a task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -387,6 +401,15 @@ impl Drop for AbortOnDrop {
 
 async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder: FrameDecoder, tx: Tx) {
     let group = Pid::from_raw(r.pid);
+    let tty = matches!(r.output, Output::Pty(_));
+    // A terminal's session may hold jobs in process groups of their own (job control):
+    // ending the exec ends them all.
+    let kill_all = move || {
+        let _ = killpg(group, Signal::SIGKILL);
+        if tty {
+            kill_session(r.pid);
+        }
+    };
     let stdin_task = tokio::spawn(control(r.stdin, group, body, decoder));
     let (out_state, err_state) = (Arc::new(PumpState::default()), Arc::new(PumpState::default()));
     let pipe = |fd: OwnedFd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).map(Source::Pipe);
@@ -412,12 +435,12 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
         e = &mut exit_rx => e.ok(),
         _ = timeout => {
             timed_out = true;
-            let _ = killpg(group, Signal::SIGKILL);
+            kill_all();
             exit_rx.await.ok()
         }
         _ = tx.closed() => {
             // The host abandoned the exec: nobody can read its output any more.
-            let _ = killpg(group, Signal::SIGKILL);
+            kill_all();
             stdin_task.abort();
             out.abort();
             err.abort();
@@ -425,7 +448,7 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
         }
     };
     if timed_out {
-        let _ = killpg(group, Signal::SIGKILL);
+        kill_all();
     }
     stdin_task.abort();
     // Drain: wait for both pipes to close, but not for one that has been silent (while

@@ -148,6 +148,13 @@ pub fn authorize(svc: &Service, headers: &http::HeaderMap, id: &str, scope: Opti
     Ok(claims)
 }
 
+/// The answer when a microvm already has [`crate::service::MAX_INGRESS_CONNECTIONS`]
+/// connections: 429 with `Retry-After`, as HTTP clients and load balancers expect.
+pub fn too_busy() -> Response {
+    let body = serde_json::json!({ "message": format!("too many concurrent connections to this microvm (at most {})", crate::service::MAX_INGRESS_CONNECTIONS) });
+    (http::StatusCode::TOO_MANY_REQUESTS, [(http::header::RETRY_AFTER, "1"), (http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
 /// Proxies one request for `/microvms/<id>/<rest>`.
 pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: String, rest: String) -> Response {
     let claims = match authorize(&svc, req.headers(), &id, None) {
@@ -166,7 +173,7 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     // live as long as the connection (its body or its upgraded stream), so open
     // connections count as activity and keep the bound.
     let Ok(permit) = svc.ingress_permit(&id) else {
-        return ApiError::new(Kind::Quota, "too many concurrent connections to this microvm").into_response();
+        return too_busy();
     };
     let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let vm = svc.vm_handle(&claims.a, &id).await.map_err(IntoResponse::into_response)?;
@@ -190,6 +197,12 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     let upgrade = req.headers().contains_key(http::header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // HTTP/2 requests carry the host in the URI's authority; HTTP/1.1 needs the header.
+    if !parts.headers.contains_key(http::header::HOST) {
+        if let Some(v) = parts.uri.authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()) {
+            parts.headers.insert(http::header::HOST, v);
+        }
+    }
     parts.headers.remove(AUTH_HEADER);
     parts.headers.remove(PORT_HEADER);
     strip_hop_by_hop(&mut parts.headers, upgrade);

@@ -387,6 +387,22 @@ pub fn openapi() -> Value {
     })
 }
 
+/// Raises the soft limit on open files to the hard one: every client connection is a
+/// descriptor, and the default soft limit (often 1024) is below what one busy microvm's
+/// endpoint may see (each microvm takes [`crate::service::MAX_INGRESS_CONNECTIONS`]).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit through valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+}
+
 /// Where the daemon listens and keeps its state.
 pub struct ServeConfig {
     /// Listen address.
@@ -428,6 +444,7 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
         None
     };
     let token_key = crate::ingress::TokenKey::load_or_create(&dir).map_err(|e| format!("token key: {e}"))?;
+    raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);

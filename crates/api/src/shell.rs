@@ -3,8 +3,9 @@
 //! The request needs a token from CreateMicrovmShellAuthToken in `X-aws-proxy-auth`
 //! (endpoint tokens do not open shells, nor shell tokens the endpoint), and the microvm must
 //! have been run with the `SHELL_INGRESS` connector. Query parameters: `rows` and `cols`
-//! (the terminal's size, 24×80 by default) and `command` (a shell command line to run
-//! instead of a login shell). A SUSPENDED microvm whose idle policy allows it is resumed
+//! (the terminal's size, 24×80 by default), `command` (a shell command line to run
+//! instead of a login shell) and `tty=false` (no terminal: plain pipes, for scripted input,
+//! like `ssh -T`). A SUSPENDED microvm whose idle policy allows it is resumed
 //! first; an open shell counts as activity.
 //!
 //! Messages, both ways:
@@ -12,8 +13,8 @@
 //! | direction | kind   | content                                                        |
 //! |-----------|--------|----------------------------------------------------------------|
 //! | client→   | binary | terminal input (keys, pasted text), bytes as typed              |
-//! | client→   | text   | `{"resize":{"rows":R,"cols":C}}` or `{"signal":"INT"}` (a name or number) |
-//! | →client   | binary | terminal output, bytes as the programs wrote them (UTF-8 is passed through, never re-encoded) |
+//! | client→   | text   | `{"resize":{"rows":R,"cols":C}}`, `{"signal":"INT"}` (a name or number), or `{"eof":true}` (end of input: closes stdin without a terminal, types ^D on one) |
+//! | →client   | binary | terminal output, bytes as the programs wrote them (UTF-8 is passed through, never re-encoded); without a terminal, stdout and stderr both |
 //! | →client   | text   | `{"exit":{"code":C,"signal":S}}` when the shell ends, then a close; `{"error":"…"}` for a refused control message or a failure |
 //!
 //! Closing the WebSocket hangs up the terminal: every process of the shell's session is
@@ -45,6 +46,7 @@ const LOGIN_SHELL: &str = "if command -v bash >/dev/null 2>&1; then exec bash -l
 enum Control {
     Resize { rows: u16, cols: u16 },
     Signal(SignalName),
+    Eof(bool),
 }
 
 /// A signal by name (`INT`, `SIGINT`) or number.
@@ -85,10 +87,11 @@ impl SignalName {
 struct ShellQuery {
     size: TtySize,
     command: Option<String>,
+    tty: bool,
 }
 
 fn parse_query(query: Option<&str>) -> Result<ShellQuery, ApiError> {
-    let mut q = ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None };
+    let mut q = ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None, tty: true };
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8().map_err(|_| ApiError::validation(format!("{k} is not UTF-8")))?.into_owned();
@@ -98,7 +101,8 @@ fn parse_query(query: Option<&str>) -> Result<ShellQuery, ApiError> {
             "cols" => q.size.cols = cells(&v)?,
             "command" if v.len() > MAX_COMMAND => return Err(ApiError::validation(format!("command is over {MAX_COMMAND} bytes"))),
             "command" => q.command = Some(v),
-            other => return Err(ApiError::validation(format!("unknown shell parameter {other:?} (rows, cols, command)"))),
+            "tty" => q.tty = v.parse().map_err(|_| ApiError::validation(format!("tty must be true or false, got {v:?}")))?,
+            other => return Err(ApiError::validation(format!("unknown shell parameter {other:?} (rows, cols, command, tty)"))),
         }
     }
     q.size.validate().map_err(ApiError::validation)?;
@@ -122,14 +126,14 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
     };
     // A shell holds one of the microvm's connection permits, like an endpoint connection.
     let Ok(permit) = svc.ingress_permit(&id) else {
-        return ApiError::new(Kind::Quota, "too many concurrent connections to this microvm").into_response();
+        return crate::ingress::too_busy();
     };
     let vm = match svc.vm_handle(&claims.a, &id).await {
         Ok(vm) => vm,
         Err(e) => return e.into_response(),
     };
     let mut exec = ExecRequest::shell(query.command.unwrap_or_else(|| LOGIN_SHELL.to_owned()));
-    exec.tty = Some(query.size);
+    exec.tty = query.tty.then_some(query.size);
     svc.apply_image_config(&claims.a, &id, &mut exec);
     let stream = match vm.exec_stream(&exec).await {
         Ok(s) => s,
@@ -139,13 +143,13 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
     ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(move |socket| async move {
         // The permit and the VM handle live as long as the shell.
         let _held = (permit, vm);
-        relay(socket, stream).await;
+        relay(socket, stream, query.tty).await;
         tracing::info!(microvm = %id, "shell closed");
     })
 }
 
 /// Moves bytes and control messages between the WebSocket and the exec until either ends.
-async fn relay(mut socket: WebSocket, mut stream: ExecStream) {
+async fn relay(mut socket: WebSocket, mut stream: ExecStream, tty: bool) {
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
@@ -155,7 +159,7 @@ async fn relay(mut socket: WebSocket, mut stream: ExecStream) {
                     }
                 }
                 Some(Ok(Message::Text(text))) => {
-                    if let Err(why) = apply(&mut stream, text.as_str()).await {
+                    if let Err(why) = apply(&mut stream, tty, text.as_str()).await {
                         if socket.send(Message::Text(json!({ "error": why }).to_string().into())).await.is_err() {
                             return;
                         }
@@ -188,9 +192,16 @@ async fn relay(mut socket: WebSocket, mut stream: ExecStream) {
 }
 
 /// Applies one control message.
-async fn apply(stream: &mut ExecStream, text: &str) -> Result<(), String> {
-    let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}} or {{\"signal\":\"INT\"}})"))?;
+async fn apply(stream: &mut ExecStream, tty: bool, text: &str) -> Result<(), String> {
+    let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}}, {{\"signal\":\"INT\"}} or {{\"eof\":true}})"))?;
     match control {
+        Control::Eof(false) => Ok(()),
+        // A terminal has no end of input, only the key that asks for one.
+        Control::Eof(true) if tty => stream.write_stdin(bytes::Bytes::from_static(b"\x04")).await.map_err(|e| e.to_string()),
+        Control::Eof(true) => {
+            stream.close_stdin();
+            Ok(())
+        }
         Control::Resize { rows, cols } => stream.resize(rows, cols).await.map_err(|e| e.to_string()),
         Control::Signal(s) => {
             let n = s.number().ok_or_else(|| format!("unknown signal {s:?}"))?;
@@ -218,13 +229,15 @@ mod tests {
         assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5}}"#).is_err());
         assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5,"cols":9},"x":1}"#).is_err());
         assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":-1,"cols":9}}"#).is_err());
+        assert_eq!(serde_json::from_str::<Control>(r#"{"eof":true}"#).unwrap(), Control::Eof(true));
     }
 
     #[test]
     fn queries() {
-        assert_eq!(parse_query(None).unwrap(), ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None });
-        let q = parse_query(Some("rows=50&cols=132&command=ls%20-l+%2Ftmp")).unwrap();
-        assert_eq!(q, ShellQuery { size: TtySize { rows: 50, cols: 132 }, command: Some("ls -l /tmp".into()) });
+        assert_eq!(parse_query(None).unwrap(), ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None, tty: true });
+        let q = parse_query(Some("rows=50&cols=132&command=ls%20-l+%2Ftmp&tty=false")).unwrap();
+        assert_eq!(q, ShellQuery { size: TtySize { rows: 50, cols: 132 }, command: Some("ls -l /tmp".into()), tty: false });
+        assert!(parse_query(Some("tty=maybe")).is_err());
         assert!(parse_query(Some("rows=0")).is_err());
         assert!(parse_query(Some("cols=99999")).is_err());
         assert!(parse_query(Some("rows=abc")).is_err());

@@ -96,10 +96,13 @@ pub enum ClientCmd {
     },
     /// An interactive terminal in a microvm (needs SHELL_INGRESS, which `hearth run`
     /// attaches). ^C, ^Z and window resizes reach the microvm; the exit code passes
-    /// through. With piped input, the input is typed in and followed by ^D.
+    /// through. With piped input there is no terminal (like `ssh -T`) unless --tty.
     Shell {
         /// Microvm id.
         id: String,
+        /// A terminal even when stdin is not one.
+        #[arg(long, short = 't')]
+        tty: bool,
         #[command(flatten)]
         conn: Conn,
         /// A command line to run instead of a login shell.
@@ -316,9 +319,9 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             }
             Ok(code)
         }
-        ClientCmd::Shell { id, conn, command } => {
+        ClientCmd::Shell { id, tty, conn, command } => {
             let command = (!command.is_empty()).then(|| command.join(" "));
-            crate::shell::run(&conn.client()?, &conn.endpoint, &id, command).await
+            crate::shell::run(&conn.client()?, &conn.endpoint, &id, command, tty).await
         }
         ClientCmd::Cp { from, to, conn } => {
             let c = conn.client()?;

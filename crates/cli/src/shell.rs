@@ -3,9 +3,10 @@
 //!
 //! On a terminal, the local one is switched to raw mode for the session (restored on
 //! every exit path, panics included) so keys such as ^C and ^Z reach the remote terminal,
-//! and window size changes (SIGWINCH) are forwarded. With input from a pipe, the input is
-//! sent as typed text followed by ^D, so `echo 'make test' | hearth shell ID` works in
-//! scripts. The remote command's exit code becomes ours (128 + signal when killed).
+//! and window size changes (SIGWINCH) are forwarded. With input from a pipe or file there
+//! is no terminal (like `ssh -T`): the input goes to the shell's stdin and its end closes
+//! it, so `echo 'make test' | hearth shell ID` works in scripts (`--tty` forces one).
+//! The remote command's exit code becomes ours (128 + signal when killed).
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
@@ -47,7 +48,7 @@ fn term_size() -> Option<(u16, u16)> {
 }
 
 /// Opens a shell in microvm `id` and relays the terminal until it ends; returns the exit code.
-pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<String>) -> anyhow::Result<i32> {
+pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<String>, force_tty: bool) -> anyhow::Result<i32> {
     let v = client
         .call(http::Method::POST, &format!("/2025-09-09/microvms/{}/shell-auth-token", enc(id)), Some(&json!({ "expirationInMinutes": 5 })))
         .await?;
@@ -57,7 +58,8 @@ pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<Stri
     let (rows, cols) = term_size().unwrap_or((24, 80));
     let base = endpoint.trim_end_matches('/');
     let ws_base = if let Some(rest) = base.strip_prefix("https://") { format!("wss://{rest}") } else { format!("ws://{}", base.strip_prefix("http://").unwrap_or(base)) };
-    let mut url = format!("{ws_base}/shell/{}?rows={rows}&cols={cols}", enc(id));
+    let tty = interactive || force_tty;
+    let mut url = format!("{ws_base}/shell/{}?rows={rows}&cols={cols}&tty={tty}", enc(id));
     if let Some(c) = command {
         url.push_str(&format!("&command={}", enc(&c)));
     }
@@ -102,10 +104,7 @@ pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<Stri
                 Some(d) => tx.send(Message::Binary(d.into())).await.context("sending input")?,
                 None => {
                     input_open = false;
-                    // End of piped input: ^D, so a shell at its prompt exits.
-                    if !interactive {
-                        tx.send(Message::Binary(vec![4u8].into())).await.context("sending input")?;
-                    }
+                    tx.send(Message::Text(json!({ "eof": true }).to_string().into())).await.context("sending the end of input")?;
                 }
             },
             _ = winch.recv() => {

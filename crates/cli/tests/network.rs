@@ -43,6 +43,8 @@ impl Peer {
              u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('{PEER_IP}', {UDP_PORT}))\n\
              def udp():\n    while True:\n        d, a = u.recvfrom(100)\n        open('{}', 'a').write('got\\n')\n\
              threading.Thread(target=udp, daemon=True).start()\n\
+             {DNS_SERVER}\
+             threading.Thread(target=dns, daemon=True).start()\n\
              print('ready', flush=True)\n\
              while True:\n    c, a = t.accept(); c.sendall(b'peer-ok'); c.close()\n",
             udp_log.display()
@@ -64,11 +66,27 @@ impl Drop for Peer {
     }
 }
 
+/// A DNS server for the test host: every A query is answered with the test host's
+/// address, anything else with no records.
+const DNS_SERVER: &str = "
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); d.bind(('198.51.100.1', 53))
+def dns():
+    while True:
+        q, a = d.recvfrom(512)
+        i = 12
+        while q[i]:
+            i += q[i] + 1
+        ans = b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton('198.51.100.1') if q[i + 1:i + 3] == b'\\x00\\x01' else b''
+        d.sendto(q[:2] + b'\\x81\\x80' + q[4:6] + (b'\\x00\\x01' if ans else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i + 5] + ans, a)
+";
+
 const PROBE: &str = r#"
 import socket, sys
 kind, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 try:
-    if kind == 'tcp':
+    if kind == 'dns':
+        print(socket.gethostbyname(host))
+    elif kind == 'tcp':
         s = socket.create_connection((host, port), timeout=3)
         print(s.recv(100).decode() or 'connected')
     else:
@@ -101,12 +119,20 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     let host_listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
 
+    // Guests' DNS goes to the test host's server (set before any VM of this test starts;
+    // the other tests here do not resolve names).
+    std::env::set_var(hearth_vmm::net::DNS_ENV, PEER_IP);
     let mut cfg = common::config(hearth_image::base::Base::DebianBookworm);
     cfg.network = Some(Egress::internet());
     let vm = Vm::boot(cfg).await.unwrap();
     assert!(vm.netns().is_some());
 
     assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok", "internet egress cannot reach the test host");
+    // DNS works although UDP is closed: names resolve, and connections by name go out.
+    assert_eq!(probe(&vm, "dns", "peer.hearth.test", 0).await, PEER_IP, "DNS does not resolve");
+    assert_eq!(probe(&vm, "tcp", "peer.hearth.test", TCP_PORT).await, "peer-ok");
+    // Link-local metadata addresses (where clouds serve instance credentials) are closed.
+    assert!(probe(&vm, "tcp", "169.254.169.254", 80).await.starts_with("fail"), "the guest reached a metadata address");
     // The host and the VM's own gateway are closed whatever the policy.
     assert!(probe(&vm, "tcp", &host_ip(), host_port).await.starts_with("fail"), "the guest reached a host service");
     // The host's address on the test host's link is public-range, so only the host's own

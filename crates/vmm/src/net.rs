@@ -266,9 +266,20 @@ fn tool_in_ns(what: &str, ns: &Path, cmd: &mut Command, stdin: Option<&str>) -> 
     r
 }
 
-/// The host's first IPv4 resolver that a namespace can reach (not loopback): from
-/// `/etc/resolv.conf`, else systemd-resolved's upstream list (its stub is loopback).
+/// The environment variable naming the DNS server microVMs' queries go to (an IPv4
+/// address), instead of the host's own resolver.
+pub const DNS_ENV: &str = "HEARTH_DNS";
+
+/// Where guests' DNS queries go: [`DNS_ENV`] if set, else the host's first IPv4 resolver
+/// that a namespace can reach (not loopback): from `/etc/resolv.conf`, else
+/// systemd-resolved's upstream list (its stub is loopback).
 fn host_resolver() -> Option<Ipv4Addr> {
+    if let Ok(v) = std::env::var(DNS_ENV) {
+        match v.trim().parse::<Ipv4Addr>() {
+            Ok(a) if !a.is_loopback() && !a.is_unspecified() => return Some(a),
+            _ => tracing::warn!("{DNS_ENV}={v:?} is not a usable IPv4 address (not loopback); using the host's resolver"),
+        }
+    }
     let found = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"].iter().find_map(|f| {
         let text = std::fs::read_to_string(f).ok()?;
         text.lines()
