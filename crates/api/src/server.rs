@@ -468,6 +468,11 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
             policy_svc.enforce_policies().await;
         }
     });
+    // No Nagle: proxied responses are written as headers, then body chunks as the app sends
+    // them; with Nagle on, a client's delayed ACK stalls each small response by ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
     let _ = stop_tx.send(true);
     let _ = policy.await;

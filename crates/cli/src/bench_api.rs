@@ -1,6 +1,8 @@
 //! `hearth bench-api`: the control plane measured through its HTTP API, in one run:
 //! RunMicrovm → RUNNING and → first exec result (via the exec extension), against a cold
-//! boot of the same root filesystem; ListMicrovms latency with 1,000 microvms in the store.
+//! boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
+//! first request to a suspended microvm); shells (open → first output, keystroke echo);
+//! ListMicrovms latency with 1,000 microvms in the store.
 //!
 //! A daemon is started in this process on a loopback port with a scratch state directory;
 //! the image is a busybox httpd app built through CreateMicrovmImage.
@@ -122,7 +124,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         .call(
             http::Method::POST,
             "/2025-09-09/microvms",
-            Some(&json!({ "imageIdentifier": "bench", "idlePolicy": { "maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600, "autoResumeEnabled": true } })),
+            Some(&json!({ "imageIdentifier": "bench", "ingressNetworkConnectors": ["SHELL_INGRESS"], "idlePolicy": { "maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600, "autoResumeEnabled": true } })),
         )
         .await?;
     let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
@@ -174,6 +176,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         get(web.clone(), url.clone(), tok.clone()).await?;
         resume_first.push(ms(t.elapsed()));
     }
+    eprintln!("shells: open → first output, keystroke echo");
+    let (shell_open, keystroke) = bench_shell(&c, &addr.to_string(), &id).await?;
     c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
 
     eprintln!("cold boots ×{} (baseline)", a.runs.min(5));
@@ -245,6 +249,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
             Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },
             Row { name: "GET from inside the VM (busybox wget, per request)".into(), samples: vec![inside], unit: "ms" },
             Row { name: "first GET to a SUSPENDED microvm (auto-resume)".into(), samples: resume_first, unit: "ms" },
+            Row { name: "shell: token + WebSocket → first terminal output".into(), samples: shell_open, unit: "ms" },
+            Row { name: "shell: keystroke → its echo (WebSocket, agent, PTY)".into(), samples: keystroke, unit: "ms" },
             Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
             Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
         ],
@@ -252,4 +258,46 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string() }),
     );
     Ok(())
+}
+
+/// Opens shells into microvm `id`: time to the first terminal output (5 times), and
+/// keystroke-to-echo round trips (50) in the first.
+async fn bench_shell(c: &Client, addr: &str, id: &str) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+    let (mut open, mut keys) = (Vec::new(), Vec::new());
+    for i in 0..5 {
+        let t = Instant::now();
+        let v = c.call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/shell-auth-token"), Some(&json!({ "expirationInMinutes": 5 }))).await?;
+        let mut req = format!("ws://{addr}/shell/{id}").into_client_request()?;
+        req.headers_mut().insert("x-aws-proxy-auth", v["authToken"]["X-aws-proxy-auth"].as_str().unwrap_or_default().parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        // Waits for a binary message (containing `want`, if given).
+        async fn output<S>(ws: &mut S, want: Option<u8>) -> anyhow::Result<()>
+        where
+            S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+        {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) if want.is_none_or(|w| b.contains(&w)) => return Ok(()),
+                    Some(Ok(_)) => {}
+                    other => anyhow::bail!("the shell ended early: {other:?}"),
+                }
+            }
+        }
+        output(&mut ws, None).await?;
+        open.push(ms(t.elapsed()));
+        if i == 0 {
+            // Let the banner and prompt go by.
+            while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_millis(500), ws.next()).await {}
+            for _ in 0..50 {
+                let t = Instant::now();
+                ws.send(Message::Binary(b"Z".to_vec().into())).await?;
+                output(&mut ws, Some(b'Z')).await?;
+                keys.push(ms(t.elapsed()));
+            }
+        }
+        ws.close(None).await?;
+    }
+    Ok((open, keys))
 }
