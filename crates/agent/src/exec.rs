@@ -3,7 +3,7 @@
 //! Each exec runs in its own process group (a session of its own on a pseudo-terminal,
 //! for `tty` execs); a timeout or the host abandoning the stream kills the whole group.
 //! Signal and resize frames in the request body are handled as they arrive, ahead of
-//! stdin still waiting for the process to read it. Output is read in chunks and sent as
+//! up to [`STDIN_QUEUE_BYTES`] of stdin still waiting for the process to read it. Output is read in chunks and sent as
 //! frames through a small bounded channel, so a slow host applies back-pressure through
 //! HTTP/2 flow control down to the process's pipe instead of growing a buffer here.
 
@@ -45,6 +45,13 @@ fn now_ms() -> u64 {
     EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 const READ_CHUNK: usize = 64 << 10;
+/// Stdin the agent holds for a process that has not read it yet; signal and resize frames
+/// behind at most this much are still handled at once. Past it, HTTP/2 flow control holds
+/// the rest of the request body (signals included) on the host.
+const STDIN_QUEUE_BYTES: usize = 1 << 20;
+/// After a terminal's session leader exits, how long its output may go on (background
+/// jobs, now sent SIGHUP as on a hang-up) before the exec ends anyway.
+const TTY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 /// The spec frame must arrive within this many bytes of the body.
 const MAX_SPEC_BYTES: usize = hearth_proto::exec::MAX_FRAME_PAYLOAD + 5;
 
@@ -250,7 +257,14 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
     drop(cmd);
     let pid = child.id() as i32;
     if let Some(m) = master {
-        let m = Arc::new(pty::Master::new(m)?);
+        let m = match pty::Master::new(m) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                // Nobody would supervise it: it goes now (the reaper collects it).
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                return Err(e);
+            }
+        };
         return Ok(Running { pid, exit, stdin: Some(Input::Pty(m.clone())), output: Output::Pty(m) });
     }
     let take = |o: Option<OwnedFd>| o.ok_or_else(|| std::io::Error::other("missing pipe"));
@@ -299,27 +313,30 @@ async fn pump(source: std::io::Result<Source>, kind: FrameKind, tx: Tx, state: A
     }
 }
 
-/// Reads the request body: stdin frames go to the process (through a writer task, so a
-/// process that does not read its input never holds up a signal), signal and resize
-/// frames are applied at once. The end of the body closes a piped stdin.
+/// Reads the request body: stdin frames go to the process through a writer task with a
+/// queue of [`STDIN_QUEUE_BYTES`], so a process that does not read its input does not hold
+/// up a signal behind it; signal and resize frames are applied at once. The end of the
+/// body closes a piped stdin.
 async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decoder: FrameDecoder) {
     let master = match &input {
         Some(Input::Pty(m)) => Some(m.clone()),
         _ => None,
     };
-    let (stdin_tx, mut stdin_rx) = mpsc::channel::<Bytes>(64);
+    let budget = Arc::new(tokio::sync::Semaphore::new(STDIN_QUEUE_BYTES));
+    // Bounded by bytes (the permits travel with the data), not by the channel.
+    let (stdin_tx, mut stdin_rx) = mpsc::unbounded_channel::<(Bytes, tokio::sync::OwnedSemaphorePermit)>();
     let writer = tokio::spawn(async move {
         match input {
             Some(Input::Pipe(fd)) => {
                 let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else { return };
-                while let Some(data) = stdin_rx.recv().await {
+                while let Some((data, _permit)) = stdin_rx.recv().await {
                     if pipe.write_all(&data).await.is_err() {
                         return;
                     }
                 }
             }
             Some(Input::Pty(m)) => {
-                while let Some(data) = stdin_rx.recv().await {
+                while let Some((data, _permit)) = stdin_rx.recv().await {
                     if m.write_all(&data).await.is_err() {
                         return;
                     }
@@ -334,8 +351,10 @@ async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decod
             match decoder.next_frame() {
                 Ok(Some(f)) => match f.kind {
                     FrameKind::Stdin => {
+                        let n = f.payload.len().min(STDIN_QUEUE_BYTES) as u32;
+                        let Ok(permit) = budget.clone().acquire_many_owned(n).await else { return };
                         // The writer may be gone (input closed by the process): drop the data.
-                        let _ = stdin_tx.send(f.payload).await;
+                        let _ = stdin_tx.send((f.payload, permit));
                     }
                     FrameKind::Signal => {
                         let Ok(sig) = serde_json::from_slice::<SignalRequest>(&f.payload) else { continue };
@@ -343,9 +362,10 @@ async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decod
                             continue;
                         }
                         // On a terminal the signal goes where ^C would: its foreground group.
-                        let target = master.as_ref().and_then(|m| pty::foreground(m.raw())).map_or(group, Pid::from_raw);
-                        // SAFETY: kill with a negative pid signals a process group; no memory involved.
-                        unsafe { libc::kill(-target.as_raw(), sig.signal) };
+                        if !master.as_ref().is_some_and(|m| pty::signal_foreground(m.raw(), sig.signal)) {
+                            // SAFETY: kill with a negative pid signals a process group; no memory involved.
+                            unsafe { libc::kill(-group.as_raw(), sig.signal) };
+                        }
                     }
                     FrameKind::Resize => {
                         if let (Some(m), Ok(size)) = (&master, serde_json::from_slice::<TtySize>(&f.payload)) {
@@ -376,16 +396,28 @@ async fn control(input: Option<Input>, group: Pid, mut body: Incoming, mut decod
     }
 }
 
-/// Kills every process of session `sid` (found through /proc: a session has no handle).
-fn kill_session(sid: i32) {
-    let Ok(dir) = std::fs::read_dir("/proc") else { return };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-        // Fields after the command name, which may hold spaces: state ppid pgrp session.
-        let session = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(3)?.parse::<i32>().ok());
-        if session == Some(sid) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+/// Signals every process of session `sid` (found through /proc: a session has no
+/// handle). For SIGKILL the scan repeats until it finds none, so a process forked during
+/// a scan is caught by the next.
+fn signal_session(sid: i32, signal: Signal) {
+    for _ in 0..8 {
+        let Ok(dir) = std::fs::read_dir("/proc") else { return };
+        let mut found = false;
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            // Fields after the command name, which may hold spaces: state ppid pgrp session.
+            let mut f = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace()).into_iter().flatten();
+            let state = f.next();
+            let session = f.nth(2).and_then(|s| s.parse::<i32>().ok());
+            // Zombies are dead already; they only wait for the reaper.
+            if session == Some(sid) && state != Some("Z") {
+                found = true;
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
+            }
+        }
+        if !found || signal != Signal::SIGKILL {
+            return;
         }
     }
 }
@@ -407,7 +439,7 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
     let kill_all = move || {
         let _ = killpg(group, Signal::SIGKILL);
         if tty {
-            kill_session(r.pid);
+            signal_session(r.pid, Signal::SIGKILL);
         }
     };
     let stdin_task = tokio::spawn(control(r.stdin, group, body, decoder));
@@ -450,11 +482,20 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
     if timed_out {
         kill_all();
     }
+    if tty {
+        // The terminal hangs up with its session leader, as when a terminal window or an
+        // SSH session closes: what is left of the session gets SIGHUP (nohup'd programs
+        // stay), and the drain below ends within TTY_DRAIN_LIMIT whatever is left.
+        signal_session(r.pid, Signal::SIGHUP);
+    }
     stdin_task.abort();
     // Drain: wait for both pipes to close, but not for one that has been silent (while
     // waiting on the pipe, not on the host) for the grace period since the exit.
     let exited_at = now_ms();
     loop {
+        if tty && now_ms().saturating_sub(exited_at) >= TTY_DRAIN_LIMIT.as_millis() as u64 {
+            break;
+        }
         use std::sync::atomic::Ordering::Relaxed;
         let silent = |h: &tokio::task::JoinHandle<()>, st: &PumpState| {
             let quiet_since = st.since_ms.load(Relaxed).max(exited_at);
@@ -470,6 +511,13 @@ async fn supervise(r: Running, timeout_ms: Option<u64>, body: Incoming, decoder:
             _ = &mut out, if !out.is_finished() => {}
             _ = &mut err, if !err.is_finished() => {}
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = tx.closed() => {
+                // The host went away while output was still coming: end it all.
+                kill_all();
+                out.abort();
+                err.abort();
+                return;
+            }
         }
     }
     out.abort();

@@ -34,11 +34,12 @@ pub fn resize(master: RawFd, rows: u16, cols: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// The terminal's foreground process group, if it has one.
-pub fn foreground(master: RawFd) -> Option<i32> {
-    // SAFETY: tcgetpgrp only reads the descriptor's terminal state.
-    let pgrp = unsafe { libc::tcgetpgrp(master) };
-    (pgrp > 0).then_some(pgrp)
+/// Sends `signal` to the terminal's foreground process group, as the line discipline does
+/// for ^C — in one step in the kernel, so no group can vanish and its id be reused between
+/// finding it and signalling it. False when the terminal has no foreground group.
+pub fn signal_foreground(master: RawFd, signal: i32) -> bool {
+    // SAFETY: TIOCSIG takes the signal number by value and touches no memory.
+    unsafe { libc::ioctl(master, libc::TIOCSIG, signal as libc::c_ulong) == 0 }
 }
 
 /// Makes the child a session leader with its stdin (the slave) as controlling terminal.

@@ -165,7 +165,9 @@ impl Service {
                 m.microvm_id
             )));
         }
-        self.issue_token(account, input, Vec::new(), Some(crate::ingress::SHELL_SCOPE.to_owned()))
+        // Port 0 only: should a daemon that predates token scopes ever read this token, it
+        // opens no port of the endpoint.
+        self.issue_token(account, input, vec![(0, 0)], Some(crate::ingress::SHELL_SCOPE.to_owned()))
     }
 
     fn issue_token(&self, account: &str, input: &Map<String, Value>, ports: Vec<(u16, u16)>, scope: Option<String>) -> Result<Value, ApiError> {

@@ -27,7 +27,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use hearth_proto::exec::{ExecRequest, TtySize};
-use hearth_vmm::agent::{ExecEvent, ExecStream};
+use hearth_vmm::agent::{ExecEvent, ExecInput, ExecStream};
+use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -148,64 +149,102 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
     })
 }
 
-/// Moves bytes and control messages between the WebSocket and the exec until either ends.
-async fn relay(mut socket: WebSocket, mut stream: ExecStream, tty: bool) {
-    loop {
-        tokio::select! {
-            msg = socket.recv() => match msg {
-                Some(Ok(Message::Binary(data))) => {
-                    if stream.write_stdin(data).await.is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(Message::Text(text))) => {
-                    if let Err(why) = apply(&mut stream, tty, text.as_str()).await {
-                        if socket.send(Message::Text(json!({ "error": why }).to_string().into())).await.is_err() {
-                            return;
+/// How often the daemon pings the client.
+const PING_EVERY: Duration = Duration::from_secs(20);
+/// A client silent this long (no message, no pong) is gone: a half-open connection must
+/// not keep the microvm busy and a connection permit taken forever.
+const CLIENT_SILENCE: Duration = Duration::from_secs(75);
+
+/// Moves bytes and control messages between the WebSocket and the exec until either
+/// ends. The two directions run concurrently, so a program whose output backs up while
+/// its input is still being written (`gunzip` of piped input) cannot deadlock them.
+async fn relay(socket: WebSocket, mut stream: ExecStream, tty: bool) {
+    use futures_util::{SinkExt, StreamExt};
+    let Some(input) = stream.take_input() else { return };
+    let (mut sink, mut source) = socket.split();
+    // Replies to control messages, from the reading side to the writing side.
+    let (notes_tx, mut notes_rx) = tokio::sync::mpsc::channel::<String>(8);
+    let client_to_exec = async move {
+        let mut input = Some(input);
+        loop {
+            let msg = match tokio::time::timeout(CLIENT_SILENCE, source.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // The client is gone (closed, broken, or silent past the limit).
+                _ => return,
+            };
+            match msg {
+                Message::Binary(data) => {
+                    // Input that can no longer go in (the program closed it, or ended) is
+                    // dropped; the exit status still comes on the other side.
+                    if let Some(i) = &input {
+                        if i.write_stdin(data).await.is_err() {
+                            input = None;
                         }
                     }
                 }
-                Some(Ok(_)) => {}
-                // The client is gone: dropping the exec hangs up the terminal.
-                Some(Err(_)) | None => return,
-            },
-            event = stream.next_event() => match event {
-                Ok(Some(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))) => {
-                    if socket.send(Message::Binary(b)).await.is_err() {
-                        return;
+                Message::Text(text) => {
+                    if let Err(why) = apply(&mut input, tty, text.as_str()).await {
+                        let _ = notes_tx.send(why).await;
                     }
                 }
-                Ok(Some(ExecEvent::Exit(x))) => {
-                    let _ = socket.send(Message::Text(json!({ "exit": { "code": x.code, "signal": x.signal } }).to_string().into())).await;
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "shell exited".into() }))).await;
-                    return;
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let _ = socket.send(Message::Text(json!({ "error": format!("the shell broke off: {e}") }).to_string().into())).await;
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1011, reason: "shell broke off".into() }))).await;
-                    return;
-                }
-            },
+                Message::Close(_) => return,
+                _ => {}
+            }
         }
+    };
+    let exec_to_client = async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            let msg = tokio::select! {
+                event = stream.next_event() => match event {
+                    Ok(Some(ExecEvent::Stdout(b) | ExecEvent::Stderr(b))) => Message::Binary(b),
+                    Ok(Some(ExecEvent::Exit(x))) => {
+                        let _ = sink.send(Message::Text(json!({ "exit": { "code": x.code, "signal": x.signal } }).to_string().into())).await;
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1000, reason: "shell exited".into() }))).await;
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = sink.send(Message::Text(json!({ "error": format!("the shell broke off: {e}") }).to_string().into())).await;
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1011, reason: "shell broke off".into() }))).await;
+                        return;
+                    }
+                },
+                Some(note) = notes_rx.recv() => Message::Text(json!({ "error": note }).to_string().into()),
+                _ = ping.tick() => Message::Ping(Default::default()),
+            };
+            if sink.send(msg).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Either side ending ends the shell; dropping the exec stream hangs up its terminal.
+    tokio::select! {
+        _ = client_to_exec => {}
+        _ = exec_to_client => {}
     }
 }
 
 /// Applies one control message.
-async fn apply(stream: &mut ExecStream, tty: bool, text: &str) -> Result<(), String> {
+async fn apply(input: &mut Option<ExecInput>, tty: bool, text: &str) -> Result<(), String> {
     let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}}, {{\"signal\":\"INT\"}} or {{\"eof\":true}})"))?;
+    if matches!(control, Control::Eof(false)) {
+        return Ok(());
+    }
+    let Some(i) = input.as_ref() else { return Err("the shell's input is closed".into()) };
     match control {
         Control::Eof(false) => Ok(()),
         // A terminal has no end of input, only the key that asks for one.
-        Control::Eof(true) if tty => stream.write_stdin(bytes::Bytes::from_static(b"\x04")).await.map_err(|e| e.to_string()),
+        Control::Eof(true) if tty => i.write_stdin(bytes::Bytes::from_static(b"\x04")).await.map_err(|e| e.to_string()),
         Control::Eof(true) => {
-            stream.close_stdin();
+            *input = None;
             Ok(())
         }
-        Control::Resize { rows, cols } => stream.resize(rows, cols).await.map_err(|e| e.to_string()),
+        Control::Resize { rows, cols } => i.resize(rows, cols).await.map_err(|e| e.to_string()),
         Control::Signal(s) => {
             let n = s.number().ok_or_else(|| format!("unknown signal {s:?}"))?;
-            stream.signal(n).await.map_err(|e| e.to_string())
+            i.signal(n).await.map_err(|e| e.to_string())
         }
     }
 }

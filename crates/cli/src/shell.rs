@@ -93,25 +93,41 @@ pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<Stri
         }
     });
     let raw = if interactive { Some(RawMode::enter()?) } else { None };
-    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).context("SIGWINCH handler")?;
-    let mut input_open = true;
+    // Input (keys, resizes, the end of input) goes out on a task of its own, so output
+    // is always read while input is being sent: neither can back up into the other.
+    let mut sender = tokio::spawn(async move {
+        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())?;
+        loop {
+            tokio::select! {
+                data = in_rx.recv() => match data {
+                    Some(d) => tx.send(Message::Binary(d.into())).await?,
+                    None => {
+                        tx.send(Message::Text(json!({ "eof": true }).to_string().into())).await?;
+                        // Resizes still go out until the shell ends.
+                        while winch.recv().await.is_some() {
+                            if let Some((rows, cols)) = term_size() {
+                                tx.send(Message::Text(json!({ "resize": { "rows": rows, "cols": cols } }).to_string().into())).await?;
+                            }
+                        }
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                },
+                _ = winch.recv() => {
+                    if let Some((rows, cols)) = term_size() {
+                        tx.send(Message::Text(json!({ "resize": { "rows": rows, "cols": cols } }).to_string().into())).await?;
+                    }
+                }
+            }
+        }
+    });
+    // SIGTERM and SIGHUP end the session cleanly, so the terminal's settings come back.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
     let mut exit: Option<i32> = None;
     let mut failure: Option<String> = None;
     let mut out = std::io::stdout();
     loop {
         tokio::select! {
-            data = in_rx.recv(), if input_open => match data {
-                Some(d) => tx.send(Message::Binary(d.into())).await.context("sending input")?,
-                None => {
-                    input_open = false;
-                    tx.send(Message::Text(json!({ "eof": true }).to_string().into())).await.context("sending the end of input")?;
-                }
-            },
-            _ = winch.recv() => {
-                if let Some((rows, cols)) = term_size() {
-                    tx.send(Message::Text(json!({ "resize": { "rows": rows, "cols": cols } }).to_string().into())).await.context("sending a resize")?;
-                }
-            }
             msg = rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) => {
                     out.write_all(&b)?;
@@ -132,8 +148,17 @@ pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<Stri
                     break;
                 }
             },
+            r = &mut sender, if !sender.is_finished() => {
+                if let Ok(Err(e)) = r {
+                    failure = Some(format!("sending to the shell failed: {e}"));
+                    break;
+                }
+            }
+            _ = term.recv() => { failure = Some("terminated".into()); break; }
+            _ = hup.recv() => { failure = Some("hung up".into()); break; }
         }
     }
+    sender.abort();
     drop(raw);
     match (exit, failure) {
         (Some(code), _) => Ok(code),

@@ -314,15 +314,25 @@ fn the_endpoint_carries_http2_sse_websockets_and_floods_and_shells_get_a_termina
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::io::Write::write_all(child.stdin.as_mut().unwrap(), input.as_bytes()).unwrap();
-        drop(child.stdin.take());
-        child.wait_with_output().unwrap()
+        // Written from a thread: the output is read meanwhile.
+        let mut stdin = child.stdin.take().unwrap();
+        let input = input.to_owned();
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, input.as_bytes()));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        out
     };
     let o = shell(&[mid], "echo hi$((1+1)); tty\nexit 4\n");
     assert_eq!(o.status.code(), Some(4), "{o:?}");
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hi2\nnot a tty\n");
     let o = shell(&[mid], "echo no exit here\n");
     assert_eq!(o.status.code(), Some(0), "the end of input ends the shell: {o:?}");
+    // Input and output at once, both larger than every buffer on the way: they must not
+    // wait on each other.
+    let big: String = (0..200_000).map(|i| format!("line {i:08}\n")).collect();
+    let o = shell(&[mid, "--", "cat"], &big);
+    assert!(o.status.success(), "{:?}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.stdout == big.as_bytes(), "cat through the shell returned {} of {} bytes", o.stdout.len(), big.len());
     let o = shell(&["--tty", mid], "tty; exit\n");
     assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("/dev/pts/"), "{o:?}");
     let o = shell(&[mid, "--", "echo one; exit 5"], "");

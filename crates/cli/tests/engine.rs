@@ -383,6 +383,10 @@ async fn tty_exec_is_a_terminal_that_resizes_and_takes_signals() {
     read_until(&mut s, &mut seen, "d5\r\n").await;
     s.write_stdin(Bytes::from("echo 'h\u{e9}llo \u{2713}' | wc -m\n")).await.unwrap();
     assert!(read_until(&mut s, &mut seen, "8\r\n").await.contains("h\u{e9}llo \u{2713}"));
+    // A background job still writing when the shell exits does not hold the exec open:
+    // the terminal hangs up (SIGHUP to what is left of the session) and the exit comes.
+    s.write_stdin(Bytes::from("(exec -a hearthloop bash -c 'while :; do echo x; sleep 0.1; done') &\n")).await.unwrap();
+    read_until(&mut s, &mut seen, "x\r\n").await;
     s.write_stdin(Bytes::from("exit 7\n")).await.unwrap();
     let exit = loop {
         match s.next_event().await.unwrap() {
@@ -392,11 +396,15 @@ async fn tty_exec_is_a_terminal_that_resizes_and_takes_signals() {
         }
     };
     assert_eq!(exit.code, Some(7));
+    let left = sh(&vm, "sleep 0.5; grep -l 'hearth[l]oop' /proc/[0-9]*/cmdline 2>/dev/null || true").await.stdout_str();
+    assert!(left.is_empty(), "the background job outlived its terminal: {left}");
 
     // Without a terminal a signal goes to the exec's process group; resizing is refused
     // on the host before it is sent.
     let mut s = vm.exec_stream(&ExecRequest::argv(["sleep", "1000"])).await.unwrap();
     assert!(s.resize(0, 10).await.is_err());
+    // Stdin the process never reads does not hold the signal up.
+    s.write_stdin(Bytes::from(vec![b'x'; 512 << 10])).await.unwrap();
     s.signal(libc::SIGTERM).await.unwrap();
     match s.next_event().await.unwrap() {
         Some(ExecEvent::Exit(x)) => assert_eq!(x.signal, Some(libc::SIGTERM)),

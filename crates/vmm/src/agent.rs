@@ -129,6 +129,48 @@ pub enum ExecEvent {
     Exit(ExecExit),
 }
 
+/// The input side of a running exec, split off with [`ExecStream::take_input`].
+pub struct ExecInput {
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl ExecInput {
+    /// Sends bytes to the process's stdin.
+    pub async fn write_stdin(&self, data: Bytes) -> Result<(), AgentError> {
+        for f in hearth_proto::exec::chunked(FrameKind::Stdin, data) {
+            self.tx.send(f.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Resizes the exec's terminal.
+    pub async fn resize(&self, rows: u16, cols: u16) -> Result<(), AgentError> {
+        Self::send_resize(Some(&self.tx), rows, cols).await
+    }
+
+    /// Sends a signal (see [`ExecStream::signal`]).
+    pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        Self::send_signal(Some(&self.tx), signal).await
+    }
+
+    async fn send_resize(tx: Option<&mpsc::Sender<Bytes>>, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let size = hearth_proto::exec::TtySize { rows, cols };
+        size.validate().map_err(AgentError::Protocol)?;
+        Self::control(tx, Frame::json(FrameKind::Resize, &size)).await
+    }
+
+    async fn send_signal(tx: Option<&mpsc::Sender<Bytes>>, signal: i32) -> Result<(), AgentError> {
+        let sig = hearth_proto::exec::SignalRequest { signal };
+        sig.validate().map_err(AgentError::Protocol)?;
+        Self::control(tx, Frame::json(FrameKind::Signal, &sig)).await
+    }
+
+    async fn control(tx: Option<&mpsc::Sender<Bytes>>, frame: Frame) -> Result<(), AgentError> {
+        let tx = tx.ok_or_else(|| AgentError::Protocol("the exec's input is already closed".into()))?;
+        tx.send(frame.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))
+    }
+}
+
 /// A running exec: send stdin, receive events.
 pub struct ExecStream {
     stdin: Option<mpsc::Sender<Bytes>>,
@@ -140,31 +182,25 @@ pub struct ExecStream {
 impl ExecStream {
     /// Sends bytes to the process's stdin.
     pub async fn write_stdin(&mut self, data: Bytes) -> Result<(), AgentError> {
-        let tx = self.stdin.as_ref().ok_or_else(|| AgentError::Protocol("stdin already closed".into()))?;
-        for f in hearth_proto::exec::chunked(FrameKind::Stdin, data) {
-            tx.send(f.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))?;
-        }
-        Ok(())
+        let tx = self.stdin.clone().ok_or_else(|| AgentError::Protocol("stdin already closed".into()))?;
+        ExecInput { tx }.write_stdin(data).await
     }
 
     /// Resizes the exec's terminal (execs started with a `tty`; ignored otherwise).
     pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), AgentError> {
-        let size = hearth_proto::exec::TtySize { rows, cols };
-        size.validate().map_err(AgentError::Protocol)?;
-        self.control(Frame::json(FrameKind::Resize, &size)).await
+        ExecInput::send_resize(self.stdin.as_ref(), rows, cols).await
     }
 
     /// Sends a signal to the exec's processes: the terminal's foreground group for a `tty`
     /// exec, the exec's process group otherwise.
     pub async fn signal(&mut self, signal: i32) -> Result<(), AgentError> {
-        let sig = hearth_proto::exec::SignalRequest { signal };
-        sig.validate().map_err(AgentError::Protocol)?;
-        self.control(Frame::json(FrameKind::Signal, &sig)).await
+        ExecInput::send_signal(self.stdin.as_ref(), signal).await
     }
 
-    async fn control(&mut self, frame: Frame) -> Result<(), AgentError> {
-        let tx = self.stdin.as_ref().ok_or_else(|| AgentError::Protocol("the exec's input is already closed".into()))?;
-        tx.send(frame.encode()).await.map_err(|_| AgentError::Connection("exec stream closed".into()))
+    /// Takes the input side (stdin, resizes, signals) to drive it from another task while
+    /// this one reads events; dropping it closes stdin.
+    pub fn take_input(&mut self) -> Option<ExecInput> {
+        self.stdin.take().map(|tx| ExecInput { tx })
     }
 
     /// Closes the process's stdin (and with it the way to send signals and resizes).

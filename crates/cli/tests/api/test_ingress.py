@@ -157,6 +157,11 @@ def main():
         except websocket.WebSocketBadStatusException as e:
             assert e.status_code == 403, e
     try:
+        websocket.create_connection(f"ws://{u.netloc}/shell/{plain}", header=[f"X-aws-proxy-auth: {shell_token}"], timeout=30)
+        raise AssertionError("a shell token opened another microvm")
+    except websocket.WebSocketBadStatusException as e:
+        assert e.status_code == 403, e
+    try:
         websocket.create_connection(shell_url + "?rows=0", header=[f"X-aws-proxy-auth: {shell_token}"], timeout=30)
         raise AssertionError("a zero-row terminal was accepted")
     except websocket.WebSocketBadStatusException as e:
