@@ -302,7 +302,7 @@ def main():
     # The idle ones were suspended; the busy one was not.
     m = wait_state(a, idle, "SUSPENDED", timeout=120)
     assert "maxIdleDurationSeconds" in m.get("stateReason", ""), m
-    wait_state(a, idle_manual, "SUSPENDED", timeout=30)
+    wait_state(a, idle_manual, "SUSPENDED", timeout=90)
     assert a.get_microvm(microvmIdentifier=busy)["state"] == "RUNNING", "a busy guest was suspended as idle"
     exec_in(KEY_A, busy, "kill $(cat /tmp/busy.pid)")
     # Traffic to the endpoint resumes it, without the client seeing an error.

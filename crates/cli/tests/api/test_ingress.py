@@ -2,7 +2,7 @@
 streaming bodies, SSE, WebSocket, 1,000 concurrent connections, an app that never
 answers) and shells (a PTY over a WebSocket).
 
-Run by crates/cli/tests/api.rs with HEARTH_URL, HEARTH_KEY_A, HEARTH_CTX_NET (the app's
+Run by crates/cli/tests/ingress.rs with HEARTH_URL, HEARTH_KEY_A, HEARTH_CTX_NET (the app's
 build context) and HEARTH_DAEMON_PID in the environment. Helpers come from test_api.py.
 """
 import asyncio

@@ -1,0 +1,91 @@
+//! A `hearth serve` daemon for the API test files: started on a loopback port with its
+//! own state directory, killed when dropped, its detached microvms killed after.
+
+#![allow(dead_code)]
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub fn hearth() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+}
+
+/// A running daemon, stopped (SIGKILL) when dropped.
+pub struct Daemon(pub Child, pub String);
+
+/// Kills whatever microvm QEMU of this test is left (they outlive the daemon by design)
+/// and their network namespaces.
+pub struct Microvms(pub PathBuf);
+
+impl Drop for Microvms {
+    fn drop(&mut self) {
+        let run = self.0.join("run");
+        let _ = Command::new("pkill").arg("-9").arg("-f").arg(format!("{}/", run.display())).status();
+        for e in std::fs::read_dir(&run).into_iter().flatten().flatten() {
+            let _ = Command::new("ip").args(["netns", "del"]).arg(format!("hearth-{}", e.file_name().to_string_lossy())).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+impl Daemon {
+    pub fn start(state: &Path) -> Daemon {
+        let mut child = hearth()
+            .args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"])
+            .arg(state)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start hearth serve");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
+        Daemon(child, url)
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn key(state: &Path) -> String {
+    let out = hearth().args(["keys", "create", "--json", "--state-dir"]).arg(state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+pub fn python() -> PathBuf {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python");
+    assert!(py.is_file(), "{} missing: scripts/test.sh installs boto3 and the AWS CLI there", py.display());
+    py
+}
+
+pub fn run_py(url: &str, keys: (&str, &str), ctx: &Path, state: &Path, args: &[&str]) -> String {
+    run_script("test_api.py", url, keys, ctx, state, args, &[])
+}
+
+pub fn run_script(name: &str, url: &str, keys: (&str, &str), ctx: &Path, state: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api").join(name);
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("HEARTH_URL", url)
+        .env("HEARTH_KEY_A", keys.0)
+        .env("HEARTH_KEY_B", keys.1)
+        .env("HEARTH_CTX", ctx.join("web"))
+        .env("HEARTH_CTX_HOOKS", ctx.join("hooked"))
+        .env("HEARTH_STATE", state)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{name} {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
