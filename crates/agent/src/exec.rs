@@ -3,9 +3,10 @@
 //! Each exec runs in its own process group (a session of its own on a pseudo-terminal,
 //! for `tty` execs); a timeout or the host abandoning the stream kills the whole group.
 //! Signal and resize frames in the request body are handled as they arrive, ahead of
-//! up to [`STDIN_QUEUE_BYTES`] of stdin still waiting for the process to read it. Output is read in chunks and sent as
-//! frames through a small bounded channel, so a slow host applies back-pressure through
-//! HTTP/2 flow control down to the process's pipe instead of growing a buffer here.
+//! up to [`STDIN_QUEUE_BYTES`] of stdin still waiting for the process to read it.
+//! Output is read in chunks and sent as frames through a small bounded channel, so a
+//! slow host applies back-pressure through HTTP/2 flow control down to the process's pipe
+//! instead of growing a buffer here.
 
 use crate::reaper::Exit;
 use crate::server::{self, Body, State};

@@ -2,7 +2,8 @@
 //! the model, validated, made idempotent where the model has a `clientToken`, and answered
 //! with the model's status codes and error shapes. Hearth's own extensions live under
 //! `/hearth/v1/` (same authentication; described by `/hearth/v1/openapi.json`); `/health`
-//! and `/metrics` need none.
+//! and `/metrics` need none. Microvm endpoints (`/microvms/<id>/…`, [`crate::ingress`]) and
+//! shells (`/shell/<id>`, [`crate::shell`]) are authenticated by their tokens instead.
 
 use crate::error::{ApiError, Kind};
 use crate::model::{model, MAX_BODY};

@@ -1,7 +1,9 @@
 //! Shells: `GET <daemon>/shell/<microvm id>`, a WebSocket to a terminal in the microvm.
 //!
-//! The request needs a token from CreateMicrovmShellAuthToken in `X-aws-proxy-auth`
-//! (endpoint tokens do not open shells, nor shell tokens the endpoint), and the microvm must
+//! The request needs a token from CreateMicrovmShellAuthToken in `X-aws-proxy-auth` — or,
+//! from browsers, which cannot set WebSocket headers, as a subprotocol
+//! `hearth-token.<token>` offered beside `hearth-shell` (endpoint tokens do not open
+//! shells, nor shell tokens the endpoint), and the microvm must
 //! have been run with the `SHELL_INGRESS` connector. Query parameters: `rows` and `cols`
 //! (the terminal's size, 24×80 by default), `command` (a shell command line to run
 //! instead of a login shell) and `tty=false` (no terminal: plain pipes, for scripted input,
@@ -110,9 +112,34 @@ fn parse_query(query: Option<&str>) -> Result<ShellQuery, ApiError> {
     Ok(q)
 }
 
+/// The subprotocol a browser offers (and the daemon selects) for a shell.
+pub const SUBPROTOCOL: &str = "hearth-shell";
+/// Prefix of the subprotocol entry that carries the token for clients that cannot set
+/// headers on a WebSocket (browsers): `new WebSocket(url, ["hearth-shell",
+/// "hearth-token." + token])`.
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "hearth-token.";
+
+/// The request's headers, with a token offered as a subprotocol moved to
+/// `X-aws-proxy-auth` when the header itself is absent.
+fn token_headers(headers: &http::HeaderMap) -> std::borrow::Cow<'_, http::HeaderMap> {
+    if headers.contains_key(crate::ingress::AUTH_HEADER) {
+        return std::borrow::Cow::Borrowed(headers);
+    }
+    let offered = headers.get_all(http::header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let token = offered.map(str::trim).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX)).and_then(|t| http::HeaderValue::from_str(t).ok());
+    match token {
+        Some(t) => {
+            let mut h = headers.clone();
+            h.insert(crate::ingress::AUTH_HEADER, t);
+            std::borrow::Cow::Owned(h)
+        }
+        None => std::borrow::Cow::Borrowed(headers),
+    }
+}
+
 /// Serves one shell request.
 pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -> Response {
-    let claims = match authorize(&svc, req.headers(), &id, Some(SHELL_SCOPE)) {
+    let claims = match authorize(&svc, &token_headers(req.headers()), &id, Some(SHELL_SCOPE)) {
         Ok(c) => c,
         Err(refused) => return refused,
     };
@@ -141,7 +168,7 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
         Err(e) => return ApiError::new(Kind::Conflict, format!("cannot start a shell in microvm {id}: {e}")).into_response(),
     };
     tracing::info!(microvm = %id, account = %claims.a, "shell opened");
-    ws.max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(move |socket| async move {
+    ws.protocols([SUBPROTOCOL]).max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(move |socket| async move {
         // The permit and the VM handle live as long as the shell.
         let _held = (permit, vm);
         relay(socket, stream, query.tty).await;
@@ -269,6 +296,16 @@ mod tests {
         assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5,"cols":9},"x":1}"#).is_err());
         assert!(serde_json::from_str::<Control>(r#"{"resize":{"rows":-1,"cols":9}}"#).is_err());
         assert_eq!(serde_json::from_str::<Control>(r#"{"eof":true}"#).unwrap(), Control::Eof(true));
+    }
+
+    #[test]
+    fn tokens_from_subprotocols() {
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::SEC_WEBSOCKET_PROTOCOL, "hearth-shell, hearth-token.abc.def".parse().unwrap());
+        assert_eq!(token_headers(&h).get(crate::ingress::AUTH_HEADER).unwrap(), "abc.def");
+        h.insert(crate::ingress::AUTH_HEADER, "from-header".parse().unwrap());
+        assert_eq!(token_headers(&h).get(crate::ingress::AUTH_HEADER).unwrap(), "from-header");
+        assert!(token_headers(&http::HeaderMap::new()).get(crate::ingress::AUTH_HEADER).is_none());
     }
 
     #[test]

@@ -193,6 +193,12 @@ def main():
         if op == websocket.ABNF.OPCODE_TEXT:
             assert json.loads(data) == {"exit": {"code": 3, "signal": None}}, data
             break
+    # Browsers cannot set WebSocket headers: the token may come as a subprotocol.
+    sh = websocket.create_connection(shell_url, subprotocols=["hearth-shell", "hearth-token." + shell_token], timeout=60)
+    assert sh.getsubprotocol() == "hearth-shell", sh.getsubprotocol()
+    sh.send_binary(b"echo sp$((1+1))\n")
+    read_until(sh, b"sp2\r\n")
+    sh.close()
     # A shell whose WebSocket just goes away leaves nothing running.
     sh = websocket.create_connection(shell_url, header=[f"X-aws-proxy-auth: {shell_token}"], timeout=60)
     sh.send_binary(b"sleep 4242 &\necho started$((1))\n")
