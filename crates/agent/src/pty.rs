@@ -63,7 +63,7 @@ pub struct Master(AsyncFd<OwnedFd>);
 impl Master {
     /// Wraps a master descriptor (switching it to non-blocking mode).
     pub fn new(fd: OwnedFd) -> io::Result<Master> {
-        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR))?;
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         // SAFETY: the OwnedFd is a valid descriptor that the AsyncFd owns and never
         // replaces or closes while registered.
         Ok(Master(unsafe { AsyncFd::register(fd)? }))

@@ -151,7 +151,8 @@ impl Service {
     /// CreateMicrovmAuthToken: a token for the microvm's endpoint.
     pub fn auth_token(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
         let ports = crate::ingress::port_ranges(&input["allowedPorts"])?;
-        self.issue_token(account, input, ports, None)
+        let m = self.load(account, s(&input["microvmIdentifier"]).unwrap_or_default())?;
+        self.issue_token(account, &m, input, ports, None)
     }
 
     /// CreateMicrovmShellAuthToken: a token for the microvm's shell (`/shell/<id>`), only
@@ -167,11 +168,10 @@ impl Service {
         }
         // Port 0 only: should a daemon that predates token scopes ever read this token, it
         // opens no port of the endpoint.
-        self.issue_token(account, input, vec![(0, 0)], Some(crate::ingress::SHELL_SCOPE.to_owned()))
+        self.issue_token(account, &m, input, vec![(0, 0)], Some(crate::ingress::SHELL_SCOPE.to_owned()))
     }
 
-    fn issue_token(&self, account: &str, input: &Map<String, Value>, ports: Vec<(u16, u16)>, scope: Option<String>) -> Result<Value, ApiError> {
-        let m = self.load(account, s(&input["microvmIdentifier"]).unwrap_or_default())?;
+    fn issue_token(&self, account: &str, m: &MicrovmRecord, input: &Map<String, Value>, ports: Vec<(u16, u16)>, scope: Option<String>) -> Result<Value, ApiError> {
         if m.state == "TERMINATED" || m.state == "TERMINATING" {
             return Err(ApiError::conflict("Microvm", &m.microvm_id, format!("microvm {} is {}", m.microvm_id, m.state)));
         }

@@ -256,24 +256,22 @@ async fn relay(socket: WebSocket, mut stream: ExecStream, tty: bool) {
 /// Applies one control message.
 async fn apply(input: &mut Option<ExecInput>, tty: bool, text: &str) -> Result<(), String> {
     let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}}, {{\"signal\":\"INT\"}} or {{\"eof\":true}})"))?;
-    if matches!(control, Control::Eof(false)) {
-        return Ok(());
-    }
-    let Some(i) = input.as_ref() else { return Err("the shell's input is closed".into()) };
-    match control {
-        Control::Eof(false) => Ok(()),
+    let result = match (control, input.as_ref()) {
+        (Control::Eof(false), _) => Ok(()),
         // A terminal has no end of input, only the key that asks for one.
-        Control::Eof(true) if tty => i.write_stdin(bytes::Bytes::from_static(b"\x04")).await.map_err(|e| e.to_string()),
-        Control::Eof(true) => {
+        (Control::Eof(true), Some(i)) if tty => i.write_stdin(bytes::Bytes::from_static(b"\x04")).await,
+        (Control::Eof(true), _) => {
             *input = None;
             Ok(())
         }
-        Control::Resize { rows, cols } => i.resize(rows, cols).await.map_err(|e| e.to_string()),
-        Control::Signal(s) => {
+        (Control::Resize { rows, cols }, Some(i)) => i.resize(rows, cols).await,
+        (Control::Signal(s), Some(i)) => {
             let n = s.number().ok_or_else(|| format!("unknown signal {s:?}"))?;
-            i.signal(n).await.map_err(|e| e.to_string())
+            i.signal(n).await
         }
-    }
+        (_, None) => return Err("the shell's input is closed".into()),
+    };
+    result.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

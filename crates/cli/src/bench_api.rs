@@ -260,6 +260,22 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits for a binary message of a shell (containing `want`, if given).
+async fn shell_output<S>(ws: &mut S, want: Option<u8>) -> anyhow::Result<()>
+where
+    S: futures_util::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) if want.is_none_or(|w| b.contains(&w)) => return Ok(()),
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("the shell ended early: {other:?}"),
+        }
+    }
+}
+
 /// Opens shells into microvm `id`: time to the first terminal output (5 times), and
 /// keystroke-to-echo round trips (50) in the first.
 async fn bench_shell(c: &Client, addr: &str, id: &str) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
@@ -272,20 +288,7 @@ async fn bench_shell(c: &Client, addr: &str, id: &str) -> anyhow::Result<(Vec<f6
         let mut req = format!("ws://{addr}/shell/{id}").into_client_request()?;
         req.headers_mut().insert("x-aws-proxy-auth", v["authToken"]["X-aws-proxy-auth"].as_str().unwrap_or_default().parse()?);
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
-        // Waits for a binary message (containing `want`, if given).
-        async fn output<S>(ws: &mut S, want: Option<u8>) -> anyhow::Result<()>
-        where
-            S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-        {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(b))) if want.is_none_or(|w| b.contains(&w)) => return Ok(()),
-                    Some(Ok(_)) => {}
-                    other => anyhow::bail!("the shell ended early: {other:?}"),
-                }
-            }
-        }
-        output(&mut ws, None).await?;
+        shell_output(&mut ws, None).await?;
         open.push(ms(t.elapsed()));
         if i == 0 {
             // Let the banner and prompt go by.
@@ -293,7 +296,7 @@ async fn bench_shell(c: &Client, addr: &str, id: &str) -> anyhow::Result<(Vec<f6
             for _ in 0..50 {
                 let t = Instant::now();
                 ws.send(Message::Binary(b"Z".to_vec().into())).await?;
-                output(&mut ws, Some(b'Z')).await?;
+                shell_output(&mut ws, Some(b'Z')).await?;
                 keys.push(ms(t.elapsed()));
             }
         }

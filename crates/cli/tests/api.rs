@@ -48,16 +48,7 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     // The `hearth` CLI as a client of the same daemon.
     let ids: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     let alive = ids["running"].as_str().unwrap();
-    let key_a: serde_json::Value = serde_json::from_str(&a).unwrap();
-    let cli = |args: &[&str]| {
-        hearth()
-            .args(args)
-            .env("HEARTH_ENDPOINT", &daemon.1)
-            .env("AWS_ACCESS_KEY_ID", key_a["accessKeyId"].as_str().unwrap())
-            .env("AWS_SECRET_ACCESS_KEY", key_a["secretAccessKey"].as_str().unwrap())
-            .output()
-            .unwrap()
-    };
+    let cli = |args: &[&str]| client(&daemon, &a).args(args).output().unwrap();
     let o = cli(&["exec", alive, "--", "cat", "/workspace/a"]);
     assert!(o.status.success() && o.stdout == b"alive\n", "{o:?}");
     let o = cli(&["exec", alive, "--shell", "--", "echo oops >&2; exit 3"]);

@@ -328,8 +328,8 @@ async fn read_until(s: &mut hearth_vmm::agent::ExecStream, seen: &mut Vec<u8>, n
     loop {
         let text = String::from_utf8_lossy(seen).into_owned();
         if let Some(at) = text.find(needle) {
-            let cut = text[..at + needle.len()].len();
-            seen.drain(..cut);
+            // What precedes the needle is whole UTF-8, so text and bytes agree up to it.
+            seen.drain(..at + needle.len());
             return text[..at + needle.len()].to_owned();
         }
         match tokio::time::timeout_at(deadline, s.next_event()).await {

@@ -136,14 +136,10 @@ fn the_endpoint_carries_http2_sse_websockets_and_floods_and_shells_get_a_termina
 
     // `hearth shell` with piped input: no terminal, the input's end ends the shell; the
     // exit code passes through; --tty asks for a terminal anyway.
-    let key_a: serde_json::Value = serde_json::from_str(&a).unwrap();
     let shell = |args: &[&str], input: &str| {
-        let mut child = hearth()
+        let mut child = client(&daemon, &a)
             .arg("shell")
             .args(args)
-            .env("HEARTH_ENDPOINT", &daemon.1)
-            .env("AWS_ACCESS_KEY_ID", key_a["accessKeyId"].as_str().unwrap())
-            .env("AWS_SECRET_ACCESS_KEY", key_a["secretAccessKey"].as_str().unwrap())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

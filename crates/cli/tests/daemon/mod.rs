@@ -54,6 +54,16 @@ impl Drop for Daemon {
     }
 }
 
+/// `hearth` as a client of `daemon`, signing with `key` (the JSON of `hearth keys create`).
+pub fn client(daemon: &Daemon, key: &str) -> Command {
+    let key: serde_json::Value = serde_json::from_str(key).unwrap();
+    let mut c = hearth();
+    c.env("HEARTH_ENDPOINT", &daemon.1)
+        .env("AWS_ACCESS_KEY_ID", key["accessKeyId"].as_str().unwrap())
+        .env("AWS_SECRET_ACCESS_KEY", key["secretAccessKey"].as_str().unwrap());
+    c
+}
+
 pub fn key(state: &Path) -> String {
     let out = hearth().args(["keys", "create", "--json", "--state-dir"]).arg(state).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
