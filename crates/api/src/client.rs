@@ -25,6 +25,15 @@ pub enum ClientError {
         /// Message.
         message: String,
     },
+    /// A local file to upload could not be read.
+    #[error("cannot read {path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// No answer.
     #[error("cannot reach the Hearth API at {url}: {source}")]
     Transport {
@@ -118,6 +127,46 @@ impl Client {
     /// PUTs raw bytes; returns the JSON answer.
     pub async fn put_bytes(&self, path_and_query: &str, data: Vec<u8>) -> Result<Value, ClientError> {
         let (status, code, text) = self.send(http::Method::PUT, path_and_query, data, Some("application/octet-stream")).await?;
+        if status >= 400 {
+            return Err(Self::error(status, code, &text));
+        }
+        Ok(serde_json::from_slice(&text).unwrap_or(Value::Null))
+    }
+
+    /// POSTs the file at `path` as the body, streamed (any size), signed over its SHA-256
+    /// (read once before sending); returns the JSON answer.
+    pub async fn upload_file(&self, path_and_query: &str, path: &std::path::Path) -> Result<Value, ClientError> {
+        let file_err = |source| ClientError::File { path: path.to_path_buf(), source };
+        let hash = {
+            let p = path.to_path_buf();
+            tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                std::io::copy(&mut std::fs::File::open(p)?, &mut h)?;
+                Ok(format!("{:x}", h.finalize()))
+            })
+            .await
+            .map_err(|e| file_err(std::io::Error::other(e)))?
+            .map_err(file_err)?
+        };
+        let file = tokio::fs::File::open(path).await.map_err(file_err)?;
+        let len = file.metadata().await.map_err(file_err)?.len();
+        let url = format!("{}{path_and_query}", self.base);
+        let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
+        let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
+        crate::sigv4::sign_streamed(&http::Method::POST, &uri, &mut headers, &hash, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
+        let mut req = self.http.post(&url).header("content-type", "application/zip").header("content-length", len).body(reqwest::Body::from(file));
+        for (k, v) in &headers {
+            if k != "host" {
+                req = req.header(k, v);
+            }
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        let status = resp.status().as_u16();
+        let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let text = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
         if status >= 400 {
             return Err(Self::error(status, code, &text));
         }

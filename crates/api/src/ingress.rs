@@ -69,7 +69,7 @@ impl TokenKey {
             }
         }
         let mut k = vec![0u8; 32];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut k)?;
+        getrandom::fill(&mut k).map_err(std::io::Error::from)?;
         let tmp = dir.join(".token.key.tmp");
         std::fs::write(&tmp, &k)?;
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;

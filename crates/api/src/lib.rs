@@ -19,3 +19,4 @@ pub mod service;
 pub mod shell;
 pub mod sigv4;
 pub mod store;
+pub mod upload;

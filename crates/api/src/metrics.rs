@@ -1,8 +1,12 @@
 //! Prometheus metrics: microvms by state (from the store), latency histograms of launch,
 //! suspend and resume, error and request counters. Written by hand in the text exposition
-//! format: a handful of series do not need a metrics framework.
+//! format: a handful of series do not need a metrics framework. Served on the operator's
+//! own listener ([`router`]), never on the tenants' API.
 
+use crate::service::Service;
+use axum::extract::State;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -76,5 +80,48 @@ impl Metrics {
             o.push_str(&format!("hearth_requests_total{{operation=\"{op}\",status=\"{status}\"}} {n}\n"));
         }
         o
+    }
+}
+
+/// The operator's metrics listener: `GET /metrics` (the exposition text) and nothing else.
+/// Served apart from the API (`hearth serve --metrics-listen`): the counts, latencies and
+/// per-operation traffic of all tenants are the operator's to see.
+pub fn router(svc: Arc<Service>) -> axum::Router {
+    axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(svc)
+}
+
+async fn scrape(State(svc): State<Arc<Service>>) -> impl axum::response::IntoResponse {
+    let states = svc.store.count_by_state().unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], svc.metrics.render(&states))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn metrics_are_served_on_their_own_listener_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("hearth.db")).unwrap();
+        let token_key = crate::ingress::TokenKey::load_or_create(dir.path()).unwrap();
+        let vm = hearth_vmm::VmConfig::new("/nonexistent/vmlinuz", "/nonexistent/initramfs");
+        let svc = Arc::new(Service::new(store, dir.path().into(), dir.path().into(), vm, token_key));
+        let serve = |router: axum::Router| async move {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(l, router).await });
+            addr
+        };
+        let api = serve(crate::server::router(svc.clone())).await;
+        let metrics = serve(router(svc)).await;
+        let r = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.text().await.unwrap().contains("hearth_microvms{state=\"RUNNING\"} 0"));
+        // On the API, an unsigned request like any other.
+        let r = reqwest::get(format!("http://{api}/metrics")).await.unwrap();
+        assert_eq!(r.status(), 403);
+        assert!(!r.text().await.unwrap().contains("hearth_microvms"));
+        // The metrics listener serves nothing else.
+        assert_eq!(reqwest::get(format!("http://{metrics}/health")).await.unwrap().status(), 404);
     }
 }

@@ -2,7 +2,9 @@
 //! the model, validated, made idempotent where the model has a `clientToken`, and answered
 //! with the model's status codes and error shapes. Hearth's own extensions live under
 //! `/hearth/v1/` (same authentication; described by `/hearth/v1/openapi.json`); `/health`
-//! and `/metrics` need none. Microvm endpoints (`/microvms/<id>/…`, [`crate::ingress`]) and
+//! needs none; `/metrics` is served apart, on the operator's listener
+//! ([`ServeConfig::metrics_listen`], [`crate::metrics::router`]), and here is refused like
+//! any unsigned request. Microvm endpoints (`/microvms/<id>/…`, [`crate::ingress`]) and
 //! shells (`/shell/<id>`, [`crate::shell`]) are authenticated by their tokens instead.
 
 use crate::error::{ApiError, Kind};
@@ -49,10 +51,6 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     let path = parts.uri.path().to_owned();
     match (parts.method.as_str(), path.as_str()) {
         ("GET", "/health") => return (http::StatusCode::OK, "ok\n").into_response(),
-        ("GET", "/metrics") => {
-            let states = svc.store.count_by_state().unwrap_or_default();
-            return ([("content-type", "text/plain; version=0.0.4")], svc.metrics.render(&states)).into_response();
-        }
         ("GET", "/hearth/v1/openapi.json") => return json_response(200, &openapi()),
         _ => {}
     }
@@ -60,6 +58,10 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     if let Some(id) = path.strip_prefix("/shell/") {
         let id = percent_encoding::percent_decode_str(id.trim_end_matches('/')).decode_utf8_lossy().into_owned();
         return crate::shell::serve(svc, Request::from_parts(parts, body), id).await;
+    }
+    // Code artifact uploads: authenticated before the body is read, then streamed to disk.
+    if parts.method == http::Method::POST && path == "/hearth/v1/artifacts" {
+        return crate::upload::receive(svc, parts, body).await;
     }
     // Microvm endpoints: token-authenticated, proxied to the app.
     if let Some(rest) = path.strip_prefix("/microvms/") {
@@ -312,7 +314,9 @@ async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRe
     Ok(([("content-type", "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response())
 }
 
-/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules.
+/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules,
+/// refused when an allow rule reaches further than the host's ceiling (the operator's
+/// `--egress-allow-private`; nothing before `serve` sets it).
 fn egress_from(v: &Value) -> Result<hearth_vmm::net::Egress, ApiError> {
     let rules = |k: &str| -> Result<Vec<hearth_vmm::net::Rule>, ApiError> {
         v.get(k)
@@ -328,7 +332,9 @@ fn egress_from(v: &Value) -> Result<hearth_vmm::net::Egress, ApiError> {
     if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny"].contains(&k.as_str()))) {
         return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny)")));
     }
-    Ok(hearth_vmm::net::Egress { internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false), allow: rules("allow")?, deny: rules("deny")? })
+    let egress = hearth_vmm::net::Egress { internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false), allow: rules("allow")?, deny: rules("deny")? };
+    egress.within(&hearth_vmm::net::host_ceiling().unwrap_or_default()).map_err(|e| ApiError::validation(e.to_string()))?;
+    Ok(egress)
 }
 
 fn file_err(e: hearth_vmm::AgentError) -> ApiError {
@@ -383,6 +389,10 @@ pub fn openapi() -> Value {
             "/hearth/v1/microvms/{microvmId}/egress": {
                 "get": { "summary": "The microvm's egress policy", "responses": { "200": { "description": "{egress}" } } },
                 "put": { "summary": "Replace the egress policy while it runs: {internet: bool, allow: [rule], deny: [rule]}, rules CIDR[:PORT[-PORT]][/tcp|/udp]; kept across suspend/resume", "responses": { "200": { "description": "{egress}" } } } },
+            "/hearth/v1/artifacts": { "post": {
+                "summary": "Upload a code artifact (a zip with a Dockerfile at its root, streamed, at most 1 GiB). Sign X-Amz-Content-Sha256 with the body's SHA-256; name the result in CreateMicrovmImage's codeArtifact.uri. Kept 24 hours.",
+                "requestBody": { "content": { "application/zip": { "schema": { "type": "string", "format": "binary" } } } },
+                "responses": { "201": { "description": "{uri: \"hearth://artifacts/<sha256>\", sha256, size}" } } } },
             "/hearth/v1/usage": { "get": { "summary": "Metered usage of the caller's account between ?from= and ?to= (seconds since the epoch): vCPU-seconds and GiB-seconds while RUNNING, snapshot GiB-hours while SUSPENDED", "responses": { "200": { "description": "usage" } } } }
         }
     })
@@ -419,6 +429,9 @@ pub struct ServeConfig {
     /// The URL clients reach the daemon at (microvm endpoints are under it); default
     /// `http://<listen address>`.
     pub public_url: Option<String>,
+    /// Where `GET /metrics` is served, apart from the API (its counts and latencies are
+    /// the operator's, not the tenants'); none serves no metrics.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What `serve` reports once it listens.
@@ -427,6 +440,8 @@ pub struct Started {
     pub addr: std::net::SocketAddr,
     /// The access key created on first start (printed once).
     pub first_key: Option<crate::store::AccessKey>,
+    /// The bound metrics address, when metrics are served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Opens the store (creating the first tenant and key on first start), reconciles
@@ -434,10 +449,9 @@ pub struct Started {
 /// `shutdown` resolves; running VMs are then released to run on until the next start.
 pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
     let dir = cfg.state_dir.clone();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    crate::store::create_state_dir(&dir).map_err(|e| format!("create {} (owner only): {e}", dir.display()))?;
     let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
-    let first_key = if store.keys().map_err(|e| e.to_string())?.is_empty() {
+    let first_key = if !store.has_keys().map_err(|e| e.to_string())? {
         let k = crate::keys::new_key(&crate::keys::new_account());
         store.add_key(&k).map_err(|e| e.to_string())?;
         Some(k)
@@ -448,6 +462,11 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.map_err(|e| format!("listen on {a} for metrics: {e}"))?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(|e| e.to_string())?;
     let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let svc = Arc::new(service);
@@ -456,7 +475,11 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     // killed; then run directories whose QEMU is gone go.
     hearth_vmm::vm::kill_unowned_detached(&svc.vm_template.run_root);
     hearth_vmm::vm::sweep_stale_run_dirs(&svc.vm_template.run_root);
-    started(Started { addr, first_key });
+    let metrics = metrics_listener.map(|l| {
+        let router = crate::metrics::router(svc.clone());
+        tokio::spawn(async move { axum::serve(l, router).await })
+    });
+    started(Started { addr, first_key, metrics_addr });
     let policy_svc = svc.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let policy = tokio::spawn(async move {
@@ -476,7 +499,35 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
     });
     let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
     let _ = stop_tx.send(true);
+    if let Some(m) = metrics {
+        // Scrapes are short and hold nothing: no graceful end needed.
+        m.abort();
+    }
     let _ = policy.await;
     svc.release_all().await;
     r
+}
+
+#[cfg(test)]
+mod egress_tests {
+    use super::*;
+    use hearth_vmm::net::{set_host_ceiling, Ceiling, Rule};
+
+    /// One test, since the host ceiling is process-wide.
+    #[test]
+    fn tenant_egress_rules_only_narrow_the_host_ceiling() {
+        set_host_ceiling(Some(Ceiling::default()));
+        let e = egress_from(&json!({ "internet": true, "allow": ["10.0.0.0/8:5432/tcp"] })).unwrap_err();
+        assert_eq!((e.kind.name(), e.kind.status()), ("ValidationException", 400));
+        assert!(e.message.contains("10.0.0.0/8:5432/tcp") && e.message.contains("--egress-allow-private"), "{}", e.message);
+        for wide in ["0.0.0.0/0", "169.254.169.254", "100.64.0.0/10:80", "127.0.0.1:22/tcp"] {
+            assert!(egress_from(&json!({ "allow": [wide] })).is_err(), "{wide}");
+        }
+        // Public destinations, deny rules and internet egress are the tenant's to set.
+        egress_from(&json!({ "internet": true, "allow": ["93.184.0.0/16:53/udp"], "deny": ["10.0.0.0/8", "0.0.0.0/0"] })).unwrap();
+        set_host_ceiling(Some(Ceiling { allow: vec![Rule::parse("10.1.0.0/16").unwrap()] }));
+        egress_from(&json!({ "allow": ["10.1.2.0/24:5432/tcp"] })).unwrap();
+        assert!(egress_from(&json!({ "allow": ["10.2.0.0/16"] })).is_err());
+        set_host_ceiling(None);
+    }
 }

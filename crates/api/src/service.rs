@@ -7,6 +7,7 @@
 //! is written before the action, the final one after it.
 
 use hearth_proto::exec::ExecRequest;
+mod artifacts;
 use crate::error::{ApiError, Kind};
 use crate::store::{ImageRecord, MicrovmRecord, Store, VersionRecord};
 use hearth_vmm::{RestoreOptions, Snapshot, Vm, VmConfig};
@@ -36,12 +37,9 @@ fn db(e: rusqlite::Error) -> ApiError {
     ApiError::internal(format!("database: {e}"))
 }
 
+/// `n` random bytes in hex (panics when the OS gives none: see [`crate::keys`]).
 fn random_hex(n: usize) -> String {
-    let mut b = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::keys::random(n).iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// An image's ARN.
@@ -716,9 +714,8 @@ impl Service {
             )));
         };
         let uri = input.get("codeArtifact").and_then(|c| c.get("uri")).and_then(Value::as_str).unwrap_or_default();
-        if !(uri.starts_with("file://") || uri.starts_with("http://") || uri.starts_with("https://") || uri.starts_with('/')) {
-            return Err(ApiError::validation(format!("codeArtifact.uri {uri:?}: Hearth fetches file://, http:// and https:// artifacts (no S3)")));
-        }
+        // Opened now so a bad one is refused here; the build opens it again.
+        drop(self.code_artifact(account, uri)?);
         let mut spec = Map::new();
         for (k, v) in input {
             if !matches!(k.as_str(), "name" | "imageIdentifier" | "clientToken" | "tags") {
@@ -768,7 +765,7 @@ impl Service {
         rec.state = "IN_PROGRESS".into();
         let _ = self.store.put_version(&rec);
         let dir = self.version_dir(&image.account, &image.name, rec.version);
-        let result = self.build_version(&rec, base, &dir).await;
+        let result = self.clone().build_version(&rec, base, &dir).await;
         rec.updated_at = Some(now());
         match result {
             Ok((sizes, config)) => {
@@ -791,7 +788,7 @@ impl Service {
     }
 
     async fn build_version(
-        &self,
+        self: Arc<Self>,
         rec: &VersionRecord,
         base: hearth_image::base::Base,
         dir: &std::path::Path,
@@ -799,13 +796,19 @@ impl Service {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(dir).map_err(|e| e.to_string())?;
         let uri = rec.spec.pointer("/codeArtifact/uri").and_then(Value::as_str).unwrap_or_default();
-        let src = hearth_image::artifact::fetch(uri, scratch.path(), Default::default()).await.map_err(|e| e.to_string())?;
-        let context = if src.is_dir() {
-            src
-        } else {
-            let ctx = scratch.path().join("ctx");
-            hearth_image::artifact::extract_zip(&src, &ctx, Default::default()).map_err(|e| e.to_string())?;
-            ctx
+        // Held open until the build ends: a directory context is read through it.
+        let source = self.code_artifact(&rec.account, uri).map_err(|e| e.message)?;
+        let context = match &source {
+            artifacts::Source::Local(l) if l.dir => l.path(),
+            other => {
+                let zip = match other {
+                    artifacts::Source::Local(l) => l.path(),
+                    artifacts::Source::Remote(u) => hearth_image::artifact::fetch(u, scratch.path(), Default::default()).await.map_err(|e| e.to_string())?,
+                };
+                let ctx = scratch.path().join("ctx");
+                hearth_image::artifact::extract_zip(&zip, &ctx, Default::default()).map_err(|e| e.to_string())?;
+                ctx
+            }
         };
         let hooks = rec.spec.get("hooks").cloned().unwrap_or(Value::Null);
         let enabled = |p: &str| hooks.pointer(p).and_then(Value::as_str) != Some("DISABLED");
@@ -823,7 +826,8 @@ impl Service {
             ready_timeout: Duration::from_secs(hooks.pointer("/microvmImageHooks/readyTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(120)),
             validate: hooks.pointer("/microvmImageHooks/validate").and_then(Value::as_str) == Some("ENABLED") && enabled("/microvmImageHooks/validate"),
             network: hearth_vmm::net::can_network().then(hearth_vmm::net::Egress::internet),
-            cache: true,
+            cache: Some(self.layer_cache(&rec.account)),
+            images: Arc::new(artifacts::TenantImages { svc: self.clone(), account: rec.account.clone() }),
         };
         let mut vm = self.vm_template.clone();
         if let Some(m) = rec.spec.pointer("/resources/0/minimumMemoryInMiB").and_then(Value::as_u64) {

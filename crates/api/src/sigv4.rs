@@ -25,6 +25,8 @@ pub struct Signed {
     pub access_key: String,
     /// The region in the credential scope.
     pub region: String,
+    /// The body's SHA-256 (hex) the signature covers.
+    pub payload_hash: String,
 }
 
 fn denied(msg: impl Into<String>) -> ApiError {
@@ -168,6 +170,59 @@ pub fn verify(
     now: SystemTime,
     secret_of: impl Fn(&str) -> Option<String>,
 ) -> Result<Signed, ApiError> {
+    let payload_hash = hex_sha256(body);
+    if let Some(claimed) = headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
+        if claimed != payload_hash {
+            return Err(denied("X-Amz-Content-Sha256 does not match the body"));
+        }
+    }
+    verify_hash(method, uri, headers, &payload_hash, now, secret_of)
+}
+
+/// Verifies a request whose body has not been read yet (a streamed upload): the signature
+/// covers the body's SHA-256 as the `X-Amz-Content-Sha256` header claims it, so the caller
+/// authenticates before reading a byte and must compare the hash of what arrives with
+/// [`Signed::payload_hash`] afterwards, discarding the body when they differ.
+///
+/// # Errors
+///
+/// As [`verify`]; also when the header is missing or not a hex SHA-256 (`UNSIGNED-PAYLOAD`
+/// is refused: an upload's bytes must be signed).
+pub fn verify_streamed(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    now: SystemTime,
+    secret_of: impl Fn(&str) -> Option<String>,
+) -> Result<Signed, ApiError> {
+    let claimed = headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+        .ok_or_else(|| denied("uploads must carry X-Amz-Content-Sha256 with the body's SHA-256 (lowercase hex), signed"))?;
+    if !a_signed(headers, "x-amz-content-sha256") {
+        return Err(denied("X-Amz-Content-Sha256 must be a signed header on uploads"));
+    }
+    verify_hash(method, uri, headers, claimed, now, secret_of)
+}
+
+/// True when the Authorization header lists `name` among its signed headers.
+fn a_signed(headers: &http::HeaderMap, name: &str) -> bool {
+    headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| parse_authorization(a).ok().map(|a| a.signed_headers.contains(&name)))
+        .unwrap_or(false)
+}
+
+fn verify_hash(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    payload_hash: &str,
+    now: SystemTime,
+    secret_of: impl Fn(&str) -> Option<String>,
+) -> Result<Signed, ApiError> {
     let authz = headers
         .get(http::header::AUTHORIZATION)
         .ok_or_else(|| ApiError::new(Kind::InvalidSignature, "missing Authorization header: sign requests with SigV4 (an AWS SDK or CLI does)"))?
@@ -209,14 +264,8 @@ pub fn verify(
         }
         canon_headers.push_str(&format!("{name}:{}\n", values.join(",")));
     }
-    let payload_hash = hex_sha256(body);
-    if let Some(claimed) = headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
-        if claimed != payload_hash {
-            return Err(denied("X-Amz-Content-Sha256 does not match the body"));
-        }
-    }
     let scope = format!("{}/{}/{}/aws4_request", a.date, a.region, a.service);
-    let to_sign = string_to_sign(method, uri, &canon_headers, &a.signed_headers.join(";"), &payload_hash, amz_date, &scope);
+    let to_sign = string_to_sign(method, uri, &canon_headers, &a.signed_headers.join(";"), payload_hash, amz_date, &scope);
     let key = aws_sigv4::sign::v4::generate_signing_key(&secret, when, a.region, a.service);
     let expected = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     // Constant time: every byte is compared whatever the first difference.
@@ -224,7 +273,7 @@ pub fn verify(
     if !same {
         return Err(denied("the request signature does not match (check the secret access key and signing method)"));
     }
-    Ok(Signed { access_key: a.access_key.to_owned(), region: a.region.to_owned() })
+    Ok(Signed { access_key: a.access_key.to_owned(), region: a.region.to_owned(), payload_hash: payload_hash.to_owned() })
 }
 
 /// Formats a time as `YYYYMMDDTHHMMSSZ`.
@@ -247,15 +296,37 @@ fn amz_date(t: SystemTime) -> String {
 /// Signs a request as the SDKs do (for Hearth's own clients: the CLI, benchmarks): sets
 /// `x-amz-date` and `authorization` in `headers`, which must already hold `host`.
 pub fn sign(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMap, body: &[u8], access_key: &str, secret: &str, region: &str, now: SystemTime) {
+    sign_with(method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now);
+}
+
+/// Signs a request whose body is streamed (an upload): as [`sign`], over `payload_hash`
+/// (the body's SHA-256, hex), which is also sent and signed as `x-amz-content-sha256`.
+#[allow(clippy::too_many_arguments)]
+pub fn sign_streamed(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMap, payload_hash: &str, access_key: &str, secret: &str, region: &str, now: SystemTime) {
+    headers.insert("x-amz-content-sha256", http::HeaderValue::from_str(payload_hash).expect("hex"));
+    sign_with(method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sign_with(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &mut http::HeaderMap,
+    payload_hash: &str,
+    signed_headers: &[&str],
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    now: SystemTime,
+) {
     let date = amz_date(now);
     headers.insert("x-amz-date", http::HeaderValue::from_str(&date).expect("ascii"));
-    let signed_headers = ["host", "x-amz-date"];
     let canon_headers: String = signed_headers
         .iter()
         .map(|n| format!("{n}:{}\n", headers.get(*n).and_then(|v| v.to_str().ok()).unwrap_or_default().trim()))
         .collect();
     let scope = format!("{}/{region}/{SERVICE}/aws4_request", &date[..8]);
-    let to_sign = string_to_sign(method, uri, &canon_headers, &signed_headers.join(";"), &hex_sha256(body), &date, &scope);
+    let to_sign = string_to_sign(method, uri, &canon_headers, &signed_headers.join(";"), payload_hash, &date, &scope);
     let key = aws_sigv4::sign::v4::generate_signing_key(secret, now, region, SERVICE);
     let sig = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     let auth = format!("AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={}, Signature={sig}", signed_headers.join(";"));

@@ -3,10 +3,17 @@
 //! versions, tags, idempotency records and usage. Records are JSON documents beside the
 //! columns that queries need; every change is one transaction, written before the action
 //! it announces is taken (a crash then leaves a state the daemon reconciles on start).
+//!
+//! Access keys' secrets are sealed under the key in the same directory ([`crate::keys`]),
+//! and opened on lookup. The schema is versioned (`PRAGMA user_version`, [`SCHEMA_VERSION`]):
+//! opening a database brings it up to date step by step, seals secrets an older version
+//! stored in plain text, and refuses a database written by a newer version.
 
+use crate::keys::{SealingKey, SealingKeyError};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// A database error (always an internal error to clients).
@@ -107,9 +114,121 @@ pub struct VersionRecord {
     pub config: Option<hearth_image::build::ImageConfig>,
 }
 
+mod accounts;
+pub use accounts::AccountSettings;
+
+mod idempotency;
+pub use idempotency::IDEMPOTENCY_TTL;
+
+/// The schema's version (`PRAGMA user_version`); [`migrate`] brings older ones up to it.
+pub const SCHEMA_VERSION: i64 = 1;
+
 /// The database.
 pub struct Store {
     conn: Mutex<Connection>,
+    sealing: SealingKey,
+}
+
+/// A failure to open the store.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// SQLite failed.
+    #[error(transparent)]
+    Db(#[from] rusqlite::Error),
+    /// The sealing key file cannot be used.
+    #[error(transparent)]
+    SealingKey(#[from] SealingKeyError),
+    /// Secrets are sealed, but their key file is gone.
+    #[error(
+        "the secrets key {0} is missing, but the database holds sealed secrets: restore the file \
+         from a backup (without it no access key works)"
+    )]
+    KeyMissing(PathBuf),
+    /// The key file opens none of the sealed secrets.
+    #[error("the secrets key {0} opens none of the database's secrets: it is not the key they were sealed with; restore the right file")]
+    WrongKey(PathBuf),
+    /// A newer Hearth wrote the database.
+    #[error("the database has schema version {found}, newer than this Hearth's {known}: run the newer Hearth")]
+    NewerSchema {
+        /// The database's version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+}
+
+/// Creates the API's state directory, or restricts an existing one, to its owner (0700):
+/// it holds the database, the secrets key and the endpoint token key.
+///
+/// # Errors
+///
+/// When the directory cannot be created or its mode set.
+pub fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+}
+
+/// Seconds since the epoch.
+fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], one step per version, in one transaction
+/// (another process opening the database meanwhile waits, then finds it done).
+fn migrate(conn: &mut Connection) -> Result<(), OpenError> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let found: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(OpenError::NewerSchema { found, known: SCHEMA_VERSION });
+    }
+    if found < 1 {
+        idempotency::migrate_to_1(&tx, now())?;
+    }
+    if found < SCHEMA_VERSION {
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The sealing key of the database in `dir`: loaded, or created while no secret is sealed
+/// yet. Refuses a missing key once secrets are sealed and a key that opens none of them;
+/// secrets of older versions, in plain text, are sealed with it.
+fn sealing_key(conn: &mut Connection, dir: &Path) -> Result<SealingKey, OpenError> {
+    let rows: Vec<(String, String)> = {
+        let mut st = conn.prepare("SELECT access_key, secret FROM access_keys")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<DbResult<_>>()?
+    };
+    let sealed: Vec<_> = rows.iter().filter(|(_, s)| crate::keys::is_sealed(s)).collect();
+    let key = match SealingKey::load(dir)? {
+        Some(k) => k,
+        None if sealed.is_empty() => SealingKey::create(dir)?,
+        None => return Err(OpenError::KeyMissing(SealingKey::path(dir))),
+    };
+    let unusable: Vec<_> = sealed.iter().filter(|(id, s)| key.open(id, s).is_err()).collect();
+    if !sealed.is_empty() && unusable.len() == sealed.len() {
+        return Err(OpenError::WrongKey(SealingKey::path(dir)));
+    }
+    for (id, _) in unusable {
+        tracing::error!(access_key = %id, "the stored secret of this access key does not open: the key is unusable (create another with `hearth keys create`)");
+    }
+    if rows.len() > sealed.len() {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut n = 0;
+        for (id, secret) in &rows {
+            if !crate::keys::is_sealed(secret) {
+                // Only if still plain: a process opening the database meanwhile may have sealed it.
+                n += tx.execute("UPDATE access_keys SET secret = ?2 WHERE access_key = ?1 AND secret = ?3", params![id, key.seal(id, secret), secret])?;
+            }
+        }
+        tx.commit()?;
+        // With secure_delete the old cells are zeroed; the checkpoint empties the WAL, which
+        // held the plain pages.
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        tracing::info!(keys = n, "sealed access keys' secrets stored in plain text by an older version");
+    }
+    Ok(key)
 }
 
 fn to_doc<T: Serialize>(v: &T) -> String {
@@ -121,15 +240,24 @@ fn from_doc<T: DeserializeOwned>(s: String) -> DbResult<T> {
 }
 
 impl Store {
-    /// Opens (creating) the database at `path`.
-    pub fn open(path: &Path) -> DbResult<Store> {
-        let conn = Connection::open(path)?;
-        // Access keys' secrets live here: owner only.
+    /// Opens (creating) the database at `path`, with its sealing key in the same directory
+    /// ([`crate::keys::SEALING_KEY_FILE`], created with the database).
+    ///
+    /// # Errors
+    ///
+    /// SQLite's; a key file that is exposed, malformed, missing or not the database's
+    /// ([`OpenError`]); a database of a newer version.
+    pub fn open(path: &Path) -> Result<Store, OpenError> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        // Owner only from its first byte (SQLite gives the WAL the database's mode).
+        let _ = std::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(path);
+        let mut conn = Connection::open(path)?;
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=FULL;
              PRAGMA busy_timeout=5000;
+             PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS access_keys (access_key TEXT PRIMARY KEY, secret TEXT NOT NULL, account TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS microvms (id TEXT PRIMARY KEY, account TEXT NOT NULL, seq INTEGER NOT NULL, state TEXT NOT NULL, doc TEXT NOT NULL);
              CREATE INDEX IF NOT EXISTS microvms_by_account ON microvms(account, seq);
@@ -140,33 +268,57 @@ impl Store {
              CREATE TABLE IF NOT EXISTS usage (account TEXT NOT NULL, microvm_id TEXT NOT NULL, kind TEXT NOT NULL, start REAL NOT NULL, end REAL, vcpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, bytes INTEGER NOT NULL DEFAULT 0);
              CREATE INDEX IF NOT EXISTS usage_by_account ON usage(account, start);",
         )?;
-        Ok(Store { conn: Mutex::new(conn) })
+        conn.execute_batch(accounts::SCHEMA)?;
+        migrate(&mut conn)?;
+        let sealing = sealing_key(&mut conn, dir)?;
+        Ok(Store { conn: Mutex::new(conn), sealing })
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Every access key.
+    /// The key with its secret opened; `None` (logged) when the secret does not open: the
+    /// key is then unusable, and requests signed with it fail authentication.
+    fn unsealed(&self, access_key: String, stored: &str, account: String) -> Option<AccessKey> {
+        match self.sealing.open(&access_key, stored) {
+            Ok(secret) => Some(AccessKey { access_key, secret, account }),
+            Err(e) => {
+                tracing::error!(%access_key, "access key unusable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Every usable access key.
     pub fn keys(&self) -> DbResult<Vec<AccessKey>> {
         let db = self.db();
         let mut st = db.prepare("SELECT access_key, secret, account FROM access_keys ORDER BY rowid")?;
-        let rows = st.query_map([], |r| Ok(AccessKey { access_key: r.get(0)?, secret: r.get(1)?, account: r.get(2)? }))?;
-        rows.collect()
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+        let rows: Vec<_> = rows.collect::<DbResult<_>>()?;
+        Ok(rows.into_iter().filter_map(|(id, stored, account)| self.unsealed(id, &stored, account)).collect())
     }
 
-    /// The key with id `access_key`.
+    /// True when any access key exists (usable or not).
+    pub fn has_keys(&self) -> DbResult<bool> {
+        self.db().query_row("SELECT EXISTS (SELECT 1 FROM access_keys)", [], |r| r.get(0))
+    }
+
+    /// The key with id `access_key`, its secret opened (`None` also when it does not open).
     pub fn key(&self, access_key: &str) -> DbResult<Option<AccessKey>> {
-        self.db()
+        let row = self
+            .db()
             .query_row("SELECT access_key, secret, account FROM access_keys WHERE access_key = ?1", [access_key], |r| {
-                Ok(AccessKey { access_key: r.get(0)?, secret: r.get(1)?, account: r.get(2)? })
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
             })
-            .optional()
+            .optional()?;
+        Ok(row.and_then(|(id, stored, account)| self.unsealed(id, &stored, account)))
     }
 
-    /// Adds a key.
+    /// Adds a key (its secret sealed).
     pub fn add_key(&self, k: &AccessKey) -> DbResult<()> {
-        self.db().execute("INSERT INTO access_keys (access_key, secret, account) VALUES (?1, ?2, ?3)", params![k.access_key, k.secret, k.account])?;
+        let sealed = self.sealing.seal(&k.access_key, &k.secret);
+        self.db().execute("INSERT INTO access_keys (access_key, secret, account) VALUES (?1, ?2, ?3)", params![k.access_key, sealed, k.account])?;
         Ok(())
     }
 
@@ -318,38 +470,6 @@ impl Store {
         tx.commit()
     }
 
-    /// Claims `token` for a call with `hash`: `Ok(None)` when this call now owns it,
-    /// `Ok(Some((hash, response)))` when it was claimed before (response empty while that
-    /// call is still running).
-    pub fn claim(&self, account: &str, op: &str, token: &str, hash: &str) -> DbResult<Option<(String, String)>> {
-        let db = self.db();
-        let n = db.execute(
-            "INSERT OR IGNORE INTO idempotency (account, operation, token, request_hash, response) VALUES (?1, ?2, ?3, ?4, '')",
-            params![account, op, token, hash],
-        )?;
-        if n == 1 {
-            return Ok(None);
-        }
-        db.query_row("SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3", [account, op, token], |r| {
-            Ok(Some((r.get(0)?, r.get(1)?)))
-        })
-    }
-
-    /// Releases a claim whose call failed (a retry may run it again).
-    pub fn unclaim(&self, account: &str, op: &str, token: &str) -> DbResult<()> {
-        self.db().execute("DELETE FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3 AND response = ''", [account, op, token])?;
-        Ok(())
-    }
-
-    /// Records an idempotent call's response.
-    pub fn remember(&self, account: &str, op: &str, token: &str, hash: &str, response: &str) -> DbResult<()> {
-        self.db().execute(
-            "INSERT OR REPLACE INTO idempotency (account, operation, token, request_hash, response) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![account, op, token, hash, response],
-        )?;
-        Ok(())
-    }
-
     /// Opens a usage period (`kind` RUNNING or SUSPENDED) for a microvm.
     pub fn usage_start(&self, m: &MicrovmRecord, kind: &str, now: f64, bytes: u64) -> DbResult<()> {
         self.db().execute(
@@ -457,5 +577,117 @@ mod tests {
         assert_eq!(u.gib_seconds, 50.0);
         assert!((u.snapshot_gib_hours - 1.0).abs() < 1e-9);
         assert_eq!(s.usage("222222222222", 0.0, 1e9, 1e9).unwrap(), Usage::default());
+    }
+
+    /// The database and its WAL as bytes.
+    fn db_bytes(path: &Path) -> Vec<u8> {
+        let mut b = std::fs::read(path).unwrap();
+        b.extend(std::fs::read(path.with_extension("db-wal")).unwrap_or_default());
+        b
+    }
+
+    fn contains(hay: &[u8], needle: &str) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn secrets_are_sealed_at_rest_and_opened_on_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        let s = Store::open(&path).unwrap();
+        let k = crate::keys::new_key("111111111111");
+        s.add_key(&k).unwrap();
+        assert!(!contains(&db_bytes(&path), &k.secret));
+        assert_eq!(s.key(&k.access_key).unwrap().unwrap(), k);
+        assert_eq!(s.keys().unwrap(), [k.clone()]);
+        let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&SealingKey::path(dir.path())), 0o600);
+    }
+
+    #[test]
+    fn plain_secrets_of_older_versions_are_sealed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYPLAINTEXT1";
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE access_keys (access_key TEXT PRIMARY KEY, secret TEXT NOT NULL, account TEXT NOT NULL);").unwrap();
+            c.execute("INSERT INTO access_keys VALUES ('HKIAOLD', ?1, '111111111111')", [secret]).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.key("HKIAOLD").unwrap().unwrap().secret, secret);
+        let stored: String = s.db().query_row("SELECT secret FROM access_keys", [], |r| r.get(0)).unwrap();
+        assert!(crate::keys::is_sealed(&stored));
+        drop(s);
+        assert!(!contains(&db_bytes(&path), secret));
+    }
+
+    #[test]
+    fn a_wrong_or_missing_key_file_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        let (k1, k2) = (crate::keys::new_key("111111111111"), crate::keys::new_key("111111111111"));
+        {
+            let s = Store::open(&path).unwrap();
+            s.add_key(&k1).unwrap();
+            s.add_key(&k2).unwrap();
+        }
+        let key_file = SealingKey::path(dir.path());
+        let good = std::fs::read(&key_file).unwrap();
+        // Another key: refused, naming the file.
+        std::fs::write(&key_file, [9u8; 32]).unwrap();
+        let e = Store::open(&path).err().unwrap();
+        assert!(matches!(e, OpenError::WrongKey(_)), "{e}");
+        // No key: refused (not replaced by a new one).
+        std::fs::remove_file(&key_file).unwrap();
+        assert!(matches!(Store::open(&path), Err(OpenError::KeyMissing(_))));
+        assert!(!key_file.exists());
+        // One damaged row: that key alone is unusable.
+        std::fs::write(&key_file, &good).unwrap();
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute("UPDATE access_keys SET secret = replace(secret, 'v1:', 'v1:AA') WHERE access_key = ?1", [&k1.access_key]).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.key(&k1.access_key).unwrap(), None);
+        assert_eq!(s.key(&k2.access_key).unwrap().unwrap(), k2);
+        assert_eq!(s.keys().unwrap(), [k2]);
+        assert!(s.has_keys().unwrap());
+    }
+
+    #[test]
+    fn an_exposed_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        drop(Store::open(&path).unwrap());
+        let key_file = SealingKey::path(dir.path());
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        let e = Store::open(&path).err().unwrap();
+        assert!(matches!(e, OpenError::SealingKey(SealingKeyError::Exposed { .. })), "{e}");
+    }
+
+    #[test]
+    fn the_state_dir_is_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
+        let fresh = dir.path().join("a/api");
+        create_state_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let old = dir.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        create_state_dir(&old).unwrap();
+        assert_eq!(mode(&old), 0o700);
+    }
+
+    #[test]
+    fn a_database_of_a_newer_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.db");
+        drop(Store::open(&path).unwrap());
+        Connection::open(&path).unwrap().execute_batch(&format!("PRAGMA user_version = {}", SCHEMA_VERSION + 1)).unwrap();
+        assert!(matches!(Store::open(&path), Err(OpenError::NewerSchema { .. })));
     }
 }

@@ -67,6 +67,9 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
     let key = hearth_api::keys::new_key(&hearth_api::keys::new_account());
     store.add_key(&key)?;
+    // The benchmark's tenant builds from a directory of its own state, as an operator
+    // would allow with `hearth accounts set --artifact-root`.
+    store.set_account_settings(&key.account, &hearth_api::store::AccountSettings { artifact_root: Some(state.path().to_path_buf()) })?;
     drop(store);
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -77,6 +80,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         vm: vm.clone(),
         policy_interval: Duration::from_secs(1),
         public_url: None,
+        metrics_listen: None,
     };
     let daemon = tokio::spawn(hearth_api::server::serve(cfg, move |s| { let _ = tx.send(s.addr); }, async move { let _ = stop_rx.await; }));
     let addr = rx.await?;

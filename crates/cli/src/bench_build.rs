@@ -64,7 +64,8 @@ pub async fn run(args: BenchBuildArgs) -> anyhow::Result<()> {
             ready_timeout: Duration::from_secs(120),
             validate: false,
             network: args.vm.net.egress(crate::vmargs::EgressMode::Internet)?,
-            cache: true,
+            cache: Some(hearth_image::layers::LayerCache::new(&home)),
+            images: std::sync::Arc::new(hearth_image::build::NoImages),
         };
         eprintln!("round {}: full build", round + 1);
         let t = Instant::now();

@@ -163,7 +163,9 @@ pub enum ImagesCmd {
     Create {
         /// Image name.
         name: String,
-        /// Code artifact: a local path (made a file:// URI), file://, http:// or https://.
+        /// Code artifact: a local directory or zip (uploaded to the daemon), an http:// or
+        /// https:// zip, a file:// path the operator allows the account, or a
+        /// hearth://artifacts/… upload.
         artifact: String,
         /// Managed base image.
         #[arg(long, default_value = "debian-bookworm")]
@@ -377,7 +379,7 @@ async fn images(cmd: ImagesCmd) -> anyhow::Result<i32> {
     match cmd {
         ImagesCmd::Create { name, artifact, base, port, no_wait, conn } => {
             let c = conn.client()?;
-            let uri = if artifact.contains("://") { artifact } else { format!("file://{}", std::fs::canonicalize(&artifact).with_context(|| format!("{artifact}"))?.display()) };
+            let uri = crate::upload::artifact_uri(&c, &artifact, conn.json).await?;
             let base_arn = if base.starts_with("arn:") { base } else { hearth_api::service::managed_arn(&base) };
             let mut body = json!({
                 "baseImageArn": base_arn,

@@ -150,7 +150,8 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 ready_timeout: Duration::from_secs(a.ready_timeout),
                 validate: a.validate,
                 network,
-                cache: !a.no_cache,
+                cache: (!a.no_cache).then(|| hearth_image::layers::LayerCache::new(&home)),
+                images: std::sync::Arc::new(build::HostImages(home.clone())),
             };
             rec.state = VersionState::InProgress;
             store::save(&home, &rec)?;

@@ -1,5 +1,6 @@
 //! `hearth`: boot microVMs on QEMU and run commands in them.
 
+mod accounts;
 mod basecmd;
 mod bench;
 mod bench_api;
@@ -12,6 +13,7 @@ mod report;
 mod setup;
 mod shell;
 mod snapcmd;
+mod upload;
 mod vmargs;
 mod vmrun;
 
@@ -77,6 +79,9 @@ enum Cmd {
     /// Manage the API's access keys (one tenant per account).
     #[command(subcommand)]
     Keys(serve::KeysCmd),
+    /// What the operator allows each tenant account (file:// artifact roots).
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCmd),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +127,7 @@ fn main() {
             Cmd::Client(c) => client::run(c).await,
             Cmd::BenchApi(a) => bench_api::run(a).await.map(|()| 0),
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
+            Cmd::Accounts(c) => accounts::run(c).map(|()| 0),
         };
         match result {
             Ok(code) => code,

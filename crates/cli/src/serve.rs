@@ -23,11 +23,17 @@ pub struct ServeArgs {
     /// Seconds between passes of the idle and lifetime policies.
     #[arg(long, default_value_t = 1.0)]
     policy_interval: f64,
+    /// Serve Prometheus metrics (`GET /metrics`, unauthenticated) on this address, apart
+    /// from the API; keep it reachable by the operator only (e.g. 127.0.0.1:8378). Default:
+    /// no metrics listener.
+    #[arg(long, env = "HEARTH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     let home = hearth_vmm::home::hearth_home();
+    restrict_home(&home);
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
     let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
     vm.accel = a.accel;
@@ -44,6 +50,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         vm,
         policy_interval: std::time::Duration::from_secs_f64(a.policy_interval.max(0.1)),
         public_url: a.public_url.clone(),
+        metrics_listen: a.metrics_listen,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -69,11 +76,35 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 );
             }
             println!("listening {url}");
+            if let Some(m) = s.metrics_addr {
+                println!("metrics http://{m}/metrics");
+            }
         },
         shutdown,
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// Makes `$HEARTH_HOME` owner-only (0700): the tenants' images, snapshots, VM run
+/// directories (consoles, RAM files) and build logs are all beneath it, so its mode guards
+/// them whatever modes the files inside were created with. (The daemon keeps the usual
+/// umask: root filesystems are assembled from host files, and their modes become the
+/// guest's.) A shared directory (world-writable or sticky, like /tmp), or one whose mode
+/// cannot be changed, is left as it is, with a warning.
+fn restrict_home(home: &std::path::Path) {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(home);
+    let Ok(meta) = std::fs::metadata(home) else { return };
+    if meta.mode() & 0o077 == 0 {
+        return;
+    }
+    let warn = |why: &str| tracing::warn!(home = %home.display(), "HEARTH_HOME left readable by others ({why}); tenants' files beneath it may be exposed: point it at a directory of this user's");
+    if meta.mode() & 0o1002 != 0 {
+        warn("a shared directory");
+    } else if let Err(e) = std::fs::set_permissions(home, std::fs::Permissions::from_mode(0o700)) {
+        warn(&e.to_string());
+    }
 }
 
 /// Options of `hearth keys`.
@@ -105,7 +136,7 @@ pub fn keys(cmd: KeysCmd) -> anyhow::Result<()> {
     match cmd {
         KeysCmd::Create { account, state_dir, json } => {
             let dir = dir(state_dir);
-            std::fs::create_dir_all(&dir)?;
+            hearth_api::store::create_state_dir(&dir)?;
             let store = hearth_api::store::Store::open(&dir.join("hearth.db"))?;
             if let Some(a) = &account {
                 anyhow::ensure!(a.len() == 12 && a.bytes().all(|b| b.is_ascii_digit()), "--account must be 12 digits");

@@ -40,6 +40,9 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     std::fs::write(ctx.join("hooked/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n").unwrap();
     std::fs::write(ctx.join("hooked/app.py"), HOOKED_APP).unwrap();
 
+    // The first tenant's operator lets it build from the test's directories; the second
+    // may name no host path at all.
+    allow_artifacts(&state, &a, &ctx);
     let _microvms = Microvms(state.clone());
     let mut daemon = Daemon::start(&state);
     let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &[]);

@@ -130,7 +130,8 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         ready_timeout: std::time::Duration::from_secs(120),
         validate: true,
         network: Some(hearth_vmm::net::Egress::internet()),
-        cache: true,
+        cache: Some(hearth_image::layers::LayerCache::new(&home)),
+        images: std::sync::Arc::new(hearth_image::build::NoImages),
     };
     let mut lines = Vec::new();
     let (snap, cfg) = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image"), &mut |l| lines.push(l.to_owned()))

@@ -1,7 +1,10 @@
 //! Microvm egress, against a test host in a network namespace this test creates (an
 //! address outside the private ranges, on this machine only): TCP reaches it with internet
 //! egress, a deny rule or `none` stops it at once without a restart, UDP is dropped, and
-//! the host's own addresses and the VM's gateway are unreachable whatever the policy.
+//! the host's own addresses and the VM's gateway are unreachable whatever the policy. The
+//! test host has a private address too: reached with an allow rule only where the host's
+//! ceiling (the operator) opens it. Tenants' code artifact downloads reach the test host
+//! from a namespace of their own, and never its private address.
 
 mod common;
 
@@ -14,6 +17,10 @@ const PEER_IP: &str = "198.51.100.1";
 const PEER_GW: &str = "198.51.100.254";
 const TCP_PORT: u16 = 8765;
 const UDP_PORT: u16 = 8766;
+const HTTP_PORT: u16 = 8767;
+/// The test host's private address (and the host's end of its link there).
+const PRIVATE_IP: &str = "10.251.7.1";
+const PRIVATE_GW: &str = "10.251.7.254";
 
 /// A test host in its own namespace; removed (with its server) when dropped.
 struct Peer {
@@ -35,16 +42,19 @@ impl Peer {
         let mut peer = Peer { ns: ns.clone(), server: Command::new("true").spawn().unwrap(), udp_log: udp_log.clone() };
         sh(&format!(
             "ip link add {host_dev} type veth peer name eth0 netns {ns} && ip addr add {PEER_GW}/24 dev {host_dev} && ip link set {host_dev} up && \
-             ip -n {ns} addr add {PEER_IP}/24 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && ip -n {ns} route add default via {PEER_GW}"
+             ip -n {ns} addr add {PEER_IP}/24 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up && ip -n {ns} route add default via {PEER_GW} && \
+             ip addr add {PRIVATE_GW}/24 dev {host_dev} && ip -n {ns} addr add {PRIVATE_IP}/24 dev eth0"
         ));
         let script = format!(
             "import socket, threading\n\
-             t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(('{PEER_IP}', {TCP_PORT})); t.listen(16)\n\
+             t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(('', {TCP_PORT})); t.listen(16)\n\
              u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind(('{PEER_IP}', {UDP_PORT}))\n\
              def udp():\n    while True:\n        d, a = u.recvfrom(100)\n        open('{}', 'a').write('got\\n')\n\
              threading.Thread(target=udp, daemon=True).start()\n\
              {DNS_SERVER}\
              threading.Thread(target=dns, daemon=True).start()\n\
+             {HTTP_SERVER}\
+             threading.Thread(target=h.serve_forever, daemon=True).start()\n\
              print('ready', flush=True)\n\
              while True:\n    c, a = t.accept(); c.sendall(b'peer-ok'); c.close()\n",
             udp_log.display()
@@ -78,6 +88,24 @@ def dns():
             i += q[i] + 1
         ans = b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton('198.51.100.1') if q[i + 1:i + 3] == b'\\x00\\x01' else b''
         d.sendto(q[:2] + b'\\x81\\x80' + q[4:6] + (b'\\x00\\x01' if ans else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i + 5] + ans, a)
+";
+
+/// An HTTP server for the test host: `/to-private` redirects to its private address,
+/// anything else answers `artifact-ok`.
+const HTTP_SERVER: &str = "
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b'' if self.path == '/to-private' else b'artifact-ok'
+        self.send_response(302 if self.path == '/to-private' else 200)
+        if self.path == '/to-private':
+            self.send_header('Location', 'http://10.251.7.1:8767/app.zip')
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+h = http.server.ThreadingHTTPServer(('', 8767), H)
 ";
 
 const PROBE: &str = r#"
@@ -122,6 +150,25 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     // Guests' DNS goes to the test host's server (set before any VM of this test starts;
     // the other tests here do not resolve names).
     std::env::set_var(hearth_vmm::net::DNS_ENV, PEER_IP);
+
+    // A tenant's code artifact download (from a namespace of its own, as root) reaches the
+    // test host's public address, not its private one, directly or by a redirect, and
+    // leaves no namespace behind.
+    let work = tempfile::tempdir().unwrap();
+    let fetch = |uri: String| {
+        let work = work.path().to_owned();
+        async move { hearth_image::artifact::fetch(&uri, &work, Default::default()).await }
+    };
+    let file = fetch(format!("http://{PEER_IP}:{HTTP_PORT}/app.zip")).await.unwrap();
+    assert_eq!(std::fs::read(&file).unwrap(), b"artifact-ok");
+    std::fs::remove_file(file).unwrap();
+    for path in [format!("http://{PRIVATE_IP}:{HTTP_PORT}/app.zip"), format!("http://{PEER_IP}:{HTTP_PORT}/to-private")] {
+        let e = fetch(path.clone()).await.unwrap_err();
+        assert!(matches!(e, hearth_image::artifact::ArtifactError::Refused { ref host, .. } if host == PRIVATE_IP), "{path}: {e}");
+    }
+    assert!(std::fs::read_dir(work.path()).unwrap().next().is_none(), "a download left a file behind");
+    let fetch_namespaces = || std::fs::read_dir("/run/netns").unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("hearth-fetch-")).count();
+    assert_eq!(fetch_namespaces(), 0, "a download's network namespace outlived it");
     let mut cfg = common::config(hearth_image::base::Base::DebianBookworm);
     cfg.network = Some(Egress::internet());
     let vm = Vm::boot(cfg).await.unwrap();
@@ -162,6 +209,31 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     vm.set_egress(&Egress::internet()).unwrap();
     assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
     assert!(vm.set_egress(&Egress { allow: vec![Rule { cidr: "10.0.0.1/8".into(), proto: Default::default(), ports: None }], ..Egress::none() }).is_err());
+
+    // Private addresses: closed to internet egress; opened by an allow rule where this
+    // process is the operator's (no host ceiling: `hearth vm run --allow`)...
+    assert!(probe(&vm, "tcp", PRIVATE_IP, TCP_PORT).await.starts_with("fail"), "internet egress reached a private address");
+    let private = Egress { allow: vec![Rule::parse(&format!("{PRIVATE_IP}:{TCP_PORT}/tcp")).unwrap()], ..Egress::internet() };
+    vm.set_egress(&private).unwrap();
+    assert_eq!(probe(&vm, "tcp", PRIVATE_IP, TCP_PORT).await, "peer-ok", "the operator's allow rule did not open a private address");
+    // ...a tenant's rule is refused under a host ceiling that does not open the range (as
+    // the API refuses it), and a policy loaded regardless is cut by the namespace...
+    hearth_vmm::net::set_host_ceiling(Some(hearth_vmm::net::Ceiling::default()));
+    let refused = private.within(&hearth_vmm::net::host_ceiling().unwrap()).unwrap_err();
+    assert!(refused.to_string().contains(hearth_vmm::net::CEILING_SETTING), "{refused}");
+    vm.set_egress(&private).unwrap();
+    assert!(probe(&vm, "tcp", PRIVATE_IP, TCP_PORT).await.starts_with("fail"), "a tenant's rule reached past the host ceiling");
+    assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok", "the ceiling closed a public address");
+    // ...and allowed once the operator opens the range for the host.
+    let ceiling = hearth_vmm::net::Ceiling { allow: vec![Rule::parse("10.251.7.0/24").unwrap()] };
+    private.within(&ceiling).unwrap();
+    hearth_vmm::net::set_host_ceiling(Some(ceiling));
+    vm.set_egress(&private).unwrap();
+    assert_eq!(probe(&vm, "tcp", PRIVATE_IP, TCP_PORT).await, "peer-ok", "the operator's ceiling did not open the range");
+    // The ceiling opens nothing by itself: internet egress alone stays out.
+    vm.set_egress(&Egress::internet()).unwrap();
+    assert!(probe(&vm, "tcp", PRIVATE_IP, TCP_PORT).await.starts_with("fail"), "the ceiling alone opened a private address");
+    hearth_vmm::net::set_host_ceiling(None);
 
     // Suspend and resume: a new namespace, the same guest addresses, the policy kept.
     let first_ns = vm.netns().unwrap().to_owned();

@@ -18,7 +18,7 @@ use hearth_vmm::agent::ExecEvent;
 use hearth_vmm::{Disk, DiskFormat, Memory, Snapshot, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// What to build.
@@ -38,8 +38,57 @@ pub struct BuildRequest {
     pub validate: bool,
     /// The builder VM's egress (`None`: no network device, needs no root).
     pub network: Option<hearth_vmm::net::Egress>,
-    /// Reuse and record layers in the cache.
-    pub cache: bool,
+    /// The layer cache to reuse and record layers in (`None`: no cache). Each tenant has
+    /// its own: a layer is the disk a build produced, and a tenant's disk is its own.
+    pub cache: Option<LayerCache>,
+    /// Where `FROM hearth/NAME[:vN]` looks: the host's image store for the operator's
+    /// `hearth image build`, only the tenant's own images for API builds.
+    pub images: std::sync::Arc<dyn ImageResolver>,
+}
+
+/// An image a Dockerfile's `FROM hearth/NAME[:vN]` builds on: its disk, its configuration.
+#[derive(Debug, Clone)]
+pub struct FromImage {
+    /// The image version's root disk (qcow2), the build's backing file.
+    pub disk: PathBuf,
+    /// How the build log names it (`hearth/NAME:vN`).
+    pub label: String,
+    /// Its runtime configuration, inherited as Docker's FROM does.
+    pub config: Option<ImageConfig>,
+}
+
+/// Resolves `FROM hearth/<reference>` (`NAME` or `NAME:vN`) to an image to build on.
+pub trait ImageResolver: Send + Sync {
+    /// The image `reference` names, or why there is none (shown to whoever builds).
+    fn resolve(&self, reference: &str) -> Result<FromImage, String>;
+}
+
+impl std::fmt::Debug for dyn ImageResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ImageResolver")
+    }
+}
+
+/// The host's image store under `$HEARTH_HOME` (`hearth image build`, the operator's).
+#[derive(Debug, Clone)]
+pub struct HostImages(pub PathBuf);
+
+impl ImageResolver for HostImages {
+    fn resolve(&self, r: &str) -> Result<FromImage, String> {
+        let rec = crate::store::resolve(&self.0, r).map_err(|e| e.to_string())?;
+        let disk = crate::store::version_dir(&self.0, &rec.name, rec.version).join("snapshot").join("disk.qcow2");
+        Ok(FromImage { disk, label: format!("hearth/{}:v{}", rec.name, rec.version), config: rec.config })
+    }
+}
+
+/// No images at all: `FROM hearth/…` is refused.
+#[derive(Debug, Clone)]
+pub struct NoImages;
+
+impl ImageResolver for NoImages {
+    fn resolve(&self, r: &str) -> Result<FromImage, String> {
+        Err(format!("no image {r} to build on"))
+    }
 }
 
 /// The runtime configuration an image records (from ENV, WORKDIR, USER, …).
@@ -145,40 +194,30 @@ fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// A context path from COPY, refused when it would leave the context.
-fn context_path(context: &Path, src: &str) -> Result<PathBuf, BuildError> {
-    let mut out = context.to_path_buf();
-    for c in Path::new(src).components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::CurDir | Component::RootDir => {}
-            _ => return Err(BuildError::Context(format!("COPY source {src:?} leaves the build context"))),
-        }
-    }
-    Ok(out)
-}
+// COPY sources: resolved beneath the context root, never through a link.
+mod context;
+pub(crate) use context::{context_path, walk, Item};
 
-/// Files under `p` (or `p` itself), as (absolute, relative-to-p) pairs; symlinks skipped.
-pub(crate) fn walk(p: &Path) -> std::io::Result<Vec<(PathBuf, PathBuf)>> {
-    let meta = std::fs::symlink_metadata(p)?;
-    if meta.is_file() {
-        return Ok(vec![(p.to_path_buf(), PathBuf::new())]);
+/// Most bytes of a Dockerfile.
+const MAX_DOCKERFILE: u64 = 1 << 20;
+
+/// The context's Dockerfile, opened beneath the context without following a link (a
+/// tenant's `Dockerfile -> /etc/shadow` must not make the build quote the host's file).
+/// Messages name the Dockerfile only, never where the context lies on the host.
+fn read_dockerfile(context: &Path) -> Result<String, BuildError> {
+    let refused = |why: &str| BuildError::Context(format!("the build context's Dockerfile {why}"));
+    let dir = crate::beneath::Dir::open(context).map_err(|_| refused("cannot be read: the context is not a directory"))?;
+    let meta = dir.metadata(Path::new("Dockerfile")).map_err(|_| refused("is missing: put one at the context's root"))?;
+    if meta.kind != crate::beneath::Kind::File {
+        return Err(refused(&format!("is {}, not a regular file", meta.kind.describe())));
     }
-    let mut out = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        for e in std::fs::read_dir(p.join(&rel))? {
-            let e = e?;
-            let r = rel.join(e.file_name());
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push(r);
-            } else if ft.is_file() {
-                out.push((e.path(), r));
-            }
-        }
+    if meta.len > MAX_DOCKERFILE {
+        return Err(refused(&format!("is over {MAX_DOCKERFILE} bytes")));
     }
-    Ok(out)
+    let f = dir.open_file(Path::new("Dockerfile")).map_err(|_| refused("cannot be opened"))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(f, MAX_DOCKERFILE), &mut text).map_err(|_| refused("is not UTF-8 text"))?;
+    Ok(text)
 }
 
 /// Runs the build in a VM made from `vm` (kernel, initramfs, run directory, accelerator;
@@ -190,9 +229,7 @@ pub async fn build(
     dest: &Path,
     log: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(Snapshot, ImageConfig), BuildError> {
-    let df_path = req.context.join("Dockerfile");
-    let text = std::fs::read_to_string(&df_path)
-        .map_err(|e| BuildError::Context(format!("cannot read {}: {e}", df_path.display())))?;
+    let text = read_dockerfile(&req.context)?;
     let plan = dockerfile::parse(&text)?;
     let base_name = match req.base {
         Base::Busybox => "minimal",
@@ -202,12 +239,11 @@ pub async fn build(
     // `FROM hearth/NAME[:vN]` builds on another image: its disk, its configuration.
     let (rootfs, rootfs_format, base_name, inherited) = match plan.from.as_deref().and_then(|f| f.strip_prefix("hearth/")) {
         Some(r) => {
-            let rec = crate::store::resolve(home, r).map_err(|e| BuildError::Context(format!("FROM hearth/{r}: {e}")))?;
-            let disk = crate::store::version_dir(home, &rec.name, rec.version).join("snapshot").join("disk.qcow2");
-            if !disk.is_file() {
-                return Err(BuildError::Context(format!("FROM hearth/{r}: image {}:v{} has no disk to build on", rec.name, rec.version)));
+            let from = req.images.resolve(r).map_err(|e| BuildError::Context(format!("FROM hearth/{r}: {e}")))?;
+            if !from.disk.is_file() {
+                return Err(BuildError::Context(format!("FROM hearth/{r}: image {} has no disk to build on", from.label)));
             }
-            (disk, DiskFormat::Qcow2, format!("hearth/{}:v{}", rec.name, rec.version), rec.config)
+            (from.disk, DiskFormat::Qcow2, from.label, from.config)
         }
         None => {
             let rootfs = req.base.path(home);
@@ -240,19 +276,19 @@ pub async fn build(
         }
         out
     };
-    let cache = LayerCache::new(home);
-    let resolve = |s: &str| context_path(&req.context, s).ok();
+    let resolve = |s: &str| context_path(s).ok().map(|rel| (req.context.clone(), rel));
     // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
     // is part of the first key.
     let base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
     let keys = layers::step_keys(&base_key, &cfg.env, &kinds, resolve)
         .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
     // The last step whose layer is cached; everything up to it is reused.
-    let hit = if req.cache {
+    let hit = req.cache.as_ref().and_then(|cache| {
         plan.steps.iter().enumerate().rev().filter(|(_, s)| layers::changes_disk(&s.kind)).find_map(|(i, _)| cache.lookup(&keys[i]).map(|p| (i, p)))
-    } else {
-        None
-    };
+    });
+    // Without a cache the builder's disk is still created in the host's layer directory
+    // (it moves into the snapshot), just never recorded.
+    let cache = req.cache.clone().unwrap_or_else(|| LayerCache::new(home));
     let (parent, parent_format) = match &hit {
         Some((i, layer)) => {
             log(&format!("using cached layers up to step {}/{} (line {})", i + 1, plan.steps.len(), plan.steps[*i].line));
@@ -314,33 +350,54 @@ pub async fn build(
             StepKind::Copy { sources, dest: to, chown } => {
                 let to_abs = if to.starts_with('/') { to.clone() } else { format!("{}/{to}", cfg.workdir.trim_end_matches('/')) };
                 let into_dir = to.ends_with('/') || sources.len() > 1;
-                let mut targets = Vec::new();
+                let root =
+                    crate::beneath::Dir::open(&req.context).map_err(|e| BuildError::Context(format!("open the build context: {e}")))?;
+                // Files are written from the host; links are recreated by the guest, after
+                // the files (a link may name one of them), and never read through here.
+                let (mut targets, mut links) = (Vec::new(), Vec::new());
                 for src in sources {
-                    let from = context_path(&req.context, src)?;
-                    let files = walk(&from).map_err(|e| BuildError::Context(format!("COPY {src}: {e}")))?;
-                    let is_file = std::fs::symlink_metadata(&from).map(|m| m.is_file()).unwrap_or(false);
-                    for (abs, rel) in files {
-                        let target = if is_file {
+                    let from = context_path(src)?;
+                    for item in walk(&root, &from).map_err(|e| context::copy_error(src, e))? {
+                        let target = if item.rel().as_os_str().is_empty() {
                             if into_dir {
                                 format!("{}/{}", to_abs.trim_end_matches('/'), from.file_name().and_then(|n| n.to_str()).unwrap_or("file"))
                             } else {
                                 to_abs.clone()
                             }
                         } else {
-                            format!("{}/{}", to_abs.trim_end_matches('/'), rel.display())
+                            format!("{}/{}", to_abs.trim_end_matches('/'), item.rel().display())
                         };
-                        let data = std::fs::read(&abs).map_err(|e| BuildError::Context(format!("read {}: {e}", abs.display())))?;
-                        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&abs).map_err(|e| BuildError::Context(e.to_string()))?.permissions()) & 0o777;
-                        builder
-                            .agent()
-                            .write_file_bytes(&BinPath::from(target.as_str()), Some(mode), Bytes::from(data))
-                            .await
-                            .map_err(vm_err)?;
+                        match item {
+                            Item::File { rel, mode } => {
+                                let mut data = Vec::new();
+                                root.open_file(&context::at(&from, &rel))
+                                    .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut data))
+                                    .map_err(|e| context::copy_error(src, e))?;
+                                builder
+                                    .agent()
+                                    .write_file_bytes(&BinPath::from(target.as_str()), Some(mode & 0o777), Bytes::from(data))
+                                    .await
+                                    .map_err(vm_err)?;
+                            }
+                            Item::Link { rel, target: link_to } => {
+                                let link_to = link_to.to_str().ok_or_else(|| {
+                                    BuildError::Context(format!(
+                                        "COPY {src}: the target of the link {} is not UTF-8",
+                                        context::at(&from, &rel).display()
+                                    ))
+                                })?;
+                                links.push((target.clone(), link_to.to_owned()));
+                            }
+                        }
                         targets.push(target);
                     }
                 }
+                for script in context::link_scripts(&links) {
+                    run(&builder, &ExecRequest::shell(script), step.line, log).await?;
+                }
                 if let Some(owner) = chown {
-                    let mut argv = vec!["chown".to_owned(), owner.clone()];
+                    // `-h`: a link's own owner, not its target's.
+                    let mut argv = vec!["chown".to_owned(), "-h".to_owned(), owner.clone()];
                     argv.extend(targets);
                     run(&builder, &ExecRequest::argv(argv), step.line, log).await?;
                 }
@@ -357,7 +414,7 @@ pub async fn build(
                 run(&builder, &r, step.line, log).await?;
             }
         }
-        if req.cache && layers::changes_disk(&step.kind) {
+        if req.cache.is_some() && layers::changes_disk(&step.kind) {
             // Freeze the disk as this step's layer: flush the guest's page cache, switch
             // QEMU to a new file, then record the finished one.
             run(&builder, &ExecRequest::argv(["sync"]), step.line, log).await?;

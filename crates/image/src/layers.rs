@@ -44,6 +44,11 @@ impl LayerCache {
         LayerCache { dir: home.join("layers") }
     }
 
+    /// A cache in `dir` (one tenant's, for API builds).
+    pub fn at(dir: PathBuf) -> Self {
+        LayerCache { dir }
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -64,7 +69,7 @@ impl LayerCache {
     pub fn new_file(&self) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let mut b = [0u8; 8];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+        getrandom::fill(&mut b).map_err(std::io::Error::other)?;
         Ok(self.dir.join(format!("layer-{}.qcow2", hex(&b))))
     }
 
@@ -94,29 +99,44 @@ pub fn changes_disk(kind: &StepKind) -> bool {
     matches!(kind, StepKind::Run(_) | StepKind::Copy { .. } | StepKind::Workdir(_))
 }
 
-/// Hashes what a COPY source holds: relative paths, modes and contents, in sorted order.
-fn hash_source(h: &mut Sha256, root: &Path) -> std::io::Result<()> {
-    let mut files = crate::build::walk(root)?;
-    files.sort_by(|a, b| a.1.cmp(&b.1));
-    for (abs, rel) in files {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&abs)?.permissions());
-        h.update(rel.as_os_str().as_encoded_bytes());
+/// Hashes what the COPY source `src` (relative to `context`) holds, in sorted order:
+/// relative paths, modes, and file contents or link targets. It is read as the build reads
+/// it ([`crate::build::walk`]), never through a link: a link's target is hashed, not what
+/// it points at.
+fn hash_source(h: &mut Sha256, context: &Path, src: &Path) -> std::io::Result<()> {
+    /// The mode hashed for links, whose own permission bits mean nothing.
+    const LINK_MODE: u32 = 0o120_777;
+    let root = crate::beneath::Dir::open(context)?;
+    for item in crate::build::walk(&root, src)? {
+        h.update(item.rel().as_os_str().as_encoded_bytes());
         h.update([0]);
-        h.update(mode.to_le_bytes());
-        let mut f = std::fs::File::open(&abs)?;
-        let len = std::io::copy(&mut f, h)?;
-        h.update(len.to_le_bytes());
+        match item {
+            crate::build::Item::File { rel, mode } => {
+                h.update(mode.to_le_bytes());
+                let path = if rel.as_os_str().is_empty() { src.to_path_buf() } else { src.join(&rel) };
+                let len = std::io::copy(&mut root.open_file(&path)?, h)?;
+                h.update(len.to_le_bytes());
+            }
+            crate::build::Item::Link { target, .. } => {
+                let target = target.as_os_str().as_encoded_bytes();
+                h.update(LINK_MODE.to_le_bytes());
+                h.update(target);
+                h.update((target.len() as u64).to_le_bytes());
+            }
+        }
     }
     Ok(())
 }
 
 /// The key of every step (`kinds`, substitutions already made; see the module docs).
 /// `base_id` names the base image and `env` is the environment the build starts with.
+/// `resolve` gives a COPY source's context directory and its path relative to it (`None`
+/// when it would leave the context).
 pub fn step_keys(
     base_id: &str,
     env: &std::collections::BTreeMap<String, String>,
     kinds: &[StepKind],
-    resolve: impl Fn(&str) -> Option<PathBuf>,
+    resolve: impl Fn(&str) -> Option<(PathBuf, PathBuf)>,
 ) -> std::io::Result<Vec<String>> {
     let mut h = Sha256::new();
     h.update(KEY_VERSION);
@@ -136,7 +156,7 @@ pub fn step_keys(
                 // A source that cannot be read fails the build later with a clear error;
                 // its key just never matches.
                 match resolve(s) {
-                    Some(p) => hash_source(&mut h, &p).unwrap_or_else(|_| h.update(b"\0unreadable")),
+                    Some((context, src)) => hash_source(&mut h, &context, &src).unwrap_or_else(|_| h.update(b"\0unreadable")),
                     None => h.update(b"\0outside"),
                 }
             }
@@ -223,7 +243,7 @@ mod tests {
         let ctx = tempfile::tempdir().unwrap();
         std::fs::write(ctx.path().join("app.py"), "v1").unwrap();
         let text = "FROM debian:bookworm\nRUN echo one\nCOPY app.py /app/\nRUN echo two\n";
-        let resolve = |s: &str| Some(ctx.path().join(s));
+        let resolve = |s: &str| Some((ctx.path().to_path_buf(), PathBuf::from(s)));
         let env = Default::default();
         let a = step_keys("base", &env, &plan(text), resolve).unwrap();
         let again = step_keys("base", &env, &plan(text), resolve).unwrap();

@@ -6,6 +6,7 @@
 //!   for fast tests) and `debian-bookworm` (mmdebstrap minbase + python3).
 //! - [`apt`]: the Debian mirror the host already uses, derived from its apt sources.
 //! - [`artifact`]: code artifacts (zip with a Dockerfile at the root), extracted safely.
+//! - [`beneath`]: a directory handle whose paths never leave it nor pass through a link.
 //! - [`dockerfile`]: Dockerfiles parsed (`dockerfile-parser`) into a validated build plan.
 //! - [`oci`]: import of `docker save` / OCI layout archives (layers, whiteouts) as ext4.
 //! - [`expand`]: Dockerfile variable substitution.
@@ -17,6 +18,7 @@
 pub mod apt;
 pub mod artifact;
 pub mod base;
+pub mod beneath;
 pub mod build;
 pub mod dockerfile;
 pub mod expand;

@@ -683,12 +683,7 @@ async fn resync<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO) -> Result<(), A
 }
 
 fn random_u64() -> u64 {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    u64::from_ne_bytes(b)
+    u64::from_ne_bytes(crate::vm::os_random())
 }
 
 /// The exec request body: the spec frame, then stdin frames until the sender is dropped.

@@ -144,7 +144,7 @@ impl Vm {
             return Err(err(format!("the QEMU of {} (pid {}) is gone", p.id, p.pid)));
         }
         let paths = RunPaths::new(dir);
-        let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
+        let console = ConsoleTap::start(&paths);
         let qmp = Qmp::connect(&paths.qmp).await.ok();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let (agent, hello) = AgentClient::connect_retrying(&paths.agent, deadline).await.map_err(|e| err(format!("the agent of {} does not answer: {e}", p.id)))?;

@@ -16,20 +16,30 @@
 //! the host's network either.
 //!
 //! The guest can never reach: the host (its input from any `hh*` uplink is dropped), other
-//! VMs (forwarding between uplinks is dropped), or its own namespace. What else it may reach
-//! is its [`Egress`] policy, enforced in the namespace before NAT and replaceable while the
-//! VM runs ([`NetNs::set_egress`]). DNS queries to `10.0.2.3` are forwarded to the host's
-//! resolver whenever the VM has any egress at all, even though outbound UDP is otherwise
-//! blocked.
+//! VMs (forwarding between uplinks is dropped), or its own namespace. The [`CLOSED_RANGES`]
+//! (private, CGNAT, loopback, link-local, multicast, reserved) it reaches only where the
+//! operator opened them for the whole host, the host's [`Ceiling`]: the namespace drops
+//! them, less the operator's openings, before the VM's own policy is looked at. What else
+//! it may reach is its [`Egress`] policy, enforced in the namespace before NAT and
+//! replaceable while the VM runs ([`NetNs::set_egress`]); a tenant's policy is checked
+//! against the ceiling up front ([`Egress::within`]) so that a rule reaching further is
+//! refused with a reason rather than silently cut. DNS queries to `10.0.2.3` are forwarded
+//! to the host's resolver whenever the VM has any egress at all, even though outbound UDP
+//! is otherwise blocked.
+//!
+//! The same policy serves work the host does for tenants: [`NetNs::create_local`] makes a
+//! namespace without a VM whose own sockets (a thread that [`NetNs::enter`]s it) are
+//! policed as a guest's traffic would be.
 //!
 //! This needs root (namespaces, tap devices, nftables) and the `nft` and `ip` tools.
 
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{PoisonError, RwLock};
 
 /// The guest's address (the same in every VM).
 pub const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
@@ -46,19 +56,83 @@ const UPLINK_NET: [u8; 2] = [10, 200];
 /// Uplinks available (a /16 of /30s).
 const UPLINKS: u32 = 1 << 14;
 
-/// Address ranges a VM with internet egress still cannot reach unless a rule allows them:
-/// private, loopback, link-local, shared, multicast and reserved ranges.
-pub const PRIVATE_RANGES: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
+/// Address ranges guests reach only where the operator opened them for the whole host (a
+/// [`Ceiling`]), and even then only with a rule of their own, each with what it is. The
+/// host's own addresses are closed on top of these, whatever the ceiling, by the host's
+/// table.
+pub const CLOSED_RANGES: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "this-network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.168.0.0/16", "private"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
 ];
+
+/// The operator setting that opens closed ranges, named where a rule is refused.
+pub const CEILING_SETTING: &str = "hearth serve --egress-allow-private";
+
+/// The closed range `addr` lies in and what it is (`("10.0.0.0/8", "private")`).
+pub fn closed_range(addr: Ipv4Addr) -> Option<(&'static str, &'static str)> {
+    let a = u32::from(addr);
+    CLOSED_RANGES.iter().copied().find(|(cidr, _)| span(cidr).is_some_and(|(lo, hi)| lo <= a && a <= hi))
+}
+
+/// `a.b.c.d/n` as its first and last address.
+fn span(cidr: &str) -> Option<(u32, u32)> {
+    let (addr, len) = cidr.split_once('/')?;
+    let addr = u32::from(addr.parse::<Ipv4Addr>().ok()?);
+    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+    let host = u32::MAX.checked_shr(len).unwrap_or(0);
+    Some((addr & !host, addr | host))
+}
+
+/// True when the union of `open` (sorted by start) covers `from..=to`.
+fn covered(mut from: u32, to: u32, open: &[(u32, u32)]) -> bool {
+    for &(lo, hi) in open {
+        if lo > from {
+            return false;
+        }
+        if hi >= to {
+            return true;
+        }
+        // `hi < to`, so `hi + 1` cannot overflow.
+        from = from.max(hi + 1);
+    }
+    false
+}
+
+/// The operator's ceiling on egress for every microVM of the host: the destinations in the
+/// [`CLOSED_RANGES`] that guests may reach at all. A VM's own allow rules only narrow it.
+/// The namespace enforces it ahead of the VM's policy, so a policy that reaches further
+/// (a bug in validation included) is cut to it; [`Egress::within`] refuses such a policy
+/// up front.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ceiling {
+    /// Destinations in the closed ranges the operator opens ([`CEILING_SETTING`]).
+    pub allow: Vec<Rule>,
+}
+
+/// The host's ceiling in this process; `None` until [`set_host_ceiling`].
+static HOST_CEILING: RwLock<Option<Ceiling>> = RwLock::new(None);
+
+/// Sets the ceiling of every namespace this process creates or re-polices from now on
+/// (`hearth serve` does, from its flags, before any VM starts; namespaces made earlier keep
+/// theirs until their policy is next set).
+///
+/// A process that never sets one (`None`) is the operator's own: each VM's allow rules are
+/// its ceiling, as with `hearth vm run --allow` run by root.
+pub fn set_host_ceiling(ceiling: Option<Ceiling>) {
+    *HOST_CEILING.write().unwrap_or_else(PoisonError::into_inner) = ceiling;
+}
+
+/// The ceiling set by [`set_host_ceiling`], if any: what tenants' policies must stay within.
+pub fn host_ceiling() -> Option<Ceiling> {
+    HOST_CEILING.read().unwrap_or_else(PoisonError::into_inner).clone()
+}
 
 /// A transport protocol in an egress rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -158,11 +232,55 @@ impl Rule {
             })
             .collect()
     }
+
+    /// True when `self`'s protocol and ports take in all of `other`'s (networks aside).
+    fn carries(&self, other: &Rule) -> bool {
+        let proto = self.proto == Proto::Any || self.proto == other.proto;
+        let ports = match (self.ports, other.ports) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some((lo, hi)), Some((a, b))) => lo <= a && b <= hi,
+        };
+        proto && ports
+    }
 }
 
-/// What a VM may reach. Evaluated in order: `deny` rules, `allow` rules, then — with
-/// `internet` — any public address over TCP (and ICMP); everything else is dropped.
-/// Private ranges, outbound UDP (DNS aside) and the host are closed unless allowed.
+/// The rule as [`Rule::parse`] reads it: `CIDR[:PORT[-PORT]][/tcp|/udp]`.
+impl std::fmt::Display for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.cidr)?;
+        match self.ports {
+            Some((lo, hi)) if lo == hi => write!(f, ":{lo}")?,
+            Some((lo, hi)) => write!(f, ":{lo}-{hi}")?,
+            None => {}
+        }
+        f.write_str(match self.proto {
+            Proto::Any => "",
+            Proto::Tcp => "/tcp",
+            Proto::Udp => "/udp",
+        })
+    }
+}
+
+/// The closed ranges as an nftables set body.
+fn closed_set() -> String {
+    CLOSED_RANGES.iter().map(|(cidr, _)| *cidr).collect::<Vec<_>>().join(", ")
+}
+
+impl Ceiling {
+    /// The nftables rules of the `ceiling` chain: the operator's openings go on to the
+    /// VM's policy, the rest of the closed ranges is dropped.
+    fn rules(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.allow.iter().flat_map(|r| r.nft("return")).collect();
+        out.push(format!("ip daddr {{ {} }} drop", closed_set()));
+        out
+    }
+}
+
+/// What a VM may reach. Evaluated in order: `deny` rules, the host's [`Ceiling`], `allow`
+/// rules, then — with `internet` — any public address over TCP (and ICMP); everything else
+/// is dropped. Closed ranges are reached only where both the ceiling and an allow rule
+/// open them; outbound UDP (DNS aside) is closed unless allowed; the host always is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Egress {
     /// Public addresses over TCP (the `INTERNET_EGRESS` connector).
@@ -192,15 +310,53 @@ impl Egress {
         self.internet || !self.allow.is_empty()
     }
 
-    /// The nftables rules of the `egress` chain (the deny rules have their own chain,
-    /// evaluated before DNS and this one).
+    /// Checks that the policy stays under `ceiling`: wherever an allow rule reaches into a
+    /// closed range, the operator's rules must open all of it, for the rule's protocol and
+    /// ports. Deny rules and `internet` (public addresses only) always fit.
+    ///
+    /// # Errors
+    ///
+    /// [`NetError::Rule`] for a malformed rule, [`NetError::BeyondCeiling`] naming the first
+    /// rule that reaches further and the closed range it reaches into.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use hearth_vmm::net::{Ceiling, Egress, Rule};
+    /// let ceiling = Ceiling { allow: vec![Rule::parse("10.1.0.0/16").unwrap()] };
+    /// let db = Egress { allow: vec![Rule::parse("10.1.2.3:5432/tcp").unwrap()], ..Egress::internet() };
+    /// assert!(db.within(&ceiling).is_ok());
+    /// let lan = Egress { allow: vec![Rule::parse("10.0.0.0/8").unwrap()], ..Egress::none() };
+    /// assert!(lan.within(&ceiling).is_err());
+    /// ```
+    pub fn within(&self, ceiling: &Ceiling) -> Result<(), NetError> {
+        for r in &self.allow {
+            r.validate()?;
+            let (lo, hi) = span(&r.cidr).ok_or_else(|| NetError::Rule(format!("{}: not a CIDR", r.cidr)))?;
+            let mut open: Vec<(u32, u32)> = ceiling.allow.iter().filter(|o| o.carries(r)).filter_map(|o| span(&o.cidr)).collect();
+            open.sort_unstable();
+            for &(range, kind) in CLOSED_RANGES {
+                let Some((clo, chi)) = span(range) else { continue };
+                let (from, to) = (lo.max(clo), hi.min(chi));
+                if from <= to && !covered(from, to, &open) {
+                    return Err(NetError::BeyondCeiling { rule: r.to_string(), range, kind });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The nftables rules of the `egress` chain (deny rules and the ceiling have their own
+    /// chains, evaluated before this one).
     fn rules(&self) -> Vec<String> {
         let mut out = Vec::new();
         for r in &self.allow {
             out.extend(r.nft("accept"));
         }
         if self.internet {
-            out.push(format!("ip daddr {{ {} }} drop", PRIVATE_RANGES.join(", ")));
+            // The ceiling may have let an opened range through: `internet` alone does not
+            // reach it, an allow rule must.
+            out.push(format!("ip daddr {{ {} }} drop", closed_set()));
             out.push("meta l4proto { tcp, icmp } accept".into());
         }
         out
@@ -230,6 +386,18 @@ pub enum NetError {
     /// A rule does not parse.
     #[error("bad egress rule {0}")]
     Rule(String),
+    /// An allow rule reaches into a closed range the operator has not opened.
+    #[error(
+        "egress rule {rule} reaches into {range} ({kind} addresses), which the operator has not opened to microVMs on this host; narrow the rule, or ask the operator to allow the range ({CEILING_SETTING} CIDR)"
+    )]
+    BeyondCeiling {
+        /// The rule, as written.
+        rule: String,
+        /// The closed range.
+        range: &'static str,
+        /// What the range is (`private`, `link-local`...).
+        kind: &'static str,
+    },
 }
 
 fn tool(what: &str, cmd: &mut Command, stdin: Option<&str>) -> Result<(), NetError> {
@@ -326,6 +494,15 @@ fn ensure_host() -> Result<(), NetError> {
     tool("nft (host table)", Command::new("nft").arg("-f").arg("-"), Some(&rules))
 }
 
+/// What a namespace is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A VM's: a tap device for QEMU, the policy applied to what the guest forwards.
+    Vm,
+    /// A host process's: no tap device, the policy applied to the namespace's own sockets.
+    Local,
+}
+
 /// A VM's network namespace, removed (with its devices) when dropped.
 #[derive(Debug)]
 pub struct NetNs {
@@ -333,8 +510,46 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates the namespace `hearth-<vm_id>` with its tap device, uplink and `egress`.
+    /// Creates the namespace `hearth-<vm_id>` with its tap device, uplink and `egress`
+    /// (under the host's [`Ceiling`]).
     pub fn create(vm_id: &str, egress: &Egress) -> Result<NetNs, NetError> {
+        Self::make(vm_id, egress, Role::Vm)
+    }
+
+    /// Creates the namespace `hearth-<id>` for work the host does on a tenant's behalf (a
+    /// code artifact download): an uplink and no tap device; what the namespace's own
+    /// sockets send out follows `egress` and the host's ceiling exactly as a guest's traffic
+    /// would, and the host stays out of reach. A thread [`enter`](NetNs::enter)s it to open
+    /// sockets there.
+    ///
+    /// # Errors
+    ///
+    /// As [`NetNs::create`]: [`NetError::NotRoot`], [`NetError::Tool`],
+    /// [`NetError::Exhausted`], [`NetError::Rule`].
+    pub fn create_local(id: &str, egress: &Egress) -> Result<NetNs, NetError> {
+        Self::make(id, egress, Role::Local)
+    }
+
+    /// Moves the calling thread into the namespace for the rest of its life: sockets it
+    /// opens from then on, and threads it starts, live there. Only for a thread of its own
+    /// that ends with the work (never a runtime's worker). The namespace lives while a
+    /// thread is in it, even after this handle is dropped and its name removed.
+    ///
+    /// # Errors
+    ///
+    /// [`NetError::Tool`] when the namespace cannot be opened or entered.
+    pub fn enter(&self) -> Result<(), NetError> {
+        let fail = |e: std::io::Error| NetError::Tool { what: format!("enter network namespace {}", self.name), detail: e.to_string() };
+        let f = std::fs::File::open(self.path()).map_err(fail)?;
+        // SAFETY: setns(2) on a descriptor that `f` keeps open for the call; it changes the
+        // calling thread's network namespace only, on which no memory safety depends.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(fail(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    fn make(vm_id: &str, egress: &Egress, role: Role) -> Result<NetNs, NetError> {
         for r in egress.allow.iter().chain(&egress.deny) {
             r.validate()?;
         }
@@ -352,23 +567,27 @@ impl NetNs {
         let host_dev = format!("hh{idx}");
         let host_batch = format!("addr add {host_ip}/30 dev {host_dev}\nlink set {host_dev} up\n");
         tool("ip (host uplink)", Command::new("ip").args(["-batch", "-"]), Some(&host_batch))?;
-        let ns_batch = format!(
+        let mut ns_batch = format!(
             "link set lo up\n\
              addr add {ns_ip}/30 dev uplink\n\
              link set uplink up\n\
-             route add default via {host_ip}\n\
-             tuntap add dev tap0 mode tap\n\
-             link set tap0 address {GATEWAY_MAC}\n\
-             addr add {GATEWAY_IP}/24 dev tap0\n\
-             addr add {DNS_IP}/32 dev tap0\n\
-             link set tap0 up\n"
+             route add default via {host_ip}\n"
         );
+        if role == Role::Vm {
+            ns_batch.push_str(&format!(
+                "tuntap add dev tap0 mode tap\n\
+                 link set tap0 address {GATEWAY_MAC}\n\
+                 addr add {GATEWAY_IP}/24 dev tap0\n\
+                 addr add {DNS_IP}/32 dev tap0\n\
+                 link set tap0 up\n"
+            ));
+        }
         tool("ip (namespace devices)", Command::new("ip").args(["-n", &ns.name, "-batch", "-"]), Some(&ns_batch))?;
         let mut sysctl = Command::new("sh");
         // IPv6 may be absent from the kernel altogether; the rules drop it anyway.
         sysctl.args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && { echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; true"]);
         tool_in_ns("namespace sysctls", &ns.path(), &mut sysctl, None)?;
-        ns.load_rules(egress, true)?;
+        ns.load_rules(egress, Some(role))?;
         Ok(ns)
     }
 
@@ -398,20 +617,14 @@ impl NetNs {
             r.validate()?;
         }
         ensure_host()?;
-        self.load_rules(egress, false)
+        self.load_rules(egress, None)
     }
 
     /// Adds the veth pair `hh<n>` (host) / `uplink` (namespace), taking the first free
     /// `n` after a random start: creation fails when the name exists, which makes it the
     /// allocator across processes.
     fn add_uplink(&self) -> Result<u32, NetError> {
-        let start = {
-            let mut b = [0u8; 4];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = std::io::Read::read_exact(&mut f, &mut b);
-            }
-            u32::from_le_bytes(b) % UPLINKS
-        };
+        let start = u32::from_le_bytes(crate::vm::os_random()) % UPLINKS;
         for i in 0..UPLINKS {
             let idx = (start + i) % UPLINKS;
             let host_dev = format!("hh{idx}");
@@ -428,54 +641,125 @@ impl NetNs {
         Err(NetError::Exhausted)
     }
 
-    fn load_rules(&self, egress: &Egress, first: bool) -> Result<(), NetError> {
-        let resolver = host_resolver();
-        let mut t = String::new();
-        if first {
-            // DNS to 10.0.2.3 goes to the host's resolver; the connection is marked so the
-            // `dns` chain can let it through while the policy allows any egress.
-            let dns = resolver
-                .map(|r| format!("iifname \"tap0\" ip daddr {DNS_IP} meta l4proto {{ tcp, udp }} th dport 53 ct mark set 0x53 dnat ip to {r}"))
-                .unwrap_or_default();
-            // Every packet from the guest is checked against the current policy, not only a
-            // connection's first: revoking egress also stops connections already open.
-            // Only replies coming back in are accepted by connection state.
-            t.push_str(&format!(
-                "table inet vm {{\n\
-                   chain pre {{ type nat hook prerouting priority dstnat; policy accept; {dns}; }}\n\
-                   chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"uplink\" masquerade; }}\n\
-                   chain input {{ type filter hook input priority 0; policy drop; iifname \"lo\" accept; ct state established,related accept; }}\n\
-                   chain output {{ type filter hook output priority 0; policy drop; oifname \"lo\" accept; ct state established,related accept; meta l4proto icmp accept; }}\n\
-                   chain forward {{ type filter hook forward priority 0; policy drop;\n\
-                     iifname \"uplink\" oifname \"tap0\" ct state established,related accept;\n\
-                     iifname \"tap0\" meta nfproto != ipv4 drop;\n\
-                     iifname \"tap0\" ip saddr != {GUEST_IP} drop;\n\
-                     iifname \"tap0\" oifname \"uplink\" jump deny;\n\
-                     iifname \"tap0\" oifname \"uplink\" jump dns;\n\
-                     iifname \"tap0\" oifname \"uplink\" jump egress;\n\
-                   }}\n\
-                   chain deny {{ }}\n\
-                   chain dns {{ }}\n\
-                   chain egress {{ }}\n\
-                 }}\n"
-            ));
-        }
-        t.push_str("flush chain inet vm deny\nflush chain inet vm dns\nflush chain inet vm egress\n");
-        for r in &egress.deny {
-            for l in r.nft("drop") {
-                t.push_str(&format!("add rule inet vm deny {l}\n"));
-            }
-        }
-        if egress.any() && resolver.is_some() {
-            t.push_str("add rule inet vm dns ct mark 0x53 accept\n");
-        }
-        for r in egress.rules() {
-            t.push_str(&format!("add rule inet vm egress {r}\n"));
-        }
+    /// Loads `egress` (with the table itself when the namespace is new, `create`).
+    fn load_rules(&self, egress: &Egress, create: Option<Role>) -> Result<(), NetError> {
+        // The operator's process (no host ceiling set): the VM's own allow rules are it.
+        let ceiling = host_ceiling().unwrap_or_else(|| Ceiling { allow: egress.allow.clone() });
+        let t = policy_script(egress, &ceiling, host_resolver(), create);
         let mut cmd = Command::new("nft");
         cmd.args(["-f", "-"]);
         tool_in_ns("nft (egress policy)", &self.path(), &mut cmd, Some(&t))
     }
+}
+
+/// The nft transaction that sets a namespace's policy: the `inet vm` table when `create`
+/// says the namespace is new, then in every case the `forward` chain and the policy's
+/// chains, replaced whole (one transaction, so never half applied). Forwarded packets from
+/// the guest — and, in a [`Role::Local`] namespace, the namespace's own — go through
+/// `deny`, `dns` (marked DNS to the host's resolver), `ceiling`, then `egress`.
+fn policy_script(egress: &Egress, ceiling: &Ceiling, resolver: Option<Ipv4Addr>, create: Option<Role>) -> String {
+    let mut t = String::new();
+    if let Some(role) = create {
+        // DNS to 10.0.2.3 goes to the host's resolver; the connection is marked so the
+        // `dns` chain can let it through while the policy allows any egress.
+        let dns = resolver
+            .map(|r| format!("iifname \"tap0\" ip daddr {DNS_IP} meta l4proto {{ tcp, udp }} th dport 53 ct mark set 0x53 dnat ip to {r}"))
+            .unwrap_or_default();
+        // A host process's sockets meet the guest's policy on their way out.
+        let local = match role {
+            Role::Vm => "",
+            Role::Local => "oifname \"uplink\" meta nfproto != ipv4 drop; oifname \"uplink\" jump deny; oifname \"uplink\" jump ceiling; oifname \"uplink\" jump egress; ",
+        };
+        // Every packet from the guest is checked against the current policy, not only a
+        // connection's first: revoking egress also stops connections already open.
+        // Only replies coming back in are accepted by connection state.
+        t.push_str(&format!(
+            "table inet vm {{\n\
+               chain pre {{ type nat hook prerouting priority dstnat; policy accept; {dns}; }}\n\
+               chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"uplink\" masquerade; }}\n\
+               chain input {{ type filter hook input priority 0; policy drop; iifname \"lo\" accept; ct state established,related accept; }}\n\
+               chain output {{ type filter hook output priority 0; policy drop; oifname \"lo\" accept; ct state established,related accept; {local}meta l4proto icmp accept; }}\n\
+               chain forward {{ type filter hook forward priority 0; policy drop; }}\n\
+               chain deny {{ }}\n\
+               chain dns {{ }}\n\
+               chain ceiling {{ }}\n\
+               chain egress {{ }}\n\
+             }}\n"
+        ));
+    }
+    // Tables made before the ceiling existed get its chain and the jump to it here.
+    t.push_str("add chain inet vm ceiling\nflush chain inet vm forward\n");
+    for r in [
+        "iifname \"uplink\" oifname \"tap0\" ct state established,related accept".to_owned(),
+        "iifname \"tap0\" meta nfproto != ipv4 drop".to_owned(),
+        format!("iifname \"tap0\" ip saddr != {GUEST_IP} drop"),
+        "iifname \"tap0\" oifname \"uplink\" jump deny".to_owned(),
+        "iifname \"tap0\" oifname \"uplink\" jump dns".to_owned(),
+        "iifname \"tap0\" oifname \"uplink\" jump ceiling".to_owned(),
+        "iifname \"tap0\" oifname \"uplink\" jump egress".to_owned(),
+    ] {
+        t.push_str(&format!("add rule inet vm forward {r}\n"));
+    }
+    for chain in ["deny", "dns", "ceiling", "egress"] {
+        t.push_str(&format!("flush chain inet vm {chain}\n"));
+    }
+    for r in &egress.deny {
+        for l in r.nft("drop") {
+            t.push_str(&format!("add rule inet vm deny {l}\n"));
+        }
+    }
+    if egress.any() && resolver.is_some() {
+        t.push_str("add rule inet vm dns ct mark 0x53 accept\n");
+    }
+    for r in ceiling.rules() {
+        t.push_str(&format!("add rule inet vm ceiling {r}\n"));
+    }
+    for r in egress.rules() {
+        t.push_str(&format!("add rule inet vm egress {r}\n"));
+    }
+    t
+}
+
+/// Every address on the host's interfaces (in the caller's network namespace), IPv4 and
+/// IPv6, loopback included.
+///
+/// # Errors
+///
+/// The OS's, when the interfaces cannot be listed.
+pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs(3) stores a list it allocated in `list`, freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned, not yet freed; its
+        // `ifa_addr`, when not null, points to a sockaddr whose family says its type.
+        unsafe {
+            let sa = (*cur).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*sa.cast::<libc::sockaddr_in>();
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*sa.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once, after its last use.
+    unsafe { libc::freeifaddrs(list) };
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
 }
 
 impl Drop for NetNs {
@@ -536,5 +820,145 @@ mod tests {
         assert_eq!(r[2], "meta l4proto { tcp, icmp } accept");
         assert!(Egress::none().rules().is_empty());
         assert!(!Egress::none().any());
+    }
+
+    fn rules(list: &[&str]) -> Vec<Rule> {
+        list.iter().map(|r| Rule::parse(r).unwrap()).collect()
+    }
+
+    #[test]
+    fn closed_ranges_parse_and_classify() {
+        for (cidr, _) in CLOSED_RANGES {
+            assert!(span(cidr).is_some() && Rule::parse(cidr).is_ok(), "{cidr}");
+        }
+        assert_eq!(closed_range(Ipv4Addr::new(10, 1, 2, 3)), Some(("10.0.0.0/8", "private")));
+        assert_eq!(closed_range(Ipv4Addr::new(100, 64, 0, 1)).map(|c| c.1), Some("shared (CGNAT)"));
+        assert_eq!(closed_range(Ipv4Addr::new(169, 254, 169, 254)).map(|c| c.1), Some("link-local"));
+        assert_eq!(closed_range(Ipv4Addr::new(255, 255, 255, 255)).map(|c| c.1), Some("reserved"));
+        assert_eq!(closed_range(Ipv4Addr::new(100, 128, 0, 1)), None);
+        assert_eq!(closed_range(Ipv4Addr::new(93, 184, 216, 34)), None);
+        assert_eq!(span("0.0.0.0/0"), Some((0, u32::MAX)));
+        assert_eq!(span("1.2.3.4/32"), Some((0x0102_0304, 0x0102_0304)));
+    }
+
+    #[test]
+    fn rules_print_as_they_parse() {
+        for r in ["10.0.0.0/8", "1.1.1.1/32:53/udp", "93.184.0.0/16:8000-8100/tcp", "10.0.0.0/8:80"] {
+            assert_eq!(Rule::parse(r).unwrap().to_string(), r);
+        }
+    }
+
+    #[test]
+    fn policies_within_the_ceiling_pass() {
+        let ceiling = Ceiling { allow: rules(&["10.1.0.0/16", "192.168.0.0/17", "192.168.128.0/17", "172.16.5.5:5432/tcp"]) };
+        let ok = |allow: &[&str]| Egress { allow: rules(allow), ..Egress::internet() }.within(&ceiling);
+        // Public destinations are the tenant's to allow; narrower private ones too.
+        ok(&["93.184.0.0/16", "8.8.8.8:53/udp"]).unwrap();
+        ok(&["10.1.0.0/16", "10.1.2.3:443/tcp"]).unwrap();
+        // Covered by two openings together.
+        ok(&["192.168.0.0/16"]).unwrap();
+        ok(&["172.16.5.5:5432/tcp"]).unwrap();
+        // Deny rules and internet alone never need the operator.
+        Egress { deny: rules(&["10.0.0.0/8", "0.0.0.0/0"]), ..Egress::internet() }.within(&Ceiling::default()).unwrap();
+        Egress::none().within(&Ceiling::default()).unwrap();
+    }
+
+    #[test]
+    fn policies_beyond_the_ceiling_are_refused_naming_rule_and_range() {
+        let ceiling = Ceiling { allow: rules(&["10.1.0.0/16", "172.16.5.5:5432/tcp"]) };
+        let refused = |allow: &str| match (Egress { allow: rules(&[allow]), ..Egress::none() }).within(&ceiling) {
+            Err(NetError::BeyondCeiling { rule, range, kind }) => (rule, range, kind),
+            other => panic!("{allow}: {other:?}"),
+        };
+        assert_eq!(refused("10.0.0.0/8"), ("10.0.0.0/8".into(), "10.0.0.0/8", "private"));
+        assert_eq!(refused("10.2.0.1"), ("10.2.0.1/32".into(), "10.0.0.0/8", "private"));
+        assert_eq!(refused("169.254.169.254:80/tcp").2, "link-local");
+        assert_eq!(refused("100.64.0.0/10").2, "shared (CGNAT)");
+        assert_eq!(refused("127.0.0.1").2, "loopback");
+        assert_eq!(refused("224.0.0.251:5353/udp").2, "multicast");
+        // Everything, or a public range with a closed one inside it.
+        assert_eq!(refused("0.0.0.0/0").1, "0.0.0.0/8");
+        assert_eq!(refused("192.0.0.0/2").1, "192.168.0.0/16");
+        // The operator opened one TCP port: other ports, UDP or every protocol are wider.
+        for wider in ["172.16.5.5:5433/tcp", "172.16.5.5:5432/udp", "172.16.5.5:5432", "172.16.5.5"] {
+            assert_eq!(refused(wider).1, "172.16.0.0/12", "{wider}");
+        }
+        let msg = Egress { allow: rules(&["10.0.0.0/8:22/tcp"]), ..Egress::none() }.within(&Ceiling::default()).unwrap_err().to_string();
+        assert!(msg.contains("10.0.0.0/8:22/tcp") && msg.contains("private") && msg.contains(CEILING_SETTING), "{msg}");
+    }
+
+    #[test]
+    fn the_ceiling_is_enforced_before_the_policy() {
+        let ceiling = Ceiling { allow: rules(&["10.1.0.0/16:443/tcp"]) };
+        let e = Egress { internet: true, allow: rules(&["10.0.0.0/8", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]) };
+        let t = policy_script(&e, &ceiling, Some(Ipv4Addr::new(192, 168, 1, 1)), Some(Role::Vm));
+        let pos = |needle: &str| t.find(needle).unwrap_or_else(|| panic!("no {needle:?} in\n{t}"));
+        // The forward chain: deny, DNS (to a resolver the operator chose, private or not),
+        // the ceiling, and only then the VM's own rules.
+        assert!(pos("oifname \"uplink\" jump deny") < pos("oifname \"uplink\" jump dns"));
+        assert!(pos("oifname \"uplink\" jump dns") < pos("oifname \"uplink\" jump ceiling"));
+        assert!(pos("oifname \"uplink\" jump ceiling") < pos("oifname \"uplink\" jump egress"));
+        // The ceiling chain lets the operator's opening through, then drops every closed range.
+        let returns = pos("add rule inet vm ceiling ip daddr 10.1.0.0/16 meta l4proto tcp th dport 443 return");
+        let drop = pos(&format!("add rule inet vm ceiling ip daddr {{ {} }} drop", closed_set()));
+        assert!(returns < drop && drop < pos("add rule inet vm egress ip daddr 10.0.0.0/8 accept"));
+        assert!(t.contains("add rule inet vm deny ip daddr 8.8.8.8/32 drop"));
+        // A VM namespace's own sockets get nothing; a local one's meet the policy.
+        assert!(!t.contains("oifname \"uplink\" jump ceiling; "));
+        let local = policy_script(&e, &ceiling, None, Some(Role::Local));
+        assert!(local.contains(
+            "oifname \"uplink\" jump deny; oifname \"uplink\" jump ceiling; oifname \"uplink\" jump egress; meta l4proto icmp accept"
+        ));
+        // A policy change rebuilds the forward chain too (tables older than the ceiling).
+        let change = policy_script(&e, &Ceiling::default(), None, None);
+        assert!(!change.contains("table inet vm {"));
+        assert!(change.starts_with("add chain inet vm ceiling\nflush chain inet vm forward\n"));
+        assert!(change.contains("jump ceiling") && !change.contains("return"));
+    }
+
+    #[test]
+    fn coverage_of_unions() {
+        assert!(covered(5, 10, &[(0, 4), (5, 7), (8, 20)]));
+        assert!(covered(5, 10, &[(0, 100)]));
+        assert!(!covered(5, 10, &[(0, 6), (8, 20)]));
+        assert!(!covered(5, 10, &[(6, 20)]));
+        assert!(!covered(5, 10, &[]));
+        assert!(covered(0, u32::MAX, &[(0, u32::MAX)]));
+    }
+
+    /// The rules load as nftables reads them, in both kinds of namespace, and nothing is
+    /// left once the handles go (root only: skipped otherwise).
+    #[test]
+    fn namespaces_load_the_policy_and_leave_nothing() {
+        if !can_network() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let e = Egress { internet: true, allow: rules(&["10.9.0.0/16:443/tcp", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]) };
+        let id = |kind: &str| format!("t{kind}-{}", std::process::id());
+        let list = |ns: &NetNs| {
+            let o = Command::new("ip").args(["netns", "exec", ns.name(), "nft", "list", "table", "inet", "vm"]).output().unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let vm = NetNs::create(&id("vm"), &e).unwrap();
+        let local = NetNs::create_local(&id("local"), &e).unwrap();
+        for ns in [&vm, &local] {
+            let t = list(ns);
+            assert!(t.contains("jump ceiling") && t.contains("10.9.0.0/16 tcp dport 443 return"), "{t}");
+            ns.set_egress(&Egress::none()).unwrap();
+            assert!(!list(ns).contains("return"), "{}", list(ns));
+        }
+        assert!(list(&local).contains("oifname \"uplink\" jump egress"));
+        let paths = [vm.path(), local.path()];
+        drop((vm, local));
+        for p in paths {
+            assert!(!p.exists(), "{} left behind", p.display());
+        }
+    }
+
+    #[test]
+    fn host_addresses_include_loopback() {
+        let a = host_addresses().unwrap();
+        assert!(a.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{a:?}");
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::accel::Accel;
 use crate::config::{Memory, Start, VmConfig};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -282,7 +283,9 @@ impl QemuProcess {
     /// parent-death signal, so it outlives this process if released ([`Self::release`])
     /// or if this process dies; otherwise it dies with the thread that started it.
     pub fn spawn(binary: &Path, args: &[String], stderr_log: &Path, netns: Option<&Path>, detached: bool) -> std::io::Result<QemuProcess> {
-        let log = std::fs::File::create(stderr_log)?;
+        // Appended to (so trimming it, crate::console, leaves no hole), owner only.
+        let log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(stderr_log)?;
+        log.set_len(0)?;
         let ns = netns.map(std::fs::File::open).transpose()?;
         let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = tokio::process::Command::new(binary);

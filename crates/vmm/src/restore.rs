@@ -18,7 +18,6 @@ use crate::vm::{BootError, Vm};
 use hearth_proto::binpath::BinPath;
 use hearth_proto::RestoreInfo;
 use serde_json::json;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -59,12 +58,8 @@ pub fn now_ns() -> i64 {
 
 /// Fresh clock, entropy and identity for a restored VM.
 pub fn fresh_identity(hostname: String) -> RestoreInfo {
-    let mut entropy = vec![0u8; 64];
-    let mut id = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut entropy);
-        let _ = f.read_exact(&mut id);
-    }
+    let entropy = crate::vm::os_random::<64>().to_vec();
+    let id = crate::vm::os_random::<16>();
     RestoreInfo {
         unix_time_ns: now_ns(),
         entropy: BinPath(entropy),
@@ -239,10 +234,7 @@ impl Vm {
         // The hostname is decided before the VM id exists; use a fresh random one unless
         // the caller chose.
         let hostname = opts.hostname.clone().unwrap_or_else(|| {
-            let mut b = [0u8; 4];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                let _ = f.read_exact(&mut b);
-            }
+            let b = crate::vm::os_random::<4>();
             format!("hearth-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
         });
         let mut vm = Self::start(cfg, Some(fresh_identity(hostname.clone()))).await?;

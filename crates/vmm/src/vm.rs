@@ -210,12 +210,22 @@ fn require_absolute(p: &Path) -> Result<(), VmError> {
     }
 }
 
-fn random_id() -> String {
-    let mut b = [0u8; 6];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
+/// `N` bytes from the OS's random number generator (getrandom(2)).
+///
+/// # Panics
+///
+/// When the OS gives none: VM ids, hostnames, machine ids and a restored guest's fresh
+/// entropy made from anything else would repeat, and no caller can go on without them.
+pub(crate) fn os_random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Err(e) = getrandom::fill(&mut b) {
+        panic!("the OS random number generator failed ({e}); refusing to use predictable bytes");
     }
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    b
+}
+
+fn random_id() -> String {
+    let hex: String = os_random::<6>().iter().map(|x| format!("{x:02x}")).collect();
     format!("vm-{hex}")
 }
 
@@ -273,7 +283,7 @@ impl Vm {
         let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
             .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
         crate::detach::write(&dir_path, &id, &cfg, accel, process.pid(), disk.clone(), disk_owned, net.as_ref().map(|(n, _)| n.name().to_owned()), cfg.network.clone());
-        let console = ConsoleTap::start(paths.console_sock.clone(), paths.console.clone());
+        let console = ConsoleTap::start(&paths);
 
         let exited = |status: ExitStatus| BootError::Exited {
             status,

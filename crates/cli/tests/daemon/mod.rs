@@ -70,6 +70,14 @@ pub fn key(state: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Lets the account of `key` name `file://` code artifacts beneath `root` (as an
+/// operator does with `hearth accounts set`).
+pub fn allow_artifacts(state: &Path, key: &str, root: &Path) {
+    let key: serde_json::Value = serde_json::from_str(key).unwrap();
+    let out = hearth().args(["accounts", "set", key["account"].as_str().unwrap(), "--artifact-root"]).arg(root).arg("--state-dir").arg(state).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 pub fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/pyenv/bin/python");
     assert!(py.is_file(), "{} missing: scripts/test.sh installs boto3 and the AWS CLI there", py.display());

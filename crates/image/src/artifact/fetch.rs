@@ -1,0 +1,727 @@
+//! Downloading code artifacts named by http(s) URIs (see the parent module).
+//!
+//! A tenant's URL must not turn the daemon into a client of the host's own network (its
+//! loopback services, a cloud's metadata address, the private network behind it), so a
+//! tenant's download ([`FetchPolicy::tenant`]) is held back twice:
+//!
+//! 1. In the process: host names resolve through [`PublicResolver`], which drops every
+//!    non-public address and the host's own, and fails when none is left; IP-literal hosts,
+//!    which no resolver sees, are checked at the first URL and at every redirect (a custom
+//!    redirect policy). No proxy from the environment: it would resolve names itself.
+//! 2. In the kernel, when the process may set up networks (root): the download's sockets
+//!    are opened by a thread of its own inside a network namespace with a guest's internet
+//!    egress ([`NetNs::create_local`]), so whatever slips past the first layer still meets
+//!    the guest firewall: the host, other VMs and the closed ranges stay out of reach. The
+//!    namespace's name is removed as soon as the thread is in it: the namespace then lives
+//!    exactly as long as the thread, and nothing outlives a crash. Names are still resolved
+//!    by the first layer's resolver on the caller's runtime, in the host's namespace.
+
+use super::{locate, ArtifactError, Limits, CONNECT_TIMEOUT, DOWNLOAD_TIMEOUT, MAX_REDIRECTS};
+use crate::{io, RootfsError};
+use hearth_vmm::net::{self, Egress, NetNs};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::redirect::Policy;
+use reqwest::Url;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+/// Whose download it is, and so what it may reach.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FetchPolicy {
+    /// Reach any address (loopback, private, the host's own) and honour the usual
+    /// `HTTPS_PROXY`/`NO_PROXY` variables: the operator's own tools (`hearth image build`,
+    /// run by root). Off, the default, for tenants: public addresses only, no proxy, from
+    /// a network namespace of its own when the process is root (see the module).
+    pub allow_private: bool,
+}
+
+impl FetchPolicy {
+    /// A tenant's download (the default): public addresses only.
+    pub fn tenant() -> Self {
+        FetchPolicy { allow_private: false }
+    }
+
+    /// The operator's download: whatever the host reaches.
+    pub fn operator() -> Self {
+        FetchPolicy { allow_private: true }
+    }
+}
+
+/// The local file or directory for a code artifact location, downloading it first, for a
+/// tenant, when it is an `http://` or `https://` URI: [`fetch_with`] and
+/// [`FetchPolicy::tenant`].
+///
+/// # Errors
+///
+/// As [`fetch_with`].
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example() -> Result<(), hearth_image::artifact::ArtifactError> {
+/// let work = tempfile::tempdir().expect("temp dir");
+/// let zip = hearth_image::artifact::fetch("https://example.invalid/app.zip", work.path(), Default::default()).await?;
+/// assert!(zip.starts_with(work.path()));
+/// # Ok(()) }
+/// ```
+pub async fn fetch(uri: &str, work: &Path, limits: Limits) -> Result<PathBuf, ArtifactError> {
+    fetch_with(uri, work, limits, FetchPolicy::tenant()).await
+}
+
+/// The local file or directory for a code artifact location, downloading it first when it
+/// is an `http://` or `https://` URI, with what `policy` lets the download reach.
+///
+/// Local paths and `file://` URIs are returned as [`locate`] returns them, without
+/// touching `work`. An http(s) body is streamed into a new file inside `work` (a directory
+/// that must exist and that the caller owns and removes) whose path is returned; its name
+/// says nothing about its content, so callers decide what it is (a zip, usually).
+///
+/// The download follows at most [`MAX_REDIRECTS`] redirects and gives up after
+/// [`CONNECT_TIMEOUT`] without a connection or [`DOWNLOAD_TIMEOUT`] in all. A tenant's
+/// reaches public addresses only, at the first URL and every redirect (see the module).
+///
+/// # Errors
+///
+/// [`ArtifactError::Scheme`] for other schemes (`s3://`, `ftp://`...),
+/// [`ArtifactError::BadUri`], [`ArtifactError::Refused`] when a tenant's URL or one of its
+/// redirects leads to a non-public address, [`ArtifactError::Status`] for a non-2xx
+/// answer, [`ArtifactError::DownloadTooLarge`] when the body (declared or received)
+/// exceeds `limits.max_bytes`, [`ArtifactError::Fetch`] for network trouble and timeouts
+/// (and when the download's network namespace cannot be set up: it fails closed),
+/// [`ArtifactError::Io`] when the file cannot be written. After an error nothing of the
+/// download is left in `work`.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn example() -> Result<(), hearth_image::artifact::ArtifactError> {
+/// use hearth_image::artifact::{fetch_with, FetchPolicy};
+/// let work = tempfile::tempdir().expect("temp dir");
+/// // The operator's own tool may fetch from the host's loopback.
+/// let zip = fetch_with("http://127.0.0.1:8000/app.zip", work.path(), Default::default(), FetchPolicy::operator()).await?;
+/// assert!(zip.starts_with(work.path()));
+/// # Ok(()) }
+/// ```
+pub async fn fetch_with(uri: &str, work: &Path, limits: Limits, policy: FetchPolicy) -> Result<PathBuf, ArtifactError> {
+    match uri.split_once("://") {
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => {
+            if policy.allow_private {
+                return fetch_http(uri, work, limits, Guard::default(), false).await;
+            }
+            fetch_http(uri, work, limits, Guard::public_only()?, net::can_network()).await
+        }
+        _ => locate(uri),
+    }
+}
+
+/// Which destinations a download may connect to.
+#[derive(Debug, Default)]
+struct Guard {
+    /// Public addresses only (else anything: the operator's downloads).
+    public_only: bool,
+    /// The host's own addresses, refused whatever their range.
+    host: Vec<IpAddr>,
+    /// IP-literal destinations let through although not public (tests' loopback servers).
+    exempt: Vec<SocketAddr>,
+}
+
+impl Guard {
+    fn public_only() -> Result<Guard, ArtifactError> {
+        let host = net::host_addresses().map_err(io("list the host's addresses"))?;
+        Ok(Guard { public_only: true, host, exempt: Vec::new() })
+    }
+
+    /// What `addr` is when the download may not reach it.
+    fn refuses(&self, addr: IpAddr) -> Option<String> {
+        if !self.public_only {
+            return None;
+        }
+        non_public(addr).or_else(|| self.host.contains(&addr).then(|| "an address of this host".to_owned()))
+    }
+
+    /// Checks `url`'s host when it is an IP literal (names are checked as they resolve).
+    fn check(&self, url: &Url) -> Result<(), Refusal> {
+        let host = url.host_str().unwrap_or_default();
+        // The URL parser has already turned every IPv4 spelling (`2130706433`, `0x7f.1`)
+        // into dotted quads and bracketed IPv6.
+        let Ok(addr) = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() else { return Ok(()) };
+        if self.exempt.contains(&SocketAddr::new(addr, url.port_or_known_default().unwrap_or(0))) {
+            return Ok(());
+        }
+        match self.refuses(addr) {
+            Some(kind) => Err(Refusal { host: host.to_owned(), addr, kind }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What `addr` is when it is not a public address: loopback, private, link-local, CGNAT,
+/// multicast, reserved (the guests' closed ranges), unique-local, unspecified, or an IPv6
+/// address carrying one of those in IPv4.
+fn non_public(addr: IpAddr) -> Option<String> {
+    let v6 = match addr {
+        IpAddr::V4(a) => return net::closed_range(a).map(|(_, kind)| format!("a {kind} address")),
+        IpAddr::V6(a) => a,
+    };
+    if v6.is_unspecified() {
+        return Some("an unspecified address".into());
+    }
+    if v6.is_loopback() {
+        return Some("a loopback address".into());
+    }
+    if let Some(v4) = embedded_v4(v6) {
+        return non_public(IpAddr::V4(v4));
+    }
+    let kind = match v6.segments()[0] {
+        s if s & 0xfe00 == 0xfc00 => "a unique-local (private) address",
+        s if s & 0xffc0 == 0xfe80 => "a link-local address",
+        s if s & 0xffc0 == 0xfec0 => "a site-local address",
+        s if s & 0xff00 == 0xff00 => "a multicast address",
+        _ => return None,
+    };
+    Some(kind.into())
+}
+
+/// The IPv4 address an IPv6 address stands for: IPv4-mapped and -compatible
+/// (`::ffff:a.b.c.d`, `::a.b.c.d`), NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`).
+fn embedded_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match a.segments() {
+        [0, 0, 0, 0, 0, 0 | 0xffff, hi, lo] | [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        _ => None,
+    }
+}
+
+/// A destination a download may not reach. Raised inside the HTTP client (resolver,
+/// redirect policy), it comes back as the source of the client's error.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{host} resolves to {addr}, {kind}")]
+struct Refusal {
+    host: String,
+    addr: IpAddr,
+    kind: String,
+}
+
+impl Refusal {
+    fn into_error(self, uri: &str) -> ArtifactError {
+        ArtifactError::Refused { uri: uri.to_owned(), host: self.host, addr: self.addr, kind: self.kind }
+    }
+}
+
+/// Resolves a download's host names, keeping the addresses the guard lets through and
+/// failing with a [`Refusal`] when none is left. With `lookups`, lookups run on that
+/// runtime: the caller's, in the host's network namespace, while the download itself runs
+/// in a namespace of its own.
+struct PublicResolver {
+    guard: Arc<Guard>,
+    lookups: Option<tokio::runtime::Handle>,
+}
+
+impl Resolve for PublicResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let (guard, lookups, host) = (self.guard.clone(), self.lookups.clone(), name.as_str().to_owned());
+        Box::pin(async move {
+            let lookup = tokio::net::lookup_host((host.clone(), 0));
+            let found: Vec<SocketAddr> = match lookups {
+                Some(rt) => rt.spawn(async move { lookup.await.map(Iterator::collect::<Vec<_>>) }).await??,
+                None => lookup.await?.collect(),
+            };
+            let mut refused = None;
+            let kept: Vec<SocketAddr> = found
+                .into_iter()
+                .filter(|a| match guard.refuses(a.ip()) {
+                    Some(kind) => {
+                        refused.get_or_insert(Refusal { host: host.clone(), addr: a.ip(), kind });
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            match refused {
+                Some(r) if kept.is_empty() => Err(Box::new(r) as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(kept.into_iter()) as Addrs),
+            }
+        })
+    }
+}
+
+/// The HTTP client of one download: timeouts and redirect limits, and for a guarded one the
+/// resolver, the redirect check and no proxies.
+fn http_client(guard: &Arc<Guard>, lookups: Option<tokio::runtime::Handle>) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).timeout(DOWNLOAD_TIMEOUT);
+    if !guard.public_only {
+        return builder.redirect(Policy::limited(MAX_REDIRECTS)).build();
+    }
+    let check = guard.clone();
+    builder
+        .no_proxy()
+        .dns_resolver(Arc::new(PublicResolver { guard: guard.clone(), lookups }))
+        .redirect(Policy::custom(move |attempt| match check.check(attempt.url()) {
+            Err(r) => attempt.error(r),
+            Ok(()) => Policy::limited(MAX_REDIRECTS).redirect(attempt),
+        }))
+        .build()
+}
+
+/// Downloads `uri` into `work` under `guard`, from a network namespace of its own with
+/// `isolate` (see the module).
+async fn fetch_http(uri: &str, work: &Path, limits: Limits, guard: Guard, isolate: bool) -> Result<PathBuf, ArtifactError> {
+    let shown = redact(uri);
+    let url = Url::parse(uri).map_err(|e| ArtifactError::BadUri { uri: shown.clone(), reason: e.to_string() })?;
+    guard.check(&url).map_err(|r| r.into_error(&shown))?;
+    let guard = Arc::new(guard);
+    if !isolate {
+        let client = http_client(&guard, None).map_err(|e| fetch_error(&shown, e))?;
+        return download(&client, url, &shown, work, limits).await;
+    }
+    let lookups = tokio::runtime::Handle::current();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (work, thread_shown) = (work.to_owned(), shown.clone());
+    std::thread::Builder::new()
+        .name("artifact-fetch".into())
+        .spawn(move || {
+            let _ = tx.send(isolated(url, &thread_shown, &work, limits, &guard, lookups));
+        })
+        .map_err(io("start a download thread"))?;
+    rx.await.unwrap_or_else(|_| Err(ArtifactError::Fetch { uri: shown, what: "the download thread died".into(), source: "it panicked".into() }))
+}
+
+/// Runs a download on the calling thread, a thread of its own, from a network namespace
+/// of its own with a guest's internet egress: made, entered, its name removed at once (the
+/// namespace lives while the thread is in it and goes with it), then a runtime of the
+/// thread's own for the download.
+fn isolated(
+    url: Url,
+    shown: &str,
+    work: &Path,
+    limits: Limits,
+    guard: &Arc<Guard>,
+    lookups: tokio::runtime::Handle,
+) -> Result<PathBuf, ArtifactError> {
+    let fail = |what: &str, source: Box<dyn std::error::Error + Send + Sync>| ArtifactError::Fetch {
+        uri: shown.to_owned(),
+        what: format!("could not {what} for the download (tenants' downloads run in one)"),
+        source,
+    };
+    let mut rand = [0u8; 6];
+    getrandom::fill(&mut rand).map_err(|e| fail("name a network namespace", e.to_string().into()))?;
+    let id: String = rand.iter().map(|b| format!("{b:02x}")).collect();
+    let ns = NetNs::create_local(&format!("fetch-{id}"), &Egress::internet()).map_err(|e| fail("set up a network namespace", Box::new(e)))?;
+    let entered = ns.enter();
+    drop(ns);
+    entered.map_err(|e| fail("enter a network namespace", Box::new(e)))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("start the download's runtime"))?;
+    rt.block_on(async {
+        let client = http_client(guard, Some(lookups)).map_err(|e| fetch_error(shown, e))?;
+        download(&client, url, shown, work, limits).await
+    })
+}
+
+/// `uri` for messages: no user or password, no query (tokens travel in the user name,
+/// presigned URLs carry their signature in the query).
+fn redact(uri: &str) -> String {
+    if let Ok(mut url) = reqwest::Url::parse(uri) {
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        if url.query().is_some() {
+            url.set_query(Some("..."));
+        }
+        url.set_fragment(None);
+        return url.to_string();
+    }
+    // Unparseable: the same by hand, roughly.
+    let (scheme, rest) = uri.split_once("://").unwrap_or(("", uri));
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let authority_end = rest[..end].find('/').unwrap_or(end);
+    let start = rest[..authority_end].rfind('@').map_or(0, |i| i + 1);
+    let mut shown = format!("{scheme}://{}", &rest[start..end]);
+    if end < rest.len() {
+        shown.push_str("?...");
+    }
+    shown
+}
+
+fn fetch_error(uri: &str, e: reqwest::Error) -> ArtifactError {
+    // A refusal raised by the resolver or the redirect policy is somewhere in the chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Refusal>() {
+            return r.clone().into_error(uri);
+        }
+        cause = c.source();
+    }
+    let what = if e.is_connect() && e.is_timeout() {
+        format!("no connection within {} s", CONNECT_TIMEOUT.as_secs())
+    } else if e.is_timeout() {
+        format!("the download did not finish within {} s", DOWNLOAD_TIMEOUT.as_secs())
+    } else if e.is_redirect() {
+        format!("could not follow its redirects (at most {MAX_REDIRECTS}, to http or https only)")
+    } else if e.is_connect() {
+        "could not connect to the server".to_owned()
+    } else if e.is_builder() {
+        "the HTTP client could not be set up".to_owned()
+    } else {
+        "the transfer broke off".to_owned()
+    };
+    // The client's own message repeats the full URL, secrets included.
+    ArtifactError::Fetch { uri: uri.to_owned(), what, source: Box::new(e.without_url()) }
+}
+
+/// Downloads `url` (`shown` in messages) into a new file inside `work` (see [`fetch_with`]).
+async fn download(client: &reqwest::Client, url: Url, shown: &str, work: &Path, limits: Limits) -> Result<PathBuf, ArtifactError> {
+    let mut response = client.get(url).send().await.map_err(|e| fetch_error(shown, e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ArtifactError::Status { uri: shown.to_owned(), status: status.as_u16() });
+    }
+    let too_large = || ArtifactError::DownloadTooLarge { uri: shown.to_owned(), limit: limits.max_bytes };
+    if response.content_length().is_some_and(|n| n > limits.max_bytes) {
+        return Err(too_large());
+    }
+    let (file, path) = tempfile::Builder::new()
+        .prefix("artifact-")
+        .tempfile_in(work)
+        .map_err(io(format!("create a download file in {}", work.display())))?
+        .into_parts();
+    // From here every early return drops `path`, which removes the partial file.
+    let mut file = tokio::fs::File::from_std(file);
+    let what = || format!("write {}", path.display());
+    let mut received = 0u64;
+    while let Some(chunk) = response.chunk().await.map_err(|e| fetch_error(shown, e))? {
+        received += chunk.len() as u64;
+        if received > limits.max_bytes {
+            return Err(too_large());
+        }
+        file.write_all(&chunk).await.map_err(io(what()))?;
+    }
+    // A tokio file finishes its last write in the background until flushed.
+    file.flush().await.map_err(io(what()))?;
+    drop(file);
+    path.keep().map_err(|e| ArtifactError::Io(RootfsError::Io { what: format!("keep {}", e.path.display()), source: e.error }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// bytes written as they are, then closing the connection. Returns its base URL.
+    async fn serve(respond: fn(&str) -> Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&request).into_owned();
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    // The client may hang up early (a refused body): ignore write errors.
+                    let _ = conn.write_all(&respond(&path)).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        base
+    }
+
+    fn response(status: &str, headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 {status}\r\nConnection: close\r\n{headers}\r\n").into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn with_length(body: &[u8]) -> Vec<u8> {
+        response("200 OK", &format!("Content-Length: {}\r\n", body.len()), body)
+    }
+
+    fn chunked(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut body = Vec::new();
+        for c in chunks {
+            body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+            body.extend_from_slice(c);
+            body.extend_from_slice(b"\r\n");
+        }
+        body.extend_from_slice(b"0\r\n\r\n");
+        response("200 OK", "Transfer-Encoding: chunked\r\n", &body)
+    }
+
+    fn routes(path: &str) -> Vec<u8> {
+        match path {
+            "/app.zip" => with_length(b"0123456789"),
+            "/moved" => response("302 Found", "Location: /app.zip\r\nContent-Length: 0\r\n", b""),
+            "/loop" => response("302 Found", "Location: /loop\r\nContent-Length: 0\r\n", b""),
+            "/declared-big" => with_length(&[7u8; 11]),
+            "/chunked-big" => chunked(&[&[1u8; 6], &[2u8; 6]]),
+            "/chunked-ok" => chunked(&[&[1u8; 5], &[2u8; 5]]),
+            // No length at all: the body ends when the connection closes.
+            "/close-big" => response("200 OK", "", &[3u8; 11]),
+            "/truncated" => response("200 OK", "Content-Length: 10\r\n", b"01234"),
+            "/error" => response("500 Internal Server Error", "Content-Length: 0\r\n", b""),
+            // Redirects out of the test server's exemption (see `get`).
+            "/to-metadata" => redirect("http://169.254.169.254/latest/meta-data/"),
+            "/to-other-port" => redirect("http://127.0.0.1:1/app.zip"),
+            "/to-v6-loopback" => redirect("http://[::1]/app.zip"),
+            "/to-private" => redirect("http://10.1.2.3/app.zip"),
+            "/to-localhost" => redirect("http://localhost/app.zip"),
+            "/to-moved-to-private" => redirect("/to-private"),
+            _ => response("404 Not Found", "Content-Length: 9\r\n", b"not found"),
+        }
+    }
+
+    fn redirect(to: &str) -> Vec<u8> {
+        response("302 Found", &format!("Location: {to}\r\nContent-Length: 0\r\n"), b"")
+    }
+
+    /// A tenant's guard that lets the test server at `base` (and only it) through.
+    fn exempting(base: &str) -> Guard {
+        let server: SocketAddr = base.strip_prefix("http://").unwrap().parse().unwrap();
+        Guard { exempt: vec![server], ..Guard::public_only().unwrap() }
+    }
+
+    /// `base` + `path` as a tenant's download would go, the test server exempted, in the
+    /// host's network namespace.
+    async fn get(base: &str, path: &str, work: &Path) -> Result<PathBuf, ArtifactError> {
+        fetch_http(&format!("{base}{path}"), work, Limits { max_bytes: 10, max_entries: 10 }, exempting(base), false).await
+    }
+
+    /// The refusal in `e`, as (host, address, kind).
+    fn refusal(e: &ArtifactError) -> (String, IpAddr, String) {
+        match e {
+            ArtifactError::Refused { host, addr, kind, .. } => (host.clone(), *addr, kind.clone()),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    fn is_empty(dir: &Path) -> bool {
+        std::fs::read_dir(dir).unwrap().next().is_none()
+    }
+
+    #[tokio::test]
+    async fn downloads_land_in_the_work_directory() {
+        let base = serve(routes).await;
+        let work = tempfile::tempdir().unwrap();
+        for path in ["/app.zip", "/moved", "/chunked-ok"] {
+            let file = get(&base, path, work.path()).await.unwrap();
+            assert!(file.starts_with(work.path()), "{path}: {}", file.display());
+            assert_eq!(std::fs::metadata(&file).unwrap().len(), 10, "{path}");
+        }
+        let file = get(&base, "/app.zip", work.path()).await.unwrap();
+        assert_eq!(std::fs::read(file).unwrap(), b"0123456789");
+    }
+
+    #[tokio::test]
+    async fn failed_downloads_say_why_and_leave_nothing() {
+        let base = serve(routes).await;
+        let work = tempfile::tempdir().unwrap();
+        let e = get(&base, "/missing", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Status { status: 404, .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("404") && msg.contains(&format!("{base}/missing")), "{msg}");
+        let e = get(&base, "/error", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Status { status: 500, .. }), "{e}");
+        for path in ["/declared-big", "/chunked-big", "/close-big"] {
+            let e = get(&base, path, work.path()).await.unwrap_err();
+            assert!(matches!(e, ArtifactError::DownloadTooLarge { limit: 10, .. }), "{path}: {e}");
+            assert!(is_empty(work.path()), "{path}: partial download left behind");
+        }
+        let e = get(&base, "/truncated", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { .. }), "{e}");
+        let e = get(&base, "/loop", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { ref what, .. } if what.contains("redirect")), "{e}");
+        assert!(is_empty(work.path()), "partial download left behind");
+    }
+
+    #[tokio::test]
+    async fn unreachable_servers_and_bad_uris_are_errors() {
+        // Bind then drop: nothing listens on that port any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let work = tempfile::tempdir().unwrap();
+        let e = get(&format!("http://127.0.0.1:{port}"), "/a.zip", work.path()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { .. }), "{e}");
+        let e = fetch("http://[::1", work.path(), Limits::default()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::BadUri { .. }), "{e}");
+        assert!(is_empty(work.path()));
+    }
+
+    #[tokio::test]
+    async fn tenants_cannot_fetch_from_the_host_or_private_networks() {
+        let work = tempfile::tempdir().unwrap();
+        let own = net::host_addresses().unwrap().into_iter().find(|a| non_public(*a).is_none());
+        let mut cases = vec![
+            ("http://127.0.0.1:8000/app.zip", "127.0.0.1", "a loopback address"),
+            ("http://[::1]:8000/app.zip", "[::1]", "a loopback address"),
+            ("http://10.1.2.3/app.zip", "10.1.2.3", "a private address"),
+            ("http://192.168.1.1/app.zip", "192.168.1.1", "a private address"),
+            ("http://169.254.169.254/latest/meta-data/", "169.254.169.254", "a link-local address"),
+            ("http://100.64.0.1/app.zip", "100.64.0.1", "a shared (CGNAT) address"),
+            ("http://0.0.0.0:8000/app.zip", "0.0.0.0", "a this-network address"),
+            ("http://[::]:8000/app.zip", "[::]", "an unspecified address"),
+            ("http://[fd00::1]/app.zip", "[fd00::1]", "a unique-local (private) address"),
+            ("http://[fe80::1]/app.zip", "[fe80::1]", "a link-local address"),
+            ("http://[ff02::1]/app.zip", "[ff02::1]", "a multicast address"),
+            ("http://224.0.0.1/app.zip", "224.0.0.1", "a multicast address"),
+            ("http://[::ffff:127.0.0.1]/app.zip", "[::ffff:7f00:1]", "a loopback address"),
+            ("http://[64:ff9b::a9fe:a9fe]/app.zip", "[64:ff9b::a9fe:a9fe]", "a link-local address"),
+            // Other spellings of loopback, normalized by the URL parser.
+            ("http://2130706433/app.zip", "127.0.0.1", "a loopback address"),
+            ("https://0x7f.1/app.zip", "127.0.0.1", "a loopback address"),
+            // A name is checked as it resolves (here in /etc/hosts).
+            ("http://localhost:8000/app.zip", "localhost", "a loopback address"),
+        ];
+        let own_url = own.map(|a| format!("http://{}/app.zip", SocketAddr::new(a, 8000)));
+        if let (Some(a), Some(url)) = (own, own_url.as_deref()) {
+            cases.push((url, "", "an address of this host"));
+            assert!(non_public(a).is_none(), "{a}");
+        }
+        for (uri, host, kind) in cases {
+            // The public entry point: in a network namespace of its own when root.
+            let e = fetch(uri, work.path(), Limits::default()).await.unwrap_err();
+            let (h, _, k) = refusal(&e);
+            assert!(h == host || host.is_empty(), "{uri}: {e}");
+            assert_eq!(k, kind, "{uri}: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains("code artifacts are fetched from public addresses only") && msg.contains(&h), "{msg}");
+        }
+        // The message names the host and its address, without the URL's secrets.
+        let e = fetch("http://user:pw@10.1.2.3/app.zip?sig=x", work.path(), Limits::default()).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "fetching http://10.1.2.3/app.zip?... refused: 10.1.2.3 resolves to 10.1.2.3, a private address; code artifacts are fetched from public addresses only"
+        );
+        assert!(is_empty(work.path()));
+        // The operator's own tools may fetch from loopback (nothing listens on port 1).
+        let e = fetch_with("http://127.0.0.1:1/app.zip", work.path(), Limits::default(), FetchPolicy::operator()).await.unwrap_err();
+        assert!(matches!(e, ArtifactError::Fetch { .. }), "{e}");
+    }
+
+    #[tokio::test]
+    async fn redirects_to_the_host_or_private_networks_are_refused() {
+        let base = serve(routes).await;
+        let work = tempfile::tempdir().unwrap();
+        // The exemption lets the test server through, so redirects are what is checked.
+        get(&base, "/moved", work.path()).await.unwrap();
+        let _ = std::fs::remove_dir_all(work.path()).and_then(|()| std::fs::create_dir(work.path()));
+        for (path, host, kind) in [
+            ("/to-metadata", "169.254.169.254", "a link-local address"),
+            ("/to-other-port", "127.0.0.1", "a loopback address"),
+            ("/to-v6-loopback", "[::1]", "a loopback address"),
+            ("/to-private", "10.1.2.3", "a private address"),
+            ("/to-moved-to-private", "10.1.2.3", "a private address"),
+            ("/to-localhost", "localhost", "a loopback address"),
+        ] {
+            let e = get(&base, path, work.path()).await.unwrap_err();
+            let (h, _, k) = refusal(&e);
+            assert_eq!((h.as_str(), k.as_str()), (host, kind), "{path}: {e}");
+            assert!(e.to_string().contains(&format!("{base}{path}")), "the message names the URL asked for: {e}");
+            assert!(is_empty(work.path()), "{path}: partial download left behind");
+        }
+    }
+
+    #[test]
+    fn addresses_are_public_or_say_what_they_are() {
+        for public in ["93.184.216.34", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+            assert_eq!(non_public(public.parse().unwrap()), None, "{public}");
+        }
+        for (addr, kind) in [
+            ("172.31.255.255", "a private address"),
+            ("255.255.255.255", "a reserved address"),
+            ("::7f00:1", "a loopback address"),
+            ("2002:a00:1::1", "a private address"),
+            ("fec0::1", "a site-local address"),
+            ("fc00::1", "a unique-local (private) address"),
+        ] {
+            assert_eq!(non_public(addr.parse().unwrap()).as_deref(), Some(kind), "{addr}");
+        }
+        let operator = Guard::default();
+        assert_eq!(operator.refuses("127.0.0.1".parse().unwrap()), None);
+    }
+
+    /// The second layer, alone: with the first one exempting the host's addresses, a
+    /// download from the namespace still cannot reach the host; and the namespace is gone
+    /// afterwards (root only: skipped otherwise).
+    #[tokio::test]
+    async fn isolated_downloads_cannot_reach_the_host() {
+        if !net::can_network() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await;
+                    let _ = conn.write_all(&with_length(b"0123456789")).await;
+                });
+            }
+        });
+        let work = tempfile::tempdir().unwrap();
+        let limits = Limits { max_bytes: 10, max_entries: 10 };
+        let host_ip = net::host_addresses().unwrap().into_iter().find(|a| a.is_ipv4() && !a.is_loopback());
+        let mut targets = vec![SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)];
+        targets.extend(host_ip.map(|a| SocketAddr::new(a, port)));
+        for target in targets {
+            let uri = format!("http://{target}/app.zip");
+            let guard = || Guard { exempt: vec![target], ..Guard::public_only().unwrap() };
+            // In the host's namespace the exempted server answers...
+            let file = fetch_http(&uri, work.path(), limits, guard(), false).await.unwrap();
+            std::fs::remove_file(file).unwrap();
+            // ...from the download's own it is out of reach: its loopback is its own, the
+            // host's addresses are dropped on the way in.
+            let e = fetch_http(&uri, work.path(), limits, guard(), true).await.unwrap_err();
+            assert!(matches!(e, ArtifactError::Fetch { ref what, .. } if what.contains("connect") || what.contains("no connection")), "{uri}: {e}");
+            assert!(is_empty(work.path()), "{uri}: partial download left behind");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let left = || {
+            std::fs::read_dir("/run/netns")
+                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("hearth-fetch-")))
+                .unwrap_or(false)
+        };
+        while left() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(!left(), "a download's network namespace outlived it");
+    }
+
+    #[tokio::test]
+    async fn fetch_uses_local_paths_in_place_and_refuses_other_schemes() {
+        let work = tempfile::tempdir().unwrap();
+        assert_eq!(fetch("/tmp/a.zip", work.path(), Limits::default()).await.unwrap(), PathBuf::from("/tmp/a.zip"));
+        assert_eq!(fetch("file:///tmp/a.zip", work.path(), Limits::default()).await.unwrap(), PathBuf::from("/tmp/a.zip"));
+        for uri in ["s3://bucket/a.zip", "ftp://host/a.zip", "gs://b/a.zip"] {
+            let e = fetch(uri, work.path(), Limits::default()).await.unwrap_err();
+            assert!(matches!(e, ArtifactError::Scheme(_)), "{uri}: {e}");
+            assert!(e.to_string().contains("https://"), "{e}");
+        }
+        assert!(is_empty(work.path()));
+    }
+
+    #[test]
+    fn secrets_stay_out_of_messages() {
+        assert_eq!(redact("https://user:hunter2@host.invalid/a.zip?X-Sig=abc#f"), "https://host.invalid/a.zip?...");
+        assert_eq!(redact("https://token@host.invalid/a.zip"), "https://host.invalid/a.zip");
+        assert_eq!(redact("https://host.invalid/a.zip"), "https://host.invalid/a.zip");
+        assert_eq!(redact("http://u:p@[::1/a@b?sig"), "http://[::1/a@b?...");
+    }
+
+    #[test]
+    fn locations() {
+        assert_eq!(locate("file:///tmp/a.zip").unwrap(), PathBuf::from("/tmp/a.zip"));
+        assert_eq!(locate("./a.zip").unwrap(), PathBuf::from("./a.zip"));
+        assert!(matches!(locate("s3://bucket/a.zip"), Err(ArtifactError::Scheme(_))));
+    }
+}
