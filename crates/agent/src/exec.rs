@@ -8,10 +8,10 @@
 //! slow host applies back-pressure through HTTP/2 flow control down to the process's pipe
 //! instead of growing a buffer here.
 
+use crate::pty;
 use crate::reaper::Exit;
 use crate::server::{self, Body, State};
 use bytes::Bytes;
-use crate::pty;
 use hearth_proto::exec::{chunked, Command, ExecExit, ExecRequest, Frame, FrameDecoder, FrameKind, SignalRequest, TtySize};
 use hearth_proto::{ErrorBody, ErrorCode};
 use http::{Request, Response, StatusCode};
@@ -165,8 +165,7 @@ fn resolve_user(spec: Option<&str>) -> std::io::Result<User> {
     let spec = spec.unwrap_or("root");
     let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let entries: Vec<Vec<&str>> =
-        passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 7).collect();
+    let entries: Vec<Vec<&str>> = passwd.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 7).collect();
     let by_uid = |uid: u32| entries.iter().find(|f| f[2].parse::<u32>().ok() == Some(uid));
     if let Some((u, g)) = spec.split_once(':').or(Some((spec, ""))).filter(|(u, _)| u.parse::<u32>().is_ok()) {
         let uid: u32 = u.parse().map_err(|_| invalid(format!("bad uid in {spec:?}")))?;
@@ -186,10 +185,7 @@ fn resolve_user(spec: Option<&str>) -> std::io::Result<User> {
     if spec == "root" && entries.iter().all(|f| f[0] != "root") {
         return Ok(User { uid: 0, gid: 0, name: "root".into(), home: "/root".into() });
     }
-    let f = entries
-        .iter()
-        .find(|f| f[0] == spec)
-        .ok_or_else(|| invalid(format!("no user {spec:?} in the guest's /etc/passwd")))?;
+    let f = entries.iter().find(|f| f[0] == spec).ok_or_else(|| invalid(format!("no user {spec:?} in the guest's /etc/passwd")))?;
     Ok(User {
         uid: f[2].parse().map_err(|_| invalid(format!("bad uid for {spec}")))?,
         gid: f[3].parse().map_err(|_| invalid(format!("bad gid for {spec}")))?,

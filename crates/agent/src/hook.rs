@@ -3,8 +3,8 @@
 
 use crate::server::{self, Body};
 use hearth_proto::{ErrorCode, HookResponse, MAX_HOOK_BODY, MAX_HOOK_REQUEST};
-use http_body_util::BodyExt;
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,7 +26,13 @@ pub async fn call(req: Request<Incoming>) -> Response<Body> {
     let payload = if post {
         match http_body_util::Limited::new(req.into_body(), MAX_HOOK_REQUEST).collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return server::error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("hook body: {e} (at most {MAX_HOOK_REQUEST} bytes)")),
+            Err(e) => {
+                return server::error(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidInput,
+                    format!("hook body: {e} (at most {MAX_HOOK_REQUEST} bytes)"),
+                )
+            }
         }
     } else {
         bytes::Bytes::new()
@@ -53,11 +59,7 @@ pub async fn call(req: Request<Incoming>) -> Response<Body> {
         Err(_) => return server::error(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Io, format!("hook 127.0.0.1:{port}{path} timed out")),
     };
     let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse::<u16>().ok());
+    let status = text.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse::<u16>().ok());
     let Some(status) = status else {
         return server::error(StatusCode::BAD_GATEWAY, ErrorCode::Io, format!("hook 127.0.0.1:{port}{path} did not answer HTTP"));
     };

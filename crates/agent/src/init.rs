@@ -51,15 +51,14 @@ pub fn boot() -> Result<Booted, BootError> {
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
 
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let arg = |key: &str| {
-        cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
-            .map(str::to_owned)
-    };
+    let arg = |key: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('='))).map(str::to_owned);
 
     let debug = cmdline.contains("hearth.debug=boot");
-    let step = |m: &str| if debug { eprintln!("hearth-agent: {m}") };
+    let step = |m: &str| {
+        if debug {
+            eprintln!("hearth-agent: {m}")
+        }
+    };
     step("loading modules");
     load_modules()?;
     step("modules loaded");
@@ -140,8 +139,7 @@ fn switch_root(device: &str, fstype: &str) -> Result<(), BootError> {
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{new_root}{m}");
         std::fs::create_dir_all(&target).map_err(|e| err(&format!("create {target}"), e))?;
-        mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .map_err(|e| err(&format!("move {m}"), e))?;
+        mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|e| err(&format!("move {m}"), e))?;
     }
     // Free the initramfs's memory: the agent already runs from its own pages.
     for gone in ["/init", "/lib/modules/hearth"] {
@@ -169,9 +167,7 @@ fn find_port(timeout: Duration) -> Result<PathBuf, BootError> {
             }
         }
         if Instant::now() > deadline {
-            return Err(BootError(format!(
-                "no virtio-serial port named {AGENT_PORT_NAME} appeared within {timeout:?}"
-            )));
+            return Err(BootError(format!("no virtio-serial port named {AGENT_PORT_NAME} appeared within {timeout:?}")));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

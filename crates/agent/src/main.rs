@@ -53,11 +53,7 @@ fn main() {
 
     // One thread runs every task: guests usually have one vCPU, and under emulation each
     // hop between worker threads costs far more than the work it hands over.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(64).enable_all().build().expect("tokio runtime");
     rt.block_on(async move {
         let reaper = reaper::Reaper::start();
         let state = Arc::new(server::State::new(reaper, is_init));

@@ -198,11 +198,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
 
 /// Serves the host on the virtio-serial port at `path`, forever.
 pub async fn serve_port(path: &std::path::Path, state: Arc<State>) -> io::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)?;
+    let file = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)?;
     let port = OwnedFd::from(file);
     let debug = std::fs::read_to_string("/proc/cmdline").unwrap_or_default().contains("hearth.debug");
     loop {

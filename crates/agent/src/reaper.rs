@@ -31,8 +31,7 @@ impl Reaper {
     pub fn start() -> Arc<Reaper> {
         let reaper = Arc::new(Reaper { waiting: Mutex::new(HashMap::new()) });
         let r = reaper.clone();
-        let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
-            .expect("SIGCHLD handler");
+        let mut sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).expect("SIGCHLD handler");
         tokio::spawn(async move {
             loop {
                 r.reap();
@@ -45,10 +44,7 @@ impl Reaper {
     }
 
     /// Spawns a command and registers it; the receiver yields its exit.
-    pub fn spawn(
-        &self,
-        cmd: &mut std::process::Command,
-    ) -> std::io::Result<(std::process::Child, oneshot::Receiver<Exit>)> {
+    pub fn spawn(&self, cmd: &mut std::process::Command) -> std::io::Result<(std::process::Child, oneshot::Receiver<Exit>)> {
         let mut waiting = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         let child = cmd.spawn()?;
         let (tx, rx) = oneshot::channel();

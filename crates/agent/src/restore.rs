@@ -35,10 +35,7 @@ pub async fn restore(req: Request<Incoming>) -> Response<Body> {
 }
 
 fn apply(info: &RestoreInfo) -> std::io::Result<()> {
-    let ts = libc::timespec {
-        tv_sec: info.unix_time_ns.div_euclid(1_000_000_000),
-        tv_nsec: info.unix_time_ns.rem_euclid(1_000_000_000),
-    };
+    let ts = libc::timespec { tv_sec: info.unix_time_ns.div_euclid(1_000_000_000), tv_nsec: info.unix_time_ns.rem_euclid(1_000_000_000) };
     // SAFETY: `ts` is a valid timespec that outlives the call.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(std::io::Error::last_os_error());

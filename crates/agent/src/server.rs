@@ -84,11 +84,7 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
 }
 
 fn hello(req: &Request<Incoming>) -> Response<Body> {
-    let host_version = req
-        .headers()
-        .get(PROTOCOL_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok());
+    let host_version = req.headers().get(PROTOCOL_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u32>().ok());
     if host_version != Some(PROTOCOL_VERSION) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -96,16 +92,11 @@ fn hello(req: &Request<Incoming>) -> Response<Body> {
             format!("agent speaks protocol {PROTOCOL_VERSION}, host sent {host_version:?}"),
         );
     }
-    let kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     let uptime_ms = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0);
-    json(
-        StatusCode::OK,
-        &Hello { protocol: PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").into(), kernel, uptime_ms },
-    )
+    json(StatusCode::OK, &Hello { protocol: PROTOCOL_VERSION, agent_version: env!("CARGO_PKG_VERSION").into(), kernel, uptime_ms })
 }
 
 fn shutdown(state: &State) -> Response<Body> {
@@ -163,14 +154,12 @@ pub async fn read_json<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -
         .await
         .map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("reading body: {e}")))?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("invalid JSON: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, format!("invalid JSON: {e}")))
 }
 
 /// A streaming body fed from a channel of chunks.
 pub fn channel_body(rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Body {
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item.map(hyper::body::Frame::data), rx))
-    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item.map(hyper::body::Frame::data), rx)) });
     http_body_util::StreamBody::new(stream).boxed()
 }

@@ -20,8 +20,12 @@ pub async fn connect(req: Request<Incoming>) -> Response<Body> {
     };
     let stream = match tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(("127.0.0.1", port))).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return server::error(StatusCode::BAD_GATEWAY, ErrorCode::Io, format!("connect to 127.0.0.1:{port} in the guest: {e}")),
-        Err(_) => return server::error(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Io, format!("connect to 127.0.0.1:{port} in the guest timed out")),
+        Ok(Err(e)) => {
+            return server::error(StatusCode::BAD_GATEWAY, ErrorCode::Io, format!("connect to 127.0.0.1:{port} in the guest: {e}"))
+        }
+        Err(_) => {
+            return server::error(StatusCode::GATEWAY_TIMEOUT, ErrorCode::Io, format!("connect to 127.0.0.1:{port} in the guest timed out"))
+        }
     };
     let _ = stream.set_nodelay(true);
     let (mut rd, mut wr) = stream.into_split();

@@ -48,11 +48,22 @@ pub enum ClientError {
 impl Client {
     /// A client of `base` (`http://127.0.0.1:8377`).
     pub fn new(base: &str, access_key: &str, secret: &str) -> Self {
-        Client { base: base.trim_end_matches('/').to_owned(), access_key: access_key.into(), secret: secret.into(), http: reqwest::Client::new() }
+        Client {
+            base: base.trim_end_matches('/').to_owned(),
+            access_key: access_key.into(),
+            secret: secret.into(),
+            http: reqwest::Client::new(),
+        }
     }
 
     /// A SigV4-signed request for `path_and_query` and its URL.
-    fn signed(&self, method: http::Method, path_and_query: &str, body: Vec<u8>, content_type: Option<&str>) -> Result<(String, reqwest::RequestBuilder), ClientError> {
+    fn signed(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> Result<(String, reqwest::RequestBuilder), ClientError> {
         let url = format!("{}{path_and_query}", self.base);
         let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
         let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
@@ -95,7 +106,13 @@ impl Client {
     }
 
     /// Sends a signed request; returns the status, the error type header and the body.
-    async fn send(&self, method: http::Method, path_and_query: &str, body: Vec<u8>, content_type: Option<&str>) -> Result<(u16, Option<String>, bytes::Bytes), ClientError> {
+    async fn send(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> Result<(u16, Option<String>, bytes::Bytes), ClientError> {
         let (url, req) = self.signed(method, path_and_query, body, content_type)?;
         let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
         let status = resp.status().as_u16();
@@ -121,7 +138,11 @@ impl Client {
         if status >= 400 {
             return Err(Self::error(status, code, &text));
         }
-        Ok(if text.is_empty() { Value::Null } else { serde_json::from_slice(&text).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&text).into_owned())) })
+        Ok(if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&text).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&text).into_owned()))
+        })
     }
 
     /// PUTs raw bytes; returns the JSON answer.
@@ -156,8 +177,18 @@ impl Client {
         let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
-        crate::sigv4::sign_streamed(&http::Method::POST, &uri, &mut headers, &hash, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
-        let mut req = self.http.post(&url).header("content-type", "application/zip").header("content-length", len).body(reqwest::Body::from(file));
+        crate::sigv4::sign_streamed(
+            &http::Method::POST,
+            &uri,
+            &mut headers,
+            &hash,
+            &self.access_key,
+            &self.secret,
+            "us-east-1",
+            SystemTime::now(),
+        );
+        let mut req =
+            self.http.post(&url).header("content-type", "application/zip").header("content-length", len).body(reqwest::Body::from(file));
         for (k, v) in &headers {
             if k != "host" {
                 req = req.header(k, v);

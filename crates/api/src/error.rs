@@ -90,7 +90,11 @@ impl ApiError {
 
     /// A ResourceNotFoundException for `kind` `id`.
     pub fn not_found(resource_type: &str, id: &str) -> Self {
-        ApiError { kind: Kind::NotFound, message: format!("{resource_type} {id} not found"), resource: Some((resource_type.into(), id.into())) }
+        ApiError {
+            kind: Kind::NotFound,
+            message: format!("{resource_type} {id} not found"),
+            resource: Some((resource_type.into(), id.into())),
+        }
     }
 
     /// A ConflictException about `id`.

@@ -152,7 +152,12 @@ pub fn authorize(svc: &Service, headers: &http::HeaderMap, id: &str, scope: Opti
 /// connections: 429 with `Retry-After`, as HTTP clients and load balancers expect.
 pub fn too_busy() -> Response {
     let body = serde_json::json!({ "message": format!("too many concurrent connections to this microvm (at most {})", crate::service::MAX_INGRESS_CONNECTIONS) });
-    (http::StatusCode::TOO_MANY_REQUESTS, [(http::header::RETRY_AFTER, "1"), (http::header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        http::StatusCode::TOO_MANY_REQUESTS,
+        [(http::header::RETRY_AFTER, "1"), (http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// Proxies one request for `/microvms/<id>/<rest>`.
@@ -177,14 +182,18 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     };
     let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let vm = svc.vm_handle(&claims.a, &id).await.map_err(IntoResponse::into_response)?;
-        let t = vm.agent().connect_port(port).await.map_err(|e| (http::StatusCode::BAD_GATEWAY, format!("the app does not accept connections on port {port}: {e}\n")).into_response())?;
+        let t = vm.agent().connect_port(port).await.map_err(|e| {
+            (http::StatusCode::BAD_GATEWAY, format!("the app does not accept connections on port {port}: {e}\n")).into_response()
+        })?;
         Ok::<_, Response>((vm, t))
     })
     .await;
     let (vm, tunnel) = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(r)) => return r,
-        Err(_) => return (http::StatusCode::GATEWAY_TIMEOUT, format!("no connection to the app within {CONNECT_TIMEOUT:?}\n")).into_response(),
+        Err(_) => {
+            return (http::StatusCode::GATEWAY_TIMEOUT, format!("no connection to the app within {CONNECT_TIMEOUT:?}\n")).into_response()
+        }
     };
     let held = (permit, vm);
     let (mut sender, conn) = match hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel)).await {
@@ -216,7 +225,9 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     let resp = match tokio::time::timeout(RESPONSE_TIMEOUT, sender.send_request(out)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return (http::StatusCode::BAD_GATEWAY, format!("the app's answer broke off: {e}\n")).into_response(),
-        Err(_) => return (http::StatusCode::GATEWAY_TIMEOUT, format!("the app did not answer within {RESPONSE_TIMEOUT:?}\n")).into_response(),
+        Err(_) => {
+            return (http::StatusCode::GATEWAY_TIMEOUT, format!("the app did not answer within {RESPONSE_TIMEOUT:?}\n")).into_response()
+        }
     };
     if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         let Some(client) = client_upgrade else {

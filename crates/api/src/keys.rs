@@ -49,19 +49,9 @@ pub fn new_account() -> String {
 pub fn new_key(account: &str) -> AccessKey {
     const B32: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let id: String = random(16)
-        .iter()
-        .map(|b| B32[(*b % 32) as usize] as char)
-        .collect();
-    let secret: String = random(40)
-        .iter()
-        .map(|b| B64[(*b % 64) as usize] as char)
-        .collect();
-    AccessKey {
-        access_key: format!("HKIA{id}"),
-        secret,
-        account: account.to_owned(),
-    }
+    let id: String = random(16).iter().map(|b| B32[(*b % 32) as usize] as char).collect();
+    let secret: String = random(40).iter().map(|b| B64[(*b % 64) as usize] as char).collect();
+    AccessKey { access_key: format!("HKIA{id}"), secret, account: account.to_owned() }
 }
 
 /// A sealing key file that cannot be used.
@@ -156,16 +146,9 @@ impl SealingKey {
     /// or group or others have any access to it.
     pub fn load(dir: &Path) -> Result<Option<SealingKey>, SealingKeyError> {
         let path = Self::path(dir);
-        let read = |source| SealingKeyError::Read {
-            path: path.clone(),
-            source,
-        };
+        let read = |source| SealingKeyError::Read { path: path.clone(), source };
         // No symlinks: the file checked is the file read.
-        let mut f = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-        {
+        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(read(e)),
@@ -174,17 +157,10 @@ impl SealingKey {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
         if meta.uid() != me {
-            return Err(SealingKeyError::NotOwned {
-                path,
-                owner: meta.uid(),
-                me,
-            });
+            return Err(SealingKeyError::NotOwned { path, owner: meta.uid(), me });
         }
         if meta.mode() & 0o077 != 0 {
-            return Err(SealingKeyError::Exposed {
-                path,
-                mode: meta.mode() & 0o777,
-            });
+            return Err(SealingKeyError::Exposed { path, mode: meta.mode() & 0o777 });
         }
         if !meta.is_file() || meta.len() != KEY_LEN as u64 {
             return Err(SealingKeyError::Malformed { path });
@@ -205,10 +181,7 @@ impl SealingKey {
     /// As [`Self::load`], and when the file cannot be written.
     pub fn create(dir: &Path) -> Result<SealingKey, SealingKeyError> {
         let path = Self::path(dir);
-        let create = |source| SealingKeyError::Create {
-            path: path.clone(),
-            source,
-        };
+        let create = |source| SealingKeyError::Create { path: path.clone(), source };
         let mut bytes = [0u8; KEY_LEN];
         getrandom::fill(&mut bytes).map_err(|e| create(e.into()))?;
         // Written whole to a temporary file (0600 from the start), then linked into place
@@ -238,13 +211,7 @@ impl SealingKey {
         let nonce = XNonce::try_from(&random(NONCE_LEN)[..]).expect("a nonce of NONCE_LEN bytes");
         let sealed = self
             .0
-            .encrypt(
-                &nonce,
-                Payload {
-                    msg: secret.as_bytes(),
-                    aad: access_key.as_bytes(),
-                },
-            )
+            .encrypt(&nonce, Payload { msg: secret.as_bytes(), aad: access_key.as_bytes() })
             .expect("a secret is far below XChaCha20's message limit");
         let b64 = base64::engine::general_purpose::STANDARD;
         format!("{SEALED_V1}{}:{}", b64.encode(nonce), b64.encode(sealed))
@@ -259,26 +226,10 @@ impl SealingKey {
     /// another access key, or was altered.
     pub fn open(&self, access_key: &str, stored: &str) -> Result<String, UnsealError> {
         let b64 = base64::engine::general_purpose::STANDARD;
-        let (nonce, sealed) = stored
-            .strip_prefix(SEALED_V1)
-            .and_then(|s| s.split_once(':'))
-            .ok_or(UnsealError::Malformed)?;
-        let nonce = b64
-            .decode(nonce)
-            .ok()
-            .and_then(|n| XNonce::try_from(&n[..]).ok())
-            .ok_or(UnsealError::Malformed)?;
+        let (nonce, sealed) = stored.strip_prefix(SEALED_V1).and_then(|s| s.split_once(':')).ok_or(UnsealError::Malformed)?;
+        let nonce = b64.decode(nonce).ok().and_then(|n| XNonce::try_from(&n[..]).ok()).ok_or(UnsealError::Malformed)?;
         let sealed = b64.decode(sealed).map_err(|_| UnsealError::Malformed)?;
-        let plain = self
-            .0
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &sealed,
-                    aad: access_key.as_bytes(),
-                },
-            )
-            .map_err(|_| UnsealError::Inauthentic)?;
+        let plain = self.0.decrypt(&nonce, Payload { msg: &sealed, aad: access_key.as_bytes() }).map_err(|_| UnsealError::Inauthentic)?;
         String::from_utf8(plain).map_err(|_| UnsealError::Malformed)
     }
 }
@@ -302,10 +253,7 @@ mod tests {
         assert_eq!(k.open("HKIAAAAA", &stored).unwrap(), "s3cret");
         assert_eq!(k.open("HKIABBBB", &stored), Err(UnsealError::Inauthentic));
         let other = SealingKey::from_bytes(&[7; KEY_LEN]);
-        assert_eq!(
-            other.open("HKIAAAAA", &stored),
-            Err(UnsealError::Inauthentic)
-        );
+        assert_eq!(other.open("HKIAAAAA", &stored), Err(UnsealError::Inauthentic));
         assert_eq!(k.open("HKIAAAAA", "s3cret"), Err(UnsealError::Malformed));
         // Two seals of one secret differ (fresh nonces).
         assert_ne!(k.seal("HKIAAAAA", "s3cret"), stored);
@@ -321,46 +269,21 @@ mod tests {
         assert_eq!((meta.permissions().mode() & 0o777, meta.len()), (0o600, 32));
         // Loading (or a second create) gives the same key.
         let stored = k.seal("HKIAAAAA", "x");
-        assert_eq!(
-            SealingKey::load(dir.path())
-                .unwrap()
-                .unwrap()
-                .open("HKIAAAAA", &stored)
-                .unwrap(),
-            "x"
-        );
-        assert_eq!(
-            SealingKey::create(dir.path())
-                .unwrap()
-                .open("HKIAAAAA", &stored)
-                .unwrap(),
-            "x"
-        );
+        assert_eq!(SealingKey::load(dir.path()).unwrap().unwrap().open("HKIAAAAA", &stored).unwrap(), "x");
+        assert_eq!(SealingKey::create(dir.path()).unwrap().open("HKIAAAAA", &stored).unwrap(), "x");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
         let e = SealingKey::load(dir.path()).unwrap_err();
-        assert!(
-            matches!(e, SealingKeyError::Exposed { mode: 0o640, .. }),
-            "{e}"
-        );
+        assert!(matches!(e, SealingKeyError::Exposed { mode: 0o640, .. }), "{e}");
         assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o604)).unwrap();
-        assert!(matches!(
-            SealingKey::load(dir.path()),
-            Err(SealingKeyError::Exposed { .. })
-        ));
+        assert!(matches!(SealingKey::load(dir.path()), Err(SealingKeyError::Exposed { .. })));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&path, [1u8; 31]).unwrap();
-        assert!(matches!(
-            SealingKey::load(dir.path()),
-            Err(SealingKeyError::Malformed { .. })
-        ));
+        assert!(matches!(SealingKey::load(dir.path()), Err(SealingKeyError::Malformed { .. })));
         // A symlink in its place is not followed.
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink(dir.path().join("elsewhere"), &path).unwrap();
-        assert!(matches!(
-            SealingKey::load(dir.path()),
-            Err(SealingKeyError::Read { .. })
-        ));
+        assert!(matches!(SealingKey::load(dir.path()), Err(SealingKeyError::Read { .. })));
     }
 
     #[test]

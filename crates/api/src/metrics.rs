@@ -69,7 +69,10 @@ impl Metrics {
             for (i, b) in BUCKETS.iter().enumerate() {
                 o.push_str(&format!("hearth_{what}_seconds_bucket{{le=\"{b}\"}} {}\n", h.counts[i]));
             }
-            o.push_str(&format!("hearth_{what}_seconds_bucket{{le=\"+Inf\"}} {}\nhearth_{what}_seconds_sum {}\nhearth_{what}_seconds_count {}\n", h.n, h.sum, h.n));
+            o.push_str(&format!(
+                "hearth_{what}_seconds_bucket{{le=\"+Inf\"}} {}\nhearth_{what}_seconds_sum {}\nhearth_{what}_seconds_count {}\n",
+                h.n, h.sum, h.n
+            ));
         }
         o.push_str("# HELP hearth_errors_total Failed microvm actions.\n# TYPE hearth_errors_total counter\n");
         for (what, n) in self.errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {

@@ -108,7 +108,7 @@ impl Model {
                 continue;
             }
             path_known = true;
-            if &op.method == method {
+            if op.method == *method {
                 return Ok((op, params));
             }
         }
@@ -163,7 +163,10 @@ impl Model {
                         if vals.next().is_some() {
                             return Err(ApiError::validation(format!("query parameter {wire} given more than once")));
                         }
-                        out.insert(name.clone(), scalar_from_text(target, &v).map_err(|e| ApiError::validation(format!("query parameter {wire}: {e}")))?);
+                        out.insert(
+                            name.clone(),
+                            scalar_from_text(target, &v).map_err(|e| ApiError::validation(format!("query parameter {wire}: {e}")))?,
+                        );
                     }
                 }
                 "header" => {}
@@ -172,12 +175,14 @@ impl Model {
                 }
             }
         }
-        let known_query: Vec<&str> = members.values().filter(|m| m["location"] == "querystring").filter_map(|m| m["locationName"].as_str()).collect();
+        let known_query: Vec<&str> =
+            members.values().filter(|m| m["location"] == "querystring").filter_map(|m| m["locationName"].as_str()).collect();
         if let Some((k, _)) = query.iter().find(|(k, _)| !known_query.contains(&k.as_str())) {
             return Err(ApiError::validation(format!("{} has no query parameter {k:?}", op.name)));
         }
         if !body.iter().all(u8::is_ascii_whitespace) {
-            let v: Value = serde_json::from_slice(body).map_err(|e| ApiError::serialization(format!("the request body is not valid JSON: {e}")))?;
+            let v: Value =
+                serde_json::from_slice(body).map_err(|e| ApiError::serialization(format!("the request body is not valid JSON: {e}")))?;
             let obj = v.as_object().ok_or_else(|| ApiError::serialization("the request body must be a JSON object"))?;
             for (k, v) in obj {
                 let Some(Value::String(member)) = body_members.get(k) else {

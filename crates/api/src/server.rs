@@ -77,7 +77,9 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, SystemTime::now(), |k| {
         svc.store.key(k).ok().flatten().map(|k| k.secret)
     });
-    let account = match signed.and_then(|s| svc.store.key(&s.access_key).ok().flatten().ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))) {
+    let account = match signed.and_then(|s| {
+        svc.store.key(&s.access_key).ok().flatten().ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))
+    }) {
         Ok(k) => k.account,
         Err(e) => {
             svc.metrics.request("auth", e.status());
@@ -167,7 +169,14 @@ async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<Strin
 /// Most bytes of output an API exec returns per stream.
 const MAX_EXEC_OUTPUT: usize = 8 << 20;
 
-async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, rest: &str, query: Option<&str>, body: Bytes) -> Result<Response, ApiError> {
+async fn extension(
+    svc: &Arc<Service>,
+    account: &str,
+    method: &http::Method,
+    rest: &str,
+    query: Option<&str>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let q = query_pairs(query);
     let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let decoded: Vec<String> = rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
@@ -218,7 +227,9 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
         ("GET", ["microvms", id, "files", "list"]) => {
             let path = param("path").unwrap_or_else(|| "/".into());
             let entries = svc
-                .with_vm(account, id, move |vm| Box::pin(async move { vm.agent().list(&BinPath::from(path.as_str())).await.map_err(file_err) }))
+                .with_vm(account, id, move |vm| {
+                    Box::pin(async move { vm.agent().list(&BinPath::from(path.as_str())).await.map_err(file_err) })
+                })
                 .await?;
             Ok(json_response(200, &json!({ "entries": serde_json::to_value(entries).map_err(ApiError::internal)? })))
         }
@@ -244,13 +255,21 @@ async fn extension(svc: &Arc<Service>, account: &str, method: &http::Method, res
             Ok(json_response(200, &json!({ "egress": e })))
         }
         ("GET", ["usage"]) => {
-            let num = |k: &str, d: f64| param(k).map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch")))).transpose().map(|x| x.unwrap_or(d));
+            let num = |k: &str, d: f64| {
+                param(k)
+                    .map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch"))))
+                    .transpose()
+                    .map(|x| x.unwrap_or(d))
+            };
             let now = crate::service::now();
             let (from, to) = (num("from", 0.0)?, num("to", now)?);
             let u = svc.store.usage(account, from, to, now).map_err(ApiError::internal)?;
             Ok(json_response(200, &json!({ "account": account, "from": from, "to": to, "usage": u })))
         }
-        _ => Err(ApiError::new(Kind::UnknownOperation, format!("no Hearth extension at {method} /hearth/v1/{rest} (see /hearth/v1/openapi.json)"))),
+        _ => Err(ApiError::new(
+            Kind::UnknownOperation,
+            format!("no Hearth extension at {method} /hearth/v1/{rest} (see /hearth/v1/openapi.json)"),
+        )),
     }
 }
 
@@ -332,7 +351,11 @@ fn egress_from(v: &Value) -> Result<hearth_vmm::net::Egress, ApiError> {
     if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny"].contains(&k.as_str()))) {
         return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny)")));
     }
-    let egress = hearth_vmm::net::Egress { internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false), allow: rules("allow")?, deny: rules("deny")? };
+    let egress = hearth_vmm::net::Egress {
+        internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false),
+        allow: rules("allow")?,
+        deny: rules("deny")?,
+    };
     egress.within(&hearth_vmm::net::host_ceiling().unwrap_or_default()).map_err(|e| ApiError::validation(e.to_string()))?;
     Ok(egress)
 }
@@ -432,6 +455,10 @@ pub struct ServeConfig {
     /// Where `GET /metrics` is served, apart from the API (its counts and latencies are
     /// the operator's, not the tenants'); none serves no metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Destinations in the closed ranges (private, CGNAT, link-local, loopback, multicast,
+    /// reserved) the operator opens to every microvm of the host: the host's egress ceiling.
+    /// Tenants' allow rules may reach into them, never further; empty opens none.
+    pub egress_allow_private: Vec<hearth_vmm::net::Rule>,
 }
 
 /// What `serve` reports once it listens.
@@ -447,7 +474,11 @@ pub struct Started {
 /// Opens the store (creating the first tenant and key on first start), reconciles
 /// microvms left by a previous run (reattaching running ones), and serves until
 /// `shutdown` resolves; running VMs are then released to run on until the next start.
-pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), String> {
+pub async fn serve(
+    cfg: ServeConfig,
+    started: impl FnOnce(Started),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
     let dir = cfg.state_dir.clone();
     crate::store::create_state_dir(&dir).map_err(|e| format!("create {} (owner only): {e}", dir.display()))?;
     let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
@@ -467,6 +498,8 @@ pub async fn serve(cfg: ServeConfig, started: impl FnOnce(Started), shutdown: im
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(|e| e.to_string())?;
+    // Before any VM is restored or started: every namespace of this process is under it.
+    hearth_vmm::net::set_host_ceiling(Some(hearth_vmm::net::Ceiling { allow: cfg.egress_allow_private.clone() }));
     let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let svc = Arc::new(service);

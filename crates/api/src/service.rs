@@ -136,13 +136,29 @@ fn s(v: &Value) -> Option<&str> {
 impl Service {
     /// A service over `store`.
     pub fn new(store: Store, home: PathBuf, state: PathBuf, vm_template: VmConfig, token_key: crate::ingress::TokenKey) -> Self {
-        Service { store, home, state, public_url: String::new(), vm_template, slots: Default::default(), metrics: Default::default(), token_key, ingress: Default::default() }
+        Service {
+            store,
+            home,
+            state,
+            public_url: String::new(),
+            vm_template,
+            slots: Default::default(),
+            metrics: Default::default(),
+            token_key,
+            ingress: Default::default(),
+        }
     }
 
     /// A permit for one ingress connection to microvm `id` (at most
     /// [`MAX_INGRESS_CONNECTIONS`] at once).
     pub fn ingress_permit(&self, id: &str) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::TryAcquireError> {
-        let sem = self.ingress.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_INGRESS_CONNECTIONS))).clone();
+        let sem = self
+            .ingress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_INGRESS_CONNECTIONS)))
+            .clone();
         sem.try_acquire_owned()
     }
 
@@ -169,7 +185,14 @@ impl Service {
         self.issue_token(account, &m, input, vec![(0, 0)], Some(crate::ingress::SHELL_SCOPE.to_owned()))
     }
 
-    fn issue_token(&self, account: &str, m: &MicrovmRecord, input: &Map<String, Value>, ports: Vec<(u16, u16)>, scope: Option<String>) -> Result<Value, ApiError> {
+    fn issue_token(
+        &self,
+        account: &str,
+        m: &MicrovmRecord,
+        input: &Map<String, Value>,
+        ports: Vec<(u16, u16)>,
+        scope: Option<String>,
+    ) -> Result<Value, ApiError> {
         if m.state == "TERMINATED" || m.state == "TERMINATING" {
             return Err(ApiError::conflict("Microvm", &m.microvm_id, format!("microvm {} is {}", m.microvm_id, m.state)));
         }
@@ -177,7 +200,8 @@ impl Service {
         if minutes > crate::ingress::MAX_TOKEN_MINUTES {
             return Err(ApiError::validation(format!("expirationInMinutes is at most {}", crate::ingress::MAX_TOKEN_MINUTES)));
         }
-        let claims = crate::ingress::Claims { a: account.to_owned(), m: m.microvm_id.clone(), e: now() as u64 + minutes * 60, p: ports, k: scope };
+        let claims =
+            crate::ingress::Claims { a: account.to_owned(), m: m.microvm_id.clone(), e: now() as u64 + minutes * 60, p: ports, k: scope };
         Ok(json!({ "authToken": { "X-aws-proxy-auth": self.token_key.issue(&claims) } }))
     }
 
@@ -287,7 +311,9 @@ impl Service {
     /// Calls lifecycle hook `which` (run, resume, suspend, terminate) of the app when the
     /// image enables it, with its timeout (default 30 s).
     async fn call_hook(&self, vm: &Vm, m: &MicrovmRecord, which: &str, payload: &str) -> Result<(), String> {
-        let Some(v) = self.store.versions(&m.account, &m.image_name).ok().and_then(|vs| vs.into_iter().find(|v| v.version == m.image_version)) else {
+        let Some(v) =
+            self.store.versions(&m.account, &m.image_name).ok().and_then(|vs| vs.into_iter().find(|v| v.version == m.image_version))
+        else {
             return Ok(());
         };
         let Some(hooks) = v.spec.get("hooks") else { return Ok(()) };
@@ -318,17 +344,22 @@ impl Service {
         let versions = self.store.versions(account, &image.name).map_err(db)?;
         let version = match input.get("imageVersion").and_then(Value::as_str) {
             Some(v) => versions.iter().find(|r| r.version.to_string() == v).ok_or_else(|| ApiError::not_found("MicrovmImageVersion", v))?,
-            None => versions
-                .iter()
-                .rev()
-                .find(|r| r.state == "SUCCESSFUL" && r.status == "ACTIVE")
-                .ok_or_else(|| ApiError::conflict("MicrovmImage", &image.name, format!("image {} has no successfully built active version yet", image.name)))?,
+            None => versions.iter().rev().find(|r| r.state == "SUCCESSFUL" && r.status == "ACTIVE").ok_or_else(|| {
+                ApiError::conflict(
+                    "MicrovmImage",
+                    &image.name,
+                    format!("image {} has no successfully built active version yet", image.name),
+                )
+            })?,
         };
         if version.state != "SUCCESSFUL" || version.status != "ACTIVE" {
             return Err(ApiError::conflict(
                 "MicrovmImageVersion",
                 &version.version.to_string(),
-                format!("version {} of {} is {} / {}; only SUCCESSFUL ACTIVE versions run", version.version, image.name, version.state, version.status),
+                format!(
+                    "version {} of {} is {} / {}; only SUCCESSFUL ACTIVE versions run",
+                    version.version, image.name, version.state, version.status
+                ),
             ));
         }
         let snap = Snapshot::open(&self.version_dir(account, &image.name, version.version).join("snapshot")).map_err(ApiError::internal)?;
@@ -402,9 +433,16 @@ impl Service {
 
     fn restore_options(&self, m: &MicrovmRecord, has_nic: bool) -> RestoreOptions {
         if let Some(e) = m.spec.get("hearthEgress").and_then(|e| serde_json::from_value::<hearth_vmm::net::Egress>(e.clone()).ok()) {
-            return RestoreOptions { run_root: self.vm_template.run_root.clone(), timeout: Duration::from_secs(120), hostname: None, egress: has_nic.then_some(e), detached: true };
+            return RestoreOptions {
+                run_root: self.vm_template.run_root.clone(),
+                timeout: Duration::from_secs(120),
+                hostname: None,
+                egress: has_nic.then_some(e),
+                detached: true,
+            };
         }
-        let connectors: Vec<&str> = m.spec.get("egressNetworkConnectors").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+        let connectors: Vec<&str> =
+            m.spec.get("egressNetworkConnectors").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
         let egress = has_nic.then(|| {
             if connectors.iter().any(|c| c.contains("INTERNET_EGRESS")) {
                 hearth_vmm::net::Egress::internet()
@@ -413,7 +451,13 @@ impl Service {
             }
         });
         // Detached: microvms outlive the daemon (a crash or an upgrade) and are reattached.
-        RestoreOptions { run_root: self.vm_template.run_root.clone(), timeout: Duration::from_secs(120), hostname: None, egress, detached: true }
+        RestoreOptions {
+            run_root: self.vm_template.run_root.clone(),
+            timeout: Duration::from_secs(120),
+            hostname: None,
+            egress,
+            detached: true,
+        }
     }
 
     /// GetMicrovm.
@@ -465,14 +509,22 @@ impl Service {
     pub async fn suspend_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
         let (id, mut guard, mut m) = self.locked(account, ident).await?;
         if m.state != "RUNNING" {
-            return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is {}; only a RUNNING microvm can be suspended", m.state)));
+            return Err(ApiError::conflict(
+                "Microvm",
+                &id,
+                format!("microvm {id} is {}; only a RUNNING microvm can be suspended", m.state),
+            ));
         }
         if guard.vm.is_none() {
             return Err(ApiError::internal(format!("microvm {id} is RUNNING without a VM")));
         }
         // Execs and connections in flight finish first (new ones wait for the slot).
         let Some(vm) = sole(&mut guard, EXEC_DRAIN, false).await else {
-            return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} still has execs or connections after {EXEC_DRAIN:?}; suspend it when they end")));
+            return Err(ApiError::conflict(
+                "Microvm",
+                &id,
+                format!("microvm {id} still has execs or connections after {EXEC_DRAIN:?}; suspend it when they end"),
+            ));
         };
         m.state = "SUSPENDING".into();
         self.put(&m)?;
@@ -519,7 +571,11 @@ impl Service {
     async fn resume_locked(&self, guard: &mut Slot, mut m: MicrovmRecord) -> Result<MicrovmRecord, ApiError> {
         let id = m.microvm_id.clone();
         if m.state != "SUSPENDED" {
-            return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is {}; only a SUSPENDED microvm can be resumed", m.state)));
+            return Err(ApiError::conflict(
+                "Microvm",
+                &id,
+                format!("microvm {id} is {}; only a SUSPENDED microvm can be resumed", m.state),
+            ));
         }
         let dir = self.microvm_dir(&id).join("suspended");
         let snap = Snapshot::open(&dir).map_err(|e| ApiError::internal(format!("the suspended state of {id} is unusable: {e}")))?;
@@ -605,7 +661,11 @@ impl Service {
         if m.state == "SUSPENDED" {
             let auto = m.spec.pointer("/idlePolicy/autoResumeEnabled").and_then(Value::as_bool).unwrap_or(false);
             if !auto {
-                return Err(ApiError::conflict("Microvm", &id, format!("microvm {id} is SUSPENDED and its idle policy does not resume it automatically; call ResumeMicrovm")));
+                return Err(ApiError::conflict(
+                    "Microvm",
+                    &id,
+                    format!("microvm {id} is SUSPENDED and its idle policy does not resume it automatically; call ResumeMicrovm"),
+                ));
             }
             m = self.resume_locked(&mut guard, m).await?;
         }
@@ -701,7 +761,11 @@ impl Service {
                 return Err(ApiError::validation(format!("name {name:?} must be 1-64 letters, digits, '-' or '_'")));
             }
             if self.store.image(account, &name).map_err(db)?.is_some() {
-                return Err(ApiError::conflict("MicrovmImage", &name, format!("an image named {name} exists; UpdateMicrovmImage builds a new version")));
+                return Err(ApiError::conflict(
+                    "MicrovmImage",
+                    &name,
+                    format!("an image named {name} exists; UpdateMicrovmImage builds a new version"),
+                ));
             }
             (name.clone(), ImageRecord { account: account.into(), name, state: "CREATING".into(), created_at: now(), updated_at: None })
         };
@@ -754,10 +818,10 @@ impl Service {
         for (k, v) in self.image_json(&image)?.as_object().into_iter().flatten() {
             out[k] = v.clone();
         }
-        out.as_object_mut().map(|o| {
+        if let Some(o) = out.as_object_mut() {
             o.remove("status");
             o.remove("stateReason");
-        });
+        }
         Ok(out)
     }
 
@@ -803,7 +867,9 @@ impl Service {
             other => {
                 let zip = match other {
                     artifacts::Source::Local(l) => l.path(),
-                    artifacts::Source::Remote(u) => hearth_image::artifact::fetch(u, scratch.path(), Default::default()).await.map_err(|e| e.to_string())?,
+                    artifacts::Source::Remote(u) => {
+                        hearth_image::artifact::fetch(u, scratch.path(), Default::default()).await.map_err(|e| e.to_string())?
+                    }
                 };
                 let ctx = scratch.path().join("ctx");
                 hearth_image::artifact::extract_zip(&zip, &ctx, Default::default()).map_err(|e| e.to_string())?;
@@ -823,8 +889,11 @@ impl Service {
             base,
             env,
             hooks_port: hooks.get("port").and_then(Value::as_u64).unwrap_or(8080) as u16,
-            ready_timeout: Duration::from_secs(hooks.pointer("/microvmImageHooks/readyTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(120)),
-            validate: hooks.pointer("/microvmImageHooks/validate").and_then(Value::as_str) == Some("ENABLED") && enabled("/microvmImageHooks/validate"),
+            ready_timeout: Duration::from_secs(
+                hooks.pointer("/microvmImageHooks/readyTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(120),
+            ),
+            validate: hooks.pointer("/microvmImageHooks/validate").and_then(Value::as_str) == Some("ENABLED")
+                && enabled("/microvmImageHooks/validate"),
             network: hearth_vmm::net::can_network().then(hearth_vmm::net::Egress::internet),
             cache: Some(self.layer_cache(&rec.account)),
             images: Arc::new(artifacts::TenantImages { svc: self.clone(), account: rec.account.clone() }),
@@ -838,7 +907,8 @@ impl Service {
         let mut log = |line: &str| {
             let _ = std::io::Write::write_all(&mut log_file, format!("{line}\n").as_bytes());
         };
-        let (snap, config) = hearth_image::build::build(&req, vm, &self.home, &dir.join("snapshot"), &mut log).await.map_err(|e| e.to_string())?;
+        let (snap, config) =
+            hearth_image::build::build(&req, vm, &self.home, &dir.join("snapshot"), &mut log).await.map_err(|e| e.to_string())?;
         let mem = snap.manifest.memory.as_ref().map_or(0, |m| m.size);
         Ok(((mem, dir_size(&dir.join("snapshot")).saturating_sub(mem)), config))
     }
@@ -857,7 +927,14 @@ impl Service {
     /// ListMicrovmImages.
     pub fn list_images(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
         let filter = input.get("nameFilter").and_then(Value::as_str).unwrap_or("");
-        let all: Vec<Value> = self.store.images(account).map_err(db)?.iter().filter(|i| i.name.contains(filter)).map(|i| self.image_json(i)).collect::<Result<_, _>>()?;
+        let all: Vec<Value> = self
+            .store
+            .images(account)
+            .map_err(db)?
+            .iter()
+            .filter(|i| i.name.contains(filter))
+            .map(|i| self.image_json(i))
+            .collect::<Result<_, _>>()?;
         page(all, input)
     }
 
@@ -870,7 +947,12 @@ impl Service {
             return Err(ApiError::conflict("MicrovmImage", ident, "a build of this image is in progress"));
         }
         self.store.delete_image(account, &image.name).map_err(db)?;
-        self.store.untag(&image_arn(account, &image.name), &self.store.tags(&image_arn(account, &image.name)).map_err(db)?.into_iter().map(|(k, _)| k).collect::<Vec<_>>()).map_err(db)?;
+        self.store
+            .untag(
+                &image_arn(account, &image.name),
+                &self.store.tags(&image_arn(account, &image.name)).map_err(db)?.into_iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .map_err(db)?;
         let _ = std::fs::remove_dir_all(self.state.join("images").join(account).join(&image.name));
         Ok(json!({ "imageIdentifier": ident, "state": "DELETED" }))
     }
@@ -1007,7 +1089,8 @@ impl Service {
     /// TagResource.
     pub fn tag(&self, account: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
         let arn = self.taggable(account, s(&input["Resource"]).unwrap_or_default())?;
-        let pairs: Vec<(String, String)> = input["Tags"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect();
+        let pairs: Vec<(String, String)> =
+            input["Tags"].as_object().into_iter().flatten().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned())).collect();
         let existing = self.store.tags(&arn).map_err(db)?;
         let total = existing.iter().map(|(k, _)| k).chain(pairs.iter().map(|(k, _)| k)).collect::<std::collections::BTreeSet<_>>().len();
         if total > 50 {
@@ -1049,8 +1132,12 @@ impl Service {
                     let last = self.store.microvm(&acct, &id).ok().flatten().map_or(m.last_activity, |r| r.last_activity);
                     if t - last >= idle_max as f64 {
                         if suspended_max == Some(0) {
-                            let _ = self.terminate_microvm(&acct, &id, Some("idle for maxIdleDurationSeconds (suspendedDurationSeconds is 0)")).await;
-                        } else if let Err(e) = self.suspend_microvm(&acct, &id, Some("suspended after maxIdleDurationSeconds without activity")).await {
+                            let _ = self
+                                .terminate_microvm(&acct, &id, Some("idle for maxIdleDurationSeconds (suspendedDurationSeconds is 0)"))
+                                .await;
+                        } else if let Err(e) =
+                            self.suspend_microvm(&acct, &id, Some("suspended after maxIdleDurationSeconds without activity")).await
+                        {
                             tracing::warn!(microvm = %id, error = %e, "idle suspend failed");
                         }
                     }
@@ -1178,7 +1265,13 @@ fn decode_token(v: Option<&Value>) -> Result<i64, ApiError> {
 }
 
 fn dir_size(p: &std::path::Path) -> u64 {
-    std::fs::read_dir(p).into_iter().flatten().flatten().filter_map(|e| e.metadata().ok()).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).sum()
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .sum()
 }
 
 fn mtime(p: &std::path::Path) -> f64 {
@@ -1230,7 +1323,10 @@ mod tests {
         let re = regex::Regex::new("arn:[a-z0-9-]+:lambda:[a-z0-9-]*:[a-z0-9]*:microvm-image:.+").unwrap();
         assert!(re.is_match(&image_arn("123456789012", "web")));
         assert!(re.is_match(&managed_arn("debian-bookworm")));
-        let taggable = regex::Regex::new(r"arn:(aws[a-zA-Z-]*):lambda:(eusc-)?[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:\d{12}:(microvm-image):[a-zA-Z0-9-_]+").unwrap();
+        let taggable = regex::Regex::new(
+            r"arn:(aws[a-zA-Z-]*):lambda:(eusc-)?[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:\d{12}:(microvm-image):[a-zA-Z0-9-_]+",
+        )
+        .unwrap();
         assert!(taggable.is_match(&image_arn("123456789012", "web")));
     }
 }

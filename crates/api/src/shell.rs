@@ -30,10 +30,10 @@ use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
 use hearth_proto::exec::{ExecRequest, TtySize};
 use hearth_vmm::agent::{ExecEvent, ExecInput, ExecStream};
-use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Largest WebSocket message a client may send.
 pub const MAX_MESSAGE: usize = 1 << 20;
@@ -97,8 +97,12 @@ fn parse_query(query: Option<&str>) -> Result<ShellQuery, ApiError> {
     let mut q = ShellQuery { size: TtySize { rows: 24, cols: 80 }, command: None, tty: true };
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_encoding::percent_decode_str(&v.replace('+', " ")).decode_utf8().map_err(|_| ApiError::validation(format!("{k} is not UTF-8")))?.into_owned();
-        let cells = |v: &str| v.parse::<u16>().map_err(|_| ApiError::validation(format!("{k} must be a number of character cells, got {v:?}")));
+        let v = percent_encoding::percent_decode_str(&v.replace('+', " "))
+            .decode_utf8()
+            .map_err(|_| ApiError::validation(format!("{k} is not UTF-8")))?
+            .into_owned();
+        let cells =
+            |v: &str| v.parse::<u16>().map_err(|_| ApiError::validation(format!("{k} must be a number of character cells, got {v:?}")));
         match k {
             "rows" => q.size.rows = cells(&v)?,
             "cols" => q.size.cols = cells(&v)?,
@@ -126,7 +130,8 @@ fn token_headers(headers: &http::HeaderMap) -> std::borrow::Cow<'_, http::Header
         return std::borrow::Cow::Borrowed(headers);
     }
     let offered = headers.get_all(http::header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-    let token = offered.map(str::trim).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX)).and_then(|t| http::HeaderValue::from_str(t).ok());
+    let token =
+        offered.map(str::trim).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX)).and_then(|t| http::HeaderValue::from_str(t).ok());
     match token {
         Some(t) => {
             let mut h = headers.clone();
@@ -255,7 +260,9 @@ async fn relay(socket: WebSocket, mut stream: ExecStream, tty: bool) {
 
 /// Applies one control message.
 async fn apply(input: &mut Option<ExecInput>, tty: bool, text: &str) -> Result<(), String> {
-    let control: Control = serde_json::from_str(text).map_err(|e| format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}}, {{\"signal\":\"INT\"}} or {{\"eof\":true}})"))?;
+    let control: Control = serde_json::from_str(text).map_err(|e| {
+        format!("bad control message: {e} (send {{\"resize\":{{\"rows\":R,\"cols\":C}}}}, {{\"signal\":\"INT\"}} or {{\"eof\":true}})")
+    })?;
     let result = match (control, input.as_ref()) {
         (Control::Eof(false), _) => Ok(()),
         // A terminal has no end of input, only the key that asks for one.
@@ -281,10 +288,12 @@ mod tests {
     #[test]
     fn control_messages() {
         assert_eq!(serde_json::from_str::<Control>(r#"{"resize":{"rows":5,"cols":9}}"#).unwrap(), Control::Resize { rows: 5, cols: 9 });
-        let sig = |t: &str| serde_json::from_str::<Control>(t).ok().and_then(|c| match c {
-            Control::Signal(s) => s.number(),
-            _ => None,
-        });
+        let sig = |t: &str| {
+            serde_json::from_str::<Control>(t).ok().and_then(|c| match c {
+                Control::Signal(s) => s.number(),
+                _ => None,
+            })
+        };
         assert_eq!(sig(r#"{"signal":"INT"}"#), Some(libc::SIGINT));
         assert_eq!(sig(r#"{"signal":"SIGTERM"}"#), Some(libc::SIGTERM));
         assert_eq!(sig(r#"{"signal":9}"#), Some(9));

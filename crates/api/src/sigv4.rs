@@ -149,7 +149,15 @@ fn canonical_query(raw: &str) -> String {
 /// The SigV4 string to sign: the canonical request (method, path normalized and encoded
 /// once more, canonical query, headers, signed header names, payload hash), hashed, under
 /// the date and scope. Shared by [`verify`] and [`sign`].
-fn string_to_sign(method: &http::Method, uri: &http::Uri, canon_headers: &str, signed_headers: &str, payload_hash: &str, amz_date: &str, scope: &str) -> String {
+fn string_to_sign(
+    method: &http::Method,
+    uri: &http::Uri,
+    canon_headers: &str,
+    signed_headers: &str,
+    payload_hash: &str,
+    amz_date: &str,
+    scope: &str,
+) -> String {
     let path = if uri.path().is_empty() { "/" } else { uri.path() };
     let canonical = format!(
         "{}\n{}\n{}\n{canon_headers}\n{signed_headers}\n{payload_hash}",
@@ -225,29 +233,32 @@ fn verify_hash(
 ) -> Result<Signed, ApiError> {
     let authz = headers
         .get(http::header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::new(Kind::InvalidSignature, "missing Authorization header: sign requests with SigV4 (an AWS SDK or CLI does)"))?
+        .ok_or_else(|| {
+            ApiError::new(Kind::InvalidSignature, "missing Authorization header: sign requests with SigV4 (an AWS SDK or CLI does)")
+        })?
         .to_str()
         .map_err(|_| denied("Authorization header is not text"))?;
     let a = parse_authorization(authz)?;
     if a.service != SERVICE {
         return Err(denied(format!("credential scope names service {:?}; this API signs as {SERVICE:?}", a.service)));
     }
-    let amz_date = headers
-        .get("x-amz-date")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| denied("missing X-Amz-Date header"))?;
+    let amz_date = headers.get("x-amz-date").and_then(|v| v.to_str().ok()).ok_or_else(|| denied("missing X-Amz-Date header"))?;
     let when = parse_amz_date(amz_date).ok_or_else(|| denied(format!("malformed X-Amz-Date {amz_date:?}")))?;
     if !amz_date.starts_with(a.date) || a.date.len() != 8 {
         return Err(denied("the credential scope's date is not the request's date"));
     }
     let skew = now.duration_since(when).or_else(|e| Ok::<_, ()>(e.duration())).unwrap_or_default();
     if skew > MAX_SKEW {
-        return Err(denied(format!("signature expired or not yet valid: request time {amz_date} is more than 15 minutes from the server's")));
+        return Err(denied(format!(
+            "signature expired or not yet valid: request time {amz_date} is more than 15 minutes from the server's"
+        )));
     }
     if !a.signed_headers.contains(&"host") {
         return Err(denied("the Host header must be signed"));
     }
-    let secret = secret_of(a.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "the security token included in the request is invalid (unknown access key)"))?;
+    let secret = secret_of(a.access_key).ok_or_else(|| {
+        ApiError::new(Kind::UnrecognizedClient, "the security token included in the request is invalid (unknown access key)")
+    })?;
 
     let mut canon_headers = String::new();
     for name in &a.signed_headers {
@@ -269,7 +280,8 @@ fn verify_hash(
     let key = aws_sigv4::sign::v4::generate_signing_key(&secret, when, a.region, a.service);
     let expected = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     // Constant time: every byte is compared whatever the first difference.
-    let same = expected.len() == a.signature.len() && expected.bytes().zip(a.signature.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y.to_ascii_lowercase())) == 0;
+    let same = expected.len() == a.signature.len()
+        && expected.bytes().zip(a.signature.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y.to_ascii_lowercase())) == 0;
     if !same {
         return Err(denied("the request signature does not match (check the secret access key and signing method)"));
     }
@@ -295,19 +307,38 @@ fn amz_date(t: SystemTime) -> String {
 
 /// Signs a request as the SDKs do (for Hearth's own clients: the CLI, benchmarks): sets
 /// `x-amz-date` and `authorization` in `headers`, which must already hold `host`.
-pub fn sign(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMap, body: &[u8], access_key: &str, secret: &str, region: &str, now: SystemTime) {
+#[allow(clippy::too_many_arguments)] // SigV4's inputs, one by one, as the SDKs name them
+pub fn sign(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &mut http::HeaderMap,
+    body: &[u8],
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    now: SystemTime,
+) {
     sign_with(method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now);
 }
 
 /// Signs a request whose body is streamed (an upload): as [`sign`], over `payload_hash`
 /// (the body's SHA-256, hex), which is also sent and signed as `x-amz-content-sha256`.
-#[allow(clippy::too_many_arguments)]
-pub fn sign_streamed(method: &http::Method, uri: &http::Uri, headers: &mut http::HeaderMap, payload_hash: &str, access_key: &str, secret: &str, region: &str, now: SystemTime) {
+#[allow(clippy::too_many_arguments)] // as `sign`
+pub fn sign_streamed(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &mut http::HeaderMap,
+    payload_hash: &str,
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    now: SystemTime,
+) {
     headers.insert("x-amz-content-sha256", http::HeaderValue::from_str(payload_hash).expect("hex"));
     sign_with(method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now);
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // as `sign`
 fn sign_with(
     method: &http::Method,
     uri: &http::Uri,
@@ -356,11 +387,14 @@ mod tests {
         fn h(auth: &str) -> Vec<(&str, &str)> {
             vec![("host", "h"), ("x-amz-date", "20261129T090000Z"), ("authorization", auth)]
         }
-        let good_scope = "AWS4-HMAC-SHA256 Credential=AKIDHEARTHTEST/20261129/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=";
+        let good_scope =
+            "AWS4-HMAC-SHA256 Credential=AKIDHEARTHTEST/20261129/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=";
         let sig = "0".repeat(64);
         assert_eq!(request("GET", "/", &[("host", "h")], b"").unwrap_err().kind, Kind::InvalidSignature);
         assert_eq!(request("GET", "/", &h(&format!("{good_scope}{sig}")), b"").unwrap_err().kind, Kind::InvalidSignature);
-        let unknown = format!("AWS4-HMAC-SHA256 Credential=NOBODY/20261129/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature={sig}");
+        let unknown = format!(
+            "AWS4-HMAC-SHA256 Credential=NOBODY/20261129/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature={sig}"
+        );
         assert_eq!(request("GET", "/", &h(&unknown), b"").unwrap_err().kind, Kind::UnrecognizedClient);
         let other_service = good_scope.replace("/lambda/", "/s3/");
         assert!(request("GET", "/", &h(&format!("{other_service}{sig}")), b"").unwrap_err().message.contains("service"));

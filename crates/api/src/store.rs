@@ -219,7 +219,10 @@ fn sealing_key(conn: &mut Connection, dir: &Path) -> Result<SealingKey, OpenErro
         for (id, secret) in &rows {
             if !crate::keys::is_sealed(secret) {
                 // Only if still plain: a process opening the database meanwhile may have sealed it.
-                n += tx.execute("UPDATE access_keys SET secret = ?2 WHERE access_key = ?1 AND secret = ?3", params![id, key.seal(id, secret), secret])?;
+                n += tx.execute(
+                    "UPDATE access_keys SET secret = ?2 WHERE access_key = ?1 AND secret = ?3",
+                    params![id, key.seal(id, secret), secret],
+                )?;
             }
         }
         tx.commit()?;
@@ -318,7 +321,10 @@ impl Store {
     /// Adds a key (its secret sealed).
     pub fn add_key(&self, k: &AccessKey) -> DbResult<()> {
         let sealed = self.sealing.seal(&k.access_key, &k.secret);
-        self.db().execute("INSERT INTO access_keys (access_key, secret, account) VALUES (?1, ?2, ?3)", params![k.access_key, sealed, k.account])?;
+        self.db().execute(
+            "INSERT INTO access_keys (access_key, secret, account) VALUES (?1, ?2, ?3)",
+            params![k.access_key, sealed, k.account],
+        )?;
         Ok(())
     }
 
@@ -352,7 +358,8 @@ impl Store {
 
     /// A microvm of `account`.
     pub fn microvm(&self, account: &str, id: &str) -> DbResult<Option<MicrovmRecord>> {
-        let doc: Option<String> = self.db().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;
+        let doc: Option<String> =
+            self.db().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;
         doc.map(from_doc).transpose()
     }
 
@@ -383,13 +390,15 @@ impl Store {
 
     /// Inserts or replaces an image.
     pub fn put_image(&self, i: &ImageRecord) -> DbResult<()> {
-        self.db().execute("INSERT OR REPLACE INTO images (account, name, doc) VALUES (?1, ?2, ?3)", params![i.account, i.name, to_doc(i)])?;
+        self.db()
+            .execute("INSERT OR REPLACE INTO images (account, name, doc) VALUES (?1, ?2, ?3)", params![i.account, i.name, to_doc(i)])?;
         Ok(())
     }
 
     /// An image.
     pub fn image(&self, account: &str, name: &str) -> DbResult<Option<ImageRecord>> {
-        let doc: Option<String> = self.db().query_row("SELECT doc FROM images WHERE account = ?1 AND name = ?2", [account, name], |r| r.get(0)).optional()?;
+        let doc: Option<String> =
+            self.db().query_row("SELECT doc FROM images WHERE account = ?1 AND name = ?2", [account, name], |r| r.get(0)).optional()?;
         doc.map(from_doc).transpose()
     }
 
@@ -438,7 +447,8 @@ impl Store {
 
     /// Removes one version.
     pub fn delete_version(&self, account: &str, name: &str, version: u32) -> DbResult<()> {
-        self.db().execute("DELETE FROM image_versions WHERE account = ?1 AND name = ?2 AND version = ?3", params![account, name, version])?;
+        self.db()
+            .execute("DELETE FROM image_versions WHERE account = ?1 AND name = ?2 AND version = ?3", params![account, name, version])?;
         Ok(())
     }
 
@@ -491,7 +501,14 @@ impl Store {
         let db = self.db();
         let mut st = db.prepare("SELECT kind, start, COALESCE(end, ?4), vcpus, memory_mib, bytes FROM usage WHERE account = ?1 AND start < ?3 AND COALESCE(end, ?4) > ?2")?;
         let rows = st.query_map(params![account, from, to, now], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?, r.get::<_, f64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?, r.get::<_, i64>(5)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, f64>(1)?,
+                r.get::<_, f64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
         })?;
         let mut u = Usage::default();
         for r in rows {
@@ -599,7 +616,7 @@ mod tests {
         s.add_key(&k).unwrap();
         assert!(!contains(&db_bytes(&path), &k.secret));
         assert_eq!(s.key(&k.access_key).unwrap().unwrap(), k);
-        assert_eq!(s.keys().unwrap(), [k.clone()]);
+        assert_eq!(s.keys().unwrap(), std::slice::from_ref(&k));
         let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&SealingKey::path(dir.path())), 0o600);
@@ -615,6 +632,7 @@ mod tests {
             c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE access_keys (access_key TEXT PRIMARY KEY, secret TEXT NOT NULL, account TEXT NOT NULL);").unwrap();
             c.execute("INSERT INTO access_keys VALUES ('HKIAOLD', ?1, '111111111111')", [secret]).unwrap();
         }
+        assert!(contains(&db_bytes(&path), secret));
         let s = Store::open(&path).unwrap();
         assert_eq!(s.key("HKIAOLD").unwrap().unwrap().secret, secret);
         let stored: String = s.db().query_row("SELECT secret FROM access_keys", [], |r| r.get(0)).unwrap();

@@ -63,7 +63,12 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
     let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, SystemTime::now(), |k| {
         svc.store.key(k).ok().flatten().map(|k| k.secret)
     })?;
-    let account = svc.store.key(&signed.access_key).map_err(ApiError::internal)?.ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?.account;
+    let account = svc
+        .store
+        .key(&signed.access_key)
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
+        .account;
     let too_large = || ApiError::validation(format!("the upload is over the {MAX_UPLOAD_BYTES}-byte limit on code artifacts"));
     let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {

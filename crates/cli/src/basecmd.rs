@@ -50,10 +50,8 @@ pub async fn run(cmd: BaseCmd) -> anyhow::Result<i32> {
                 }
             }
             if json {
-                let v: Vec<_> = rows
-                    .iter()
-                    .map(|(n, k, p)| serde_json::json!({ "name": n, "kind": k, "path": p, "built": p.is_some() }))
-                    .collect();
+                let v: Vec<_> =
+                    rows.iter().map(|(n, k, p)| serde_json::json!({ "name": n, "kind": k, "path": p, "built": p.is_some() })).collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!("{:<20} {:<9} PATH", "NAME", "KIND");
@@ -72,7 +70,10 @@ pub async fn run(cmd: BaseCmd) -> anyhow::Result<i32> {
         }
         BaseCmd::Import { archive, name } => {
             anyhow::ensure!(
-                !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) && !name.starts_with('.'),
+                !name.is_empty()
+                    && name.len() <= 64
+                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                    && !name.starts_with('.'),
                 "image name {name:?} must be 1-64 letters, digits, '-', '_' or '.'"
             );
             let out = imported_path(&name);

@@ -81,14 +81,26 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         policy_interval: Duration::from_secs(1),
         public_url: None,
         metrics_listen: None,
+        egress_allow_private: Vec::new(),
     };
-    let daemon = tokio::spawn(hearth_api::server::serve(cfg, move |s| { let _ = tx.send(s.addr); }, async move { let _ = stop_rx.await; }));
+    let daemon = tokio::spawn(hearth_api::server::serve(
+        cfg,
+        move |s| {
+            let _ = tx.send(s.addr);
+        },
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let addr = rx.await?;
     let c = Client::new(&format!("http://{addr}"), &key.access_key, &key.secret);
 
     let ctx = state.path().join("ctx");
     std::fs::create_dir_all(&ctx)?;
-    std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n")?;
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n",
+    )?;
     eprintln!("building the image through the API");
     c.call(
         http::Method::POST,
@@ -134,7 +146,11 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
     let url = format!("{}/ready", m["endpoint"].as_str().unwrap_or_default());
     let tok = c
-        .call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/auth-token"), Some(&json!({ "expirationInMinutes": 10, "allowedPorts": [{ "port": 8080 }] })))
+        .call(
+            http::Method::POST,
+            &format!("/2025-09-09/microvms/{id}/auth-token"),
+            Some(&json!({ "expirationInMinutes": 10, "allowedPorts": [{ "port": 8080 }] })),
+        )
         .await?["authToken"]["X-aws-proxy-auth"]
         .as_str()
         .unwrap_or_default()
@@ -169,7 +185,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         t.await??;
     }
     let rps = (a.requests / 8 * 8) as f64 / t.elapsed().as_secs_f64();
-    let inside_cmd = format!("i=0; while [ $i -lt {} ]; do busybox wget -q -O- http://127.0.0.1:8080/ready >/dev/null; i=$((i+1)); done", a.requests);
+    let inside_cmd =
+        format!("i=0; while [ $i -lt {} ]; do busybox wget -q -O- http://127.0.0.1:8080/ready >/dev/null; i=$((i+1)); done", a.requests);
     let t = Instant::now();
     c.call(http::Method::POST, &format!("/hearth/v1/microvms/{id}/exec"), Some(&json!({ "shell": inside_cmd }))).await?;
     let inside = ms(t.elapsed()) / a.requests as f64;
@@ -288,7 +305,9 @@ async fn bench_shell(c: &Client, addr: &str, id: &str) -> anyhow::Result<(Vec<f6
     let (mut open, mut keys) = (Vec::new(), Vec::new());
     for i in 0..5 {
         let t = Instant::now();
-        let v = c.call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/shell-auth-token"), Some(&json!({ "expirationInMinutes": 5 }))).await?;
+        let v = c
+            .call(http::Method::POST, &format!("/2025-09-09/microvms/{id}/shell-auth-token"), Some(&json!({ "expirationInMinutes": 5 })))
+            .await?;
         let mut req = format!("ws://{addr}/shell/{id}").into_client_request()?;
         req.headers_mut().insert("x-aws-proxy-auth", v["authToken"]["X-aws-proxy-auth"].as_str().unwrap_or_default().parse()?);
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;

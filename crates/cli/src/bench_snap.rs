@@ -68,7 +68,8 @@ fn pseudo_random(len: usize) -> Vec<u8> {
 pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
     let home = hearth_vmm::home::hearth_home();
     let work = tempfile::Builder::new().prefix("bench-").tempdir_in(&home)?;
-    let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(120), hostname: None, egress: None, detached: false };
+    let opts =
+        RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(120), hostname: None, egress: None, detached: false };
     let mut rows: Vec<Row> = Vec::new();
 
     eprintln!("template");

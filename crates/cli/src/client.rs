@@ -242,7 +242,8 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
                 body["imageVersion"] = v.into();
             }
             if let Some(idle) = idle_suspend {
-                body["idlePolicy"] = json!({ "maxIdleDurationSeconds": idle, "suspendedDurationSeconds": suspended_for, "autoResumeEnabled": auto_resume });
+                body["idlePolicy"] =
+                    json!({ "maxIdleDurationSeconds": idle, "suspendedDurationSeconds": suspended_for, "autoResumeEnabled": auto_resume });
             }
             if let Some(d) = max_duration {
                 body["maximumDurationInSeconds"] = d.into();
@@ -271,7 +272,13 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
                 println!("{:<22} {:<12} {:<8} {:<14} IMAGE", "MICROVM", "STATE", "VERSION", "STARTED");
                 for m in &items {
                     let image = m["imageArn"].as_str().unwrap_or("").rsplit(':').next().unwrap_or("");
-                    println!("{:<22} {:<12} {:<8} {:<14} {image}", m["microvmId"].as_str().unwrap_or(""), m["state"].as_str().unwrap_or(""), m["imageVersion"].as_str().unwrap_or(""), ts(&m["startedAt"]));
+                    println!(
+                        "{:<22} {:<12} {:<8} {:<14} {image}",
+                        m["microvmId"].as_str().unwrap_or(""),
+                        m["state"].as_str().unwrap_or(""),
+                        m["imageVersion"].as_str().unwrap_or(""),
+                        ts(&m["startedAt"])
+                    );
                 }
             });
             Ok(0)
@@ -279,7 +286,17 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
         ClientCmd::Get { id, conn } => {
             let v = conn.client()?.call(http::Method::GET, &format!("/2025-09-09/microvms/{}", enc(&id)), None).await?;
             print(&conn, &v, |v| {
-                for k in ["microvmId", "state", "stateReason", "imageArn", "imageVersion", "maximumDurationInSeconds", "idlePolicy", "ingressNetworkConnectors", "egressNetworkConnectors"] {
+                for k in [
+                    "microvmId",
+                    "state",
+                    "stateReason",
+                    "imageArn",
+                    "imageVersion",
+                    "maximumDurationInSeconds",
+                    "idlePolicy",
+                    "ingressNetworkConnectors",
+                    "egressNetworkConnectors",
+                ] {
                     if !v[k].is_null() {
                         println!("{k:<26} {}", v[k].as_str().map_or_else(|| v[k].to_string(), str::to_owned));
                     }
@@ -327,7 +344,9 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
         }
         ClientCmd::Cp { from, to, conn } => {
             let c = conn.client()?;
-            let remote = |s: &str| s.split_once(':').filter(|(id, p)| id.starts_with("mvm-") && p.starts_with('/')).map(|(a, b)| (a.to_owned(), b.to_owned()));
+            let remote = |s: &str| {
+                s.split_once(':').filter(|(id, p)| id.starts_with("mvm-") && p.starts_with('/')).map(|(a, b)| (a.to_owned(), b.to_owned()))
+            };
             match (remote(&from), remote(&to)) {
                 (None, Some((id, path))) => {
                     let data = std::fs::read(&from).with_context(|| format!("read {from}"))?;
@@ -344,9 +363,15 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ClientCmd::Suspend { id, conn } => simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/suspend", enc(&id)), "suspended").await,
-        ClientCmd::Resume { id, conn } => simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/resume", enc(&id)), "resumed").await,
-        ClientCmd::Rm { id, conn } => simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvms/{}", enc(&id)), "terminated").await,
+        ClientCmd::Suspend { id, conn } => {
+            simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/suspend", enc(&id)), "suspended").await
+        }
+        ClientCmd::Resume { id, conn } => {
+            simple(&conn, http::Method::POST, &format!("/2025-09-09/microvms/{}/resume", enc(&id)), "resumed").await
+        }
+        ClientCmd::Rm { id, conn } => {
+            simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvms/{}", enc(&id)), "terminated").await
+        }
         ClientCmd::Usage { from, to, conn } => {
             let mut q = Vec::new();
             if let Some(f) = from {
@@ -423,7 +448,13 @@ async fn images(cmd: ImagesCmd) -> anyhow::Result<i32> {
             print(&conn, &Value::Array(items.clone()), |_| {
                 println!("{:<24} {:<14} {:<8} FAILED", "NAME", "STATE", "ACTIVE");
                 for i in &items {
-                    println!("{:<24} {:<14} {:<8} {}", i["name"].as_str().unwrap_or(""), i["state"].as_str().unwrap_or(""), i["latestActiveImageVersion"].as_str().unwrap_or("-"), i["latestFailedImageVersion"].as_str().unwrap_or("-"));
+                    println!(
+                        "{:<24} {:<14} {:<8} {}",
+                        i["name"].as_str().unwrap_or(""),
+                        i["state"].as_str().unwrap_or(""),
+                        i["latestActiveImageVersion"].as_str().unwrap_or("-"),
+                        i["latestFailedImageVersion"].as_str().unwrap_or("-")
+                    );
                 }
             });
             Ok(0)
@@ -435,6 +466,8 @@ async fn images(cmd: ImagesCmd) -> anyhow::Result<i32> {
             print(&conn, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
             Ok(0)
         }
-        ImagesCmd::Rm { name, conn } => simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvm-images/{}", enc(&name)), "deleted").await,
+        ImagesCmd::Rm { name, conn } => {
+            simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvm-images/{}", enc(&name)), "deleted").await
+        }
     }
 }

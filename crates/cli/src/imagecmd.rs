@@ -131,7 +131,14 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             );
             std::fs::create_dir_all(home.join("images"))?;
             let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(home.join("images"))?;
-            let src = hearth_image::artifact::fetch(&a.context, scratch.path(), Default::default()).await?;
+            // The operator may fetch from anywhere, proxies included; tenants cannot.
+            let src = hearth_image::artifact::fetch_with(
+                &a.context,
+                scratch.path(),
+                Default::default(),
+                hearth_image::artifact::FetchPolicy::operator(),
+            )
+            .await?;
             let context = if src.is_dir() {
                 src.clone()
             } else {
@@ -194,7 +201,12 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                     rec.state = VersionState::Failed;
                     rec.reason = Some(e.to_string());
                     store::save(&home, &rec)?;
-                    Err(anyhow::Error::new(e).context(format!("building {}:v{} failed (log: {})", rec.name, rec.version, vdir.join("build.log").display())))
+                    Err(anyhow::Error::new(e).context(format!(
+                        "building {}:v{} failed (log: {})",
+                        rec.name,
+                        rec.version,
+                        vdir.join("build.log").display()
+                    )))
                 }
             }
         }
@@ -230,7 +242,11 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             };
             anyhow::ensure!(dir.exists(), "no image {image}");
             let users = dependents(&home, &dir);
-            anyhow::ensure!(users.is_empty(), "cannot remove {image}: {} built on it (FROM hearth/{name}); remove those first", users.join(", "));
+            anyhow::ensure!(
+                users.is_empty(),
+                "cannot remove {image}: {} built on it (FROM hearth/{name}); remove those first",
+                users.join(", ")
+            );
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             Ok(0)
         }
@@ -253,11 +269,18 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             let egress = a.net.egress(EgressMode::Closed)?;
             let flags_given = a.net.egress.is_some() || !a.net.allow.is_empty() || !a.net.deny.is_empty();
             match (&snap.manifest.network, &egress) {
-                (None, Some(_)) if flags_given => anyhow::bail!("image {}:v{} was built without a network device (--egress none); its clones cannot have egress", rec.name, rec.version),
-                (Some(_), None) => anyhow::bail!("image {}:v{} has a network device; use --egress closed to keep everything out", rec.name, rec.version),
+                (None, Some(_)) if flags_given => anyhow::bail!(
+                    "image {}:v{} was built without a network device (--egress none); its clones cannot have egress",
+                    rec.name,
+                    rec.version
+                ),
+                (Some(_), None) => {
+                    anyhow::bail!("image {}:v{} has a network device; use --egress closed to keep everything out", rec.name, rec.version)
+                }
                 _ => {}
             }
-            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress, detached: false };
+            let opts =
+                RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress, detached: false };
             let vm = Vm::launch(&snap, &opts).await?;
             vmrun::finish(vm, &req, a.cmd.json, None).await
         }

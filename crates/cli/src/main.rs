@@ -7,9 +7,9 @@ mod bench_api;
 mod bench_build;
 mod bench_snap;
 mod client;
-mod serve;
 mod imagecmd;
 mod report;
+mod serve;
 mod setup;
 mod shell;
 mod snapcmd;
@@ -98,8 +98,7 @@ enum VmCmd {
 
 fn main() {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
     if cli.log_json {
         tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
     } else {

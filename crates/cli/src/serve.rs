@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// no metrics listener.
     #[arg(long, env = "HEARTH_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Open a closed range (private, CGNAT, link-local, loopback, multicast, reserved) to
+    /// every microVM of this host, as CIDR[:PORT[-PORT]][/tcp|/udp]; repeatable. Tenants'
+    /// egress rules may then reach into it (never further); the host itself stays closed.
+    /// Default: none.
+    #[arg(long, value_name = "CIDR", value_parser = hearth_vmm::net::Rule::parse, env = "HEARTH_EGRESS_ALLOW_PRIVATE", value_delimiter = ',')]
+    egress_allow_private: Vec<hearth_vmm::net::Rule>,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -51,6 +57,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         policy_interval: std::time::Duration::from_secs_f64(a.policy_interval.max(0.1)),
         public_url: a.public_url.clone(),
         metrics_listen: a.metrics_listen,
+        egress_allow_private: a.egress_allow_private.clone(),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -36,12 +36,9 @@ fn default_agent() -> Option<PathBuf> {
     // target/{debug,release}/hearth → target/x86_64-unknown-linux-gnu/agent/hearth-agent
     // Only the static build (scripts/build-agent.sh) is wanted; a plain `cargo build`
     // leaves a dynamically linked hearth-agent beside this binary.
-    [
-        dir.join("../x86_64-unknown-linux-gnu/agent/hearth-agent"),
-        dir.join("../../x86_64-unknown-linux-gnu/agent/hearth-agent"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file())
+    [dir.join("../x86_64-unknown-linux-gnu/agent/hearth-agent"), dir.join("../../x86_64-unknown-linux-gnu/agent/hearth-agent")]
+        .into_iter()
+        .find(|p| p.is_file())
 }
 
 fn check_qemu() -> anyhow::Result<String> {
@@ -51,12 +48,7 @@ fn check_qemu() -> anyhow::Result<String> {
         .with_context(|| format!("qemu-system-x86_64 not found; run `{}`", hearth_vmm::home::SETUP_COMMAND))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap_or_default().to_owned();
-    let major: u32 = first
-        .split("version ")
-        .nth(1)
-        .and_then(|v| v.split('.').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let major: u32 = first.split("version ").nth(1).and_then(|v| v.split('.').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
     anyhow::ensure!(major >= 10, "{first}: Hearth needs QEMU 10; run `{}`", hearth_vmm::home::SETUP_COMMAND);
     Ok(first)
 }
@@ -69,10 +61,7 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
 
     let h = home.clone();
     let pb = spinner("guest kernel");
-    let kernel = tokio::task::spawn_blocking(move || {
-        hearth_vmm::assets::fetch_kernel(&h, &|m| tracing::info!("{m}"))
-    })
-    .await??;
+    let kernel = tokio::task::spawn_blocking(move || hearth_vmm::assets::fetch_kernel(&h, &|m| tracing::info!("{m}"))).await??;
     pb.finish_with_message(format!("guest kernel {}", kernel.release));
 
     let installed = hearth_vmm::assets::agent_path(&home);

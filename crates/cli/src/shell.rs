@@ -8,9 +8,9 @@
 //! it, so `echo 'make test' | hearth shell ID` works in scripts (`--tty` forces one).
 //! The remote command's exit code becomes ours (128 + signal when killed).
 
+use crate::client::enc;
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
-use crate::client::enc;
 use hearth_api::client::Client;
 use serde_json::{json, Value};
 use std::io::Write;
@@ -57,7 +57,11 @@ pub async fn run(client: &Client, endpoint: &str, id: &str, command: Option<Stri
     let interactive = unsafe { libc::isatty(0) } == 1;
     let (rows, cols) = term_size().unwrap_or((24, 80));
     let base = endpoint.trim_end_matches('/');
-    let ws_base = if let Some(rest) = base.strip_prefix("https://") { format!("wss://{rest}") } else { format!("ws://{}", base.strip_prefix("http://").unwrap_or(base)) };
+    let ws_base = if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        format!("ws://{}", base.strip_prefix("http://").unwrap_or(base))
+    };
     let tty = interactive || force_tty;
     let mut url = format!("{ws_base}/shell/{}?rows={rows}&cols={cols}&tty={tty}", enc(id));
     if let Some(c) = command {

@@ -59,7 +59,13 @@ pub struct ResumeArgs {
 }
 
 fn opts() -> RestoreOptions {
-    RestoreOptions { run_root: hearth_vmm::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None, egress: None, detached: false }
+    RestoreOptions {
+        run_root: hearth_vmm::home::hearth_home().join("run"),
+        timeout: Duration::from_secs(60),
+        hostname: None,
+        egress: None,
+        detached: false,
+    }
 }
 
 /// Runs a snapshot command.

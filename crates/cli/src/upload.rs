@@ -45,7 +45,8 @@ fn zip_dir(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     let mut w = zip::ZipWriter::new(std::io::BufWriter::new(tmp.reopen()?));
     let mut stack = vec![std::path::PathBuf::new()];
     while let Some(rel) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(dir.join(&rel)).with_context(|| format!("read {}", dir.join(&rel).display()))?.collect::<Result<_, _>>()?;
+        let mut entries: Vec<_> =
+            std::fs::read_dir(dir.join(&rel)).with_context(|| format!("read {}", dir.join(&rel).display()))?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let r = rel.join(e.file_name());

@@ -35,9 +35,14 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     let (a, b) = (key(&state), key(&state));
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(ctx.join("web")).unwrap();
-    std::fs::write(ctx.join("web/Dockerfile"), "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n").unwrap();
+    std::fs::write(
+        ctx.join("web/Dockerfile"),
+        "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n",
+    )
+    .unwrap();
     std::fs::create_dir_all(ctx.join("hooked")).unwrap();
-    std::fs::write(ctx.join("hooked/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n").unwrap();
+    std::fs::write(ctx.join("hooked/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n")
+        .unwrap();
     std::fs::write(ctx.join("hooked/app.py"), HOOKED_APP).unwrap();
 
     // The first tenant's operator lets it build from the test's directories; the second
@@ -84,4 +89,3 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     assert!(out.contains("ok"), "{out}");
     drop(daemon);
 }
-

@@ -17,7 +17,6 @@ use hearth_vmm::agent::{AgentError, ExecEvent};
 use hearth_vmm::{BootError, Vm, VmError};
 use std::time::Duration;
 
-
 async fn boot(base: Base) -> Vm {
     Vm::boot(config(base)).await.unwrap_or_else(|e| panic!("boot failed: {e}"))
 }
@@ -178,11 +177,9 @@ async fn files_round_trip_and_operations() {
     let p = |s: &str| BinPath::from(s);
 
     // 0 bytes, 1 byte, 10 MiB of binary
-    for (name, data) in [
-        ("/workspace/empty", Vec::new()),
-        ("/workspace/one", vec![0xffu8]),
-        ("/workspace/deep/er/big.bin", pseudo_random(10 << 20, 7)),
-    ] {
+    for (name, data) in
+        [("/workspace/empty", Vec::new()), ("/workspace/one", vec![0xffu8]), ("/workspace/deep/er/big.bin", pseudo_random(10 << 20, 7))]
+    {
         let info = agent.write_file_bytes(&p(name), None, Bytes::from(data.clone())).await.unwrap();
         assert_eq!(info.size, data.len() as u64, "{name}");
         let back = agent.read_file_bytes(&p(name), 64 << 20).await.unwrap();

@@ -58,7 +58,8 @@ fn hostile_tenants_reach_nothing_of_the_host() {
     assert_eq!(reached, 0, "a tenant's download reached a loopback server");
     // Nothing of a refused upload or a failed build stays behind.
     let uploads = state.join("artifacts");
-    let stray: Vec<_> = walk(&uploads).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".upload-"))).collect();
+    let stray: Vec<_> =
+        walk(&uploads).into_iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(".upload-"))).collect();
     assert!(stray.is_empty(), "temporary uploads left: {stray:?}");
     drop(daemon);
 }

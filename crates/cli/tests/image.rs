@@ -134,9 +134,15 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         images: std::sync::Arc::new(hearth_image::build::NoImages),
     };
     let mut lines = Vec::new();
-    let (snap, cfg) = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image"), &mut |l| lines.push(l.to_owned()))
-        .await
-        .unwrap_or_else(|e| panic!("build failed: {e}"));
+    let (snap, cfg) = hearth_image::build::build(
+        &req,
+        common::config(hearth_image::base::Base::DebianBookworm),
+        &home,
+        &tmp.path().join("image"),
+        &mut |l| lines.push(l.to_owned()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("build failed: {e}"));
     assert_eq!(cfg.workdir, "/app");
     assert_eq!(cfg.env.get("GREETING").map(String::as_str), Some("hello"));
     assert!(!lines.iter().any(|l| l.contains("[cached]")), "the first build used the cache:\n{}", lines.join("\n"));
@@ -149,9 +155,15 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
     // A code-only change: every step before the COPY comes from the cache.
     std::fs::write(ctx.join("app.py"), APP.replace("os.environ[\"GREETING\"]", "os.environ[\"GREETING\"].upper()")).unwrap();
     let mut lines = Vec::new();
-    let (snap2, _) = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image-v2"), &mut |l| lines.push(l.to_owned()))
-        .await
-        .unwrap_or_else(|e| panic!("rebuild failed: {e}"));
+    let (snap2, _) = hearth_image::build::build(
+        &req,
+        common::config(hearth_image::base::Base::DebianBookworm),
+        &home,
+        &tmp.path().join("image-v2"),
+        &mut |l| lines.push(l.to_owned()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("rebuild failed: {e}"));
     let log = lines.join("\n");
     assert!(log.contains("using cached layers up to step 4/7"), "{log}");
     assert!(lines.iter().any(|l| l.contains("[cached]") && l.contains("apt-get")), "{log}");
@@ -161,10 +173,16 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
 
     // A RUN that fails names its line and shows its output; nothing is left.
     std::fs::write(ctx.join("Dockerfile"), "FROM debian:bookworm\nRUN echo about to fail && exit 3\n").unwrap();
-    let e = hearth_image::build::build(&req, common::config(hearth_image::base::Base::DebianBookworm), &home, &tmp.path().join("image2"), &mut |_| {})
-        .await
-        .err()
-        .expect("a failing RUN built");
+    let e = hearth_image::build::build(
+        &req,
+        common::config(hearth_image::base::Base::DebianBookworm),
+        &home,
+        &tmp.path().join("image2"),
+        &mut |_| {},
+    )
+    .await
+    .map(|_| ())
+    .expect_err("a failing RUN built");
     let msg = e.to_string();
     assert!(msg.contains("line 2") && msg.contains("exit code 3") && msg.contains("about to fail"), "{msg}");
     assert!(!tmp.path().join("image2").exists());

@@ -5,7 +5,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn hearth(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).env("HEARTH_ACCEL", std::env::var("HEARTH_ACCEL").unwrap_or_else(|_| "auto".into())).output().expect("run hearth")
+    Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(args)
+        .env("HEARTH_ACCEL", std::env::var("HEARTH_ACCEL").unwrap_or_else(|_| "auto".into()))
+        .output()
+        .expect("run hearth")
 }
 
 fn text(o: &Output) -> String {
@@ -55,7 +59,19 @@ fn images_build_on_images_and_failures_leave_nothing() {
             ("ready", "ok\n"),
         ],
     );
-    let o = hearth(&["image", "build", pctx.to_str().unwrap(), "--name", &parent, "--base", "minimal", "--egress", "none", "--ready-timeout", "60"]);
+    let o = hearth(&[
+        "image",
+        "build",
+        pctx.to_str().unwrap(),
+        "--name",
+        &parent,
+        "--base",
+        "minimal",
+        "--egress",
+        "none",
+        "--ready-timeout",
+        "60",
+    ]);
     assert!(o.status.success(), "parent build failed:\n{}", text(&o));
 
     // A child built FROM it (a zip this time): the parent's files, environment, working
@@ -72,7 +88,18 @@ fn images_build_on_images_and_failures_leave_nothing() {
     let uri = format!("file://{}", zip_path.display());
     let o = hearth(&["image", "build", &uri, "--name", &child, "--base", "minimal", "--egress", "none", "--ready-timeout", "60"]);
     assert!(o.status.success(), "child build failed:\n{}", text(&o));
-    let o = hearth(&["image", "run", &child, "--egress", "none", "--", "busybox", "sh", "-c", "cat child.txt; busybox wget -q -O- http://127.0.0.1:8080/ready"]);
+    let o = hearth(&[
+        "image",
+        "run",
+        &child,
+        "--egress",
+        "none",
+        "--",
+        "busybox",
+        "sh",
+        "-c",
+        "cat child.txt; busybox wget -q -O- http://127.0.0.1:8080/ready",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "parent\nparent\nok\n", "{}", text(&o));
     let o = hearth(&["image", "rm", &parent]);
@@ -85,7 +112,19 @@ fn images_build_on_images_and_failures_leave_nothing() {
     write(&nctx, &[("Dockerfile", "FROM minimal\nCMD echo never-ready-$((6*7)); sleep 1000\n")]);
     let never = format!("it-never-{}", nonce());
     let _cleanup_never = Images(vec![never.clone()]);
-    let o = hearth(&["image", "build", nctx.to_str().unwrap(), "--name", &never, "--base", "minimal", "--egress", "none", "--ready-timeout", "3"]);
+    let o = hearth(&[
+        "image",
+        "build",
+        nctx.to_str().unwrap(),
+        "--name",
+        &never,
+        "--base",
+        "minimal",
+        "--egress",
+        "none",
+        "--ready-timeout",
+        "3",
+    ]);
     assert!(!o.status.success());
     let out = text(&o);
     assert!(out.contains("did not become ready") && out.contains("never-ready-42"), "{out}");

@@ -125,7 +125,8 @@ fn the_endpoint_carries_http2_sse_websockets_and_floods_and_shells_get_a_termina
     let (a, b) = (key(&state), key(&state));
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(ctx.join("net")).unwrap();
-    std::fs::write(ctx.join("net/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n").unwrap();
+    std::fs::write(ctx.join("net/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n")
+        .unwrap();
     std::fs::write(ctx.join("net/app.py"), NET_APP).unwrap();
     // The first tenant's operator lets it build from the test's directories; the second
     // may name no host path at all.

@@ -167,7 +167,9 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
         assert!(matches!(e, hearth_image::artifact::ArtifactError::Refused { ref host, .. } if host == PRIVATE_IP), "{path}: {e}");
     }
     assert!(std::fs::read_dir(work.path()).unwrap().next().is_none(), "a download left a file behind");
-    let fetch_namespaces = || std::fs::read_dir("/run/netns").unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("hearth-fetch-")).count();
+    let fetch_namespaces = || {
+        std::fs::read_dir("/run/netns").unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("hearth-fetch-")).count()
+    };
     assert_eq!(fetch_namespaces(), 0, "a download's network namespace outlived it");
     let mut cfg = common::config(hearth_image::base::Base::DebianBookworm);
     cfg.network = Some(Egress::internet());
@@ -208,7 +210,9 @@ async fn egress_policy_is_enforced_and_changes_without_restart() {
     assert!(peer.udp_log.exists(), "the allowed UDP datagram did not arrive");
     vm.set_egress(&Egress::internet()).unwrap();
     assert_eq!(probe(&vm, "tcp", PEER_IP, TCP_PORT).await, "peer-ok");
-    assert!(vm.set_egress(&Egress { allow: vec![Rule { cidr: "10.0.0.1/8".into(), proto: Default::default(), ports: None }], ..Egress::none() }).is_err());
+    assert!(vm
+        .set_egress(&Egress { allow: vec![Rule { cidr: "10.0.0.1/8".into(), proto: Default::default(), ports: None }], ..Egress::none() })
+        .is_err());
 
     // Private addresses: closed to internet egress; opened by an allow rule where this
     // process is the operator's (no host ceiling: `hearth vm run --allow`)...

@@ -12,7 +12,6 @@ use hearth_vmm::{BootError, Memory, RestoreOptions, Snapshot, Vm};
 use std::path::Path;
 use std::time::Duration;
 
-
 fn opts() -> RestoreOptions {
     let mut o = RestoreOptions::new();
     o.timeout = Duration::from_secs(std::env::var("HEARTH_RESTORE_TIMEOUT").ok().and_then(|t| t.parse().ok()).unwrap_or(120));
@@ -135,11 +134,8 @@ async fn fork_copies_a_running_vm() {
     // The original runs on.
     sh(&vm, "echo original > /workspace/f").await;
     let o = opts();
-    let copies: Vec<Vm> = futures_util::future::join_all((0..2).map(|_| Vm::launch_fork(&snap, &o)))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let copies: Vec<Vm> =
+        futures_util::future::join_all((0..2).map(|_| Vm::launch_fork(&snap, &o))).await.into_iter().map(|r| r.unwrap()).collect();
     for (i, c) in copies.iter().enumerate() {
         assert_eq!(sh(c, "cat /workspace/f").await, "before\n");
         assert_eq!(sh(c, "ps -o args | grep -c '^sleep 300000' || true").await.trim(), "1");

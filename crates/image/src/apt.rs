@@ -28,11 +28,7 @@ pub fn debian_mirror(suite: &str) -> Option<String> {
 /// Finds the URI of a stanza whose `Suites:` include `suite`.
 pub fn from_deb822(text: &str, suite: &str) -> Option<String> {
     for stanza in text.split("\n\n") {
-        let field = |name: &str| {
-            stanza
-                .lines()
-                .find_map(|l| l.strip_prefix(name).map(str::trim).map(str::to_owned))
-        };
+        let field = |name: &str| stanza.lines().find_map(|l| l.strip_prefix(name).map(str::trim).map(str::to_owned));
         let types = field("Types:").unwrap_or_default();
         if !types.split_whitespace().any(|t| t == "deb") {
             continue;

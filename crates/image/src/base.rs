@@ -102,9 +102,8 @@ fn build_busybox(home: &Path, out: &Path, progress: &dyn Fn(&str)) -> Result<(),
 }
 
 fn build_debian(home: &Path, out: &Path, progress: &dyn Fn(&str)) -> Result<(), RootfsError> {
-    let mirror = crate::apt::debian_mirror("bookworm").ok_or_else(|| {
-        RootfsError::Invalid("no Debian bookworm source in the host's apt configuration to build from".into())
-    })?;
+    let mirror = crate::apt::debian_mirror("bookworm")
+        .ok_or_else(|| RootfsError::Invalid("no Debian bookworm source in the host's apt configuration to build from".into()))?;
     let work = scratch(home)?;
     let root = work.path().join("root");
     progress(&format!("running mmdebstrap (minbase + {})", DEBIAN_PACKAGES.join(", ")));

@@ -152,7 +152,12 @@ pub enum BuildError {
 /// The step with `$VAR` / `${VAR…}` substituted where Docker substitutes (COPY, ENV, ARG,
 /// WORKDIR, USER, LABEL, EXPOSE; not RUN, whose shell expands its own variables from the
 /// environment it gets, nor ENTRYPOINT/CMD). ENV values win over ARG values.
-fn expand_step(kind: &StepKind, line: usize, args: &BTreeMap<String, String>, env: &BTreeMap<String, String>) -> Result<StepKind, BuildError> {
+fn expand_step(
+    kind: &StepKind,
+    line: usize,
+    args: &BTreeMap<String, String>,
+    env: &BTreeMap<String, String>,
+) -> Result<StepKind, BuildError> {
     let vars = |k: &str| env.get(k).or_else(|| args.get(k)).cloned();
     let x = |w: &str| crate::expand::expand(w, &vars).map_err(|source| BuildError::Expand { line, source });
     let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| Ok((k.clone(), x(v)?))).collect::<Result<Vec<_>, BuildError>>();
@@ -280,11 +285,16 @@ pub async fn build(
     // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
     // is part of the first key.
     let base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
-    let keys = layers::step_keys(&base_key, &cfg.env, &kinds, resolve)
-        .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
+    let keys =
+        layers::step_keys(&base_key, &cfg.env, &kinds, resolve).map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
     // The last step whose layer is cached; everything up to it is reused.
     let hit = req.cache.as_ref().and_then(|cache| {
-        plan.steps.iter().enumerate().rev().filter(|(_, s)| layers::changes_disk(&s.kind)).find_map(|(i, _)| cache.lookup(&keys[i]).map(|p| (i, p)))
+        plan.steps
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, s)| layers::changes_disk(&s.kind))
+            .find_map(|(i, _)| cache.lookup(&keys[i]).map(|p| (i, p)))
     });
     // Without a cache the builder's disk is still created in the host's layer directory
     // (it moves into the snapshot), just never recorded.
@@ -299,13 +309,17 @@ pub async fn build(
     // The builder writes straight into a new layer file in the cache; until a step's
     // layer is recorded, the file is removed if the build fails (after the VM is gone:
     // `active` is declared before the VM, so it drops after it).
-    let mut active = ActiveLayer(Some(cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache {}: {e}", cache.dir().display())))?));
+    let mut active =
+        ActiveLayer(Some(cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache {}: {e}", cache.dir().display())))?));
     let work = active.path().to_path_buf();
     hearth_vmm::qemu::create_overlay(&parent, parent_format.as_str(), &work).map_err(BuildError::Vm)?;
     vm.root = Some(Disk::owned(&work, DiskFormat::Qcow2));
     vm.memory = Memory::SnapshotReady;
     vm.network = req.network.clone();
-    log(&format!("booting a builder VM on {base_name}{}", if req.network.is_some() { " (network: internet egress)" } else { " (no network)" }));
+    log(&format!(
+        "booting a builder VM on {base_name}{}",
+        if req.network.is_some() { " (network: internet egress)" } else { " (no network)" }
+    ));
     let mut builder = Vm::boot(vm).await.map_err(vm_err)?;
 
     let mut args: BTreeMap<String, String> = BTreeMap::new();
@@ -322,7 +336,9 @@ pub async fn build(
                     args.insert(k.clone(), v.clone().unwrap_or_default());
                 }
                 StepKind::Env(vars) => cfg.env.extend(vars.iter().cloned()),
-                StepKind::Workdir(p) => cfg.workdir = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) },
+                StepKind::Workdir(p) => {
+                    cfg.workdir = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) }
+                }
                 StepKind::User(u) => cfg.user = Some(u.clone()),
                 StepKind::Label(l) => cfg.labels.extend(l.iter().cloned()),
                 StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
@@ -496,7 +512,11 @@ async fn run(vm: &Vm, r: &ExecRequest, line: usize, log: &mut (dyn FnMut(&str) +
 }
 
 async fn app_log(vm: &Vm) -> String {
-    vm.agent().read_file_bytes(&BinPath::from("/tmp/hearth-app.log"), 1 << 20).await.map(|b| tail(&String::from_utf8_lossy(&b), 30)).unwrap_or_default()
+    vm.agent()
+        .read_file_bytes(&BinPath::from("/tmp/hearth-app.log"), 1 << 20)
+        .await
+        .map(|b| tail(&String::from_utf8_lossy(&b), 30))
+        .unwrap_or_default()
 }
 
 async fn wait_ready(vm: &Vm, req: &BuildRequest, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {

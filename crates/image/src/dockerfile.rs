@@ -138,17 +138,13 @@ pub fn parse(content: &str) -> Result<Plan, DockerfileError> {
             Instruction::Run(r) => (r.span.start, StepKind::Run(command(&r.expr))),
             Instruction::Entrypoint(e) => (e.span.start, StepKind::Entrypoint(command(&e.expr))),
             Instruction::Cmd(c) => (c.span.start, StepKind::Cmd(command(&c.expr))),
-            Instruction::Env(e) => (
-                e.span.start,
-                StepKind::Env(e.vars.iter().map(|v| (v.key.content.clone(), v.value.to_string())).collect()),
-            ),
-            Instruction::Arg(a) => {
-                (a.span.start, StepKind::Arg(a.name.content.clone(), a.value.as_ref().map(|v| v.content.clone())))
+            Instruction::Env(e) => {
+                (e.span.start, StepKind::Env(e.vars.iter().map(|v| (v.key.content.clone(), v.value.to_string())).collect()))
             }
-            Instruction::Label(l) => (
-                l.span.start,
-                StepKind::Label(l.labels.iter().map(|x| (x.name.content.clone(), x.value.content.clone())).collect()),
-            ),
+            Instruction::Arg(a) => (a.span.start, StepKind::Arg(a.name.content.clone(), a.value.as_ref().map(|v| v.content.clone()))),
+            Instruction::Label(l) => {
+                (l.span.start, StepKind::Label(l.labels.iter().map(|x| (x.name.content.clone(), x.value.content.clone())).collect()))
+            }
             Instruction::Copy(c) => {
                 let line = line_of(content, c.span.start);
                 let mut chown = None;
@@ -234,10 +230,7 @@ mod tests {
         let kinds: Vec<_> = p.steps.iter().map(|s| (s.line, &s.kind)).collect();
         assert_eq!(kinds[0], (2, &StepKind::Arg("V".into(), Some("1".into()))));
         assert!(matches!(kinds[2], (4, StepKind::Run(Command::Shell(s))) if s.contains("apt-get install")));
-        assert_eq!(
-            kinds[4].1,
-            &StepKind::Copy { sources: vec!["app.py".into()], dest: "/app/".into(), chown: Some("1000:1000".into()) }
-        );
+        assert_eq!(kinds[4].1, &StepKind::Copy { sources: vec!["app.py".into()], dest: "/app/".into(), chown: Some("1000:1000".into()) });
         assert_eq!(kinds[5].1, &StepKind::Copy { sources: vec!["static".into()], dest: "/app/static".into(), chown: None });
         assert_eq!(kinds[9].1, &StepKind::Entrypoint(Command::Exec(vec!["python3".into(), "app.py".into()])));
         check_from(&p, "debian-bookworm", APP).unwrap();

@@ -332,7 +332,8 @@ mod tests {
         for word in ["${}", "${:-x}", "${1}", "${A B}", "${A.B}", "${-x}", "${é}", "${{A}}"] {
             assert!(matches!(err(word), ExpandError::BadName { .. }), "{word}: {}", err(word));
         }
-        for (word, modifier) in [("${A:x}", ":x"), ("${A:}", ":}"), ("${A#x}", "#"), ("${A%%x}", "%"), ("${A/a/b}", "/"), ("${A:=x}", ":=")] {
+        for (word, modifier) in [("${A:x}", ":x"), ("${A:}", ":}"), ("${A#x}", "#"), ("${A%%x}", "%"), ("${A/a/b}", "/"), ("${A:=x}", ":=")]
+        {
             assert_eq!(err(word), ExpandError::BadModifier { modifier: modifier.into(), text: word.into() }, "{word}");
         }
         assert_eq!(err("${UNSET?say $A}"), ExpandError::Required { name: "UNSET".into(), message: "say alpha".into() });

@@ -30,10 +30,7 @@ pub fn from_dir(dir: &Path, out: &Path, free_mib: u64) -> Result<(), RootfsError
     let size_mib = (used_mib + used_mib / 4 + free_mib).max(64);
     let parent = out.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".ext4-")
-        .tempfile_in(parent)
-        .map_err(io("create image file"))?;
+    let tmp = tempfile::Builder::new().prefix(".ext4-").tempfile_in(parent).map_err(io("create image file"))?;
     run_tool(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "hearth-root", "-E", "root_owner=0:0", "-d"])

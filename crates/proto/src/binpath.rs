@@ -129,10 +129,7 @@ impl Serialize for BinPath {
             Err(_) => {
                 use serde::ser::SerializeMap;
                 let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry(
-                    "base64",
-                    &base64::engine::general_purpose::STANDARD.encode(&self.0),
-                )?;
+                m.serialize_entry("base64", &base64::engine::general_purpose::STANDARD.encode(&self.0))?;
                 m.end()
             }
         }
@@ -149,9 +146,9 @@ impl<'de> Deserialize<'de> for BinPath {
         }
         let bytes = match Repr::deserialize(d)? {
             Repr::Text(t) => t.into_bytes(),
-            Repr::Bytes { base64 } => base64::engine::general_purpose::STANDARD
-                .decode(base64.as_bytes())
-                .map_err(serde::de::Error::custom)?,
+            Repr::Bytes { base64 } => {
+                base64::engine::general_purpose::STANDARD.decode(base64.as_bytes()).map_err(serde::de::Error::custom)?
+            }
         };
         if bytes.len() > MAX_PATH_LEN {
             return Err(serde::de::Error::custom(PathError::TooLong(bytes.len())));

@@ -145,15 +145,9 @@ impl ExecRequest {
     pub fn validate(&self) -> Result<(), String> {
         match &self.command {
             Command::Argv(a) if a.is_empty() => return Err("argv is empty".into()),
-            Command::Argv(a) if a.len() > MAX_ARGS => {
-                return Err(format!("{} arguments; the limit is {MAX_ARGS}", a.len()))
-            }
-            Command::Argv(a) if a.iter().any(|s| s.contains('\0')) => {
-                return Err("an argument contains a NUL byte".into())
-            }
-            Command::Shell(s) if s.contains('\0') => {
-                return Err("the shell command contains a NUL byte".into())
-            }
+            Command::Argv(a) if a.len() > MAX_ARGS => return Err(format!("{} arguments; the limit is {MAX_ARGS}", a.len())),
+            Command::Argv(a) if a.iter().any(|s| s.contains('\0')) => return Err("an argument contains a NUL byte".into()),
+            Command::Shell(s) if s.contains('\0') => return Err("the shell command contains a NUL byte".into()),
             _ => {}
         }
         if self.env.len() > MAX_ENV {

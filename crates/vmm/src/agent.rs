@@ -226,9 +226,7 @@ impl ExecStream {
                     }
                 }
                 Some(Err(e)) => return Err(conn_err(e)),
-                None => {
-                    return Err(AgentError::Connection("exec stream ended before the process's exit status".into()))
-                }
+                None => return Err(AgentError::Connection("exec stream ended before the process's exit status".into())),
             }
         }
     }
@@ -240,14 +238,12 @@ impl ExecStream {
             FrameKind::Exit => {
                 self.done = true;
                 self.stdin = None;
-                serde_json::from_slice(&f.payload)
-                    .map(ExecEvent::Exit)
-                    .map_err(|e| AgentError::Protocol(format!("bad exit frame: {e}")))
+                serde_json::from_slice(&f.payload).map(ExecEvent::Exit).map_err(|e| AgentError::Protocol(format!("bad exit frame: {e}")))
             }
             FrameKind::Error => {
                 self.done = true;
-                let body: ErrorBody = serde_json::from_slice(&f.payload)
-                    .map_err(|e| AgentError::Protocol(format!("bad error frame: {e}")))?;
+                let body: ErrorBody =
+                    serde_json::from_slice(&f.payload).map_err(|e| AgentError::Protocol(format!("bad error frame: {e}")))?;
                 Err(AgentError::Remote(body))
             }
             k => Err(AgentError::Protocol(format!("unexpected {k:?} frame from the agent"))),
@@ -280,10 +276,7 @@ impl AgentClient {
 
     /// Performs the handshake over an already connected socket, keeping a duplicate of it
     /// so the socket outlives this HTTP/2 connection.
-    pub async fn connect_stream(
-        stream: std::os::unix::net::UnixStream,
-        timeout: Duration,
-    ) -> Result<(AgentClient, Hello), AgentError> {
+    pub async fn connect_stream(stream: std::os::unix::net::UnixStream, timeout: Duration) -> Result<(AgentClient, Hello), AgentError> {
         let anchor = stream.try_clone().map_err(AgentError::Connect)?;
         stream.set_nonblocking(true).map_err(AgentError::Connect)?;
         let io = tokio::net::UnixStream::from_std(stream).map_err(AgentError::Connect)?;
@@ -429,10 +422,7 @@ impl AgentClient {
 
     /// The handshake: checks the agent's protocol version.
     pub async fn hello(&self) -> Result<Hello, AgentError> {
-        let req = Request::get("/v1/hello")
-            .header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string())
-            .body(empty())
-            .expect("static request");
+        let req = Request::get("/v1/hello").header(PROTOCOL_HEADER, PROTOCOL_VERSION.to_string()).body(empty()).expect("static request");
         let hello: Hello = Self::json_response(self.send(req).await?).await?;
         if hello.protocol != PROTOCOL_VERSION {
             return Err(AgentError::Version { agent: hello.protocol });
@@ -453,12 +443,7 @@ impl AgentClient {
     }
 
     /// Runs an exec to completion with the given stdin, collecting at most `max_output` bytes.
-    pub async fn exec_collect(
-        &self,
-        spec: &ExecRequest,
-        stdin: Option<Bytes>,
-        max_output: usize,
-    ) -> Result<ExecOutput, AgentError> {
+    pub async fn exec_collect(&self, spec: &ExecRequest, stdin: Option<Bytes>, max_output: usize) -> Result<ExecOutput, AgentError> {
         let mut s = if stdin.is_none() && spec.stdin {
             self.exec(&ExecRequest { stdin: false, ..spec.clone() }).await?
         } else {
@@ -583,7 +568,10 @@ impl AgentClient {
     pub async fn connect_port(&self, port: u16) -> Result<tokio::io::DuplexStream, AgentError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (tx, rx) = mpsc::channel::<Bytes>(8);
-        let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx)) })).boxed();
+        let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+        }))
+        .boxed();
         let req = Request::post(format!("/v1/connect?port={port}")).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let resp = Self::check_status(self.send(req).await?).await?;
         let (ours, theirs) = tokio::io::duplex(256 << 10);
@@ -695,8 +683,6 @@ where
     S: Stream<Item = Result<hyper::body::Frame<Bytes>, std::io::Error>> + Send + Sync + 'static,
 {
     use futures_util::StreamExt;
-    let stdin = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
-    });
+    let stdin = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx)) });
     spec.chain(stdin)
 }

@@ -69,10 +69,7 @@ pub fn run_tool(cmd: &mut Command) -> Result<Vec<u8>, AssetError> {
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
-        return Err(AssetError::Tool {
-            command,
-            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        });
+        return Err(AssetError::Tool { command, stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n") });
     }
     Ok(out.stdout)
 }
@@ -94,8 +91,8 @@ pub struct Kernel {
 /// The kernel installed in `home`, if any.
 pub fn installed_kernel(home: &Path) -> Result<Kernel, AssetError> {
     let dir = home.join("kernel");
-    let release = std::fs::read_to_string(dir.join("current"))
-        .map_err(|_| AssetError::Missing(format!("no guest kernel in {}", dir.display())))?;
+    let release =
+        std::fs::read_to_string(dir.join("current")).map_err(|_| AssetError::Missing(format!("no guest kernel in {}", dir.display())))?;
     let release = release.trim().to_owned();
     let kdir = dir.join(&release);
     let order = std::fs::read_to_string(kdir.join("modules/order")).unwrap_or_default();
@@ -126,11 +123,7 @@ pub fn fetch_kernel(home: &Path, progress: &dyn Fn(&str)) -> Result<Kernel, Asse
         return installed_kernel(home);
     }
     progress(&format!("resolving {KERNEL_PACKAGE} in {KERNEL_SUITE}"));
-    let show = run_tool(Command::new("apt-cache").args([
-        "show",
-        "--no-all-versions",
-        &format!("{KERNEL_PACKAGE}/{KERNEL_SUITE}"),
-    ]))?;
+    let show = run_tool(Command::new("apt-cache").args(["show", "--no-all-versions", &format!("{KERNEL_PACKAGE}/{KERNEL_SUITE}")]))?;
     let show = String::from_utf8_lossy(&show);
     let package = show
         .lines()
@@ -143,10 +136,7 @@ pub fn fetch_kernel(home: &Path, progress: &dyn Fn(&str)) -> Result<Kernel, Asse
         .to_owned();
 
     std::fs::create_dir_all(home.join("kernel")).map_err(io("create kernel directory"))?;
-    let work = tempfile::Builder::new()
-        .prefix(".fetch-")
-        .tempdir_in(home.join("kernel"))
-        .map_err(io("create temporary directory"))?;
+    let work = tempfile::Builder::new().prefix(".fetch-").tempdir_in(home.join("kernel")).map_err(io("create temporary directory"))?;
     progress(&format!("downloading {package}"));
     run_tool(Command::new("apt-get").arg("download").arg(&package).current_dir(work.path()))?;
     let deb = std::fs::read_dir(work.path())
@@ -237,8 +227,7 @@ pub fn extract_vmlinux(bzimage: &[u8]) -> Option<Vec<u8>> {
 /// boot it directly.
 fn elf_has_pvh_note(elf: &[u8]) -> bool {
     let needle = b"Xen\0";
-    elf.windows(12).any(|w| w[0..4] == [4, 0, 0, 0] && w[8..12] == [18, 0, 0, 0])
-        && elf.windows(4).any(|w| w == needle)
+    elf.windows(12).any(|w| w[0..4] == [4, 0, 0, 0] && w[8..12] == [18, 0, 0, 0]) && elf.windows(4).any(|w| w == needle)
 }
 
 fn norm(name: &str) -> String {
@@ -268,10 +257,8 @@ fn read_module(path: &Path) -> Result<Vec<u8>, AssetError> {
     let raw = std::fs::read(path).map_err(io(format!("read {}", path.display())))?;
     if path.extension().is_some_and(|e| e == "xz") {
         let mut out = Vec::new();
-        lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out).map_err(|e| AssetError::Module {
-            name: path.display().to_string(),
-            reason: format!("xz: {e}"),
-        })?;
+        lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out)
+            .map_err(|e| AssetError::Module { name: path.display().to_string(), reason: format!("xz: {e}") })?;
         Ok(out)
     } else {
         Ok(raw)
@@ -287,11 +274,7 @@ fn module_depends(bytes: &[u8]) -> Vec<String> {
         .map(|i| {
             let rest = &bytes[i + key.len()..];
             let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            String::from_utf8_lossy(&rest[..end])
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(norm)
-                .collect()
+            String::from_utf8_lossy(&rest[..end]).split(',').filter(|s| !s.is_empty()).map(norm).collect()
         })
         .unwrap_or_default()
 }
@@ -326,8 +309,7 @@ pub fn agent_path(home: &Path) -> PathBuf {
 
 /// Builds (or reuses) the initramfs for `agent` and `kernel`; returns its path.
 pub fn ensure_initramfs(home: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf, AssetError> {
-    let agent_bytes = std::fs::read(agent)
-        .map_err(|_| AssetError::Missing(format!("guest agent not found at {}", agent.display())))?;
+    let agent_bytes = std::fs::read(agent).map_err(|_| AssetError::Missing(format!("guest agent not found at {}", agent.display())))?;
     let mut files: BTreeMap<String, (u32, Vec<u8>)> = BTreeMap::new();
     files.insert("init".into(), (0o100755, agent_bytes));
     let mut order = String::new();

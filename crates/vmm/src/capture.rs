@@ -164,9 +164,7 @@ impl Vm {
     /// not copied). Launch clones with [`Vm::launch`].
     pub async fn snapshot_template(mut self, dest: &Path) -> Result<Snapshot, SnapshotError> {
         if self.cfg.memory != crate::config::Memory::SnapshotReady {
-            return Err(SnapshotError::Unsupported(
-                "only a VM started with Memory::SnapshotReady can become a template".into(),
-            ));
+            return Err(SnapshotError::Unsupported("only a VM started with Memory::SnapshotReady can become a template".into()));
         }
         if dest.exists() {
             return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));

@@ -25,10 +25,7 @@ const QEMU_LOG_CHECK: Duration = Duration::from_secs(1);
 /// that append (`O_APPEND`) go on at the new end; bytes appended while the trim runs may be
 /// lost: this is a bound on disk use, not an archive.
 pub(crate) fn trim_log(path: &Path, max: u64) -> std::io::Result<u64> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
     let len = f.metadata()?.len();
     if len <= max {
         return Ok(len);
@@ -38,10 +35,7 @@ pub(crate) fn trim_log(path: &Path, max: u64) -> std::io::Result<u64> {
     f.read_exact_at(&mut tail, len - keep)?;
     let from = tail.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
     let dropped = len - keep + from as u64;
-    let mut out = format!(
-        "[hearth: {dropped} earlier bytes of this log were dropped; it keeps at most {max}]\n"
-    )
-    .into_bytes();
+    let mut out = format!("[hearth: {dropped} earlier bytes of this log were dropped; it keeps at most {max}]\n").into_bytes();
     out.extend_from_slice(&tail[from..]);
     // Not opened for appending: the write lands at offset 0.
     f.write_all_at(&out, 0)?;
@@ -51,9 +45,7 @@ pub(crate) fn trim_log(path: &Path, max: u64) -> std::io::Result<u64> {
 
 /// Trims off the event loop (a trim copies up to a quarter of the cap).
 async fn trim(path: PathBuf, max: u64) -> std::io::Result<u64> {
-    tokio::task::spawn_blocking(move || trim_log(&path, max))
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    tokio::task::spawn_blocking(move || trim_log(&path, max)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// Copies the guest's serial console into `console.log`, capped at [`MAX_CONSOLE_BYTES`],
@@ -63,11 +55,7 @@ pub(crate) struct ConsoleTap(tokio::task::JoinHandle<()>);
 
 impl ConsoleTap {
     pub(crate) fn start(paths: &RunPaths) -> ConsoleTap {
-        let (sock, log, qemu_log) = (
-            paths.console_sock.clone(),
-            paths.console.clone(),
-            paths.qemu_log.clone(),
-        );
+        let (sock, log, qemu_log) = (paths.console_sock.clone(), paths.console.clone(), paths.qemu_log.clone());
         ConsoleTap(tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut stream = loop {
@@ -76,13 +64,7 @@ impl ConsoleTap {
                     Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
                 }
             };
-            let Ok(mut file) = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .open(&log)
-                .await
-            else {
+            let Ok(mut file) = tokio::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log).await else {
                 return;
             };
             // A reattached VM's console already holds output.
@@ -159,18 +141,10 @@ mod tests {
         let kept = std::fs::read_to_string(&path).unwrap();
         assert_eq!(size, kept.len() as u64);
         assert!(size <= max / 4 + 100, "{size}");
-        assert!(
-            kept.starts_with("[hearth: ") && kept.contains("dropped"),
-            "{kept}"
-        );
+        assert!(kept.starts_with("[hearth: ") && kept.contains("dropped"), "{kept}");
         assert!(!kept.contains("early boot line"));
         // Whole lines after the note, the last ones kept.
-        assert!(
-            kept.lines().skip(1).all(|l| l.starts_with("spam line")
-                || l.starts_with("Kernel panic")
-                || l == "last line"),
-            "{kept}"
-        );
+        assert!(kept.lines().skip(1).all(|l| l.starts_with("spam line") || l.starts_with("Kernel panic") || l == "last line"), "{kept}");
         assert!(kept.ends_with("Kernel panic - not syncing: the cause\nlast line\n"));
         assert_eq!(crate::vm::file_tail(&path, 1), "last line");
     }
@@ -180,11 +154,7 @@ mod tests {
         use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qemu.log");
-        let mut w = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap();
+        let mut w = std::fs::OpenOptions::new().create(true).append(true).open(&path).unwrap();
         for _ in 0..1000 {
             w.write_all(b"qemu: warning: again\n").unwrap();
         }
@@ -192,9 +162,7 @@ mod tests {
         w.write_all(b"qemu: the end\n").unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(len, size + 14, "no hole where the trimmed bytes were");
-        assert!(std::fs::read_to_string(&path)
-            .unwrap()
-            .ends_with("again\nqemu: the end\n"));
+        assert!(std::fs::read_to_string(&path).unwrap().ends_with("again\nqemu: the end\n"));
     }
 
     #[tokio::test]
@@ -203,18 +171,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let paths = RunPaths::new(dir.path());
         let listener = tokio::net::UnixListener::bind(&paths.console_sock).unwrap();
-        std::fs::write(
-            &paths.qemu_log,
-            vec![b'x'; (MAX_QEMU_LOG_BYTES + 10) as usize],
-        )
-        .unwrap();
+        std::fs::write(&paths.qemu_log, vec![b'x'; (MAX_QEMU_LOG_BYTES + 10) as usize]).unwrap();
         let tap = ConsoleTap::start(&paths);
         let (mut guest, _) = listener.accept().await.unwrap();
-        let line = [b'y'; 1023]
-            .iter()
-            .chain(b"\n")
-            .copied()
-            .collect::<Vec<u8>>();
+        let line = [b'y'; 1023].iter().chain(b"\n").copied().collect::<Vec<u8>>();
         for _ in 0..(MAX_CONSOLE_BYTES / 1024 * 2 + 7) {
             guest.write_all(&line).await.unwrap();
         }
@@ -228,15 +188,9 @@ mod tests {
         }
         assert!(tap.0.is_finished());
         let console = std::fs::read(&paths.console).unwrap();
-        assert!(
-            console.len() as u64 <= MAX_CONSOLE_BYTES,
-            "{}",
-            console.len()
-        );
+        assert!(console.len() as u64 <= MAX_CONSOLE_BYTES, "{}", console.len());
         assert!(console.ends_with(b"the last words\n"));
-        let mode = std::os::unix::fs::PermissionsExt::mode(
-            &std::fs::metadata(&paths.console).unwrap().permissions(),
-        );
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&paths.console).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
         assert!(std::fs::metadata(&paths.qemu_log).unwrap().len() <= MAX_QEMU_LOG_BYTES);
     }

@@ -56,7 +56,17 @@ fn err(msg: impl Into<String>) -> BootError {
 /// Writes `vm.json` into `dir`, atomically (called right after QEMU starts, so a crash
 /// during boot still leaves a VM that can be found and killed, and after every change).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn write(dir: &Path, id: &str, cfg: &VmConfig, accel: Accel, pid: u32, disk: Option<PathBuf>, disk_owned: bool, netns: Option<String>, egress: Option<Egress>) {
+pub(crate) fn write(
+    dir: &Path,
+    id: &str,
+    cfg: &VmConfig,
+    accel: Accel,
+    pid: u32,
+    disk: Option<PathBuf>,
+    disk_owned: bool,
+    netns: Option<String>,
+    egress: Option<Egress>,
+) {
     if !cfg.detached {
         return;
     }
@@ -96,7 +106,17 @@ pub fn kill_unowned_detached(run_root: &Path) -> usize {
 impl Vm {
     /// Writes `vm.json` (detached VMs only).
     pub(crate) fn persist(&self) {
-        write(&self._dir.0, &self.id, &self.cfg, self.accel, self.process.pid(), self.disk.clone(), self.disk_owned, self.netns().map(str::to_owned), self.egress());
+        write(
+            &self._dir.0,
+            &self.id,
+            &self.cfg,
+            self.accel,
+            self.process.pid(),
+            self.disk.clone(),
+            self.disk_owned,
+            self.netns().map(str::to_owned),
+            self.egress(),
+        );
     }
 
     /// Kills QEMU at once through its pidfd (detached or adopted VMs; others are killed
@@ -147,7 +167,9 @@ impl Vm {
         let console = ConsoleTap::start(&paths);
         let qmp = Qmp::connect(&paths.qmp).await.ok();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        let (agent, hello) = AgentClient::connect_retrying(&paths.agent, deadline).await.map_err(|e| err(format!("the agent of {} does not answer: {e}", p.id)))?;
+        let (agent, hello) = AgentClient::connect_retrying(&paths.agent, deadline)
+            .await
+            .map_err(|e| err(format!("the agent of {} does not answer: {e}", p.id)))?;
         tracing::info!(vm = %p.id, pid = p.pid, "reattached");
         Ok(Vm {
             process,

@@ -585,7 +585,10 @@ impl NetNs {
         tool("ip (namespace devices)", Command::new("ip").args(["-n", &ns.name, "-batch", "-"]), Some(&ns_batch))?;
         let mut sysctl = Command::new("sh");
         // IPv6 may be absent from the kernel altogether; the rules drop it anyway.
-        sysctl.args(["-c", "echo 1 > /proc/sys/net/ipv4/ip_forward && { echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; true"]);
+        sysctl.args([
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward && { echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; true",
+        ]);
         tool_in_ns("namespace sysctls", &ns.path(), &mut sysctl, None)?;
         ns.load_rules(egress, Some(role))?;
         Ok(ns)
@@ -808,11 +811,7 @@ mod tests {
 
     #[test]
     fn egress_order_is_allow_then_internet() {
-        let e = Egress {
-            internet: true,
-            allow: vec![Rule::parse("192.168.1.0/24").unwrap()],
-            deny: vec![Rule::parse("8.8.8.8").unwrap()],
-        };
+        let e = Egress { internet: true, allow: vec![Rule::parse("192.168.1.0/24").unwrap()], deny: vec![Rule::parse("8.8.8.8").unwrap()] };
         let r = e.rules();
         assert!(!r.iter().any(|l| l.contains("8.8.8.8")), "deny rules live in their own chain");
         assert!(r[0].ends_with("accept") && r[0].contains("192.168.1.0/24"));

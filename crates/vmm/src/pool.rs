@@ -32,13 +32,7 @@ struct Inner {
 impl Pool {
     /// A pool of `size` VMs of `snapshot`, filled in the background.
     pub fn new(snapshot: Snapshot, opts: RestoreOptions, size: usize) -> Pool {
-        let inner = Arc::new(Inner {
-            snapshot,
-            opts,
-            size,
-            ready: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
-        });
+        let inner = Arc::new(Inner { snapshot, opts, size, ready: Mutex::new(VecDeque::new()), wake: Notify::new() });
         let i = inner.clone();
         let refill = tokio::spawn(async move {
             loop {

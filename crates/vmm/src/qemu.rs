@@ -219,8 +219,8 @@ pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<
     let name = base.file_name().and_then(|n| n.to_str()).unwrap_or("base");
     // Keyed on what the overlay depends on: a base rebuilt in place gets a new cache entry.
     let meta = std::fs::metadata(base).map_err(|e| format!("{}: {e}", base.display()))?;
-    let mtime = std::os::unix::fs::MetadataExt::mtime_nsec(&meta) as i128
-        + std::os::unix::fs::MetadataExt::mtime(&meta) as i128 * 1_000_000_000;
+    let mtime =
+        std::os::unix::fs::MetadataExt::mtime_nsec(&meta) as i128 + std::os::unix::fs::MetadataExt::mtime(&meta) as i128 * 1_000_000_000;
     let cached = base.with_file_name(format!(".{name}.{base_format}.{}.{mtime}.overlay.qcow2", meta.len()));
     if cached.is_file() && std::fs::copy(&cached, overlay).is_ok() {
         return Ok(());
@@ -274,7 +274,15 @@ pub(crate) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
 pub(crate) fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
     // SAFETY: pidfd_send_signal on a pidfd we own; no memory is involved, and a pidfd
     // never refers to a reused pid.
-    unsafe { libc::syscall(libc::SYS_pidfd_send_signal, std::os::fd::AsRawFd::as_raw_fd(fd), libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
 }
 
 impl QemuProcess {

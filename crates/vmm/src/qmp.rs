@@ -118,15 +118,8 @@ impl Qmp {
     }
 
     /// Runs a command with a time limit.
-    pub async fn execute_timeout(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-        timeout: Duration,
-    ) -> Result<Value, QmpError> {
-        tokio::time::timeout(timeout, self.execute(command, arguments))
-            .await
-            .map_err(|_| QmpError::Timeout(command.to_owned()))?
+    pub async fn execute_timeout(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+        tokio::time::timeout(timeout, self.execute(command, arguments)).await.map_err(|_| QmpError::Timeout(command.to_owned()))?
     }
 
     /// Events received while waiting for answers, oldest first.

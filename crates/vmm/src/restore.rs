@@ -41,7 +41,13 @@ pub struct RestoreOptions {
 impl RestoreOptions {
     /// Defaults: `$HEARTH_HOME/run`, 60 s.
     pub fn new() -> Self {
-        RestoreOptions { run_root: crate::home::hearth_home().join("run"), timeout: Duration::from_secs(60), hostname: None, egress: None, detached: false }
+        RestoreOptions {
+            run_root: crate::home::hearth_home().join("run"),
+            timeout: Duration::from_secs(60),
+            hostname: None,
+            egress: None,
+            detached: false,
+        }
     }
 }
 
@@ -82,9 +88,7 @@ pub(crate) async fn load_incoming(qmp_path: &Path, state: &Path, mapped_ram: boo
     };
     qmp.execute("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(|e| e.to_string())?;
     qmp.execute("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(|e| e.to_string())?;
-    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) })))
-        .await
-        .map_err(|e| e.to_string())?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) }))).await.map_err(|e| e.to_string())?;
     loop {
         let r = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;
         match r.get("status").and_then(|s| s.as_str()) {
@@ -210,9 +214,8 @@ impl Vm {
         // back only if QEMU failed before the guest ran.
         let manifest = snap.dir.join("manifest.json");
         let retired = snap.dir.join(".manifest.resuming");
-        std::fs::rename(&manifest, &retired).map_err(|e| {
-            BootError::Snapshot(crate::snapshot::SnapshotError::Io { what: "retire the manifest".into(), source: e })
-        })?;
+        std::fs::rename(&manifest, &retired)
+            .map_err(|e| BootError::Snapshot(crate::snapshot::SnapshotError::Io { what: "retire the manifest".into(), source: e }))?;
         crate::snapshot::sync_dir(&snap.dir);
         match Self::start_restored(cfg, &opts).await {
             Ok(vm) => {

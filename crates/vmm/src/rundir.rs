@@ -62,11 +62,9 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
             }
             // No lock file: a directory from before locks existed, or one being created
             // right now; only sweep it when it is older than a minute.
-            Err(_) => e
-                .metadata()
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60))
-                .unwrap_or(false),
+            Err(_) => {
+                e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60)).unwrap_or(false)
+            }
         };
         // A detached VM whose starter is gone still runs: it is waiting to be reattached.
         let stale = stale && !crate::detach::live_detached(&dir);
@@ -80,7 +78,6 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
     }
     removed
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -220,8 +220,7 @@ impl Snapshot {
             return Err(invalid(format!("manifest is {} bytes; the limit is {MAX_MANIFEST_BYTES}", meta.len())));
         }
         let text = std::fs::read(&mpath).map_err(io("read manifest"))?;
-        let value: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|e| invalid(format!("manifest is not JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| invalid(format!("manifest is not JSON: {e}")))?;
         if value.get("magic").and_then(|m| m.as_str()) != Some(MAGIC) {
             return Err(invalid("manifest lacks the Hearth snapshot magic".into()));
         }
@@ -230,8 +229,7 @@ impl Snapshot {
             Some(v) => return Err(SnapshotError::Version { path: dir.to_path_buf(), found: v as u32 }),
             None => return Err(invalid("manifest has no format version".into())),
         }
-        let manifest: Manifest =
-            serde_json::from_value(value).map_err(|e| invalid(format!("manifest is malformed: {e}")))?;
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| invalid(format!("manifest is malformed: {e}")))?;
         let limit = match manifest.kind {
             SnapshotKind::Template => MAX_TEMPLATE_STATE_BYTES,
             _ => MAX_STATE_BYTES,
@@ -257,8 +255,7 @@ impl Snapshot {
     pub fn verify_memory(&self) -> Result<(), SnapshotError> {
         if let Some(m) = &self.manifest.memory {
             let max = u64::from(self.manifest.memory_mib) << 20;
-            check_file(&self.dir, m, max, true)
-                .map_err(|reason| SnapshotError::Invalid { path: self.dir.clone(), reason })?;
+            check_file(&self.dir, m, max, true).map_err(|reason| SnapshotError::Invalid { path: self.dir.clone(), reason })?;
         }
         Ok(())
     }

@@ -9,14 +9,14 @@
 use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError, ExecOutput, ExecStream};
 use crate::config::{ConfigError, Start, VmConfig};
-use crate::qemu::{self, QemuProcess, RunPaths};
 use crate::console::ConsoleTap;
 pub use crate::console::MAX_CONSOLE_BYTES;
-use crate::qmp::{Qmp, QmpError};
-use crate::net::{Egress, NetNs};
-use crate::rundir::RunDir;
 pub use crate::detach::kill_unowned_detached;
+use crate::net::{Egress, NetNs};
+use crate::qemu::{self, QemuProcess, RunPaths};
+use crate::qmp::{Qmp, QmpError};
 pub use crate::rundir::sweep_stale_run_dirs;
+use crate::rundir::RunDir;
 use hearth_proto::exec::ExecRequest;
 use hearth_proto::Hello;
 use std::io::{Read, Seek, SeekFrom};
@@ -280,9 +280,20 @@ impl Vm {
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(vm = %id, ?args, "starting QEMU");
         tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay, network)");
-        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
-            .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
-        crate::detach::write(&dir_path, &id, &cfg, accel, process.pid(), disk.clone(), disk_owned, net.as_ref().map(|(n, _)| n.name().to_owned()), cfg.network.clone());
+        let process =
+            QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
+                .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+        crate::detach::write(
+            &dir_path,
+            &id,
+            &cfg,
+            accel,
+            process.pid(),
+            disk.clone(),
+            disk_owned,
+            net.as_ref().map(|(n, _)| n.name().to_owned()),
+            cfg.network.clone(),
+        );
         let console = ConsoleTap::start(&paths);
 
         let exited = |status: ExitStatus| BootError::Exited {

@@ -28,29 +28,13 @@ impl Store {
     /// Claims `token` for a call with `hash`: `Ok(None)` when this call now owns it,
     /// `Ok(Some((hash, response)))` when it was claimed before (response empty while that
     /// call is still running) and has not expired.
-    pub fn claim(
-        &self,
-        account: &str,
-        op: &str,
-        token: &str,
-        hash: &str,
-    ) -> DbResult<Option<(String, String)>> {
+    pub fn claim(&self, account: &str, op: &str, token: &str, hash: &str) -> DbResult<Option<(String, String)>> {
         self.claim_at(account, op, token, hash, super::now())
     }
 
-    fn claim_at(
-        &self,
-        account: &str,
-        op: &str,
-        token: &str,
-        hash: &str,
-        now: f64,
-    ) -> DbResult<Option<(String, String)>> {
+    fn claim_at(&self, account: &str, op: &str, token: &str, hash: &str, now: f64) -> DbResult<Option<(String, String)>> {
         let db = self.db();
-        db.execute(
-            "DELETE FROM idempotency WHERE created < ?1",
-            [now - IDEMPOTENCY_TTL.as_secs_f64()],
-        )?;
+        db.execute("DELETE FROM idempotency WHERE created < ?1", [now - IDEMPOTENCY_TTL.as_secs_f64()])?;
         let n = db.execute(
             "INSERT OR IGNORE INTO idempotency (account, operation, token, request_hash, response, created) VALUES (?1, ?2, ?3, ?4, '', ?5)",
             params![account, op, token, hash, now],
@@ -58,26 +42,24 @@ impl Store {
         if n == 1 {
             return Ok(None);
         }
-        db.query_row("SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3", [account, op, token], |r| {
-            Ok(Some((r.get(0)?, r.get(1)?)))
-        })
+        db.query_row(
+            "SELECT request_hash, response FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3",
+            [account, op, token],
+            |r| Ok(Some((r.get(0)?, r.get(1)?))),
+        )
     }
 
     /// Releases a claim whose call failed (a retry may run it again).
     pub fn unclaim(&self, account: &str, op: &str, token: &str) -> DbResult<()> {
-        self.db().execute("DELETE FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3 AND response = ''", [account, op, token])?;
+        self.db().execute(
+            "DELETE FROM idempotency WHERE account = ?1 AND operation = ?2 AND token = ?3 AND response = ''",
+            [account, op, token],
+        )?;
         Ok(())
     }
 
     /// Records an idempotent call's response (remembered [`IDEMPOTENCY_TTL`] from now).
-    pub fn remember(
-        &self,
-        account: &str,
-        op: &str,
-        token: &str,
-        hash: &str,
-        response: &str,
-    ) -> DbResult<()> {
+    pub fn remember(&self, account: &str, op: &str, token: &str, hash: &str, response: &str) -> DbResult<()> {
         self.db().execute(
             "INSERT OR REPLACE INTO idempotency (account, operation, token, request_hash, response, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![account, op, token, hash, response, super::now()],
@@ -97,25 +79,13 @@ mod tests {
         let (a, op) = ("111111111111", "RunMicrovm");
         let t = super::super::now();
         assert_eq!(s.claim_at(a, op, "tok", "h1", t).unwrap(), None);
-        assert_eq!(
-            s.claim_at(a, op, "tok", "h1", t + 1.0).unwrap(),
-            Some(("h1".into(), String::new()))
-        );
+        assert_eq!(s.claim_at(a, op, "tok", "h1", t + 1.0).unwrap(), Some(("h1".into(), String::new())));
         s.remember(a, op, "tok", "h1", "{\"ok\":1}").unwrap();
         let ttl = IDEMPOTENCY_TTL.as_secs_f64();
-        assert_eq!(
-            s.claim_at(a, op, "tok", "h1", t + ttl - 60.0).unwrap(),
-            Some(("h1".into(), "{\"ok\":1}".into()))
-        );
+        assert_eq!(s.claim_at(a, op, "tok", "h1", t + ttl - 60.0).unwrap(), Some(("h1".into(), "{\"ok\":1}".into())));
         // Expired: the token is new again (even with other parameters), and the old row is gone.
-        assert_eq!(
-            s.claim_at(a, op, "tok", "h2", t + ttl + 60.0).unwrap(),
-            None
-        );
-        let rows: i64 = s
-            .db()
-            .query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0))
-            .unwrap();
+        assert_eq!(s.claim_at(a, op, "tok", "h2", t + ttl + 60.0).unwrap(), None);
+        let rows: i64 = s.db().query_row("SELECT COUNT(*) FROM idempotency", [], |r| r.get(0)).unwrap();
         assert_eq!(rows, 1);
     }
 
@@ -132,21 +102,12 @@ mod tests {
             .unwrap();
         }
         let s = Store::open(&path).unwrap();
-        let version: i64 = s
-            .db()
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
+        let version: i64 = s.db().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, super::super::SCHEMA_VERSION);
-        assert_eq!(
-            s.claim("111111111111", "RunMicrovm", "tok", "h").unwrap(),
-            Some(("h".into(), "{}".into()))
-        );
+        assert_eq!(s.claim("111111111111", "RunMicrovm", "tok", "h").unwrap(), Some(("h".into(), "{}".into())));
         drop(s);
         // Opening again migrates nothing twice.
         let s = Store::open(&path).unwrap();
-        assert_eq!(
-            s.claim("111111111111", "RunMicrovm", "tok", "h").unwrap(),
-            Some(("h".into(), "{}".into()))
-        );
+        assert_eq!(s.claim("111111111111", "RunMicrovm", "tok", "h").unwrap(), Some(("h".into(), "{}".into())));
     }
 }

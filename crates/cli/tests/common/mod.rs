@@ -8,13 +8,10 @@ use std::time::Duration;
 /// when they are missing. `HEARTH_KERNEL_ARGS` adds kernel arguments (e.g. `hearth.debug`),
 /// `HEARTH_ACCEL` forces the accelerator; `RUST_LOG` enables logs.
 pub fn config(base: Base) -> VmConfig {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
     let home = hearth_vmm::home::hearth_home();
-    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)
-        .unwrap_or_else(|e| panic!("{e} (the tests need `scripts/setup.sh --debian` first)"));
+    let (kernel, initramfs) =
+        hearth_vmm::assets::boot_files(&home).unwrap_or_else(|e| panic!("{e} (the tests need `scripts/setup.sh --debian` first)"));
     let rootfs = base.path(&home);
     assert!(rootfs.is_file(), "{} missing: run `scripts/setup.sh --debian` first", rootfs.display());
     let mut cfg = VmConfig::new(kernel, initramfs);

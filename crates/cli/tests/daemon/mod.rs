@@ -23,7 +23,11 @@ impl Drop for Microvms {
         let run = self.0.join("run");
         let _ = Command::new("pkill").arg("-9").arg("-f").arg(format!("{}/", run.display())).status();
         for e in std::fs::read_dir(&run).into_iter().flatten().flatten() {
-            let _ = Command::new("ip").args(["netns", "del"]).arg(format!("hearth-{}", e.file_name().to_string_lossy())).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del"])
+                .arg(format!("hearth-{}", e.file_name().to_string_lossy()))
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
@@ -74,7 +78,13 @@ pub fn key(state: &Path) -> String {
 /// operator does with `hearth accounts set`).
 pub fn allow_artifacts(state: &Path, key: &str, root: &Path) {
     let key: serde_json::Value = serde_json::from_str(key).unwrap();
-    let out = hearth().args(["accounts", "set", key["account"].as_str().unwrap(), "--artifact-root"]).arg(root).arg("--state-dir").arg(state).output().unwrap();
+    let out = hearth()
+        .args(["accounts", "set", key["account"].as_str().unwrap(), "--artifact-root"])
+        .arg(root)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -106,4 +116,3 @@ pub fn run_script(name: &str, url: &str, keys: (&str, &str), ctx: &Path, state: 
     assert!(out.status.success(), "{name} {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
 }
-

@@ -286,7 +286,8 @@ async fn fetch_http(uri: &str, work: &Path, limits: Limits, guard: Guard, isolat
             let _ = tx.send(isolated(url, &thread_shown, &work, limits, &guard, lookups));
         })
         .map_err(io("start a download thread"))?;
-    rx.await.unwrap_or_else(|_| Err(ArtifactError::Fetch { uri: shown, what: "the download thread died".into(), source: "it panicked".into() }))
+    rx.await
+        .unwrap_or_else(|_| Err(ArtifactError::Fetch { uri: shown, what: "the download thread died".into(), source: "it panicked".into() }))
 }
 
 /// Runs a download on the calling thread, a thread of its own, from a network namespace
@@ -309,7 +310,8 @@ fn isolated(
     let mut rand = [0u8; 6];
     getrandom::fill(&mut rand).map_err(|e| fail("name a network namespace", e.to_string().into()))?;
     let id: String = rand.iter().map(|b| format!("{b:02x}")).collect();
-    let ns = NetNs::create_local(&format!("fetch-{id}"), &Egress::internet()).map_err(|e| fail("set up a network namespace", Box::new(e)))?;
+    let ns =
+        NetNs::create_local(&format!("fetch-{id}"), &Egress::internet()).map_err(|e| fail("set up a network namespace", Box::new(e)))?;
     let entered = ns.enter();
     drop(ns);
     entered.map_err(|e| fail("enter a network namespace", Box::new(e)))?;
@@ -629,7 +631,9 @@ mod tests {
 
     #[test]
     fn addresses_are_public_or_say_what_they_are() {
-        for public in ["93.184.216.34", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"] {
+        for public in
+            ["93.184.216.34", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808", "2002:808:808::1"]
+        {
             assert_eq!(non_public(public.parse().unwrap()), None, "{public}");
         }
         for (addr, kind) in [
@@ -682,7 +686,10 @@ mod tests {
             // ...from the download's own it is out of reach: its loopback is its own, the
             // host's addresses are dropped on the way in.
             let e = fetch_http(&uri, work.path(), limits, guard(), true).await.unwrap_err();
-            assert!(matches!(e, ArtifactError::Fetch { ref what, .. } if what.contains("connect") || what.contains("no connection")), "{uri}: {e}");
+            assert!(
+                matches!(e, ArtifactError::Fetch { ref what, .. } if what.contains("connect") || what.contains("no connection")),
+                "{uri}: {e}"
+            );
             assert!(is_empty(work.path()), "{uri}: partial download left behind");
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
