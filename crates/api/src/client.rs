@@ -1,7 +1,6 @@
 //! A small SigV4-signing client of the API (for the `hearth` CLI and benchmarks).
 
 use serde_json::Value;
-use std::time::SystemTime;
 
 /// An API endpoint and the key to sign with.
 #[derive(Clone)]
@@ -69,7 +68,7 @@ impl Client {
         let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
-        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", SystemTime::now());
+        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", crate::clock::system());
         let mut req = self.http.request(method, &url).body(body);
         for (k, v) in &headers {
             if k != "host" {
@@ -185,7 +184,7 @@ impl Client {
             &self.access_key,
             &self.secret,
             "us-east-1",
-            SystemTime::now(),
+            crate::clock::system(),
         );
         let mut req =
             self.http.post(&url).header("content-type", "application/zip").header("content-length", len).body(reqwest::Body::from(file));

@@ -117,6 +117,45 @@ impl ApiError {
     }
 }
 
+impl<S: crate::lifecycle::Lifecycle> From<crate::lifecycle::InvalidTransition<S>> for ApiError {
+    /// A move the lifecycle's table refuses: a ConflictException about the resource.
+    fn from(e: crate::lifecycle::InvalidTransition<S>) -> Self {
+        ApiError::conflict(S::RESOURCE, &e.id, e.to_string())
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    /// The store failed: Hearth's error (500), the cause logged.
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<hearth_vmm::AgentError> for ApiError {
+    /// The agent's refusals are the caller's (a missing file: 404; anything else it refused:
+    /// 400); a failure to reach or understand it is Hearth's (500).
+    fn from(e: hearth_vmm::AgentError) -> Self {
+        match e {
+            hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
+            hearth_vmm::AgentError::Remote(b) => ApiError::validation(b.message),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<hearth_vmm::VmError> for ApiError {
+    /// The agent's errors as [`From<hearth_vmm::AgentError>`]; a network change the VM
+    /// cannot take (no network, a rule it refuses) is the caller's (400); the rest is
+    /// Hearth's (500).
+    fn from(e: hearth_vmm::VmError) -> Self {
+        match e {
+            hearth_vmm::VmError::Agent(a) => a.into(),
+            hearth_vmm::VmError::Network(n) => ApiError::validation(n.to_string()),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({ "message": self.message });

@@ -60,21 +60,21 @@ pub const SHELL_SCOPE: &str = "shell";
 pub struct TokenKey(Vec<u8>);
 
 impl TokenKey {
-    /// Loads the key from `dir/token.key`, creating it on first use.
-    pub fn load_or_create(dir: &Path) -> std::io::Result<TokenKey> {
+    /// Loads the key from `dir/token.key`, creating it on first use; held to the same
+    /// checks as the sealing key (0600, this user's, 32 bytes): whoever reads it can
+    /// forge endpoint and shell tokens for every microvm.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::keys::load_key_file`]: a damaged or exposed file stops the daemon
+    /// rather than being replaced in silence.
+    pub fn load_or_create(dir: &Path) -> Result<TokenKey, crate::keys::SealingKeyError> {
         let path = dir.join("token.key");
-        if let Ok(k) = std::fs::read(&path) {
-            if k.len() == 32 {
-                return Ok(TokenKey(k));
-            }
-        }
-        let mut k = vec![0u8; 32];
-        getrandom::fill(&mut k).map_err(std::io::Error::from)?;
-        let tmp = dir.join(".token.key.tmp");
-        std::fs::write(&tmp, &k)?;
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(TokenKey(k))
+        let bytes = match crate::keys::load_key_file(&path)? {
+            Some(b) => b,
+            None => crate::keys::create_key_file(&path)?,
+        };
+        Ok(TokenKey(bytes.to_vec()))
     }
 
     fn mac(&self, data: &[u8]) -> String {
@@ -138,7 +138,7 @@ pub fn authorize(svc: &Service, headers: &http::HeaderMap, id: &str, scope: Opti
     let Some(token) = headers.get(AUTH_HEADER).and_then(|v| v.to_str().ok()) else {
         return Err(denied(&format!("missing X-aws-proxy-auth token ({operation})")));
     };
-    let claims = svc.token_key.verify(token, crate::service::now() as u64).map_err(denied)?;
+    let claims = svc.token_key.verify(token, crate::clock::now() as u64).map_err(denied)?;
     if claims.m != id {
         return Err(denied("the token is for another microvm"));
     }
@@ -287,6 +287,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let k = TokenKey::load_or_create(dir.path()).unwrap();
         assert_eq!(TokenKey::load_or_create(dir.path()).unwrap().0, k.0, "the key persists");
+        // Whoever reads the key forges tokens: an exposed or damaged file is refused, never
+        // replaced in silence.
+        let path = dir.path().join("token.key");
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        assert!(matches!(TokenKey::load_or_create(dir.path()), Err(crate::keys::SealingKeyError::Exposed { .. })));
+        std::fs::write(&path, b"short").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        assert!(matches!(TokenKey::load_or_create(dir.path()), Err(crate::keys::SealingKeyError::Malformed { .. })));
+        std::fs::remove_file(&path).unwrap();
+        let k = TokenKey::load_or_create(dir.path()).unwrap();
         let c = Claims { a: "111111111111".into(), m: "mvm-1".into(), e: 1000, p: vec![(8080, 8080)], k: None };
         let t = k.issue(&c);
         assert_eq!(k.verify(&t, 999).unwrap(), c);

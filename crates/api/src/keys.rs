@@ -24,7 +24,18 @@ const NONCE_LEN: usize = 24;
 /// The stored form's version prefix.
 const SEALED_V1: &str = "v1:";
 
-/// `n` bytes from the OS's random number generator (getrandom(2)).
+/// Fills `buf` from the OS's random number generator (getrandom(2)): the control plane's
+/// one source of randomness. Keys, ids, tokens and nonces all come from it; nothing falls
+/// back to weaker bytes.
+///
+/// # Errors
+///
+/// When the OS gives no random bytes.
+pub(crate) fn fill(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    getrandom::fill(buf)
+}
+
+/// `n` bytes from [`fill`].
 ///
 /// # Panics
 ///
@@ -32,10 +43,19 @@ const SEALED_V1: &str = "v1:";
 /// be guessed, and no caller can go on without them.
 pub(crate) fn random(n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
-    if let Err(e) = getrandom::fill(&mut b) {
+    if let Err(e) = fill(&mut b) {
         panic!("the OS random number generator failed ({e}); refusing to make keys or ids from predictable bytes");
     }
     b
+}
+
+/// `n` random bytes in hex (for ids: `mvm-…`, `build-…`).
+///
+/// # Panics
+///
+/// As [`random`].
+pub(crate) fn random_hex(n: usize) -> String {
+    random(n).iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A new 12-digit account id.
@@ -54,11 +74,11 @@ pub fn new_key(account: &str) -> AccessKey {
     AccessKey { access_key: format!("HKIA{id}"), secret, account: account.to_owned() }
 }
 
-/// A sealing key file that cannot be used.
+/// A key file (the sealing key, the ingress token key) that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SealingKeyError {
     /// The file could not be read.
-    #[error("cannot read the secrets key {path}")]
+    #[error("cannot read the key file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -67,7 +87,7 @@ pub enum SealingKeyError {
         source: std::io::Error,
     },
     /// The file could not be created.
-    #[error("cannot create the secrets key {path}")]
+    #[error("cannot create the key file {path}")]
     Create {
         /// The file.
         path: PathBuf,
@@ -77,7 +97,7 @@ pub enum SealingKeyError {
     },
     /// Group or others may read or write the file.
     #[error(
-        "the secrets key {path} has mode {mode:03o}: group and others must have no access; \
+        "the key file {path} has mode {mode:03o}: group and others must have no access; \
          run `chmod 600 {path}` (and rotate the access keys if others may have read it)"
     )]
     Exposed {
@@ -87,7 +107,7 @@ pub enum SealingKeyError {
         mode: u32,
     },
     /// Another user owns the file.
-    #[error("the secrets key {path} belongs to uid {owner}, not to this daemon's user (uid {me})")]
+    #[error("the key file {path} belongs to uid {owner}, not to this daemon's user (uid {me})")]
     NotOwned {
         /// The file.
         path: PathBuf,
@@ -98,8 +118,8 @@ pub enum SealingKeyError {
     },
     /// Not a file of exactly 32 bytes.
     #[error(
-        "the secrets key {path} is not a file of {KEY_LEN} bytes; restore it from a backup \
-         (a new key cannot open the secrets sealed with the old one)"
+        "the key file {path} is not a file of {KEY_LEN} bytes; restore it from a backup \
+         (a new key cannot open what the old one sealed or signed)"
     )]
     Malformed {
         /// The file.
@@ -116,6 +136,72 @@ pub enum UnsealError {
     /// The authentication tag does not match: another key, another row, or damage.
     #[error("the stored secret does not open with this key (another key, another row, or damage)")]
     Inauthentic,
+}
+
+/// Reads the 32-byte key file at `path`; `Ok(None)` when there is none.
+///
+/// # Errors
+///
+/// When the file cannot be read, is not 32 bytes, is not owned by this process's user,
+/// or group or others have any access to it.
+pub fn load_key_file(path: &Path) -> Result<Option<[u8; KEY_LEN]>, SealingKeyError> {
+    let path = path.to_path_buf();
+    let read = |source| SealingKeyError::Read { path: path.clone(), source };
+    // No symlinks: the file checked is the file read.
+    let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read(e)),
+    };
+    let meta = f.metadata().map_err(read)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(SealingKeyError::NotOwned { path, owner: meta.uid(), me });
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(SealingKeyError::Exposed { path, mode: meta.mode() & 0o777 });
+    }
+    if !meta.is_file() || meta.len() != KEY_LEN as u64 {
+        return Err(SealingKeyError::Malformed { path });
+    }
+    let mut bytes = [0u8; KEY_LEN];
+    f.read_exact(&mut bytes).map_err(read)?;
+    Ok(Some(bytes))
+}
+
+/// Creates the key file at `path` from the OS's random number generator (mode 0600), or
+/// loads the one another process created first (a daemon and `hearth keys` starting
+/// together).
+///
+/// # Errors
+///
+/// As [`load_key_file`], and when the file cannot be written.
+pub fn create_key_file(path: &Path) -> Result<[u8; KEY_LEN], SealingKeyError> {
+    let create = |source| SealingKeyError::Create { path: path.to_path_buf(), source };
+    let dir = path.parent().ok_or_else(|| create(std::io::ErrorKind::InvalidInput.into()))?;
+    let mut bytes = [0u8; KEY_LEN];
+    fill(&mut bytes).map_err(|e| create(e.into()))?;
+    // Written whole to a temporary file (0600 from the start), then linked into place
+    // without replacing: a reader never sees half a key, and a racing creator's key wins.
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".key.")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(create)?;
+    std::io::Write::write_all(&mut tmp, &bytes).map_err(create)?;
+    tmp.as_file().sync_all().map_err(create)?;
+    bytes.fill(0);
+    match tmp.persist_noclobber(path) {
+        Ok(_) => {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(create(e.error)),
+    }
+    load_key_file(path)?.ok_or_else(|| create(std::io::ErrorKind::NotFound.into()))
 }
 
 /// The key that seals access keys' secrets in the store.
@@ -142,68 +228,25 @@ impl SealingKey {
     ///
     /// # Errors
     ///
-    /// When the file cannot be read, is not 32 bytes, is not owned by this process's user,
-    /// or group or others have any access to it.
+    /// As [`load_key_file`].
     pub fn load(dir: &Path) -> Result<Option<SealingKey>, SealingKeyError> {
-        let path = Self::path(dir);
-        let read = |source| SealingKeyError::Read { path: path.clone(), source };
-        // No symlinks: the file checked is the file read.
-        let mut f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(read(e)),
-        };
-        let meta = f.metadata().map_err(read)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(SealingKeyError::NotOwned { path, owner: meta.uid(), me });
-        }
-        if meta.mode() & 0o077 != 0 {
-            return Err(SealingKeyError::Exposed { path, mode: meta.mode() & 0o777 });
-        }
-        if !meta.is_file() || meta.len() != KEY_LEN as u64 {
-            return Err(SealingKeyError::Malformed { path });
-        }
-        let mut bytes = [0u8; KEY_LEN];
-        f.read_exact(&mut bytes).map_err(read)?;
-        let key = SealingKey::from_bytes(&bytes);
-        bytes.fill(0);
-        Ok(Some(key))
+        Ok(load_key_file(&Self::path(dir))?.map(|mut bytes| {
+            let key = SealingKey::from_bytes(&bytes);
+            bytes.fill(0);
+            key
+        }))
     }
 
-    /// Creates `dir`'s key file from the OS's random number generator (mode 0600), or
-    /// loads the one another process created first (a daemon and `hearth keys` starting
-    /// together).
+    /// Creates `dir`'s key file, or loads the one another process created first.
     ///
     /// # Errors
     ///
-    /// As [`Self::load`], and when the file cannot be written.
+    /// As [`create_key_file`].
     pub fn create(dir: &Path) -> Result<SealingKey, SealingKeyError> {
-        let path = Self::path(dir);
-        let create = |source| SealingKeyError::Create { path: path.clone(), source };
-        let mut bytes = [0u8; KEY_LEN];
-        getrandom::fill(&mut bytes).map_err(|e| create(e.into()))?;
-        // Written whole to a temporary file (0600 from the start), then linked into place
-        // without replacing: a reader never sees half a key, and a racing creator's key wins.
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".secret.key.")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .tempfile_in(dir)
-            .map_err(create)?;
-        std::io::Write::write_all(&mut tmp, &bytes).map_err(create)?;
-        tmp.as_file().sync_all().map_err(create)?;
+        let mut bytes = create_key_file(&Self::path(dir))?;
+        let key = SealingKey::from_bytes(&bytes);
         bytes.fill(0);
-        match tmp.persist_noclobber(&path) {
-            Ok(_) => {
-                if let Ok(d) = std::fs::File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
-            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(create(e.error)),
-        }
-        Self::load(dir)?.ok_or_else(|| create(std::io::ErrorKind::NotFound.into()))
+        Ok(key)
     }
 
     /// Seals `secret` of `access_key` into its stored form.

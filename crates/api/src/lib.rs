@@ -1,17 +1,24 @@
 //! Hearth's control plane: the Lambda MicroVMs API (2025-09-09) as `hearth serve`.
 //!
 //! - [`model`]: the service model as data: routing and input validation.
+//! - [`inputs`]: the operations' inputs as types generated from the model.
 //! - [`sigv4`]: SigV4 verification of every request.
-//! - [`store`]: the SQLite state (tenants' keys, microvms, images, tags, idempotency, usage).
+//! - [`lifecycle`]: the state enums of microvms, images and versions, and their transition tables.
+//! - [`clock`]: the one source of wall-clock time.
+//! - [`store`]: the state behind one async trait (tenants' keys, microvms, images, tags,
+//!   idempotency, usage), and its SQLite back end.
 //! - [`service`]: the operations and the microvm lifecycle, idle and lifetime policies.
 //! - [`server`]: HTTP: authentication, dispatch, idempotency, Hearth's extensions.
 
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod clock;
 pub mod error;
 pub mod ingress;
+pub mod inputs;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod model;
 pub mod server;

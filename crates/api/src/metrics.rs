@@ -60,7 +60,7 @@ impl Metrics {
     pub fn render(&self, states: &[(String, i64)]) -> String {
         let mut o = String::new();
         o.push_str("# HELP hearth_microvms Microvms by state.\n# TYPE hearth_microvms gauge\n");
-        for st in ["PENDING", "RUNNING", "SUSPENDING", "SUSPENDED", "TERMINATING", "TERMINATED"] {
+        for st in crate::lifecycle::MicrovmState::ALL.iter().map(|s| s.as_str()) {
             let n = states.iter().find(|(s, _)| s == st).map_or(0, |(_, n)| *n);
             o.push_str(&format!("hearth_microvms{{state=\"{st}\"}} {n}\n"));
         }
@@ -94,7 +94,7 @@ pub fn router(svc: Arc<Service>) -> axum::Router {
 }
 
 async fn scrape(State(svc): State<Arc<Service>>) -> impl axum::response::IntoResponse {
-    let states = svc.store.count_by_state().unwrap_or_default();
+    let states = svc.microvm_counts().await;
     ([("content-type", "text/plain; version=0.0.4")], svc.metrics.render(&states))
 }
 

@@ -9,16 +9,15 @@
 
 use crate::error::{ApiError, Kind};
 use crate::model::{model, MAX_BODY};
-use crate::service::{unknown_operation, Service};
+use crate::service::{egress_from, unknown_operation, ExecLine, Service};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::ExecRequest;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The router.
 pub fn router(svc: Arc<Service>) -> axum::Router {
@@ -74,11 +73,12 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         Ok(b) => b,
         Err(_) => return ApiError::validation(format!("the request body is over {MAX_BODY} bytes")).into_response(),
     };
-    let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, SystemTime::now(), |k| {
-        svc.store.key(k).ok().flatten().map(|k| k.secret)
+    let key = svc.claimed_key(&parts.headers).await;
+    let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, crate::clock::system(), |k| {
+        key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
     });
     let account = match signed.and_then(|s| {
-        svc.store.key(&s.access_key).ok().flatten().ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))
+        key.filter(|k| k.access_key == s.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))
     }) {
         Ok(k) => k.account,
         Err(e) => {
@@ -106,7 +106,7 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         };
         if let Some(t) = &token {
             // Claimed before the call runs, so two concurrent retries cannot both run it.
-            if let Some((h, resp)) = svc.store.claim(&account, &op.name, t, &hash).map_err(ApiError::internal)? {
+            if let Some((h, resp)) = svc.claim(&account, &op.name, t, &hash).await? {
                 if h != hash {
                     return Err(ApiError::conflict(&op.name, t, "clientToken was already used with different parameters"));
                 }
@@ -119,8 +119,8 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         let out = dispatch(&svc, &account, &op.name, &input).await;
         if let Some(t) = &token {
             match &out {
-                Ok(v) => svc.store.remember(&account, &op.name, t, &hash, &v.to_string()).map_err(ApiError::internal)?,
-                Err(_) => svc.store.unclaim(&account, &op.name, t).map_err(ApiError::internal)?,
+                Ok(v) => svc.remember(&account, &op.name, t, &hash, &v.to_string()).await?,
+                Err(_) => svc.unclaim(&account, &op.name, t).await?,
             }
         }
         out
@@ -135,39 +135,37 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     }
 }
 
+/// Runs operation `op` with its validated `input`, read as the operation's input type.
 async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<String, Value>) -> Result<Value, ApiError> {
-    let ident = input.get("microvmIdentifier").and_then(Value::as_str).unwrap_or_default();
+    use crate::inputs::{parse, ResumeMicrovmRequest, SuspendMicrovmRequest, TerminateMicrovmRequest};
     match op {
-        "RunMicrovm" => svc.run_microvm(account, input).await,
-        "GetMicrovm" => svc.get_microvm(account, input).await,
-        "ListMicrovms" => svc.list_microvms(account, input).await,
-        "SuspendMicrovm" => svc.suspend_microvm(account, ident, None).await,
-        "ResumeMicrovm" => svc.resume_microvm(account, ident).await,
-        "TerminateMicrovm" => svc.terminate_microvm(account, ident, None).await,
-        "CreateMicrovmImage" => svc.create_image(account, input, false).await,
-        "UpdateMicrovmImage" => svc.create_image(account, input, true).await,
-        "GetMicrovmImage" => svc.get_image(account, input),
-        "ListMicrovmImages" => svc.list_images(account, input),
-        "DeleteMicrovmImage" => svc.delete_image(account, input),
-        "GetMicrovmImageVersion" => svc.get_version(account, input),
-        "ListMicrovmImageVersions" => svc.list_versions(account, input),
-        "UpdateMicrovmImageVersion" => svc.update_version(account, input),
-        "DeleteMicrovmImageVersion" => svc.delete_version(account, input),
-        "GetMicrovmImageBuild" => svc.get_build(account, input),
-        "ListMicrovmImageBuilds" => svc.list_builds(account, input),
-        "ListManagedMicrovmImages" => svc.list_managed(input),
-        "ListManagedMicrovmImageVersions" => svc.list_managed_versions(input),
-        "CreateMicrovmAuthToken" => svc.auth_token(account, input),
-        "ListTags" => svc.list_tags(account, input),
-        "TagResource" => svc.tag(account, input),
-        "UntagResource" => svc.untag(account, input),
-        "CreateMicrovmShellAuthToken" => svc.shell_token(account, input),
+        "RunMicrovm" => svc.run_microvm(account, &parse(input)?).await,
+        "GetMicrovm" => svc.get_microvm(account, &parse(input)?).await,
+        "ListMicrovms" => svc.list_microvms(account, &parse(input)?).await,
+        "SuspendMicrovm" => svc.suspend_microvm(account, &parse::<SuspendMicrovmRequest>(input)?.microvm_identifier, None).await,
+        "ResumeMicrovm" => svc.resume_microvm(account, &parse::<ResumeMicrovmRequest>(input)?.microvm_identifier).await,
+        "TerminateMicrovm" => svc.terminate_microvm(account, &parse::<TerminateMicrovmRequest>(input)?.microvm_identifier, None).await,
+        "CreateMicrovmImage" => svc.create_image(account, &parse(input)?).await,
+        "UpdateMicrovmImage" => svc.update_image(account, &parse(input)?).await,
+        "GetMicrovmImage" => svc.get_image(account, &parse(input)?).await,
+        "ListMicrovmImages" => svc.list_images(account, &parse(input)?).await,
+        "DeleteMicrovmImage" => svc.delete_image(account, &parse(input)?).await,
+        "GetMicrovmImageVersion" => svc.get_version(account, &parse(input)?).await,
+        "ListMicrovmImageVersions" => svc.list_versions(account, &parse(input)?).await,
+        "UpdateMicrovmImageVersion" => svc.update_version(account, &parse(input)?).await,
+        "DeleteMicrovmImageVersion" => svc.delete_version(account, &parse(input)?).await,
+        "GetMicrovmImageBuild" => svc.get_build(account, &parse(input)?).await,
+        "ListMicrovmImageBuilds" => svc.list_builds(account, &parse(input)?).await,
+        "ListManagedMicrovmImages" => svc.list_managed(&parse(input)?),
+        "ListManagedMicrovmImageVersions" => svc.list_managed_versions(&parse(input)?),
+        "CreateMicrovmAuthToken" => svc.auth_token(account, &parse(input)?).await,
+        "ListTags" => svc.list_tags(account, &parse(input)?).await,
+        "TagResource" => svc.tag(account, &parse(input)?).await,
+        "UntagResource" => svc.untag(account, &parse(input)?).await,
+        "CreateMicrovmShellAuthToken" => svc.shell_token(account, &parse(input)?).await,
         other => Err(unknown_operation(other)),
     }
 }
-
-/// Most bytes of output an API exec returns per stream.
-const MAX_EXEC_OUTPUT: usize = 8 << 20;
 
 async fn extension(
     svc: &Arc<Service>,
@@ -186,21 +184,12 @@ async fn extension(
             let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;
             let mut req = exec_request(&v)?;
             // The image's WORKDIR, ENV and USER apply unless the call says otherwise.
-            svc.apply_image_config(account, id, &mut req);
+            svc.apply_image_config(account, id, &mut req).await;
             let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
             if param("stream").as_deref() == Some("true") {
                 return stream_exec(svc.clone(), account.to_owned(), id.to_string(), req, stdin).await;
             }
-            let out = svc
-                .with_vm(account, id, move |vm| {
-                    Box::pin(async move {
-                        vm.exec(&req, stdin, MAX_EXEC_OUTPUT).await.map_err(|e| match e {
-                            hearth_vmm::VmError::Agent(a) => file_err(a),
-                            other => ApiError::internal(format!("exec: {other}")),
-                        })
-                    })
-                })
-                .await?;
+            let out = svc.exec(account, id, req, stdin).await?;
             Ok(json_response(
                 200,
                 &json!({ "exitCode": out.exit.code, "signal": out.exit.signal, "stdout": out.stdout_str(), "stderr": out.stderr_str() }),
@@ -208,62 +197,35 @@ async fn extension(
         }
         ("GET", ["microvms", id, "files"]) => {
             let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            let data = svc
-                .with_vm(account, id, move |vm| {
-                    Box::pin(async move { vm.agent().read_file_bytes(&BinPath::from(path.as_str()), 256 << 20).await.map_err(file_err) })
-                })
-                .await?;
+            let data = svc.read_file(account, id, path).await?;
             Ok(([("content-type", "application/octet-stream")], data).into_response())
         }
         ("PUT", ["microvms", id, "files"]) => {
             let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            let info = svc
-                .with_vm(account, id, move |vm| {
-                    Box::pin(async move { vm.agent().write_file_bytes(&BinPath::from(path.as_str()), None, body).await.map_err(file_err) })
-                })
-                .await?;
+            let info = svc.write_file(account, id, path, body).await?;
             Ok(json_response(200, &json!({ "size": info.size })))
         }
         ("GET", ["microvms", id, "files", "list"]) => {
             let path = param("path").unwrap_or_else(|| "/".into());
-            let entries = svc
-                .with_vm(account, id, move |vm| {
-                    Box::pin(async move { vm.agent().list(&BinPath::from(path.as_str())).await.map_err(file_err) })
-                })
-                .await?;
+            let entries = svc.list_dir(account, id, path).await?;
             Ok(json_response(200, &json!({ "entries": serde_json::to_value(entries).map_err(ApiError::internal)? })))
         }
         ("PUT", ["microvms", id, "egress"]) => {
             let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("egress body is not JSON: {e}")))?;
-            let egress = egress_from(&v)?;
-            let recorded = serde_json::to_value(&egress).map_err(ApiError::internal)?;
-            let e2 = egress.clone();
-            svc.with_vm(account, id, move |vm| {
-                Box::pin(async move {
-                    vm.set_egress(&e2).map_err(|e| match e {
-                        hearth_vmm::VmError::Network(n) => ApiError::validation(n.to_string()),
-                        other => ApiError::internal(other),
-                    })
-                })
-            })
-            .await?;
-            svc.record_egress(account, id, recorded.clone())?;
-            Ok(json_response(200, &json!({ "egress": recorded })))
+            let egress = svc.set_egress(account, id, egress_from(&v)?).await?;
+            Ok(json_response(200, &json!({ "egress": egress })))
         }
         ("GET", ["microvms", id, "egress"]) => {
-            let e = svc.with_vm(account, id, |vm| Box::pin(async move { Ok(vm.egress()) })).await?;
+            let e = svc.egress(account, id).await?;
             Ok(json_response(200, &json!({ "egress": e })))
         }
         ("GET", ["usage"]) => {
-            let num = |k: &str, d: f64| {
+            let num = |k: &str| {
                 param(k)
                     .map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch"))))
                     .transpose()
-                    .map(|x| x.unwrap_or(d))
             };
-            let now = crate::service::now();
-            let (from, to) = (num("from", 0.0)?, num("to", now)?);
-            let u = svc.store.usage(account, from, to, now).map_err(ApiError::internal)?;
+            let (from, to, u) = svc.usage(account, num("from")?.unwrap_or(0.0), num("to")?).await?;
             Ok(json_response(200, &json!({ "account": account, "from": from, "to": to, "usage": u })))
         }
         _ => Err(ApiError::new(
@@ -277,95 +239,17 @@ async fn extension(
 /// (`{"stdout": "…"}`, `{"stderr": "…"}`, finally `{"exit": {"code": …, "signal": …}}`
 /// or `{"error": "…"}`), over a chunked response.
 async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRequest, stdin: Option<Bytes>) -> Result<Response, ApiError> {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, ApiError>>(32);
-    tokio::spawn(async move {
-        let lines = tx.clone();
-        let r = svc
-            .with_vm(&account, &id, move |vm| {
-                Box::pin(async move {
-                    let line = |v: Value| Ok(Bytes::from(format!("{v}\n")));
-                    let mut s = vm.exec_stream(&req).await.map_err(|e| match e {
-                        hearth_vmm::VmError::Agent(a) => file_err(a),
-                        other => ApiError::internal(format!("exec: {other}")),
-                    })?;
-                    // The stream has started: from here on, errors are lines of the body.
-                    let _ = lines.send(Ok(Bytes::new())).await;
-                    if let Some(data) = stdin {
-                        if let Err(e) = s.write_stdin(data).await {
-                            let _ = lines.send(line(json!({ "error": format!("stdin: {e}") }))).await;
-                        }
-                    }
-                    s.close_stdin();
-                    loop {
-                        let msg = match s.next_event().await {
-                            Ok(Some(hearth_vmm::agent::ExecEvent::Stdout(b))) => json!({ "stdout": String::from_utf8_lossy(&b) }),
-                            Ok(Some(hearth_vmm::agent::ExecEvent::Stderr(b))) => json!({ "stderr": String::from_utf8_lossy(&b) }),
-                            Ok(Some(hearth_vmm::agent::ExecEvent::Exit(x))) => json!({ "exit": { "code": x.code, "signal": x.signal } }),
-                            Ok(None) => json!({ "error": "the exec ended without a status" }),
-                            Err(e) => json!({ "error": e.to_string() }),
-                        };
-                        let last = msg.get("stdout").is_none() && msg.get("stderr").is_none();
-                        // A client that went away, or stopped reading for a minute, ends it
-                        // (and lets go of the VM).
-                        match tokio::time::timeout(Duration::from_secs(60), lines.send(line(msg))).await {
-                            Ok(Ok(())) => {}
-                            _ => return Ok(()),
-                        }
-                        if last {
-                            return Ok(());
-                        }
-                    }
-                })
-            })
-            .await;
-        if let Err(e) = r {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    match rx.recv().await {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => return Err(e),
-        None => return Err(ApiError::internal("the exec stream ended before it started")),
-    }
+    let rx = svc.exec_stream(account, id, req, stdin).await?;
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item.map_err(|e| std::io::Error::other(e.to_string())), rx))
+        let line = match rx.recv().await? {
+            ExecLine::Stdout(b) => json!({ "stdout": String::from_utf8_lossy(&b) }),
+            ExecLine::Stderr(b) => json!({ "stderr": String::from_utf8_lossy(&b) }),
+            ExecLine::Exit(x) => json!({ "exit": { "code": x.code, "signal": x.signal } }),
+            ExecLine::Error(e) => json!({ "error": e }),
+        };
+        Some((Ok::<_, std::io::Error>(Bytes::from(format!("{line}\n"))), rx))
     });
     Ok(([("content-type", "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response())
-}
-
-/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules,
-/// refused when an allow rule reaches further than the host's ceiling (the operator's
-/// `--egress-allow-private`; nothing before `serve` sets it).
-fn egress_from(v: &Value) -> Result<hearth_vmm::net::Egress, ApiError> {
-    let rules = |k: &str| -> Result<Vec<hearth_vmm::net::Rule>, ApiError> {
-        v.get(k)
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .map(|r| {
-                let s = r.as_str().ok_or_else(|| ApiError::validation(format!("{k} rules must be strings")))?;
-                hearth_vmm::net::Rule::parse(s).map_err(|e| ApiError::validation(e.to_string()))
-            })
-            .collect()
-    };
-    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny"].contains(&k.as_str()))) {
-        return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny)")));
-    }
-    let egress = hearth_vmm::net::Egress {
-        internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false),
-        allow: rules("allow")?,
-        deny: rules("deny")?,
-    };
-    egress.within(&hearth_vmm::net::host_ceiling().unwrap_or_default()).map_err(|e| ApiError::validation(e.to_string()))?;
-    Ok(egress)
-}
-
-fn file_err(e: hearth_vmm::AgentError) -> ApiError {
-    match e {
-        hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
-        hearth_vmm::AgentError::Remote(b) => ApiError::validation(b.message),
-        other => ApiError::internal(other),
-    }
 }
 
 fn exec_request(v: &Value) -> Result<ExecRequest, ApiError> {
@@ -482,14 +366,9 @@ pub async fn serve(
     let dir = cfg.state_dir.clone();
     crate::store::create_state_dir(&dir).map_err(|e| format!("create {} (owner only): {e}", dir.display()))?;
     let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
-    let first_key = if !store.has_keys().map_err(|e| e.to_string())? {
-        let k = crate::keys::new_key(&crate::keys::new_account());
-        store.add_key(&k).map_err(|e| e.to_string())?;
-        Some(k)
-    } else {
-        None
-    };
     let token_key = crate::ingress::TokenKey::load_or_create(&dir).map_err(|e| format!("token key: {e}"))?;
+    let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
+    let first_key = service.first_key().await.map_err(|e| e.message)?;
     raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -499,15 +378,10 @@ pub async fn serve(
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(|e| e.to_string())?;
     // Before any VM is restored or started: every namespace of this process is under it.
-    hearth_vmm::net::set_host_ceiling(Some(hearth_vmm::net::Ceiling { allow: cfg.egress_allow_private.clone() }));
-    let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
+    crate::service::set_egress_ceiling(cfg.egress_allow_private.clone());
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     let svc = Arc::new(service);
     svc.reconcile().await.map_err(|e| e.to_string())?;
-    // Detached VMs nobody reattached (a crash between their start and their record) are
-    // killed; then run directories whose QEMU is gone go.
-    hearth_vmm::vm::kill_unowned_detached(&svc.vm_template.run_root);
-    hearth_vmm::vm::sweep_stale_run_dirs(&svc.vm_template.run_root);
     let metrics = metrics_listener.map(|l| {
         let router = crate::metrics::router(svc.clone());
         tokio::spawn(async move { axum::serve(l, router).await })
@@ -539,28 +413,4 @@ pub async fn serve(
     let _ = policy.await;
     svc.release_all().await;
     r
-}
-
-#[cfg(test)]
-mod egress_tests {
-    use super::*;
-    use hearth_vmm::net::{set_host_ceiling, Ceiling, Rule};
-
-    /// One test, since the host ceiling is process-wide.
-    #[test]
-    fn tenant_egress_rules_only_narrow_the_host_ceiling() {
-        set_host_ceiling(Some(Ceiling::default()));
-        let e = egress_from(&json!({ "internet": true, "allow": ["10.0.0.0/8:5432/tcp"] })).unwrap_err();
-        assert_eq!((e.kind.name(), e.kind.status()), ("ValidationException", 400));
-        assert!(e.message.contains("10.0.0.0/8:5432/tcp") && e.message.contains("--egress-allow-private"), "{}", e.message);
-        for wide in ["0.0.0.0/0", "169.254.169.254", "100.64.0.0/10:80", "127.0.0.1:22/tcp"] {
-            assert!(egress_from(&json!({ "allow": [wide] })).is_err(), "{wide}");
-        }
-        // Public destinations, deny rules and internet egress are the tenant's to set.
-        egress_from(&json!({ "internet": true, "allow": ["93.184.0.0/16:53/udp"], "deny": ["10.0.0.0/8", "0.0.0.0/0"] })).unwrap();
-        set_host_ceiling(Some(Ceiling { allow: vec![Rule::parse("10.1.0.0/16").unwrap()] }));
-        egress_from(&json!({ "allow": ["10.1.2.0/24:5432/tcp"] })).unwrap();
-        assert!(egress_from(&json!({ "allow": ["10.2.0.0/16"] })).is_err());
-        set_host_ceiling(None);
-    }
 }

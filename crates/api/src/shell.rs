@@ -167,7 +167,7 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
     };
     let mut exec = ExecRequest::shell(query.command.unwrap_or_else(|| LOGIN_SHELL.to_owned()));
     exec.tty = query.tty.then_some(query.size);
-    svc.apply_image_config(&claims.a, &id, &mut exec);
+    svc.apply_image_config(&claims.a, &id, &mut exec).await;
     let stream = match vm.exec_stream(&exec).await {
         Ok(s) => s,
         Err(e) => return ApiError::new(Kind::Conflict, format!("cannot start a shell in microvm {id}: {e}")).into_response(),

@@ -168,6 +168,14 @@ fn string_to_sign(
     format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex_sha256(canonical.as_bytes()))
 }
 
+/// The access key a request says it is signed with (its Authorization header's
+/// credential), so that its secret can be looked up before [`verify`]; `None` when the
+/// header is missing or malformed ([`verify`] then says why).
+pub fn claimed_access_key(headers: &http::HeaderMap) -> Option<&str> {
+    let h = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    parse_authorization(h).ok().map(|a| a.access_key)
+}
+
 /// Verifies a request's signature. `secret_of` returns the secret of an access key (None
 /// for an unknown key). Returns who signed it.
 pub fn verify(
@@ -409,7 +417,7 @@ mod tests {
 
     #[test]
     fn our_signatures_verify() {
-        let now = SystemTime::now();
+        let now = crate::clock::system();
         let uri: http::Uri = "http://127.0.0.1:1/2017-03-31/tags/arn%3Ax?b=2&a=1".parse().unwrap();
         let mut h = http::HeaderMap::new();
         h.insert("host", "127.0.0.1:1".parse().unwrap());

@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Most bytes of one upload (the zip, compressed): what extraction writes is bounded
@@ -60,13 +60,12 @@ pub async fn receive(svc: Arc<Service>, parts: http::request::Parts, body: Body)
 }
 
 async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) -> Result<Response, ApiError> {
-    let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, SystemTime::now(), |k| {
-        svc.store.key(k).ok().flatten().map(|k| k.secret)
+    let key = svc.claimed_key(&parts.headers).await;
+    let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, crate::clock::system(), |k| {
+        key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
     })?;
-    let account = svc
-        .store
-        .key(&signed.access_key)
-        .map_err(ApiError::internal)?
+    let account = key
+        .filter(|k| k.access_key == signed.access_key)
         .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
         .account;
     let too_large = || ApiError::validation(format!("the upload is over the {MAX_UPLOAD_BYTES}-byte limit on code artifacts"));

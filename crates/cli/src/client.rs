@@ -1,6 +1,6 @@
-//! `hearth run|ls|get|exec|shell|cp|suspend|resume|rm|images|usage`: the CLI as a client of a
+//! `hearth run|ls|get|exec|shell|cp|suspend|resume|rm|usage`: the CLI as a client of a
 //! running `hearth serve`, signing with SigV4 like the AWS SDKs. Tables for people,
-//! `--json` for scripts.
+//! `--json` for scripts. `hearth images` (API and local store) is in `images.rs`.
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -21,11 +21,11 @@ pub struct Conn {
     secret_key: Option<String>,
     /// Print JSON.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 impl Conn {
-    fn client(&self) -> anyhow::Result<Client> {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         let ak = self.access_key.as_deref().context("no access key: set AWS_ACCESS_KEY_ID (and AWS_SECRET_ACCESS_KEY) or pass --access-key/--secret-key; `hearth keys create` makes one")?;
         let sk = self.secret_key.as_deref().context("no secret key: set AWS_SECRET_ACCESS_KEY or pass --secret-key")?;
         Ok(Client::new(&self.endpoint, ak, sk))
@@ -139,9 +139,6 @@ pub enum ClientCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// API images: create (build), ls, get, rm.
-    #[command(subcommand)]
-    Images(ImagesCmd),
     /// Metered usage of your account (vCPU-seconds, GiB-seconds, snapshot GiB-hours).
     Usage {
         /// From (seconds since the epoch; default: the beginning).
@@ -155,51 +152,6 @@ pub enum ClientCmd {
     },
 }
 
-/// `hearth images …`.
-#[derive(Subcommand, Debug)]
-pub enum ImagesCmd {
-    /// Build an image from a code artifact (CreateMicrovmImage, or UpdateMicrovmImage for
-    /// an existing name) and wait for the build.
-    Create {
-        /// Image name.
-        name: String,
-        /// Code artifact: a local directory or zip (uploaded to the daemon), an http:// or
-        /// https:// zip, a file:// path the operator allows the account, or a
-        /// hearth://artifacts/… upload.
-        artifact: String,
-        /// Managed base image.
-        #[arg(long, default_value = "debian-bookworm")]
-        base: String,
-        /// The app's hooks port.
-        #[arg(long, default_value_t = 8080)]
-        port: u16,
-        /// Return at once instead of waiting for the build.
-        #[arg(long)]
-        no_wait: bool,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// List images.
-    Ls {
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Show an image and its versions.
-    Get {
-        /// Image name or ARN.
-        name: String,
-        #[command(flatten)]
-        conn: Conn,
-    },
-    /// Delete an image.
-    Rm {
-        /// Image name or ARN.
-        name: String,
-        #[command(flatten)]
-        conn: Conn,
-    },
-}
-
 /// Percent-encodes a path segment or query value (unreserved characters stay).
 /// Percent-encodes a path segment or query value.
 pub(crate) fn enc(s: &str) -> String {
@@ -207,7 +159,7 @@ pub(crate) fn enc(s: &str) -> String {
     percent_encoding::utf8_percent_encode(s, SET).to_string()
 }
 
-fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
+pub(crate) fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
     if conn.json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {
@@ -216,10 +168,10 @@ fn print(conn: &Conn, v: &Value, table: impl FnOnce(&Value)) {
 }
 
 fn ts(v: &Value) -> String {
-    v.as_f64().map_or_else(|| "-".into(), |t| format!("{:.0}s ago", (hearth_api::service::now() - t).max(0.0)))
+    v.as_f64().map_or_else(|| "-".into(), |t| format!("{:.0}s ago", (hearth_api::clock::now() - t).max(0.0)))
 }
 
-async fn all_pages(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
+pub(crate) async fn all_pages(c: &Client, path: &str) -> anyhow::Result<Vec<Value>> {
     let mut items = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -390,84 +342,11 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             });
             Ok(0)
         }
-        ClientCmd::Images(cmd) => images(cmd).await,
     }
 }
 
-async fn simple(conn: &Conn, method: http::Method, path: &str, done: &str) -> anyhow::Result<i32> {
+pub(crate) async fn simple(conn: &Conn, method: http::Method, path: &str, done: &str) -> anyhow::Result<i32> {
     let v = conn.client()?.call(method, path, None).await?;
     print(conn, &v, |_| println!("{done}"));
     Ok(0)
-}
-
-async fn images(cmd: ImagesCmd) -> anyhow::Result<i32> {
-    match cmd {
-        ImagesCmd::Create { name, artifact, base, port, no_wait, conn } => {
-            let c = conn.client()?;
-            let uri = crate::upload::artifact_uri(&c, &artifact, conn.json).await?;
-            let base_arn = if base.starts_with("arn:") { base } else { hearth_api::service::managed_arn(&base) };
-            let mut body = json!({
-                "baseImageArn": base_arn,
-                "buildRoleArn": "arn:aws:iam::000000000000:role/hearth-cli",
-                "codeArtifact": { "uri": uri },
-                "hooks": { "port": port },
-            });
-            let exists = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}", enc(&name)), None).await.is_ok();
-            let v = if exists {
-                c.call(http::Method::PUT, &format!("/2025-09-09/microvm-images/{}", enc(&name)), Some(&body)).await?
-            } else {
-                body["name"] = name.clone().into();
-                c.call(http::Method::POST, "/2025-09-09/microvm-images", Some(&body)).await?
-            };
-            let version = v["imageVersion"].as_str().unwrap_or("1").to_owned();
-            if no_wait {
-                print(&conn, &v, |_| println!("{name}:v{version} building"));
-                return Ok(0);
-            }
-            let bar = indicatif::ProgressBar::new_spinner();
-            bar.set_message(format!("building {name}:v{version}"));
-            bar.enable_steady_tick(std::time::Duration::from_millis(120));
-            let v = loop {
-                let v = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}/versions/{version}", enc(&name)), None).await?;
-                if matches!(v["state"].as_str(), Some("SUCCESSFUL" | "FAILED")) {
-                    break v;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            };
-            bar.finish_and_clear();
-            print(&conn, &v, |v| {
-                println!("{name}:v{version} {}", v["state"].as_str().unwrap_or(""));
-                if let Some(r) = v["stateReason"].as_str() {
-                    println!("{r}");
-                }
-            });
-            Ok(if v["state"] == "SUCCESSFUL" { 0 } else { 1 })
-        }
-        ImagesCmd::Ls { conn } => {
-            let items = all_pages(&conn.client()?, "/2025-09-09/microvm-images").await?;
-            print(&conn, &Value::Array(items.clone()), |_| {
-                println!("{:<24} {:<14} {:<8} FAILED", "NAME", "STATE", "ACTIVE");
-                for i in &items {
-                    println!(
-                        "{:<24} {:<14} {:<8} {}",
-                        i["name"].as_str().unwrap_or(""),
-                        i["state"].as_str().unwrap_or(""),
-                        i["latestActiveImageVersion"].as_str().unwrap_or("-"),
-                        i["latestFailedImageVersion"].as_str().unwrap_or("-")
-                    );
-                }
-            });
-            Ok(0)
-        }
-        ImagesCmd::Get { name, conn } => {
-            let c = conn.client()?;
-            let mut v = c.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{}", enc(&name)), None).await?;
-            v["versions"] = Value::Array(all_pages(&c, &format!("/2025-09-09/microvm-images/{}/versions", enc(&name))).await?);
-            print(&conn, &v, |v| println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()));
-            Ok(0)
-        }
-        ImagesCmd::Rm { name, conn } => {
-            simple(&conn, http::Method::DELETE, &format!("/2025-09-09/microvm-images/{}", enc(&name)), "deleted").await
-        }
-    }
 }

@@ -1,4 +1,6 @@
-//! `hearth image …`: build images from a Dockerfile context, list, show, remove, run.
+//! `hearth images local …`: the operator's image store on this host ($HEARTH_HOME/images),
+//! no daemon: build images from a Dockerfile context, list, show, remove, run. (The old
+//! spelling `hearth image …` still works, with a deprecation note.)
 
 use crate::vmargs::{EgressMode, NetArgs, VmArgs};
 use crate::vmrun::{self, CmdArgs};
@@ -6,14 +8,14 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use hearth_image::base::Base;
 use hearth_image::build::{self, BuildRequest};
-use hearth_image::store::{self, VersionState};
+use hearth_image::store::{self, ImageVersionState};
 use hearth_vmm::{RestoreOptions, Snapshot, Vm};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Image commands.
+/// Local image store commands.
 #[derive(Subcommand, Debug)]
-pub enum ImageCmd {
+pub enum LocalCmd {
     /// Build a new version of an image from a directory or zip with a Dockerfile at its
     /// root: run its steps in a builder VM, start the app, wait for /ready, snapshot.
     Build(BuildArgs),
@@ -24,6 +26,7 @@ pub enum ImageCmd {
         json: bool,
     },
     /// Show an image version's record (NAME or NAME:vN).
+    #[command(visible_alias = "get")]
     Show {
         /// The image.
         image: String,
@@ -37,7 +40,7 @@ pub enum ImageCmd {
     Run(RunArgs),
 }
 
-/// Options of `hearth image build`.
+/// Options of `hearth images local build`.
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     /// The code artifact: a directory, a .zip, or a file:// URI, with a Dockerfile at its root.
@@ -72,7 +75,7 @@ pub struct BuildArgs {
     vm: VmArgs,
 }
 
-/// Options of `hearth image run`.
+/// Options of `hearth images local run`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The image (NAME or NAME:vN).
@@ -110,11 +113,11 @@ fn dependents(home: &std::path::Path, dir: &std::path::Path) -> Vec<String> {
     out
 }
 
-/// Runs an image command.
-pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
+/// Runs a local image store command.
+pub async fn run(cmd: LocalCmd) -> anyhow::Result<i32> {
     let home = hearth_vmm::home::hearth_home();
     match cmd {
-        ImageCmd::Build(a) => {
+        LocalCmd::Build(a) => {
             let mut env = BTreeMap::new();
             for kv in &a.env {
                 let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?} must be KEY=VALUE"))?;
@@ -160,7 +163,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 cache: (!a.no_cache).then(|| hearth_image::layers::LayerCache::new(&home)),
                 images: std::sync::Arc::new(build::HostImages(home.clone())),
             };
-            rec.state = VersionState::InProgress;
+            rec.state = ImageVersionState::InProgress;
             store::save(&home, &rec)?;
             let mut log_file = std::fs::File::create(vdir.join("build.log"))?;
             // On a terminal: a spinner with the current step and the elapsed time, the
@@ -191,14 +194,14 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             drop(scratch);
             match result {
                 Ok((_, cfg)) => {
-                    rec.state = VersionState::Successful;
+                    rec.state = ImageVersionState::Successful;
                     rec.config = Some(cfg);
                     store::save(&home, &rec)?;
                     println!("{}:v{} built", rec.name, rec.version);
                     Ok(0)
                 }
                 Err(e) => {
-                    rec.state = VersionState::Failed;
+                    rec.state = ImageVersionState::Failed;
                     rec.reason = Some(e.to_string());
                     store::save(&home, &rec)?;
                     Err(anyhow::Error::new(e).context(format!(
@@ -210,19 +213,19 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        ImageCmd::Ls { json } => {
+        LocalCmd::Ls { json } => {
             let all: Vec<_> = store::names(&home).into_iter().flat_map(|n| store::versions(&home, &n)).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 println!("{:<24} {:<8} {:<12} BASE", "NAME", "VERSION", "STATE");
                 for r in all {
-                    println!("{:<24} v{:<7} {:<12} {}", r.name, r.version, format!("{:?}", r.state).to_uppercase(), r.base);
+                    println!("{:<24} v{:<7} {:<12} {}", r.name, r.version, r.state, r.base);
                 }
             }
             Ok(0)
         }
-        ImageCmd::Show { image } => {
+        LocalCmd::Show { image } => {
             let (name, version) = parse_ref(&image)?;
             let recs = store::versions(&home, &name);
             let rec = match version {
@@ -233,9 +236,8 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&rec)?);
             Ok(0)
         }
-        ImageCmd::Rm { image } => {
+        LocalCmd::Rm { image } => {
             let (name, version) = parse_ref(&image)?;
-            store::check_name(&name)?;
             let dir = match version {
                 Some(v) => store::version_dir(&home, &name, v),
                 None => store::image_dir(&home, &name),
@@ -250,7 +252,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
             std::fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             Ok(0)
         }
-        ImageCmd::Run(a) => {
+        LocalCmd::Run(a) => {
             let rec = store::resolve(&home, &a.image)?;
             let snap = Snapshot::open(&store::version_dir(&home, &rec.name, rec.version).join("snapshot"))?;
             let mut req = vmrun::exec_request(&a.cmd)?;
@@ -279,8 +281,7 @@ pub async fn run(cmd: ImageCmd) -> anyhow::Result<i32> {
                 }
                 _ => {}
             }
-            let opts =
-                RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), hostname: None, egress, detached: false };
+            let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(60), egress, ..RestoreOptions::new() };
             let vm = Vm::launch(&snap, &opts).await?;
             vmrun::finish(vm, &req, a.cmd.json, None).await
         }

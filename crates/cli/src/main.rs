@@ -2,22 +2,18 @@
 
 mod accounts;
 mod basecmd;
-mod bench;
-mod bench_api;
-mod bench_build;
-mod bench_snap;
 mod client;
 mod imagecmd;
-mod report;
+mod images;
 mod serve;
 mod setup;
 mod shell;
 mod snapcmd;
 mod upload;
-mod vmargs;
 mod vmrun;
 
 use clap::{Parser, Subcommand};
+use hearth_cli::vmargs;
 
 /// Hearth: microVM sandboxes for code you did not write.
 ///
@@ -46,10 +42,13 @@ enum Cmd {
     /// Base images: list, build the managed ones, import docker/OCI archives.
     #[command(subcommand)]
     Base(basecmd::BaseCmd),
-    /// Images: build from a Dockerfile context (app started, /ready checked, snapshot),
-    /// list, show, remove, run.
+    /// Images from a Dockerfile context: through the API (create, ls, get, rm) or, for the
+    /// operator, in this host's store (`images local build|ls|show|rm|run`).
     #[command(subcommand)]
-    Image(imagecmd::ImageCmd),
+    Images(images::ImagesCmd),
+    /// Deprecated spelling of `hearth images local …`.
+    #[command(subcommand, hide = true)]
+    Image(imagecmd::LocalCmd),
     /// Templates: save a prepared VM, launch clones of it in milliseconds.
     #[command(subcommand)]
     Snapshot(snapcmd::SnapshotCmd),
@@ -59,16 +58,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Measure boot, exec round trip and memory; prints a Markdown table (or JSON).
-    Bench(bench::BenchArgs),
-    /// Measure snapshots: launch (pooled and unpooled) against a cold boot, suspend and
-    /// resume, idle density, sustained launch rate.
-    BenchSnapshots(bench_snap::BenchSnapArgs),
-    /// Measure an image build from scratch against a rebuild after a code change.
-    BenchBuild(bench_build::BenchBuildArgs),
-    /// Measure the API: RunMicrovm → RUNNING and → first exec against a cold boot;
-    /// ListMicrovms latency with 1,000 microvms in the store.
-    BenchApi(bench_api::BenchApiArgs),
+    /// Moved to `hearth-bench engine`.
+    #[command(hide = true)]
+    Bench(Moved),
+    /// Moved to `hearth-bench snapshots`.
+    #[command(hide = true)]
+    BenchSnapshots(Moved),
+    /// Moved to `hearth-bench build`.
+    #[command(hide = true)]
+    BenchBuild(Moved),
+    /// Moved to `hearth-bench api`.
+    #[command(hide = true)]
+    BenchApi(Moved),
     /// API client commands (talk to a running `hearth serve`; keys from AWS_ACCESS_KEY_ID /
     /// AWS_SECRET_ACCESS_KEY, endpoint from HEARTH_ENDPOINT).
     #[command(flatten)]
@@ -82,6 +83,14 @@ enum Cmd {
     /// What the operator allows each tenant account (file:// artifact roots).
     #[command(subcommand)]
     Accounts(accounts::AccountsCmd),
+}
+
+/// The arguments of a command that moved to another binary: taken whole, so the user
+/// hears where it went rather than that a flag is unknown.
+#[derive(clap::Args)]
+struct Moved {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -108,7 +117,8 @@ fn main() {
     let code = rt.block_on(async {
         // Run directories left by a hearth that died without cleaning up (with their
         // overlays and RAM files) go first; live VMs of other processes hold their lock.
-        if matches!(cli.command, Cmd::Vm(_) | Cmd::Snapshot(_) | Cmd::Setup(_) | Cmd::Image(_)) {
+        let local_images = matches!(cli.command, Cmd::Image(_) | Cmd::Images(images::ImagesCmd::Local(_)));
+        if local_images || matches!(cli.command, Cmd::Vm(_) | Cmd::Snapshot(_) | Cmd::Setup(_)) {
             hearth_vmm::vm::sweep_stale_run_dirs(&hearth_vmm::home::hearth_home().join("run"));
         }
         let result = match cli.command {
@@ -117,14 +127,18 @@ fn main() {
             Cmd::Vm(VmCmd::Resume(a)) => snapcmd::resume(a).await,
             Cmd::Snapshot(c) => snapcmd::run(c).await,
             Cmd::Base(c) => basecmd::run(c).await,
-            Cmd::Image(c) => imagecmd::run(c).await,
+            Cmd::Images(c) => images::run(c).await,
+            Cmd::Image(c) => {
+                eprintln!("note: `hearth image …` is deprecated; use `hearth images local …`");
+                imagecmd::run(c).await
+            }
             Cmd::Accel { json } => accel(json).map(|()| 0),
-            Cmd::Bench(a) => bench::run(a).await.map(|()| 0),
-            Cmd::BenchSnapshots(a) => bench_snap::run(a).await.map(|()| 0),
-            Cmd::BenchBuild(a) => bench_build::run(a).await.map(|()| 0),
+            Cmd::Bench(_) => moved("bench", "engine"),
+            Cmd::BenchSnapshots(_) => moved("bench-snapshots", "snapshots"),
+            Cmd::BenchBuild(_) => moved("bench-build", "build"),
+            Cmd::BenchApi(_) => moved("bench-api", "api"),
             Cmd::Serve(a) => serve::run(a).await.map(|()| 0),
             Cmd::Client(c) => client::run(c).await,
-            Cmd::BenchApi(a) => bench_api::run(a).await.map(|()| 0),
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
             Cmd::Accounts(c) => accounts::run(c).map(|()| 0),
         };
@@ -139,6 +153,11 @@ fn main() {
     // Dropping the runtime lets VM guards kill anything still running before we exit.
     drop(rt);
     std::process::exit(code);
+}
+
+/// A benchmark asked of `hearth`: they live in `hearth-bench` now.
+fn moved(old: &str, new: &str) -> anyhow::Result<i32> {
+    anyhow::bail!("`hearth {old}` moved out of the product binary: run `hearth-bench {new} …` (same flags; built beside `hearth`)")
 }
 
 fn accel(json: bool) -> anyhow::Result<()> {
@@ -167,9 +186,26 @@ fn accel(json: bool) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::{images::ImagesCmd, Cli, Cmd};
+    use clap::{CommandFactory, Parser};
+
     #[test]
     fn the_command_line_definition_is_consistent() {
         // clap checks names, flags and groups only when a command is built; this builds all.
-        <super::Cli as clap::CommandFactory>::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn images_is_the_one_family_and_old_spellings_still_parse() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["hearth"], args].concat()).map(|c| c.command);
+        assert!(matches!(parse(&["images", "local", "build", "./app", "--name", "web"]), Ok(Cmd::Images(ImagesCmd::Local(_)))));
+        assert!(matches!(parse(&["images", "local", "get", "web:v1"]), Ok(Cmd::Images(ImagesCmd::Local(_)))));
+        assert!(matches!(parse(&["images", "create", "web", "./app"]), Ok(Cmd::Images(ImagesCmd::Create { .. }))));
+        assert!(matches!(parse(&["image", "build", "./app", "--name", "web"]), Ok(Cmd::Image(_))));
+        // Benchmarks moved out; their old names answer with where they went.
+        assert!(matches!(parse(&["bench-api", "--runs", "3"]), Ok(Cmd::BenchApi(_))));
+        assert!(matches!(parse(&["bench", "--debian"]), Ok(Cmd::Bench(_))));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("  images ") && !help.contains("  image ") && !help.contains("bench"), "{help}");
     }
 }

@@ -65,6 +65,7 @@ fn opts() -> RestoreOptions {
         hostname: None,
         egress: None,
         detached: false,
+        name: None,
     }
 }
 

@@ -34,6 +34,7 @@ pub struct VmArgs {
     /// Seconds to wait for the guest to become ready.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout: u64,
+    /// The VM's network.
     #[command(flatten)]
     pub net: NetArgs,
 }

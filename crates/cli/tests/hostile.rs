@@ -47,6 +47,19 @@ fn hostile_tenants_reach_nothing_of_the_host() {
     let out = run_script("test_hostile.py", &daemon.1, (&a, &b), &root, &state, &[], &env);
     assert!(out.contains("hostile: ok"), "{out}");
 
+    // The CLI reaches the same daemon with no host path: a directory is zipped and uploaded
+    // (links kept as links), for the tenant that may name no file:// path at all.
+    let ctx = tmp.path().join("upload-ctx");
+    std::fs::create_dir_all(ctx.join("www")).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM minimal\nCOPY www /www\nRUN test -L /www/passwd\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", ctx.join("www/passwd")).unwrap();
+    let o = client(&daemon, &b).args(["images", "create", "uploaded", "--base", "minimal"]).arg(&ctx).output().unwrap();
+    assert!(o.status.success(), "hearth images create with a directory: {o:?}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("uploaded:v1 SUCCESSFUL"), "{o:?}");
+    let account: serde_json::Value = serde_json::from_str(&b).unwrap();
+    let uploads = std::fs::read_dir(state.join("artifacts").join(account["account"].as_str().unwrap())).unwrap().count();
+    assert!(uploads >= 1, "the upload is kept in the tenant's own area");
+
     let written: Vec<_> = std::fs::read_dir(&target).unwrap().flatten().map(|e| e.path()).collect();
     assert!(written.is_empty(), "archives wrote outside their context: {written:?}");
     let mut reached = 0;

@@ -1,4 +1,4 @@
-//! `hearth image …` end to end, on the minimal (busybox) base: building on another Hearth
+//! `hearth images local …` end to end, on the minimal (busybox) base: building on another Hearth
 //! image, an app that never becomes ready, bad code artifacts, and what each leaves behind.
 
 use std::path::Path;
@@ -39,7 +39,7 @@ struct Images(Vec<String>);
 impl Drop for Images {
     fn drop(&mut self) {
         for n in self.0.iter().rev() {
-            let _ = hearth(&["image", "rm", n]);
+            let _ = hearth(&["images", "local", "rm", n]);
         }
     }
 }
@@ -60,7 +60,8 @@ fn images_build_on_images_and_failures_leave_nothing() {
         ],
     );
     let o = hearth(&[
-        "image",
+        "images",
+        "local",
         "build",
         pctx.to_str().unwrap(),
         "--name",
@@ -86,10 +87,11 @@ fn images_build_on_images_and_failures_leave_nothing() {
         z.finish().unwrap();
     }
     let uri = format!("file://{}", zip_path.display());
-    let o = hearth(&["image", "build", &uri, "--name", &child, "--base", "minimal", "--egress", "none", "--ready-timeout", "60"]);
+    let o = hearth(&["images", "local", "build", &uri, "--name", &child, "--base", "minimal", "--egress", "none", "--ready-timeout", "60"]);
     assert!(o.status.success(), "child build failed:\n{}", text(&o));
     let o = hearth(&[
-        "image",
+        "images",
+        "local",
         "run",
         &child,
         "--egress",
@@ -102,7 +104,7 @@ fn images_build_on_images_and_failures_leave_nothing() {
     ]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), "parent\nparent\nok\n", "{}", text(&o));
-    let o = hearth(&["image", "rm", &parent]);
+    let o = hearth(&["images", "local", "rm", &parent]);
     assert!(!o.status.success() && text(&o).contains(&child), "removing an image another is built on must be refused: {}", text(&o));
 
     // An app that never answers /ready: FAILED, its output in the error, no snapshot, no
@@ -113,7 +115,8 @@ fn images_build_on_images_and_failures_leave_nothing() {
     let never = format!("it-never-{}", nonce());
     let _cleanup_never = Images(vec![never.clone()]);
     let o = hearth(&[
-        "image",
+        "images",
+        "local",
         "build",
         nctx.to_str().unwrap(),
         "--name",
@@ -128,7 +131,7 @@ fn images_build_on_images_and_failures_leave_nothing() {
     assert!(!o.status.success());
     let out = text(&o);
     assert!(out.contains("did not become ready") && out.contains("never-ready-42"), "{out}");
-    let show = hearth(&["image", "show", &never]);
+    let show = hearth(&["images", "local", "show", &never]);
     let rec: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap_or_else(|_| panic!("{}", text(&show)));
     assert_eq!(rec["state"], "FAILED");
     let vdir = hearth_vmm::home::hearth_home().join("images").join(&never).join("v1");
@@ -140,11 +143,22 @@ fn images_build_on_images_and_failures_leave_nothing() {
     let bad = format!("it-bad-{}", nonce());
     let nodf = tmp.path().join("nodf");
     write(&nodf, &[("app.py", "print()")]);
-    let o = hearth(&["image", "build", nodf.to_str().unwrap(), "--name", &bad, "--base", "minimal", "--egress", "none"]);
+    let o = hearth(&["images", "local", "build", nodf.to_str().unwrap(), "--name", &bad, "--base", "minimal", "--egress", "none"]);
     assert!(!o.status.success() && text(&o).contains("Dockerfile"), "{}", text(&o));
-    let o = hearth(&["image", "build", "s3://bucket/code.zip", "--name", &bad, "--base", "minimal"]);
+    let o = hearth(&["images", "local", "build", "s3://bucket/code.zip", "--name", &bad, "--base", "minimal"]);
     assert!(!o.status.success() && text(&o).contains("http"), "{}", text(&o));
-    let o = hearth(&["image", "build", pctx.to_str().unwrap(), "--name", &bad, "--base", "no-such-base"]);
+    let o = hearth(&["images", "local", "build", pctx.to_str().unwrap(), "--name", &bad, "--base", "no-such-base"]);
     assert!(!o.status.success() && text(&o).contains("no-such-base"), "{}", text(&o));
+    // The API's name rule (no dots), checked before anything is recorded.
+    let dotted = format!("it.bad-{}", nonce());
+    let o = hearth(&["images", "local", "build", pctx.to_str().unwrap(), "--name", &dotted, "--base", "minimal", "--egress", "none"]);
+    assert!(!o.status.success() && text(&o).contains("must be 1-64"), "{}", text(&o));
     assert!(!hearth_vmm::home::hearth_home().join("images").join(&bad).exists(), "bad input recorded a version");
+    assert!(!hearth_vmm::home::hearth_home().join("images").join(&dotted).exists(), "bad input recorded a version");
+
+    // The old spelling still works, with a one-line note on stderr.
+    let o = hearth(&["image", "ls", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use `hearth images local"), "{}", text(&o));
+    serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_else(|_| panic!("{}", text(&o)));
 }

@@ -8,19 +8,7 @@ use crate::{io, RootfsError};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-/// State of an image version, as the Lambda MicroVMs API names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum VersionState {
-    /// Accepted, not started.
-    Pending,
-    /// Building.
-    InProgress,
-    /// Built; launchable.
-    Successful,
-    /// The build failed; see `reason` and `build.log`.
-    Failed,
-}
+pub use hearth_proto::image::ImageVersionState;
 
 /// The record of one image version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +18,7 @@ pub struct VersionRecord {
     /// Version number (1, 2, …).
     pub version: u32,
     /// State.
-    pub state: VersionState,
+    pub state: ImageVersionState,
     /// Base image name.
     pub base: String,
     /// Why it failed.
@@ -41,17 +29,10 @@ pub struct VersionRecord {
     pub created_unix_ms: u64,
 }
 
-/// Checks an image name: 1-64 of letters, digits, `-`, `_`, `.`, not starting with `.`.
+/// Checks an image name against the one rule ([`hearth_proto::image::check_name`]: the
+/// model's `ImageName`, matched whole), shared with the API.
 pub fn check_name(name: &str) -> Result<(), RootfsError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(RootfsError::Invalid(format!("image name {name:?} must be 1-64 letters, digits, '-', '_' or '.'")))
-    }
+    hearth_proto::image::check_name(name).map_err(|e| RootfsError::Invalid(e.to_string()))
 }
 
 /// The directory of all versions of `name`.
@@ -107,7 +88,7 @@ pub fn begin(home: &Path, name: &str, base: Base) -> Result<VersionRecord, Rootf
     let rec = VersionRecord {
         name: name.to_owned(),
         version,
-        state: VersionState::Pending,
+        state: ImageVersionState::Pending,
         base: match base {
             Base::Busybox => "minimal".into(),
             Base::DebianBookworm => "debian-bookworm".into(),
@@ -130,29 +111,24 @@ pub fn save(home: &Path, rec: &VersionRecord) -> Result<(), RootfsError> {
 
 /// The newest SUCCESSFUL version of `name`.
 pub fn latest(home: &Path, name: &str) -> Option<VersionRecord> {
-    versions(home, name).into_iter().rev().find(|r| r.state == VersionState::Successful)
+    versions(home, name).into_iter().rev().find(|r| r.state == ImageVersionState::Successful)
 }
 
-/// Splits `NAME` or `NAME:vN`.
+/// Splits `NAME` or `NAME:vN` ([`hearth_proto::image::ImageRef`]); the name is checked.
 pub fn parse_ref(image: &str) -> Result<(String, Option<u32>), RootfsError> {
-    match image.rsplit_once(":v") {
-        Some((n, v)) => {
-            let v = v.parse().map_err(|_| RootfsError::Invalid(format!("bad version in image reference {image:?} (NAME or NAME:vN)")))?;
-            Ok((n.to_owned(), Some(v)))
-        }
-        None => Ok((image.to_owned(), None)),
-    }
+    let r: hearth_proto::image::ImageRef =
+        image.parse().map_err(|e: hearth_proto::image::ImageRefError| RootfsError::Invalid(e.to_string()))?;
+    Ok((r.name, r.version))
 }
 
 /// The SUCCESSFUL version `image` (`NAME` for the newest, or `NAME:vN`) names.
 pub fn resolve(home: &Path, image: &str) -> Result<VersionRecord, RootfsError> {
     let (name, version) = parse_ref(image)?;
-    check_name(&name)?;
     let rec = match version {
-        Some(v) => versions(home, &name).into_iter().find(|r| r.version == v && r.state == VersionState::Successful),
+        Some(v) => versions(home, &name).into_iter().find(|r| r.version == v && r.state == ImageVersionState::Successful),
         None => latest(home, &name),
     };
-    rec.ok_or_else(|| RootfsError::Invalid(format!("no successfully built image {image} (see `hearth image ls`)")))
+    rec.ok_or_else(|| RootfsError::Invalid(format!("no successfully built image {image} (see `hearth images local ls`)")))
 }
 
 #[cfg(test)]
@@ -163,14 +139,18 @@ mod tests {
     fn versions_number_up_and_latest_skips_failures() {
         let home = tempfile::tempdir().unwrap();
         let mut a = begin(home.path(), "app", Base::Busybox).unwrap();
-        a.state = VersionState::Successful;
+        a.state = ImageVersionState::Successful;
         save(home.path(), &a).unwrap();
         let mut b = begin(home.path(), "app", Base::Busybox).unwrap();
-        b.state = VersionState::Failed;
+        b.state = ImageVersionState::Failed;
         save(home.path(), &b).unwrap();
         assert_eq!((a.version, b.version), (1, 2));
         assert_eq!(latest(home.path(), "app").unwrap().version, 1);
         assert_eq!(names(home.path()), vec!["app"]);
         assert!(begin(home.path(), "../x", Base::Busybox).is_err());
+        // One rule with the API: no dots.
+        assert!(begin(home.path(), "web.app", Base::Busybox).is_err());
+        assert_eq!(parse_ref("app:v2").unwrap(), ("app".to_owned(), Some(2)));
+        assert!(parse_ref("../x:v1").is_err() && parse_ref("app:vx").is_err());
     }
 }

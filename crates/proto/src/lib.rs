@@ -36,6 +36,7 @@
 pub mod binpath;
 pub mod exec;
 pub mod files;
+pub mod image;
 
 use serde::{Deserialize, Serialize};
 

@@ -19,6 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 type ReqBody = BoxBody<Bytes, std::io::Error>;
 
@@ -313,12 +314,16 @@ impl AgentClient {
                 .await
                 .map_err(conn_err)?;
             let (done_tx, done) = tokio::sync::watch::channel(false);
-            let task = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!("agent connection ended: {e}");
+            // In the caller's span (a VM's), so the connection's lines name the VM.
+            let task = tokio::spawn(
+                async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("agent connection ended: {e}");
+                    }
+                    let _ = done_tx.send(true);
                 }
-                let _ = done_tx.send(true);
-            });
+                .instrument(tracing::Span::current()),
+            );
             let conn = ConnTask { abort: task.abort_handle(), done, anchor: None };
             let client = AgentClient { sender, conn: std::sync::Arc::new(conn) };
             let hello = client.hello().await?;
@@ -671,7 +676,7 @@ async fn resync<IO: AsyncRead + AsyncWrite + Unpin>(io: &mut IO) -> Result<(), A
 }
 
 fn random_u64() -> u64 {
-    u64::from_ne_bytes(crate::vm::os_random())
+    u64::from_ne_bytes(crate::identity::os_random())
 }
 
 /// The exec request body: the spec frame, then stdin frames until the sender is dropped.

@@ -7,15 +7,12 @@
 //! manifest last. A failure before the manifest leaves no snapshot and, for suspends and
 //! forks, a VM that keeps running.
 
-use crate::restore::{capabilities, parameters};
+use crate::migration::{self, MigrationError};
 use crate::snapshot::{self, io, FileRecord, Manifest, Snapshot, SnapshotError, SnapshotKind};
-use crate::vm::Vm;
-use serde_json::json;
+use crate::vm::{breaks_session, vm_event, Vm};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Longest a capture's migration may take before it is cancelled.
-const MIGRATION_DEADLINE: Duration = Duration::from_secs(600);
+use tracing::Instrument;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -54,16 +51,16 @@ impl Vm {
             format_version: snapshot::FORMAT_VERSION,
             kind,
             created_unix_ms: now_ms(),
-            memory_mib: self.cfg.memory_mib,
-            vcpus: self.cfg.vcpus,
-            accel: self.accel.to_string(),
-            kernel: self.cfg.kernel.clone(),
-            initramfs: self.cfg.initramfs.clone(),
-            qemu_version: snapshot::qemu_version(&self.cfg.qemu_binary),
+            memory_mib: self.record.cfg.memory_mib,
+            vcpus: self.record.cfg.vcpus,
+            accel: self.record.accel.to_string(),
+            kernel: self.record.cfg.kernel.clone(),
+            initramfs: self.record.cfg.initramfs.clone(),
+            qemu_version: snapshot::qemu_version(&self.record.cfg.qemu_binary),
             state,
             memory,
             disk: disk.then(|| "disk.qcow2".to_owned()),
-            hostname: self.cfg.hostname.clone(),
+            hostname: self.record.cfg.hostname.clone(),
             network: self.egress(),
         }
     }
@@ -71,7 +68,7 @@ impl Vm {
     /// Detaches the agent and stops the vCPUs.
     async fn quiesce(&self) -> Result<(), SnapshotError> {
         if let Err(e) = self.agent.detach(Duration::from_secs(5)).await {
-            tracing::warn!(vm = %self.id, "agent detach before snapshot failed: {e}");
+            vm_event!(self, warn, "agent detach before snapshot failed: {e}");
         }
         self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
         Ok(())
@@ -79,7 +76,7 @@ impl Vm {
 
     /// Refuses to snapshot a VM whose disk Hearth does not own (a user's image in place).
     fn check_disk_owned(&self) -> Result<(), SnapshotError> {
-        if self.disk.is_some() && !self.disk_owned {
+        if self.record.disk.is_some() && !self.record.disk_owned {
             return Err(SnapshotError::Unsupported(
                 "this VM writes a disk image of the user's in place; snapshots need a VM on an overlay (Disk::base)".into(),
             ));
@@ -101,7 +98,7 @@ impl Vm {
             return Err(io(format!("check free space at {}", probe.display()))(std::io::Error::last_os_error()));
         }
         let free = st.f_bavail as u64 * st.f_frsize as u64;
-        let need = (u64::from(self.cfg.memory_mib) << 20) + (64 << 20);
+        let need = (u64::from(self.record.cfg.memory_mib) << 20) + (64 << 20);
         if free < need {
             return Err(SnapshotError::Io {
                 what: format!(
@@ -116,44 +113,33 @@ impl Vm {
         Ok(())
     }
 
-    /// Runs a migration to `file` and waits for it (at most [`MIGRATION_DEADLINE`]; then it
-    /// is cancelled).
+    /// Saves the stopped VM's state to `file` ([`migration::save`]).
     async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
-        let q = |e: crate::qmp::QmpError| SnapshotError::Qemu(e.to_string());
-        self.qmp("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(q)?;
-        self.qmp("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(q)?;
-        self.qmp("migrate", Some(json!({ "uri": format!("file:{}", file.display()) }))).await.map_err(q)?;
-        let deadline = tokio::time::Instant::now() + MIGRATION_DEADLINE;
-        loop {
-            if tokio::time::Instant::now() > deadline {
-                let _ = self.qmp("migrate_cancel", None).await;
-                return Err(SnapshotError::Qemu(format!("saving took longer than {MIGRATION_DEADLINE:?}; cancelled")));
-            }
-            let r = self.qmp("query-migrate", None).await.map_err(q)?;
-            match r.get("status").and_then(|s| s.as_str()) {
-                Some("completed") => return Ok(()),
-                Some("failed") | Some("cancelled") => {
-                    let why = r.get("error-desc").and_then(|s| s.as_str()).unwrap_or("unknown error");
-                    return Err(SnapshotError::Qemu(why.to_owned()));
-                }
-                _ => tokio::time::sleep(Duration::from_millis(2)).await,
+        let q = |e: String| SnapshotError::Qemu(e);
+        let mut session = self.qmp_session().await.map_err(|e| q(e.to_string()))?;
+        let qmp = session.as_mut().expect("connected by qmp_session");
+        let saved = migration::save(qmp, file, mapped_ram).await;
+        if let Err(MigrationError::Qmp(e)) = &saved {
+            if breaks_session(e) {
+                *session = None;
             }
         }
+        saved.map_err(|e| q(e.to_string()))
     }
 
     /// Brings a VM back after a capture (failed, or a fork's): vCPUs running, a fresh agent
     /// connection on the same socket (falling back to a new socket).
     async fn unquiesce(&mut self) {
         let _ = self.qmp("cont", None).await;
-        match self.agent.reattach(Duration::from_secs(10)).await {
+        match self.agent.reattach(Duration::from_secs(10)).instrument(self.span.clone()).await {
             Ok((agent, hello)) => {
                 self.agent = agent;
                 self.hello = hello;
             }
             Err(e) => {
-                tracing::debug!(vm = %self.id, "reattach failed ({e}); reconnecting");
+                vm_event!(self, debug, "reattach failed ({e}); reconnecting");
                 if let Err(e) = self.reconnect(Duration::from_secs(30)).await {
-                    tracing::warn!(vm = %self.id, "agent did not come back after a snapshot: {e}");
+                    vm_event!(self, warn, "agent did not come back after a snapshot: {e}");
                 }
             }
         }
@@ -163,7 +149,7 @@ impl Vm {
     /// with [`crate::config::Memory::SnapshotReady`] so its RAM already is a file (moved,
     /// not copied). Launch clones with [`Vm::launch`].
     pub async fn snapshot_template(mut self, dest: &Path) -> Result<Snapshot, SnapshotError> {
-        if self.cfg.memory != crate::config::Memory::SnapshotReady {
+        if self.record.cfg.memory != crate::config::Memory::SnapshotReady {
             return Err(SnapshotError::Unsupported("only a VM started with Memory::SnapshotReady can become a template".into()));
         }
         if dest.exists() {
@@ -205,7 +191,7 @@ impl Vm {
         if let Err(e) = self.check_disk_owned().and_then(|()| self.check_space(dest)) {
             return Err((Box::new(self), e));
         }
-        let in_place = self.disk.as_deref().and_then(Path::parent) == Some(dest);
+        let in_place = self.record.disk.as_deref().and_then(Path::parent) == Some(dest);
         if !in_place && dest.exists() {
             let e = SnapshotError::Unsupported(format!("{} already exists", dest.display()));
             return Err((Box::new(self), e));
@@ -227,9 +213,9 @@ impl Vm {
         let t = std::time::Instant::now();
         let saved = async {
             self.migrate_to(&tmp, true).await?;
-            tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: RAM and state written");
+            vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: RAM and state written");
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))?;
-            tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: state synced");
+            vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: state synced");
             Ok::<(), SnapshotError>(())
         };
         if let Err(e) = saved.await {
@@ -241,7 +227,7 @@ impl Vm {
         }
         // Commit while QEMU still holds the VM (stopped, its disk flushed and released by
         // the migration): if anything fails now, undo and hand the VM back running.
-        let disk_from = self.disk.clone();
+        let disk_from = self.record.disk.clone();
         let staged = self.stage_disk(&dir);
         let committed = staged.and_then(|has_disk| {
             std::fs::rename(&tmp, dir.join("state")).map_err(io("install the state file"))?;
@@ -254,7 +240,7 @@ impl Vm {
                 }
             }
         });
-        tracing::debug!(vm = %self.id, elapsed = ?t.elapsed(), "suspend: committed");
+        vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: committed");
         match committed {
             Ok(snap) => {
                 // The saved state is the VM now: QEMU goes.
@@ -286,7 +272,7 @@ impl Vm {
     /// Puts the VM's disk into `dir` as `disk.qcow2` while QEMU is stopped: a rename on
     /// the same filesystem, else a copy (the original is removed once committed).
     fn stage_disk(&self, dir: &Path) -> Result<bool, SnapshotError> {
-        let Some(disk) = &self.disk else { return Ok(false) };
+        let Some(disk) = &self.record.disk else { return Ok(false) };
         let target = dir.join("disk.qcow2");
         if disk != &target {
             match std::fs::rename(disk, &target) {
@@ -316,7 +302,7 @@ impl Vm {
         self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
         let saved = async {
             // Stopped means drained and flushed: the overlay is consistent with RAM.
-            let has_disk = match &self.disk {
+            let has_disk = match &self.record.disk {
                 Some(d) => {
                     std::fs::copy(d, staging.path.join("disk.qcow2")).map_err(io("copy the disk"))?;
                     sync_file(&staging.path.join("disk.qcow2"))?;
@@ -330,7 +316,7 @@ impl Vm {
         };
         let result = saved.await;
         if let Err(e) = self.qmp("cont", None).await {
-            tracing::warn!(vm = %self.id, "could not resume the original after a fork snapshot: {e}");
+            vm_event!(self, warn, "could not resume the original after a fork snapshot: {e}");
         }
         let has_disk = result?;
         let manifest = self.manifest(SnapshotKind::Fork, snapshot::record(&staging.path, "state")?, None, has_disk);

@@ -88,6 +88,9 @@ pub enum Start {
     },
 }
 
+/// Longest caller's name of a VM ([`VmConfig::name`]).
+pub const MAX_NAME_LEN: usize = 63;
+
 /// Everything needed to boot one VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -125,6 +128,12 @@ pub struct VmConfig {
     /// back from its run directory. Dropping the `Vm` still kills it.
     #[serde(default)]
     pub detached: bool,
+    /// The caller's name for the VM (the API passes its microvm id): QEMU's process
+    /// name carries it ([`crate::qemu::name_arg`]) and every log line about the VM has
+    /// it as `name`. Letters, digits, `-`, `_` and `.`, at most
+    /// [`MAX_NAME_LEN`] characters.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A configuration that cannot work.
@@ -150,6 +159,9 @@ pub enum ConfigError {
     /// Boot timeout of zero.
     #[error("boot timeout must be positive")]
     BootTimeout,
+    /// The VM's name is unusable in a process name.
+    #[error("VM name {0:?} must be 1-63 characters of letters, digits, '-', '_' and '.'")]
+    Name(String),
 }
 
 impl VmConfig {
@@ -171,6 +183,7 @@ impl VmConfig {
             start: Start::Boot,
             network: None,
             detached: false,
+            name: None,
         }
     }
 
@@ -185,6 +198,12 @@ impl VmConfig {
         let h = &self.hostname;
         if h.is_empty() || h.len() > 63 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || h.starts_with('-') {
             return Err(ConfigError::Hostname(h.clone()));
+        }
+        if let Some(n) = &self.name {
+            let ok = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+            if n.is_empty() || n.len() > MAX_NAME_LEN || !n.bytes().all(ok) {
+                return Err(ConfigError::Name(n.clone()));
+            }
         }
         if self.boot_timeout.is_zero() {
             return Err(ConfigError::BootTimeout);
@@ -234,6 +253,11 @@ mod tests {
         let mut c = cfg();
         c.hostname = "bad host".into();
         assert!(matches!(c.validate(), Err(ConfigError::Hostname(_))));
+        let mut c = cfg();
+        c.name = Some("mvm-1,debug-threads=on".into());
+        assert!(matches!(c.validate(), Err(ConfigError::Name(_))));
+        c.name = Some("mvm-0123456789abcdef".into());
+        assert_eq!(c.validate(), Ok(()));
         assert_eq!(cfg().validate(), Ok(()));
     }
 

@@ -9,6 +9,7 @@
 //! Both files are created owner-only (0600).
 
 use crate::qemu::RunPaths;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,6 +121,18 @@ impl Drop for ConsoleTap {
     }
 }
 
+/// The last `lines` lines of a file, reading at most its last 64 KiB.
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
+    let mut buf = Vec::new();
+    let _ = f.take(64 << 10).read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,7 +159,7 @@ mod tests {
         // Whole lines after the note, the last ones kept.
         assert!(kept.lines().skip(1).all(|l| l.starts_with("spam line") || l.starts_with("Kernel panic") || l == "last line"), "{kept}");
         assert!(kept.ends_with("Kernel panic - not syncing: the cause\nlast line\n"));
-        assert_eq!(crate::vm::file_tail(&path, 1), "last line");
+        assert_eq!(file_tail(&path, 1), "last line");
     }
 
     #[test]

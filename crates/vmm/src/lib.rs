@@ -9,9 +9,23 @@
 //! - [`qmp`]: a small QMP client.
 //! - [`agent`]: the HTTP/2 client of the in-guest agent, bounding all it reads.
 //! - [`net`]: a network namespace per VM (tap, uplink, NAT, nftables egress policy).
-//! - [`vm`]: [`vm::Vm`], which ties these together: boot, exec, files, shutdown.
+//! - [`vm`]: [`vm::Vm`], which ties these together: boot, exec, files, shutdown. A `Vm`
+//!   holds its record (`record`, the versioned `vm.json`) and its run directory
+//!   (`rundir`); `migration` saves and loads its state through QMP.
 //! - [`snapshot`]: the on-disk snapshot format; `capture` (template snapshots, suspends,
-//!   forks) and [`restore`] (launch, resume, fork copies) are `Vm` methods.
+//!   forks), [`restore`] (launch, resume, fork copies) and `detach` (release, reattach)
+//!   are `Vm` methods.
+//!
+//! Modules depend on each other one way, from the operations down to the parts:
+//!
+//! ```text
+//! pool → restore, capture, detach → vm → migration, record, rundir, agent, console, net …
+//!                                          rundir → record → qemu → config → net → identity
+//!                                          migration → qmp
+//! ```
+//!
+//! `vm` never uses the operations built on it: what they share with it (the migration
+//! steps, the record, ids and fresh identity) lives in modules below both.
 
 #![deny(missing_docs)]
 
@@ -23,10 +37,13 @@ pub mod config;
 mod console;
 mod detach;
 pub mod home;
+mod identity;
+mod migration;
 pub mod net;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;
+mod record;
 pub mod restore;
 mod rundir;
 pub mod snapshot;

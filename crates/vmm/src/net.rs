@@ -627,7 +627,7 @@ impl NetNs {
     /// `n` after a random start: creation fails when the name exists, which makes it the
     /// allocator across processes.
     fn add_uplink(&self) -> Result<u32, NetError> {
-        let start = u32::from_le_bytes(crate::vm::os_random()) % UPLINKS;
+        let start = u32::from_le_bytes(crate::identity::os_random()) % UPLINKS;
         for i in 0..UPLINKS {
             let idx = (start + i) % UPLINKS;
             let host_dev = format!("hh{idx}");

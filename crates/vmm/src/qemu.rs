@@ -130,8 +130,41 @@ fn memory_backend(cfg: &VmConfig, paths: &RunPaths) -> String {
     }
 }
 
+/// QEMU's `-name` for VM `id`: the guest is named by the VM id, the process after it and
+/// after the caller's `label` when there is one (`vm-…,process=hearth-vm-…-mvm-…`), so
+/// `ps -f` and `pgrep -f` map a QEMU to the API's microvm. The kernel cuts the process
+/// name that `ps` shows by default to 15 characters (`hearth-vm-0a1b2`); the whole
+/// command line keeps both ids.
+pub fn name_arg(id: &str, label: Option<&str>) -> String {
+    match label {
+        Some(label) => format!("{id},process=hearth-{id}-{label}"),
+        // The only form of releases before labels.
+        None => format!("{id},process=hearth-{id}"),
+    }
+}
+
+/// True when `cmdline` (`/proc/<pid>/cmdline`: NUL-separated arguments) is that of the
+/// QEMU of VM `id`: its `-name` is [`name_arg`] of `id`, with or without a label, so a
+/// VM started by a release before labels is recognised too.
+pub fn cmdline_names_vm(cmdline: &[u8], id: &str) -> bool {
+    let unlabelled = name_arg(id, None);
+    let labelled = format!("{unlabelled}-");
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(arg) = args.next() {
+        if arg == b"-name" {
+            return args.next().is_some_and(|v| v == unlabelled.as_bytes() || v.starts_with(labelled.as_bytes()));
+        }
+    }
+    false
+}
+
+/// True when process `pid` is the QEMU of VM `id` ([`cmdline_names_vm`]).
+pub(crate) fn is_vm_process(pid: u32, id: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_names_vm(&c, id))
+}
+
 /// The QEMU arguments for a VM with a resolved accelerator (`Kvm` or `Tcg`).
-pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> Vec<String> {
+pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Vec<String> {
     // Paths go into comma-separated option lists, where a literal comma is written twice.
     let p = |p: &Path| opt_path(p);
     let (accel_name, cpu) = match accel {
@@ -140,7 +173,7 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, name: &str, paths: &RunPaths) -> 
     };
     let mut a: Vec<String> = vec![
         "-name".into(),
-        format!("{name},process=hearth-{name}"),
+        name_arg(id, cfg.name.as_deref()),
         "-machine".into(),
         "microvm,pcie=on,rtc=on".into(),
         "-accel".into(),
@@ -464,5 +497,25 @@ mod tests {
         assert!(args.contains("hearth.root=/dev/vda"), "{args}");
         let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
         assert!(args.contains("-accel kvm") && args.contains("-cpu host"), "{args}");
+    }
+
+    #[test]
+    fn the_process_name_carries_the_label_and_old_names_still_match() {
+        let mut cfg = VmConfig::new("/k", "/i");
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let cmdline = |cfg: &VmConfig| qemu_args(cfg, Accel::Tcg, "vm-0a1b", &paths).join("\0").into_bytes();
+        // No label: exactly the name releases before labels gave.
+        let old = cmdline(&cfg);
+        assert!(String::from_utf8_lossy(&old).contains("-name\0vm-0a1b,process=hearth-vm-0a1b\0"));
+        cfg.name = Some("mvm-0123456789abcdef".into());
+        let new = cmdline(&cfg);
+        assert!(String::from_utf8_lossy(&new).contains("-name\0vm-0a1b,process=hearth-vm-0a1b-mvm-0123456789abcdef\0"));
+        for c in [&old, &new] {
+            assert!(cmdline_names_vm(c, "vm-0a1b"));
+            // Another VM's QEMU (a reused pid) is not this VM's, even one whose id it starts.
+            assert!(!cmdline_names_vm(c, "vm-0a1"));
+            assert!(!cmdline_names_vm(c, "vm-0a1bc"));
+        }
+        assert!(!cmdline_names_vm(b"/bin/sleep\0vm-0a1b,process=hearth-vm-0a1b\0", "vm-0a1b"));
     }
 }

@@ -68,6 +68,19 @@ impl Qmp {
         Ok(qmp)
     }
 
+    /// Connects as soon as QEMU listens: the socket file appears at bind(), a moment
+    /// before QEMU accepts, so connecting is retried for up to `give_up`.
+    pub async fn connect_retrying(path: &Path, give_up: Duration) -> Result<Qmp, QmpError> {
+        let give_up = tokio::time::Instant::now() + give_up;
+        loop {
+            match Qmp::connect(path).await {
+                Ok(q) => return Ok(q),
+                Err(e) if tokio::time::Instant::now() > give_up => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+    }
+
     async fn read_message(&mut self) -> Result<Value, QmpError> {
         let mut line = Vec::new();
         let n = AsyncReadExt::take(&mut self.reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut line).await?;
@@ -142,11 +155,12 @@ impl Qmp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
-    async fn fake_qemu(script: &'static [&'static str]) -> (tempfile::TempDir, std::path::PathBuf) {
+    /// A QMP server that greets, then answers each line it reads with the next of `script`.
+    pub(crate) async fn fake_qemu(script: &'static [&'static str]) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let l = UnixListener::bind(&path).unwrap();

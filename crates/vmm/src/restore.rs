@@ -1,9 +1,8 @@
 //! Starting VMs from snapshots: launching clones of a template, resuming a suspended VM,
 //! starting the copies of a fork.
 //!
-//! QEMU starts with `-incoming defer` and the same machine as the snapshot; the host sets
-//! the migration capabilities the snapshot was written with, points `migrate-incoming` at
-//! the state file and polls until it is loaded (the VM then runs by itself). Templates keep
+//! QEMU starts with `-incoming defer` and the same machine as the snapshot, and
+//! [`crate::migration::load`] loads the state file (the VM then runs by itself). Templates keep
 //! RAM in a separate file that the new VM maps private copy-on-write, so loading is only
 //! device state (milliseconds, whatever the memory size). Suspended VMs and forks carry RAM
 //! in `mapped-ram` layout; loading reads the non-zero pages back.
@@ -12,13 +11,10 @@
 //! ([`hearth_proto::RestoreInfo`]).
 
 use crate::config::{Disk, DiskFormat, Memory, Start, VmConfig};
-use crate::qmp::Qmp;
+pub use crate::identity::{fresh_identity, now_ns};
 use crate::snapshot::{Snapshot, SnapshotKind};
 use crate::vm::{BootError, Vm};
-use hearth_proto::binpath::BinPath;
-use hearth_proto::RestoreInfo;
-use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// Options for starting from a snapshot.
@@ -36,6 +32,9 @@ pub struct RestoreOptions {
     pub egress: Option<crate::net::Egress>,
     /// Start QEMU detached ([`crate::VmConfig::detached`]).
     pub detached: bool,
+    /// The caller's name for the new VM ([`crate::VmConfig::name`]: in QEMU's process
+    /// name and in every log line about the VM); the API passes its microvm id.
+    pub name: Option<String>,
 }
 
 impl RestoreOptions {
@@ -47,6 +46,7 @@ impl RestoreOptions {
             hostname: None,
             egress: None,
             detached: false,
+            name: None,
         }
     }
 }
@@ -56,80 +56,6 @@ impl Default for RestoreOptions {
         Self::new()
     }
 }
-
-/// The host's wall clock in nanoseconds since the epoch.
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as i64
-}
-
-/// Fresh clock, entropy and identity for a restored VM.
-pub fn fresh_identity(hostname: String) -> RestoreInfo {
-    let entropy = crate::vm::os_random::<64>().to_vec();
-    let id = crate::vm::os_random::<16>();
-    RestoreInfo {
-        unix_time_ns: now_ns(),
-        entropy: BinPath(entropy),
-        hostname: Some(hostname),
-        machine_id: Some(id.iter().map(|b| format!("{b:02x}")).collect()),
-    }
-}
-
-/// Connects to QMP, sets the snapshot's capabilities, loads `state`, and waits until QEMU
-/// reports the migration completed (the VM then runs). Returns the QMP session.
-pub(crate) async fn load_incoming(qmp_path: &Path, state: &Path, mapped_ram: bool) -> Result<Qmp, String> {
-    // The socket file appears at bind(), a moment before QEMU listens: retry briefly.
-    let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-    let mut qmp = loop {
-        match Qmp::connect(qmp_path).await {
-            Ok(q) => break q,
-            Err(e) if tokio::time::Instant::now() > give_up => return Err(e.to_string()),
-            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    };
-    qmp.execute("migrate-set-capabilities", Some(capabilities(mapped_ram))).await.map_err(|e| e.to_string())?;
-    qmp.execute("migrate-set-parameters", Some(parameters(mapped_ram))).await.map_err(|e| e.to_string())?;
-    qmp.execute("migrate-incoming", Some(json!({ "uri": format!("file:{}", state.display()) }))).await.map_err(|e| e.to_string())?;
-    loop {
-        let r = qmp.execute("query-migrate", None).await.map_err(|e| e.to_string())?;
-        match r.get("status").and_then(|s| s.as_str()) {
-            Some("completed") => {
-                // The VM was stopped when it was saved, so it stays paused after loading.
-                qmp.execute("cont", None).await.map_err(|e| e.to_string())?;
-                tracing::debug!(state = %state.display(), "snapshot loaded, VM running");
-                return Ok(qmp);
-            }
-            Some("failed") | Some("cancelled") => {
-                let why = r.get("error-desc").and_then(|s| s.as_str()).unwrap_or("unknown error");
-                return Err(format!("QEMU could not load the state: {why}"));
-            }
-            _ => tokio::time::sleep(Duration::from_millis(1)).await,
-        }
-    }
-}
-
-/// Migration capabilities for templates (`x-ignore-shared`: RAM stays in its file) or
-/// suspend images (`mapped-ram`: RAM pages at fixed offsets, zero pages skipped).
-pub(crate) fn capabilities(mapped_ram: bool) -> serde_json::Value {
-    json!({ "capabilities": [
-        { "capability": "x-ignore-shared", "state": !mapped_ram },
-        { "capability": "mapped-ram", "state": mapped_ram },
-        // With mapped-ram every page has a fixed place in the file, so several threads
-        // can write (and read back) RAM at once.
-        { "capability": "multifd", "state": mapped_ram },
-    ]})
-}
-
-/// Migration parameters matching [`capabilities`].
-pub(crate) fn parameters(mapped_ram: bool) -> serde_json::Value {
-    let mut p = json!({ "max-bandwidth": 64u64 << 30 });
-    if mapped_ram {
-        p["multifd-channels"] = json!(MULTIFD_CHANNELS);
-    }
-    p
-}
-
-/// Threads QEMU uses to write or read RAM of a suspend image.
-const MULTIFD_CHANNELS: u8 = 4;
 
 fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     let m = &snap.manifest;
@@ -141,6 +67,7 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg.run_root = opts.run_root.clone();
     cfg.hostname = m.hostname.clone();
     cfg.detached = opts.detached;
+    cfg.name = opts.name.clone();
     cfg.network = m.network.as_ref().map(|recorded| {
         opts.egress.clone().unwrap_or_else(|| if m.kind == SnapshotKind::Template { crate::net::Egress::none() } else { recorded.clone() })
     });
@@ -236,13 +163,10 @@ impl Vm {
     async fn start_restored(cfg: VmConfig, opts: &RestoreOptions) -> Result<Vm, BootError> {
         // The hostname is decided before the VM id exists; use a fresh random one unless
         // the caller chose.
-        let hostname = opts.hostname.clone().unwrap_or_else(|| {
-            let b = crate::vm::os_random::<4>();
-            format!("hearth-{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
-        });
+        let hostname = opts.hostname.clone().unwrap_or_else(|| format!("hearth-{}", crate::identity::random_hex::<4>()));
         let mut vm = Self::start(cfg, Some(fresh_identity(hostname.clone()))).await?;
         // (start() refreshes the clock in the identity right before sending it.)
-        vm.cfg.hostname = hostname;
+        vm.record.cfg.hostname = hostname;
         Ok(vm)
     }
 }

@@ -1,6 +1,8 @@
 //! Run directories: one per VM (`$HEARTH_HOME/run/<vm-id>/`), locked while the VM lives,
-//! removed with it, and swept when their owner died without cleaning up.
+//! removed with it, and swept when their owner died without cleaning up; detached VMs
+//! that nobody owns are found through their record ([`crate::record`]) and killed.
 
+use crate::record::VmRecord;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -67,7 +69,7 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
             }
         };
         // A detached VM whose starter is gone still runs: it is waiting to be reattached.
-        let stale = stale && !crate::detach::live_detached(&dir);
+        let stale = stale && !crate::record::live_detached(&dir);
         if stale {
             crate::net::remove_stale(&e.file_name().to_string_lossy());
         }
@@ -77,6 +79,32 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
         }
     }
     removed
+}
+
+/// Kills detached VMs under `run_root` that no process holds (their lock is free) while
+/// their QEMU runs: VMs whose owner died before recording them anywhere. Their network
+/// namespaces go with them; the run-directory sweep removes the rest.
+pub fn kill_unowned_detached(run_root: &Path) -> usize {
+    let mut killed = 0;
+    for e in std::fs::read_dir(run_root).into_iter().flatten().flatten() {
+        let dir = e.path();
+        let Ok(record) = VmRecord::read(&dir) else { continue };
+        // Taking the lock proves nobody owns it; holding it keeps others off meanwhile.
+        let Ok(lock) = RunDir::adopt(dir.clone()) else { continue };
+        if let Ok(pidfd) = crate::qemu::open_pidfd(record.pid) {
+            if record.qemu_runs() {
+                crate::qemu::pidfd_kill(&pidfd);
+                let span = record.span();
+                span.in_scope(|| tracing::warn!(pid = record.pid, "killed a detached VM nobody owned"));
+                killed += 1;
+            }
+        }
+        if record.netns.is_some() {
+            crate::net::remove_stale(&record.id);
+        }
+        drop(lock);
+    }
+    killed
 }
 
 #[cfg(test)]

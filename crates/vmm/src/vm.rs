@@ -10,19 +10,20 @@ use crate::accel::{self, Accel};
 use crate::agent::{AgentClient, AgentError, ExecOutput, ExecStream};
 use crate::config::{ConfigError, Start, VmConfig};
 use crate::console::ConsoleTap;
-pub use crate::console::MAX_CONSOLE_BYTES;
-pub use crate::detach::kill_unowned_detached;
+pub use crate::console::{file_tail, MAX_CONSOLE_BYTES};
 use crate::net::{Egress, NetNs};
 use crate::qemu::{self, QemuProcess, RunPaths};
 use crate::qmp::{Qmp, QmpError};
+use crate::record::VmRecord;
+pub use crate::rundir::kill_unowned_detached;
 pub use crate::rundir::sweep_stale_run_dirs;
 use crate::rundir::RunDir;
 use hearth_proto::exec::ExecRequest;
 use hearth_proto::Hello;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 /// Lines of console output quoted in errors.
 const CONSOLE_TAIL_LINES: usize = 25;
@@ -179,27 +180,28 @@ pub enum VmError {
 pub struct Vm {
     // Field order is drop order: QEMU goes before its directory.
     pub(crate) process: QemuProcess,
-    /// The VM's network namespace and its current egress policy (after QEMU: the
-    /// namespace goes away with its last process).
-    pub(crate) net: Option<(NetNs, std::sync::Mutex<Egress>)>,
+    /// The VM's network namespace (after QEMU: it goes away with its last process).
+    pub(crate) net: Option<NetNs>,
     pub(crate) agent: AgentClient,
     pub(crate) qmp: tokio::sync::Mutex<Option<Qmp>>,
     pub(crate) hello: Hello,
-    pub(crate) accel: Accel,
-    pub(crate) id: String,
     pub(crate) paths: RunPaths,
     pub(crate) boot_time: Duration,
     pub(crate) _console: ConsoleTap,
-    /// The configuration it was started with (memory, vCPUs, kernel… for manifests).
-    pub(crate) cfg: VmConfig,
-    /// The disk image QEMU writes to, if any (an overlay in the run directory, or a
-    /// resumed VM's disk left in its suspend directory).
-    pub(crate) disk: Option<PathBuf>,
-    /// True when Hearth made that disk (overlay, or a suspended VM's own disk), so a
-    /// snapshot may move it. A user's own image is never moved.
-    pub(crate) disk_owned: bool,
+    /// What the VM is made of and where it stands: what `vm.json` records.
+    pub(crate) record: VmRecord,
+    /// The span every log line about the VM is made in ([`crate::record::span`]).
+    pub(crate) span: tracing::Span,
     pub(crate) _dir: RunDir,
 }
+
+/// Logs an event in a VM's span: `vm_event!(vm, warn, "...")`.
+macro_rules! vm_event {
+    ($vm:expr, $level:ident, $($arg:tt)+) => {
+        $vm.span.in_scope(|| tracing::$level!($($arg)+))
+    };
+}
+pub(crate) use vm_event;
 
 /// Refuses a relative path (QEMU records backing files by the path it is given).
 fn require_absolute(p: &Path) -> Result<(), VmError> {
@@ -210,35 +212,10 @@ fn require_absolute(p: &Path) -> Result<(), VmError> {
     }
 }
 
-/// `N` bytes from the OS's random number generator (getrandom(2)).
-///
-/// # Panics
-///
-/// When the OS gives none: VM ids, hostnames, machine ids and a restored guest's fresh
-/// entropy made from anything else would repeat, and no caller can go on without them.
-pub(crate) fn os_random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    if let Err(e) = getrandom::fill(&mut b) {
-        panic!("the OS random number generator failed ({e}); refusing to use predictable bytes");
-    }
-    b
-}
-
-fn random_id() -> String {
-    let hex: String = os_random::<6>().iter().map(|x| format!("{x:02x}")).collect();
-    format!("vm-{hex}")
-}
-
-/// The last `lines` lines of a file, reading at most its last 64 KiB.
-pub fn file_tail(path: &Path, lines: usize) -> String {
-    let Ok(mut f) = std::fs::File::open(path) else { return String::new() };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 << 10)));
-    let mut buf = Vec::new();
-    let _ = f.take(64 << 10).read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
+/// True when a QMP session that returned `e` may be mid-message: after an I/O error, a
+/// timeout or a protocol error the next command must use a new session.
+pub(crate) fn breaks_session(e: &QmpError) -> bool {
+    matches!(e, QmpError::Io(_) | QmpError::Timeout(_) | QmpError::Protocol(_))
 }
 
 impl Vm {
@@ -251,9 +228,19 @@ impl Vm {
     /// for the agent, and applies `restore` fix-ups when given.
     pub(crate) async fn start(cfg: VmConfig, restore: Option<hearth_proto::RestoreInfo>) -> Result<Vm, BootError> {
         cfg.validate()?;
+        let id = crate::identity::random_vm_id();
+        let span = crate::record::span(&id, cfg.name.as_deref());
+        Self::start_in_span(cfg, restore, id, span.clone()).instrument(span).await
+    }
+
+    async fn start_in_span(
+        cfg: VmConfig,
+        restore: Option<hearth_proto::RestoreInfo>,
+        id: String,
+        span: tracing::Span,
+    ) -> Result<Vm, BootError> {
         let started = Instant::now();
         let accel = accel::resolve(cfg.accel);
-        let id = random_id();
         let dir_path = cfg.run_root.join(&id);
         let dir = RunDir::create(dir_path.clone()).map_err(|source| BootError::RunDir { path: dir_path.clone(), source })?;
         let paths = RunPaths::new(&dir_path);
@@ -274,26 +261,27 @@ impl Vm {
             _ => false,
         };
         let net = match &cfg.network {
-            Some(egress) => Some((NetNs::create(&id, egress).map_err(BootError::Network)?, std::sync::Mutex::new(egress.clone()))),
+            Some(egress) => Some(NetNs::create(&id, egress).map_err(BootError::Network)?),
             None => None,
         };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
-        tracing::debug!(vm = %id, ?args, "starting QEMU");
-        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "prepared (overlay, network)");
-        let process =
-            QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(|(n, _)| n.path()).as_deref(), cfg.detached)
-                .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
-        crate::detach::write(
-            &dir_path,
-            &id,
-            &cfg,
+        tracing::debug!(?args, "starting QEMU");
+        tracing::debug!(elapsed = ?started.elapsed(), "prepared (overlay, network)");
+        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(NetNs::path).as_deref(), cfg.detached)
+            .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+        let record = VmRecord {
+            version: crate::record::VERSION,
+            id,
             accel,
-            process.pid(),
-            disk.clone(),
+            pid: process.pid(),
+            disk,
             disk_owned,
-            net.as_ref().map(|(n, _)| n.name().to_owned()),
-            cfg.network.clone(),
-        );
+            netns: net.as_ref().map(|n| n.name().to_owned()),
+            egress: std::sync::Mutex::new(cfg.network.clone()),
+            cfg,
+        };
+        record.write(&dir_path);
+        let cfg = &record.cfg;
         let console = ConsoleTap::start(&paths);
 
         let exited = |status: ExitStatus| BootError::Exited {
@@ -313,13 +301,17 @@ impl Vm {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             early_socket = std::os::unix::net::UnixStream::connect(&paths.agent).ok();
-            let load = crate::restore::load_incoming(&paths.qmp, state, *mapped_ram);
+            let load = async {
+                let mut qmp = Qmp::connect_retrying(&paths.qmp, Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+                crate::migration::load(&mut qmp, state, *mapped_ram).await.map_err(|e| e.to_string())?;
+                Ok(qmp)
+            };
             let loaded = tokio::select! {
                 r = load => r,
                 s = process.exit_status() => Err(format!("QEMU exited while loading the state ({s})")),
                 _ = tokio::time::sleep_until(deadline.into()) => Err("loading the snapshot timed out".to_owned()),
             };
-            tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "state loaded");
+            tracing::debug!(elapsed = ?started.elapsed(), "state loaded");
             match loaded {
                 Ok(q) => qmp = Some(q),
                 Err(reason) => {
@@ -373,10 +365,10 @@ impl Vm {
                 })
             }
         };
-        tracing::debug!(vm = %id, elapsed = ?started.elapsed(), "agent connected");
+        tracing::debug!(elapsed = ?started.elapsed(), "agent connected");
         if let Some(mut info) = restore {
             // The clock is read now, not when the restore began: loading can take seconds.
-            info.unix_time_ns = crate::restore::now_ns();
+            info.unix_time_ns = crate::identity::now_ns();
             let fixed = tokio::select! {
                 r = agent.restore(&info) => r.map_err(BootError::Fixups),
                 s = process.exit_status() => {
@@ -388,21 +380,18 @@ impl Vm {
             fixed?;
         }
         let boot_time = started.elapsed();
-        tracing::info!(vm = %id, ?boot_time, %accel, kernel = %hello.kernel, "VM ready");
+        tracing::info!(?boot_time, %accel, kernel = %hello.kernel, "VM ready");
         let vm = Vm {
             process,
             net,
             agent,
             qmp: tokio::sync::Mutex::new(qmp),
             hello,
-            accel,
-            id,
             paths,
             boot_time,
             _console: console,
-            cfg,
-            disk,
-            disk_owned,
+            record,
+            span,
             _dir: dir,
         };
         vm.persist();
@@ -411,12 +400,17 @@ impl Vm {
 
     /// The VM's id (also its run directory's name).
     pub fn id(&self) -> &str {
-        &self.id
+        &self.record.id
+    }
+
+    /// The caller's name for the VM ([`VmConfig::name`]), if it has one.
+    pub fn name(&self) -> Option<&str> {
+        self.record.cfg.name.as_deref()
     }
 
     /// The accelerator QEMU runs with.
     pub fn accel(&self) -> Accel {
-        self.accel
+        self.record.accel
     }
 
     /// From QEMU start to the agent's handshake.
@@ -436,16 +430,16 @@ impl Vm {
 
     /// The VM's current egress policy, if it has a network.
     pub fn egress(&self) -> Option<Egress> {
-        self.net.as_ref().map(|(_, e)| e.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        self.net.as_ref().and(self.record.egress())
     }
 
     /// Replaces the VM's egress policy while it runs (new connections see it at once).
     pub fn set_egress(&self, egress: &Egress) -> Result<(), VmError> {
-        let (ns, current) = self.net.as_ref().ok_or(VmError::Network(crate::net::NetError::NoNetwork))?;
+        let ns = self.net.as_ref().ok_or(VmError::Network(crate::net::NetError::NoNetwork))?;
         // Held across the change, so the recorded policy is always the loaded one.
-        let mut recorded = current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut recorded = self.record.egress.lock().unwrap_or_else(|p| p.into_inner());
         ns.set_egress(egress)?;
-        *recorded = egress.clone();
+        *recorded = Some(egress.clone());
         drop(recorded);
         self.persist();
         Ok(())
@@ -456,7 +450,7 @@ impl Vm {
     /// returned — is never written again, so it can serve as a read-only layer. The
     /// guest should `sync` first. The new file is Hearth's and moves with snapshots.
     pub async fn checkpoint_disk(&mut self, new_active: &Path) -> Result<PathBuf, VmError> {
-        let current = self.disk.clone().ok_or_else(|| VmError::Invalid("the VM has no disk".into()))?;
+        let current = self.record.disk.clone().ok_or_else(|| VmError::Invalid("the VM has no disk".into()))?;
         require_absolute(new_active)?;
         self.qmp(
             "blockdev-snapshot-sync",
@@ -468,15 +462,15 @@ impl Vm {
             })),
         )
         .await?;
-        self.disk = Some(new_active.to_path_buf());
-        self.disk_owned = true;
+        self.record.disk = Some(new_active.to_path_buf());
+        self.record.disk_owned = true;
         self.persist();
         Ok(current)
     }
 
     /// The name of the VM's network namespace, if it has a network.
     pub fn netns(&self) -> Option<&str> {
-        self.net.as_ref().map(|(n, _)| n.name())
+        self.net.as_ref().map(NetNs::name)
     }
 
     /// The agent client.
@@ -534,7 +528,7 @@ impl Vm {
     /// restore; the agent must accept it.
     pub async fn reconnect(&mut self, timeout: Duration) -> Result<&Hello, VmError> {
         if let Err(e) = self.agent.detach(Duration::from_secs(2)).await {
-            tracing::debug!(vm = %self.id, "detach before reconnect failed: {e}");
+            vm_event!(self, debug, "detach before reconnect failed: {e}");
         }
         self.agent.close();
         // The guest learns of the host's disconnect through a virtio-serial control
@@ -542,7 +536,7 @@ impl Vm {
         // "host gone" end the new connection. Give it a moment (retries cover the rest).
         tokio::time::sleep(RECONNECT_SETTLE).await;
         let deadline = tokio::time::Instant::now() + timeout;
-        let (agent, hello) = match AgentClient::connect_retrying(&self.paths.agent, deadline).await {
+        let (agent, hello) = match AgentClient::connect_retrying(&self.paths.agent, deadline).instrument(self.span.clone()).await {
             Ok(ok) => ok,
             Err(e) => return Err(self.diagnose(e).await),
         };
@@ -556,17 +550,23 @@ impl Vm {
         self.process.exited().is_none()
     }
 
-    /// Runs a QMP command (connecting on first use).
-    pub async fn qmp(&self, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
+    /// The VM's QMP session, connected on first use. A caller whose command fails with an
+    /// error that [`breaks_session`] must drop the session (set it to `None`).
+    pub(crate) async fn qmp_session(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Qmp>>, QmpError> {
         let mut guard = self.qmp.lock().await;
         if guard.is_none() {
             let connect = tokio::time::timeout(Duration::from_secs(10), Qmp::connect(&self.paths.qmp));
             *guard = Some(connect.await.map_err(|_| QmpError::Timeout("connect".into()))??);
         }
-        let qmp = guard.as_mut().expect("connected above");
+        Ok(guard)
+    }
+
+    /// Runs a QMP command (connecting on first use).
+    pub async fn qmp(&self, command: &str, args: Option<serde_json::Value>) -> Result<serde_json::Value, QmpError> {
+        let mut guard = self.qmp_session().await?;
+        let qmp = guard.as_mut().expect("connected by qmp_session");
         let r = qmp.execute_timeout(command, args, Duration::from_secs(30)).await;
-        // After a timeout or I/O error the session may be mid-message: start afresh.
-        if matches!(r, Err(QmpError::Io(_) | QmpError::Timeout(_) | QmpError::Protocol(_))) {
+        if matches!(&r, Err(e) if breaks_session(e)) {
             *guard = None;
         }
         r

@@ -74,7 +74,7 @@ impl Service {
     ///
     /// # Errors
     /// A ValidationException saying what the account may name instead.
-    pub(crate) fn code_artifact(&self, account: &str, uri: &str) -> Result<Source, ApiError> {
+    pub(crate) async fn code_artifact(&self, account: &str, uri: &str) -> Result<Source, ApiError> {
         let scheme = uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
         if uri.starts_with(crate::upload::URI_PREFIX) {
             let file = crate::upload::resolve(self, account, uri)
@@ -98,7 +98,7 @@ impl Service {
             }
         }
         let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
-        let settings = self.store.account_settings(account).map_err(ApiError::internal)?;
+        let settings = self.store.account_settings(account).await.map_err(ApiError::internal)?;
         let root = settings.artifact_root.ok_or_else(|| unavailable(uri))?;
         let rel = under(&root, path).ok_or_else(|| unavailable(uri))?;
         let dir = beneath::Dir::open(&root).map_err(|_| unavailable(uri))?;
@@ -118,12 +118,34 @@ impl Service {
 }
 
 /// `FROM hearth/NAME[:vN]` for an API build: the account's own successful image versions,
-/// nothing else (not another tenant's, not the operator's `hearth image` store).
+/// nothing else (not another tenant's, not the operator's `hearth image` store). Read
+/// when the build starts: the resolver is called synchronously from inside the build, and
+/// the store is async.
 pub(crate) struct TenantImages {
     /// The service.
-    pub svc: Arc<Service>,
+    svc: Arc<Service>,
     /// Whose images.
-    pub account: String,
+    account: String,
+    /// The account's successfully built versions, by image name, oldest first.
+    built: std::collections::HashMap<String, Vec<crate::store::VersionRecord>>,
+}
+
+impl TenantImages {
+    /// The built versions of `account`'s images, as the store has them now.
+    pub(crate) async fn load(svc: Arc<Service>, account: &str) -> Result<Self, ApiError> {
+        let mut built = std::collections::HashMap::new();
+        for image in svc.store.images(account).await? {
+            let versions: Vec<_> = svc
+                .store
+                .versions(account, &image.name)
+                .await?
+                .into_iter()
+                .filter(|v| v.state == crate::lifecycle::MicrovmImageVersionState::Successful)
+                .collect();
+            built.insert(image.name, versions);
+        }
+        Ok(TenantImages { svc, account: account.to_owned(), built })
+    }
 }
 
 impl ImageResolver for TenantImages {
@@ -136,8 +158,8 @@ impl ImageResolver for TenantImages {
         if !valid_name(name) {
             return Err(missing());
         }
-        let versions = self.svc.store.versions(&self.account, name).map_err(|_| "the image store cannot be read now; retry".to_owned())?;
-        let v = versions.iter().rev().find(|v| v.state == "SUCCESSFUL" && version.is_none_or(|n| v.version == n)).ok_or_else(missing)?;
+        let versions = self.built.get(name).map_or(&[][..], Vec::as_slice);
+        let v = versions.iter().rev().find(|v| version.is_none_or(|n| v.version == n)).ok_or_else(missing)?;
         Ok(FromImage {
             disk: self.svc.version_dir(&self.account, name, v.version).join("snapshot").join("disk.qcow2"),
             label: format!("hearth/{name}:v{}", v.version),

@@ -1,7 +1,8 @@
 //! Per-account settings the operator sets with `hearth accounts` (tenants cannot change
 //! them): where the account may name `file://` code artifacts.
 
-use super::{from_doc, to_doc, DbResult, Store};
+use super::sqlite::{from_doc, to_doc};
+use super::{DbResult, Store};
 use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -29,7 +29,7 @@ impl Store {
     /// `Ok(Some((hash, response)))` when it was claimed before (response empty while that
     /// call is still running) and has not expired.
     pub fn claim(&self, account: &str, op: &str, token: &str, hash: &str) -> DbResult<Option<(String, String)>> {
-        self.claim_at(account, op, token, hash, super::now())
+        self.claim_at(account, op, token, hash, crate::clock::now())
     }
 
     fn claim_at(&self, account: &str, op: &str, token: &str, hash: &str, now: f64) -> DbResult<Option<(String, String)>> {
@@ -62,7 +62,7 @@ impl Store {
     pub fn remember(&self, account: &str, op: &str, token: &str, hash: &str, response: &str) -> DbResult<()> {
         self.db().execute(
             "INSERT OR REPLACE INTO idempotency (account, operation, token, request_hash, response, created) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![account, op, token, hash, response, super::now()],
+            params![account, op, token, hash, response, crate::clock::now()],
         )?;
         Ok(())
     }
@@ -77,7 +77,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db")).unwrap();
         let (a, op) = ("111111111111", "RunMicrovm");
-        let t = super::super::now();
+        let t = crate::clock::now();
         assert_eq!(s.claim_at(a, op, "tok", "h1", t).unwrap(), None);
         assert_eq!(s.claim_at(a, op, "tok", "h1", t + 1.0).unwrap(), Some(("h1".into(), String::new())));
         s.remember(a, op, "tok", "h1", "{\"ok\":1}").unwrap();

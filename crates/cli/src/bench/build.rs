@@ -1,4 +1,4 @@
-//! `hearth bench-build`: an image build from scratch against a rebuild after a one-file
+//! `hearth-bench build`: an image build from scratch against a rebuild after a one-file
 //! code change (the layer cache's goal: the rebuild costs at most 20 % of the full build).
 //!
 //! The app is the test suite's: a Python HTTP server on debian-bookworm with a package
@@ -13,7 +13,7 @@ use hearth_image::base::Base;
 use hearth_image::build::{self, BuildRequest};
 use std::time::{Duration, Instant};
 
-/// Options of `hearth bench-build`.
+/// Options of `hearth-bench build`.
 #[derive(Args, Debug)]
 pub struct BenchBuildArgs {
     #[command(flatten)]

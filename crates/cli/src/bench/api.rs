@@ -1,4 +1,4 @@
-//! `hearth bench-api`: the control plane measured through its HTTP API, in one run:
+//! `hearth-bench api`: the control plane measured through its HTTP API, in one run:
 //! RunMicrovm → RUNNING and → first exec result (via the exec extension), against a cold
 //! boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
 //! first request to a suspended microvm); shells (open → first output, keystroke echo);
@@ -13,7 +13,7 @@ use hearth_api::client::Client;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Options of `hearth bench-api`.
+/// Options of `hearth-bench api`.
 #[derive(Args, Debug)]
 pub struct BenchApiArgs {
     /// Microvms launched (sequentially).
@@ -215,14 +215,14 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     eprintln!("ListMicrovms with {} microvms in the store", a.records);
     {
         let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
-        let t = hearth_api::service::now();
+        let t = hearth_api::clock::now();
         for i in 0..a.records {
             store.put_microvm(&hearth_api::store::MicrovmRecord {
                 microvm_id: format!("mvm-bench{i:08}"),
                 account: key.account.clone(),
                 image_name: "bench".into(),
                 image_version: 1,
-                state: "TERMINATED".into(),
+                state: hearth_api::lifecycle::MicrovmState::Terminated,
                 state_reason: Some("benchmark record".into()),
                 spec: json!({}),
                 started_at: t,

@@ -1,4 +1,4 @@
-//! `hearth bench`: the engine's numbers, measured side by side in one run.
+//! `hearth-bench engine`: the engine's numbers, measured side by side in one run.
 //!
 //! - cold boot (QEMU start → agent handshake) and boot → first exec result, busybox and
 //!   (when built) debian-bookworm;
@@ -12,7 +12,7 @@ use hearth_proto::exec::ExecRequest;
 use hearth_vmm::Vm;
 use std::time::{Duration, Instant};
 
-/// Options of `hearth bench`.
+/// Options of `hearth-bench engine`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]

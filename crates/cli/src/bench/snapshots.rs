@@ -1,4 +1,4 @@
-//! `hearth bench-snapshots`: launch, suspend/resume, density and throughput of snapshots,
+//! `hearth-bench snapshots`: launch, suspend/resume, density and throughput of snapshots,
 //! with a cold boot measured in the same run as the baseline.
 
 use crate::report::{self, ms, proc_kib, Row};
@@ -10,7 +10,7 @@ use hearth_vmm::pool::Pool;
 use hearth_vmm::{Memory, RestoreOptions, Snapshot, Vm};
 use std::time::{Duration, Instant};
 
-/// Options of `hearth bench-snapshots`.
+/// Options of `hearth-bench snapshots`.
 #[derive(Args, Debug)]
 pub struct BenchSnapArgs {
     #[command(flatten)]
@@ -68,8 +68,7 @@ fn pseudo_random(len: usize) -> Vec<u8> {
 pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
     let home = hearth_vmm::home::hearth_home();
     let work = tempfile::Builder::new().prefix("bench-").tempdir_in(&home)?;
-    let opts =
-        RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(120), hostname: None, egress: None, detached: false };
+    let opts = RestoreOptions { run_root: home.join("run"), timeout: Duration::from_secs(120), ..RestoreOptions::new() };
     let mut rows: Vec<Row> = Vec::new();
 
     eprintln!("template");

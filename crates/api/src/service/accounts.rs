@@ -1,0 +1,64 @@
+//! What the HTTP side asks of the store, through the service: tenants' access keys (for
+//! SigV4), `clientToken` claims (idempotency), and microvm counts (metrics).
+
+use super::Service;
+use crate::error::ApiError;
+use crate::store::AccessKey;
+
+impl Service {
+    /// The access key a request's signature names, with its secret opened; `None` when the
+    /// request names none, or one that is unknown or unusable (the store failing included:
+    /// the request is then refused).
+    pub async fn claimed_key(&self, headers: &http::HeaderMap) -> Option<AccessKey> {
+        let id = crate::sigv4::claimed_access_key(headers)?;
+        self.store.key(id).await.ok().flatten()
+    }
+
+    /// On the first start (no key at all): a new tenant and its access key, to be shown
+    /// once.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn first_key(&self) -> Result<Option<AccessKey>, ApiError> {
+        if self.store.has_keys().await? {
+            return Ok(None);
+        }
+        let k = crate::keys::new_key(&crate::keys::new_account());
+        self.store.add_key(&k).await?;
+        Ok(Some(k))
+    }
+
+    /// Claims `token` of operation `op` for a call with parameters `hash`: `None` when this
+    /// call now owns it, else the earlier call's hash and response (empty while it runs).
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn claim(&self, account: &str, op: &str, token: &str, hash: &str) -> Result<Option<(String, String)>, ApiError> {
+        Ok(self.store.claim(account, op, token, hash).await?)
+    }
+
+    /// Releases a claim whose call failed (a retry runs it again).
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn unclaim(&self, account: &str, op: &str, token: &str) -> Result<(), ApiError> {
+        Ok(self.store.unclaim(account, op, token).await?)
+    }
+
+    /// Records the response of the call that holds `token`, for its retries.
+    ///
+    /// # Errors
+    ///
+    /// The store's.
+    pub async fn remember(&self, account: &str, op: &str, token: &str, hash: &str, response: &str) -> Result<(), ApiError> {
+        Ok(self.store.remember(account, op, token, hash, response).await?)
+    }
+
+    /// Microvms by state, all tenants (none when the store cannot say).
+    pub async fn microvm_counts(&self) -> Vec<(String, i64)> {
+        self.store.count_by_state().await.unwrap_or_default()
+    }
+}

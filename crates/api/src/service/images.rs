@@ -1,0 +1,280 @@
+//! Images and their versions: create, update (a new version), get, list, delete, and the
+//! managed base images.
+
+use super::{image_arn, managed_arn, page, valid_name, Service};
+use crate::clock::now;
+use crate::error::ApiError;
+use crate::inputs::{
+    to_map, CreateMicrovmImageRequest, DeleteMicrovmImageInput, DeleteMicrovmImageVersionInput, GetMicrovmImageInput,
+    GetMicrovmImageVersionInput, ListManagedMicrovmImageVersionsInput, ListManagedMicrovmImagesInput, ListMicrovmImageVersionsInput,
+    ListMicrovmImagesRequest, UpdateMicrovmImageRequest, UpdateMicrovmImageVersionRequest,
+};
+use crate::keys::random_hex;
+use crate::lifecycle::{
+    Lifecycle, MicrovmImageState, MicrovmImageVersionState as VersionState, MicrovmImageVersionStatus as VersionStatus,
+};
+use crate::store::{ImageRecord, VersionRecord};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// The managed bases: API name and Hearth base.
+pub const MANAGED: &[(&str, hearth_image::base::Base)] =
+    &[("debian-bookworm", hearth_image::base::Base::DebianBookworm), ("minimal", hearth_image::base::Base::Busybox)];
+
+impl VersionRecord {
+    /// Built and ACTIVE: new microvms may run it.
+    pub(super) fn runnable(&self) -> bool {
+        self.state == VersionState::Successful && self.status == VersionStatus::Active
+    }
+}
+
+impl Service {
+    pub(super) async fn version_json(&self, image: &ImageRecord, v: &VersionRecord) -> Value {
+        let mut out = v.spec.clone();
+        out["imageArn"] = image_arn(&image.account, &image.name).into();
+        out["imageVersion"] = v.version.to_string().into();
+        out["state"] = v.state.as_str().into();
+        out["status"] = v.status.as_str().into();
+        out["createdAt"] = v.created_at.into();
+        if let Some(u) = v.updated_at {
+            out["updatedAt"] = u.into();
+        }
+        if let Some(r) = &v.state_reason {
+            out["stateReason"] = r.clone().into();
+        }
+        if let Ok(tags) = self.store.tags(&image_arn(&image.account, &image.name)).await {
+            if !tags.is_empty() {
+                out["tags"] = Value::Object(tags.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+            }
+        }
+        out
+    }
+
+    pub(super) async fn image_json(&self, image: &ImageRecord) -> Result<Value, ApiError> {
+        let versions = self.store.versions(&image.account, &image.name).await?;
+        let mut out = json!({
+            "imageArn": image_arn(&image.account, &image.name),
+            "name": image.name,
+            "state": image.state,
+            "createdAt": image.created_at,
+        });
+        if let Some(v) = versions.iter().rev().find(|v| v.runnable()) {
+            out["latestActiveImageVersion"] = v.version.to_string().into();
+        }
+        if let Some(v) = versions.iter().rev().find(|v| v.state == VersionState::Failed) {
+            out["latestFailedImageVersion"] = v.version.to_string().into();
+        }
+        if let Some(u) = image.updated_at {
+            out["updatedAt"] = u.into();
+        }
+        Ok(out)
+    }
+
+    /// CreateMicrovmImage: a new image, and the build of its first version.
+    pub async fn create_image(self: &Arc<Self>, account: &str, input: &CreateMicrovmImageRequest) -> Result<Value, ApiError> {
+        let name = input.name.clone();
+        if !valid_name(&name) {
+            return Err(ApiError::validation(format!("name {name:?} must be 1-64 letters, digits, '-' or '_'")));
+        }
+        if self.store.image(account, &name).await?.is_some() {
+            return Err(ApiError::conflict(
+                "MicrovmImage",
+                &name,
+                format!("an image named {name} exists; UpdateMicrovmImage builds a new version"),
+            ));
+        }
+        let image = ImageRecord { account: account.into(), name, state: MicrovmImageState::Creating, created_at: now(), updated_at: None };
+        self.new_version(account, image, false, to_map(input), input.tags.as_ref()).await
+    }
+
+    /// UpdateMicrovmImage: the build of a new version of an image.
+    pub async fn update_image(self: &Arc<Self>, account: &str, input: &UpdateMicrovmImageRequest) -> Result<Value, ApiError> {
+        let image = self.image(account, &input.image_identifier).await?;
+        self.new_version(account, image, true, to_map(input), None).await
+    }
+
+    /// Records version `spec` (the request, which names the base image and the code
+    /// artifact) of `image` and starts its build.
+    async fn new_version(
+        self: &Arc<Self>,
+        account: &str,
+        mut image: ImageRecord,
+        update: bool,
+        mut spec: Map<String, Value>,
+        tags: Option<&std::collections::BTreeMap<String, String>>,
+    ) -> Result<Value, ApiError> {
+        let name = image.name.clone();
+        let base = spec.get("baseImageArn").and_then(Value::as_str).unwrap_or_default();
+        let base_name = base.rsplit(':').next().unwrap_or(base);
+        let Some((_, base_kind)) = MANAGED.iter().find(|(n, _)| *n == base_name) else {
+            return Err(ApiError::validation(format!(
+                "baseImageArn {base:?} is not a managed base image ({}); see ListManagedMicrovmImages",
+                MANAGED.iter().map(|(n, _)| managed_arn(n)).collect::<Vec<_>>().join(", ")
+            )));
+        };
+        let uri = spec.get("codeArtifact").and_then(|c| c.get("uri")).and_then(Value::as_str).unwrap_or_default();
+        // Opened now so a bad one is refused here; the build opens it again.
+        drop(self.code_artifact(account, uri).await?);
+        for k in ["name", "imageIdentifier", "clientToken", "tags"] {
+            spec.remove(k);
+        }
+        let versions = self.store.versions(account, &name).await?;
+        let version = versions.last().map_or(1, |v| v.version + 1);
+        let t = now();
+        let rec = VersionRecord {
+            account: account.into(),
+            name: name.clone(),
+            version,
+            state: VersionState::Pending,
+            status: VersionStatus::Active,
+            build_id: format!("build-{}", random_hex(8)),
+            spec: Value::Object(spec),
+            state_reason: None,
+            created_at: t,
+            updated_at: None,
+            snapshot_bytes: None,
+            config: None,
+        };
+        if update {
+            image.updated_at = Some(t);
+            self.image_transition(&mut image, MicrovmImageState::Updating).await?;
+        } else {
+            self.store.put_image(&image).await?;
+        }
+        self.store.put_version(&rec).await?;
+        if let Some(tags) = tags {
+            let pairs: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            self.store.tag(&image_arn(account, &name), &pairs).await?;
+        }
+        let svc = self.clone();
+        let (rec2, image2, base_kind) = (rec.clone(), image.clone(), *base_kind);
+        tokio::spawn(async move { svc.build(image2, rec2, base_kind, update).await });
+        let mut out = self.version_json(&image, &rec).await;
+        for (k, v) in self.image_json(&image).await?.as_object().into_iter().flatten() {
+            out[k] = v.clone();
+        }
+        if let Some(o) = out.as_object_mut() {
+            o.remove("status");
+            o.remove("stateReason");
+        }
+        Ok(out)
+    }
+
+    /// GetMicrovmImage.
+    pub async fn get_image(&self, account: &str, input: &GetMicrovmImageInput) -> Result<Value, ApiError> {
+        let image = self.image(account, &input.image_identifier).await?;
+        let mut out = self.image_json(&image).await?;
+        let tags = self.store.tags(&image_arn(account, &image.name)).await?;
+        if !tags.is_empty() {
+            out["tags"] = Value::Object(tags.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+        }
+        Ok(out)
+    }
+
+    /// ListMicrovmImages.
+    pub async fn list_images(&self, account: &str, input: &ListMicrovmImagesRequest) -> Result<Value, ApiError> {
+        let filter = input.name_filter.as_deref().unwrap_or("");
+        let mut all = Vec::new();
+        for i in self.store.images(account).await?.iter().filter(|i| i.name.contains(filter)) {
+            all.push(self.image_json(i).await?);
+        }
+        page(all, input.max_results, input.next_token.as_deref())
+    }
+
+    /// DeleteMicrovmImage.
+    pub async fn delete_image(&self, account: &str, input: &DeleteMicrovmImageInput) -> Result<Value, ApiError> {
+        let ident = input.image_identifier.as_str();
+        let image = self.image(account, ident).await?;
+        self.refuse_if_in_use(account, &image.name, None).await?;
+        if self.store.versions(account, &image.name).await?.iter().any(|v| v.state.is_building()) {
+            return Err(ApiError::conflict("MicrovmImage", ident, "a build of this image is in progress"));
+        }
+        self.store.delete_image(account, &image.name).await?;
+        let arn = image_arn(account, &image.name);
+        let keys: Vec<String> = self.store.tags(&arn).await?.into_iter().map(|(k, _)| k).collect();
+        self.store.untag(&arn, &keys).await?;
+        let _ = std::fs::remove_dir_all(self.state.join("images").join(account).join(&image.name));
+        Ok(json!({ "imageIdentifier": ident, "state": "DELETED" }))
+    }
+
+    pub(super) async fn refuse_if_in_use(&self, account: &str, name: &str, version: Option<u32>) -> Result<(), ApiError> {
+        let users: Vec<String> = self
+            .store
+            .live_microvms()
+            .await?
+            .into_iter()
+            .filter(|m| m.account == account && m.image_name == name && version.is_none_or(|v| v == m.image_version))
+            .map(|m| m.microvm_id)
+            .collect();
+        if users.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::conflict("MicrovmImage", name, format!("microvms still use it: {}; terminate them first", users.join(", "))))
+        }
+    }
+
+    /// GetMicrovmImageVersion.
+    pub async fn get_version(&self, account: &str, input: &GetMicrovmImageVersionInput) -> Result<Value, ApiError> {
+        let image = self.image(account, &input.image_identifier).await?;
+        let v = self.version(account, &image.name, &input.image_version).await?;
+        Ok(self.version_json(&image, &v).await)
+    }
+
+    /// ListMicrovmImageVersions.
+    pub async fn list_versions(&self, account: &str, input: &ListMicrovmImageVersionsInput) -> Result<Value, ApiError> {
+        let image = self.image(account, &input.image_identifier).await?;
+        let mut all = Vec::new();
+        for v in self.store.versions(account, &image.name).await? {
+            all.push(self.version_json(&image, &v).await);
+        }
+        page(all, input.max_results, input.next_token.as_deref())
+    }
+
+    /// UpdateMicrovmImageVersion (ACTIVE / INACTIVE).
+    pub async fn update_version(&self, account: &str, input: &UpdateMicrovmImageVersionRequest) -> Result<Value, ApiError> {
+        let image = self.image(account, &input.image_identifier).await?;
+        let mut v = self.version(account, &image.name, &input.image_version).await?;
+        let status = input.status.as_str();
+        v.status = status.parse().map_err(|_| ApiError::validation(format!("status {status:?} is not ACTIVE or INACTIVE")))?;
+        v.updated_at = Some(now());
+        self.store.put_version(&v).await?;
+        Ok(self.version_json(&image, &v).await)
+    }
+
+    /// DeleteMicrovmImageVersion.
+    pub async fn delete_version(&self, account: &str, input: &DeleteMicrovmImageVersionInput) -> Result<Value, ApiError> {
+        let ident = input.image_identifier.as_str();
+        let image = self.image(account, ident).await?;
+        let v = self.version(account, &image.name, &input.image_version).await?;
+        v.state.check(&v.version.to_string(), VersionState::Deleted)?;
+        self.refuse_if_in_use(account, &image.name, Some(v.version)).await?;
+        self.store.delete_version(account, &image.name, v.version).await?;
+        let _ = std::fs::remove_dir_all(self.version_dir(account, &image.name, v.version));
+        Ok(json!({ "imageIdentifier": ident, "imageVersion": v.version.to_string(), "state": "DELETED" }))
+    }
+
+    /// ListManagedMicrovmImages.
+    pub fn list_managed(&self, input: &ListManagedMicrovmImagesInput) -> Result<Value, ApiError> {
+        let items = MANAGED.iter().map(|(n, b)| json!({ "imageArn": managed_arn(n), "createdAt": mtime(&b.path(&self.home)) })).collect();
+        page(items, input.max_results, input.next_token.as_deref())
+    }
+
+    /// ListManagedMicrovmImageVersions.
+    pub fn list_managed_versions(&self, input: &ListManagedMicrovmImageVersionsInput) -> Result<Value, ApiError> {
+        let ident = input.image_identifier.as_str();
+        let name = ident.rsplit(':').next().unwrap_or(ident);
+        let (n, b) = MANAGED.iter().find(|(n, _)| *n == name).ok_or_else(|| ApiError::not_found("ManagedMicrovmImage", ident))?;
+        let items = vec![json!({
+            "imageArn": managed_arn(n),
+            "imageVersion": "1",
+            "status": "ACTIVE",
+            "supportedCpuConfigurations": [{ "architecture": "X86_64" }],
+            "createdAt": mtime(&b.path(&self.home)),
+        })];
+        page(items, input.max_results, input.next_token.as_deref())
+    }
+}
+
+pub(super) fn mtime(p: &std::path::Path) -> f64 {
+    std::fs::metadata(p).and_then(|m| m.modified()).map_or(0.0, crate::clock::secs)
+}

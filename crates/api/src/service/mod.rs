@@ -1,0 +1,267 @@
+//! The operations: microvm lifecycle, images and their builds, tags — each handler gets an
+//! input the model has already validated, as its typed form ([`crate::inputs`]), and the
+//! caller's account. [`Service`] is the only
+//! caller of the store and of the engine; the HTTP side ([`crate::server`]) speaks to it.
+//!
+//! One file per concern: `microvms` (run, get, list, suspend, resume, terminate),
+//! `transitions` (the one way a microvm, version or image changes state), `images`
+//! (images and their versions), `builds`, `tags`, `tokens` (endpoint and shell tokens),
+//! `policies` (idle, lifetime), `reconcile` (on start), `extensions` (exec, files, egress,
+//! usage), `accounts` (access keys, idempotency claims, counts) and `artifacts` (code
+//! artifacts and `FROM` images of builds).
+//!
+//! Every microvm has a slot with an async lock; an operation on a microvm holds it from
+//! reading the record to writing the result, so calls on one microvm serialize and each
+//! sees the state the previous one left. The transitional state (SUSPENDING, TERMINATING…)
+//! is written before the action, the final one after it.
+
+mod accounts;
+mod artifacts;
+mod builds;
+mod extensions;
+mod images;
+mod microvms;
+mod policies;
+mod reconcile;
+mod tags;
+mod tokens;
+mod transitions;
+
+pub use extensions::{egress_from, set_egress_ceiling, ExecLine};
+pub use images::MANAGED;
+pub use microvms::Slot;
+pub use tokens::{MAX_INGRESS_CONNECTIONS, SHELL_INGRESS};
+
+use crate::error::{ApiError, Kind};
+use crate::store::{ImageRecord, MetadataStore, MicrovmRecord, VersionRecord};
+use hearth_vmm::VmConfig;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The partition, region and account form of Hearth ARNs
+/// (`arn:aws-hearth:lambda:hh-local-1:<12-digit account>:microvm-image:<name>`): shaped to
+/// pass the model's ARN patterns, plainly not AWS's.
+pub const PARTITION: &str = "aws-hearth";
+
+/// The region in Hearth ARNs.
+pub const REGION: &str = "hh-local-1";
+
+/// Default and largest `maximumDurationInSeconds`.
+pub const MAX_DURATION: u64 = 28_800;
+
+/// Page size when `maxResults` is absent.
+const DEFAULT_PAGE: usize = 50;
+
+/// An image's ARN.
+pub fn image_arn(account: &str, name: &str) -> String {
+    format!("arn:{PARTITION}:lambda:{REGION}:{account}:microvm-image:{name}")
+}
+
+/// A managed base image's ARN.
+pub fn managed_arn(name: &str) -> String {
+    format!("arn:{PARTITION}:lambda:{REGION}:hearth:microvm-image:{name}")
+}
+
+/// An image name as the model's `ImageName` means it, matched whole (the model's
+/// unanchored pattern would let `-/../x` through): 1-64 of `[A-Za-z0-9_-]`.
+pub fn valid_name(name: &str) -> bool {
+    hearth_proto::image::valid_name(name)
+}
+
+/// The service: the only caller of the store and of the engine.
+pub struct Service {
+    /// The store (only the service reads and writes it).
+    store: Box<dyn MetadataStore>,
+    /// `$HEARTH_HOME`.
+    pub home: PathBuf,
+    /// The API's state directory.
+    pub state: PathBuf,
+    /// The daemon's URL as clients reach it (endpoints are under it).
+    pub public_url: String,
+    /// Kernel, initramfs, accelerator, run directory of every VM.
+    pub vm_template: VmConfig,
+    slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
+    /// Counters and latency samples for /metrics.
+    pub metrics: crate::metrics::Metrics,
+    /// Signs and checks ingress tokens.
+    pub token_key: crate::ingress::TokenKey,
+    ingress: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// What a change of state does to the record's `stateReason`.
+enum Reason {
+    /// Leaves it.
+    Keep,
+    /// Replaces it (`None` clears it).
+    Set(Option<String>),
+}
+
+impl Service {
+    /// A service over `store`.
+    pub fn new(
+        store: impl MetadataStore + 'static,
+        home: PathBuf,
+        state: PathBuf,
+        vm_template: VmConfig,
+        token_key: crate::ingress::TokenKey,
+    ) -> Self {
+        Service {
+            store: Box::new(store),
+            home,
+            state,
+            public_url: String::new(),
+            vm_template,
+            slots: Default::default(),
+            metrics: Default::default(),
+            token_key,
+            ingress: Default::default(),
+        }
+    }
+
+    /// Microvm `ident` of `account` with its lock held, read again under the lock.
+    /// Unknown ids (and other tenants') are refused before a lock is made for them.
+    async fn locked(&self, account: &str, ident: &str) -> Result<(String, tokio::sync::OwnedMutexGuard<Slot>, MicrovmRecord), ApiError> {
+        let id = Self::microvm_id(account, ident);
+        self.load(account, &id).await?;
+        let guard = self.slot(&id).lock_owned().await;
+        let m = self.load(account, &id).await?;
+        Ok((id, guard, m))
+    }
+
+    /// The lock of microvm `id`.
+    pub fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_owned()).or_default().clone()
+    }
+
+    fn microvm_dir(&self, id: &str) -> PathBuf {
+        self.state.join("microvms").join(id)
+    }
+
+    fn version_dir(&self, account: &str, name: &str, version: u32) -> PathBuf {
+        self.state.join("images").join(account).join(name).join(version.to_string())
+    }
+
+    /// Resolves a microvm identifier (id or ARN) of `account`.
+    fn microvm_id(account: &str, ident: &str) -> String {
+        let prefix = format!("arn:{PARTITION}:lambda:{REGION}:{account}:microvm:");
+        ident.strip_prefix(&prefix).unwrap_or(ident).to_owned()
+    }
+
+    async fn load(&self, account: &str, ident: &str) -> Result<MicrovmRecord, ApiError> {
+        let id = Self::microvm_id(account, ident);
+        self.store.microvm(account, &id).await?.ok_or_else(|| ApiError::not_found("Microvm", ident))
+    }
+
+    /// Resolves an image identifier (name or ARN) of `account` to its name.
+    fn image_name(account: &str, ident: &str) -> Result<String, ApiError> {
+        let name = match ident.strip_prefix("arn:") {
+            Some(rest) => {
+                let prefix = format!("{PARTITION}:lambda:{REGION}:{account}:microvm-image:");
+                rest.strip_prefix(&prefix).ok_or_else(|| ApiError::not_found("MicrovmImage", ident))?
+            }
+            None => ident,
+        };
+        // Names become directory names: the model's pattern, anchored.
+        if !valid_name(name) {
+            return Err(ApiError::not_found("MicrovmImage", ident));
+        }
+        Ok(name.to_owned())
+    }
+
+    async fn image(&self, account: &str, ident: &str) -> Result<ImageRecord, ApiError> {
+        let name = Self::image_name(account, ident)?;
+        self.store.image(account, &name).await?.ok_or_else(|| ApiError::not_found("MicrovmImage", ident))
+    }
+
+    async fn version(&self, account: &str, name: &str, version: &str) -> Result<VersionRecord, ApiError> {
+        let n: u32 = version.parse().map_err(|_| ApiError::not_found("MicrovmImageVersion", version))?;
+        self.store
+            .versions(account, name)
+            .await?
+            .into_iter()
+            .find(|v| v.version == n)
+            .ok_or_else(|| ApiError::not_found("MicrovmImageVersion", &format!("{name}:{version}")))
+    }
+}
+
+/// The page size a request asks for (`maxResults`), or the default.
+fn page_size(max_results: Option<i64>) -> usize {
+    max_results.and_then(|n| usize::try_from(n).ok()).unwrap_or(DEFAULT_PAGE)
+}
+
+/// The page of `all` that `maxResults` and `nextToken` select, with the next token.
+fn page(all: Vec<Value>, max_results: Option<i64>, next_token: Option<&str>) -> Result<Value, ApiError> {
+    let limit = page_size(max_results).max(1);
+    let start = decode_token(next_token)? as usize;
+    let items: Vec<Value> = all.iter().skip(start).take(limit).cloned().collect();
+    let mut out = json!({ "items": items });
+    if start + limit < all.len() {
+        out["nextToken"] = encode_token((start + limit) as i64).into();
+    }
+    Ok(out)
+}
+
+/// Pagination tokens: an opaque position.
+fn encode_token(pos: i64) -> String {
+    format!("p{pos:x}")
+}
+
+fn decode_token(v: Option<&str>) -> Result<i64, ApiError> {
+    match v {
+        None => Ok(0),
+        Some(t) => t
+            .strip_prefix('p')
+            .and_then(|h| i64::from_str_radix(h, 16).ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| ApiError::validation(format!("nextToken {t:?} is not a token this API returned"))),
+    }
+}
+
+fn dir_size(p: &std::path::Path) -> u64 {
+    std::fs::read_dir(p)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+        .sum()
+}
+
+/// The error for operations Hearth does not know.
+pub fn unknown_operation(op: &str) -> ApiError {
+    ApiError::new(Kind::UnknownOperation, format!("{op} is not an operation of this Hearth server"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_garbage_is_refused() {
+        assert_eq!(decode_token(Some(&encode_token(1234))).unwrap(), 1234);
+        assert!(decode_token(Some("zz")).is_err());
+        assert!(decode_token(Some("p-1")).is_err());
+        let all: Vec<Value> = (0..5).map(Value::from).collect();
+        let p1 = page(all.clone(), Some(2), None).unwrap();
+        assert_eq!(p1["items"], json!([0, 1]));
+        let p2 = page(all.clone(), Some(2), p1["nextToken"].as_str()).unwrap();
+        assert_eq!(p2["items"], json!([2, 3]));
+        let p3 = page(all, Some(2), p2["nextToken"].as_str()).unwrap();
+        assert_eq!(p3["items"], json!([4]));
+        assert!(p3.get("nextToken").is_none());
+    }
+
+    #[test]
+    fn arns_match_the_model_patterns() {
+        let re = regex::Regex::new("arn:[a-z0-9-]+:lambda:[a-z0-9-]*:[a-z0-9]*:microvm-image:.+").unwrap();
+        assert!(re.is_match(&image_arn("123456789012", "web")));
+        assert!(re.is_match(&managed_arn("debian-bookworm")));
+        let taggable = regex::Regex::new(
+            r"arn:(aws[a-zA-Z-]*):lambda:(eusc-)?[a-z]{2}((-gov)|(-iso([a-z]?)))?-[a-z]+-\d{1}:\d{12}:(microvm-image):[a-zA-Z0-9-_]+",
+        )
+        .unwrap();
+        assert!(taggable.is_match(&image_arn("123456789012", "web")));
+    }
+}

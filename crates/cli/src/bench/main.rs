@@ -1,0 +1,75 @@
+//! `hearth-bench`: Hearth's benchmarks, outside the product binary. Each subcommand measures
+//! one layer in one run and prints a Markdown table (or JSON with `--json`); the recorded
+//! figures and how they were taken are in docs/BENCHMARKS.md.
+
+mod api;
+mod build;
+mod engine;
+mod report;
+mod snapshots;
+
+use clap::{Parser, Subcommand};
+use hearth_cli::vmargs;
+
+/// Hearth's benchmarks: the engine, snapshots, image builds and the API, measured.
+///
+/// State lives in $HEARTH_HOME like `hearth`'s; run `hearth setup` first.
+#[derive(Parser)]
+#[command(name = "hearth-bench", version, propagate_version = true)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    /// Log lines as JSON objects (for log collectors), one per line on stderr.
+    #[arg(long, global = true, env = "HEARTH_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Measure boot, exec round trip and memory; prints a Markdown table (or JSON).
+    Engine(engine::BenchArgs),
+    /// Measure snapshots: launch (pooled and unpooled) against a cold boot, suspend and
+    /// resume, idle density, sustained launch rate.
+    Snapshots(snapshots::BenchSnapArgs),
+    /// Measure an image build from scratch against a rebuild after a code change.
+    Build(build::BenchBuildArgs),
+    /// Measure the API: RunMicrovm → RUNNING and → first exec against a cold boot;
+    /// ListMicrovms latency with 1,000 microvms in the store.
+    Api(api::BenchApiArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    if cli.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Cmd::Engine(a) => engine::run(a).await,
+            Cmd::Snapshots(a) => snapshots::run(a).await,
+            Cmd::Build(a) => build::run(a).await,
+            Cmd::Api(a) => api::run(a).await,
+        }
+    });
+    // Dropping the runtime lets VM guards kill anything still running before we exit.
+    drop(rt);
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}
