@@ -182,56 +182,33 @@ impl Lifecycle for MicrovmState {
     }
 }
 
-states! {
-    /// The model's `MicrovmImageVersionState`: a version and its build.
-    MicrovmImageVersionState {
-        /// Recorded, its build not started.
-        Pending = "PENDING",
-        /// Building.
-        InProgress = "IN_PROGRESS",
-        /// Built: microvms may run it.
-        Successful = "SUCCESSFUL",
-        /// Its build failed.
-        Failed = "FAILED",
-        /// Being deleted (a name of the model; Hearth deletes in one step).
-        Deleting = "DELETING",
-        /// Deleted (the answer of DeleteMicrovmImageVersion).
-        Deleted = "DELETED",
-        /// A delete failed (a name of the model; unused).
-        DeleteFailed = "DELETE_FAILED",
-    }
-}
+/// The model's `MicrovmImageVersionState`: a version and its build. One type for the API's
+/// versions and the operator's local image store (`hearth_proto::image`).
+pub use hearth_proto::image::ImageVersionState as MicrovmImageVersionState;
 
-impl MicrovmImageVersionState {
-    /// Its build has not ended.
-    pub fn is_building(self) -> bool {
-        matches!(self, MicrovmImageVersionState::Pending | MicrovmImageVersionState::InProgress)
-    }
-
-    /// The state of the version's build.
-    pub fn build_state(self) -> BuildState {
-        use MicrovmImageVersionState::*;
-        match self {
-            Pending => BuildState::Pending,
-            InProgress => BuildState::InProgress,
-            Failed => BuildState::Failed,
-            // A version past its build was built.
-            Successful | Deleting | Deleted | DeleteFailed => BuildState::Successful,
-        }
+/// The state of a version's build (GetMicrovmImageBuild).
+pub fn build_state(v: MicrovmImageVersionState) -> BuildState {
+    use MicrovmImageVersionState::*;
+    match v {
+        Pending => BuildState::Pending,
+        InProgress => BuildState::InProgress,
+        Failed => BuildState::Failed,
+        // A version past its build was built.
+        Successful | Deleting | Deleted | DeleteFailed => BuildState::Successful,
     }
 }
 
 impl Lifecycle for MicrovmImageVersionState {
     const RESOURCE: &'static str = "MicrovmImageVersion";
-    const ALL: &'static [Self] = MicrovmImageVersionState::ALL;
+    const ALL: &'static [Self] = &MicrovmImageVersionState::ALL;
 
     fn as_str(self) -> &'static str {
         MicrovmImageVersionState::as_str(self)
     }
 
+    /// The one table, kept beside the type in `hearth_proto::image`.
     fn valid_transition(self, to: Self) -> bool {
-        use MicrovmImageVersionState::*;
-        matches!((self, to), (Pending, InProgress | Failed) | (InProgress, Successful | Failed) | (Successful | Failed, Deleted))
+        MicrovmImageVersionState::valid_transition(self, to)
     }
 
     fn hint(self, to: Self) -> Option<&'static str> {
@@ -241,7 +218,7 @@ impl Lifecycle for MicrovmImageVersionState {
 
 states! {
     /// The model's `BuildState`: a version's build, as GetMicrovmImageBuild shows it. It is
-    /// the version's state seen from the build ([`MicrovmImageVersionState::build_state`]),
+    /// the version's state seen from the build ([`build_state`]),
     /// so the version's table governs it.
     BuildState {
         /// Not started.
@@ -390,7 +367,7 @@ mod tests {
             all.iter().map(|s| serde_json::to_value(s).unwrap().as_str().unwrap().to_owned()).collect()
         }
         assert_eq!(wire(MicrovmState::ALL), names("MicrovmState"));
-        assert_eq!(wire(MicrovmImageVersionState::ALL), names("MicrovmImageVersionState"));
+        assert_eq!(wire(&MicrovmImageVersionState::ALL), names("MicrovmImageVersionState"));
         assert_eq!(wire(BuildState::ALL), names("BuildState"));
         assert_eq!(wire(MicrovmImageVersionStatus::ALL), names("MicrovmImageVersionStatus"));
         assert_eq!(wire(MicrovmImageState::ALL), names("MicrovmImageState"));
@@ -404,11 +381,11 @@ mod tests {
     #[test]
     fn every_version_state_has_a_build_state() {
         use MicrovmImageVersionState::*;
-        assert_eq!(Pending.build_state(), BuildState::Pending);
-        assert_eq!(InProgress.build_state(), BuildState::InProgress);
-        assert_eq!(Failed.build_state(), BuildState::Failed);
+        assert_eq!(build_state(Pending), BuildState::Pending);
+        assert_eq!(build_state(InProgress), BuildState::InProgress);
+        assert_eq!(build_state(Failed), BuildState::Failed);
         for s in [Successful, Deleting, Deleted, DeleteFailed] {
-            assert_eq!(s.build_state(), BuildState::Successful);
+            assert_eq!(build_state(s), BuildState::Successful);
         }
     }
 }

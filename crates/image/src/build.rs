@@ -42,7 +42,7 @@ pub struct BuildRequest {
     /// its own: a layer is the disk a build produced, and a tenant's disk is its own.
     pub cache: Option<LayerCache>,
     /// Where `FROM hearth/NAME[:vN]` looks: the host's image store for the operator's
-    /// `hearth image build`, only the tenant's own images for API builds.
+    /// `hearth images local build`, only the tenant's own images for API builds.
     pub images: std::sync::Arc<dyn ImageResolver>,
 }
 
@@ -69,7 +69,7 @@ impl std::fmt::Debug for dyn ImageResolver {
     }
 }
 
-/// The host's image store under `$HEARTH_HOME` (`hearth image build`, the operator's).
+/// The host's image store under `$HEARTH_HOME` (`hearth images local build`, the operator's).
 #[derive(Debug, Clone)]
 pub struct HostImages(pub PathBuf);
 

@@ -16,7 +16,7 @@
 //! `FROM hearth/NAME[:vN]` in an API build resolves only the tenant's own images
 //! ([`TenantImages`]), and each tenant's layer cache is its own directory.
 
-use super::{valid_name, Service};
+use super::Service;
 use crate::error::ApiError;
 use hearth_image::beneath;
 use hearth_image::build::{FromImage, ImageResolver};
@@ -118,7 +118,7 @@ impl Service {
 }
 
 /// `FROM hearth/NAME[:vN]` for an API build: the account's own successful image versions,
-/// nothing else (not another tenant's, not the operator's `hearth image` store). Read
+/// nothing else (not another tenant's, not the operator's `hearth images local` store). Read
 /// when the build starts: the resolver is called synchronously from inside the build, and
 /// the store is async.
 pub(crate) struct TenantImages {
@@ -150,14 +150,10 @@ impl TenantImages {
 
 impl ImageResolver for TenantImages {
     fn resolve(&self, r: &str) -> Result<FromImage, String> {
-        let (name, version) = match r.split_once(":v") {
-            Some((n, v)) => (n, Some(v.parse::<u32>().map_err(|_| format!("{r:?} is not NAME or NAME:vN"))?)),
-            None => (r, None),
-        };
         let missing = || format!("this account has no successfully built image {r}");
-        if !valid_name(name) {
-            return Err(missing());
-        }
+        // One reference rule with the local store's: NAME or NAME:vN, the name checked whole.
+        let reference: hearth_proto::image::ImageRef = r.parse().map_err(|_| missing())?;
+        let (name, version) = (reference.name.as_str(), reference.version);
         let versions = self.built.get(name).map_or(&[][..], Vec::as_slice);
         let v = versions.iter().rev().find(|v| version.is_none_or(|n| v.version == n)).ok_or_else(missing)?;
         Ok(FromImage {

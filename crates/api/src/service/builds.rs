@@ -118,7 +118,7 @@ impl Service {
             "imageArn": image_arn(&image.account, &image.name),
             "imageVersion": v.version.to_string(),
             "buildId": v.build_id,
-            "buildState": v.state.build_state(),
+            "buildState": crate::lifecycle::build_state(v.state),
             "architecture": "X86_64",
             "chipset": "INTEL",
             "chipsetGeneration": "x86-64",

@@ -31,7 +31,7 @@ use tokio::io::AsyncWriteExt;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FetchPolicy {
     /// Reach any address (loopback, private, the host's own) and honour the usual
-    /// `HTTPS_PROXY`/`NO_PROXY` variables: the operator's own tools (`hearth image build`,
+    /// `HTTPS_PROXY`/`NO_PROXY` variables: the operator's own tools (`hearth images local build`,
     /// run by root). Off, the default, for tenants: public addresses only, no proxy, from
     /// a network namespace of its own when the process is root (see the module).
     pub allow_private: bool,
