@@ -7,6 +7,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Tests keep their own state directory, beside the build, so they never touch a user's.
 export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
+# Everything the tests start lives under HEARTH_HOME or this run's own temporary directory
+# (test daemons' state directories, their VMs' run directories): the leak check looks there
+# only, and kills by PID only what it finds there, never an operator's own VMs or daemons.
+export TMPDIR="/tmp/hearth-test-$$"
+mkdir -p "$TMPDIR"
+# PIDs of processes matching $1 whose command line names one of this run's directories.
+ours() {
+    local pid
+    for pid in $(pgrep -f -- "$1" || true); do
+        if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -qF -e "$HEARTH_HOME/" -e "$TMPDIR/"; then
+            echo "$pid"
+        fi
+    done
+}
 
 ./scripts/setup.sh --debian
 # The API tests drive `hearth serve` with boto3, the AWS CLI and websocket-client, from PyPI;
@@ -27,10 +41,11 @@ status=0
 cargo test --workspace --locked -- --test-threads=2 || status=$?
 
 leaks=0
-if pgrep -f 'process=hearth-vm-' >/dev/null; then
-    echo "LEAK: QEMU processes survived the tests:" >&2
-    pgrep -fa 'process=hearth-vm-' >&2
-    pkill -9 -f 'process=hearth-vm-' || true
+qemus=$(ours 'process=hearth-vm-')
+if [ -n "$qemus" ]; then
+    echo "LEAK: QEMU processes of this run survived the tests:" >&2
+    ps -o pid,args -p "$(echo $qemus | tr ' ' ',')" >&2 || true
+    kill -9 $qemus 2>/dev/null || true
     leaks=1
 fi
 if [ -d "$HEARTH_HOME/run" ] && [ -n "$(ls -A "$HEARTH_HOME/run")" ]; then
@@ -38,10 +53,11 @@ if [ -d "$HEARTH_HOME/run" ] && [ -n "$(ls -A "$HEARTH_HOME/run")" ]; then
     ls -la "$HEARTH_HOME/run" >&2
     leaks=1
 fi
-if pgrep -f 'hearth serve' >/dev/null; then
-    echo "LEAK: hearth serve daemons survived the tests:" >&2
-    pgrep -fa 'hearth serve' >&2
-    pkill -9 -f 'hearth serve' || true
+daemons=$(ours 'hearth serve')
+if [ -n "$daemons" ]; then
+    echo "LEAK: hearth serve daemons of this run survived the tests:" >&2
+    ps -o pid,args -p "$(echo $daemons | tr ' ' ',')" >&2 || true
+    kill -9 $daemons 2>/dev/null || true
     leaks=1
 fi
 if ip netns list 2>/dev/null | grep -q '^hearth-'; then
@@ -60,6 +76,7 @@ if [ -n "$stray" ]; then
     echo "$stray" >&2
     leaks=1
 fi
+rm -rf "$TMPDIR"
 if [ "$status" -ne 0 ]; then
     echo "tests failed" >&2
     exit "$status"
