@@ -70,12 +70,14 @@ pub struct ApiError {
     pub message: String,
     /// The resource concerned.
     pub resource: Option<(String, String)>,
+    /// When to try again (`retryAfterSeconds`, in the shapes that have it).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     /// An error of `kind`.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), resource: None }
+        ApiError { kind, message: message.into(), resource: None, retry_after: None }
     }
 
     /// A ValidationException.
@@ -94,12 +96,13 @@ impl ApiError {
             kind: Kind::NotFound,
             message: format!("{resource_type} {id} not found"),
             resource: Some((resource_type.into(), id.into())),
+            retry_after: None,
         }
     }
 
     /// A ConflictException about `id`.
     pub fn conflict(resource_type: &str, id: &str, message: impl Into<String>) -> Self {
-        ApiError { kind: Kind::Conflict, message: message.into(), resource: Some((resource_type.into(), id.into())) }
+        ApiError { kind: Kind::Conflict, message: message.into(), resource: Some((resource_type.into(), id.into())), retry_after: None }
     }
 
     /// An InternalServerException; the cause is logged (with an id), the client gets a
@@ -109,6 +112,13 @@ impl ApiError {
         let id = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::error!(%cause, error_id = id, "internal error");
         Self::new(Kind::Internal, format!("internal error #{id}; the server's log has the details"))
+    }
+
+    /// An InternalServerException whose message is the client's to read (Hearth wrote it
+    /// to say what failed and what to do; no cause of unknown content goes in it), with
+    /// `retryAfterSeconds`.
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        ApiError { retry_after: Some(retry_after), ..Self::new(Kind::Internal, message) }
     }
 
     /// Its HTTP status.
@@ -144,11 +154,23 @@ impl From<hearth_vmm::AgentError> for ApiError {
 }
 
 impl From<hearth_vmm::VmError> for ApiError {
-    /// The agent's errors as [`From<hearth_vmm::AgentError>`]; a network change the VM
-    /// cannot take (no network, a rule it refuses) is the caller's (400); the rest is
-    /// Hearth's (500).
+    /// The agent's errors as [`From<hearth_vmm::AgentError>`]; a VM whose QEMU is gone is
+    /// a ConflictException (the microvm is, or is about to be, TERMINATED); a network
+    /// change the VM cannot take (no network, a rule it refuses) is the caller's (400);
+    /// the rest is Hearth's (500).
     fn from(e: hearth_vmm::VmError) -> Self {
         match e {
+            hearth_vmm::VmError::Stopped { status, .. } => ApiError::new(
+                Kind::Conflict,
+                format!(
+                    "the microvm's VM has stopped ({}); it is TERMINATED (GetMicrovm gives the reason): run another",
+                    hearth_vmm::QemuExit::from_status(status)
+                ),
+            ),
+            hearth_vmm::VmError::GuestPanicked { .. } => ApiError::new(
+                Kind::Conflict,
+                "the microvm's guest kernel panicked and its VM stopped; it is TERMINATED (GetMicrovm gives the console's last lines): run another",
+            ),
             hearth_vmm::VmError::Agent(a) => a.into(),
             hearth_vmm::VmError::Network(n) => ApiError::validation(n.to_string()),
             other => ApiError::internal(other),
@@ -162,6 +184,9 @@ impl IntoResponse for ApiError {
         if let Some((t, id)) = &self.resource {
             body["resourceType"] = t.clone().into();
             body["resourceId"] = id.clone().into();
+        }
+        if let Some(s) = self.retry_after {
+            body["retryAfterSeconds"] = s.into();
         }
         let status = http::StatusCode::from_u16(self.status()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
         (status, [("x-amzn-errortype", self.kind.name()), ("content-type", "application/json")], body.to_string()).into_response()

@@ -380,8 +380,14 @@ pub async fn serve(
     // Before any VM is restored or started: every namespace of this process is under it.
     crate::service::set_egress_ceiling(cfg.egress_allow_private.clone());
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
-    let svc = Arc::new(service);
-    svc.reconcile().await.map_err(|e| e.to_string())?;
+    let svc = service.shared();
+    // Listen at once; what the previous daemon left is settled in the background (its
+    // microvms answer ConflictException to changes until then, GetMicrovm their record).
+    let live = svc.prepare_recovery().await.map_err(|e| e.to_string())?;
+    let recovery = {
+        let svc = svc.clone();
+        tokio::spawn(async move { svc.recover(live).await })
+    };
     let metrics = metrics_listener.map(|l| {
         let router = crate::metrics::router(svc.clone());
         tokio::spawn(async move { axum::serve(l, router).await })
@@ -411,6 +417,7 @@ pub async fn serve(
         m.abort();
     }
     let _ = policy.await;
+    let _ = recovery.await;
     svc.release_all().await;
     r
 }

@@ -57,6 +57,10 @@ enum Cmd {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Measure again (timing and boot canary) instead of using the verdict cached in
+        /// `$HEARTH_HOME/accel.json`.
+        #[arg(long)]
+        recheck: bool,
     },
     /// Moved to `hearth-bench engine`.
     #[command(hide = true)]
@@ -132,7 +136,7 @@ fn main() {
                 eprintln!("note: `hearth image …` is deprecated; use `hearth images local …`");
                 imagecmd::run(c).await
             }
-            Cmd::Accel { json } => accel(json).map(|()| 0),
+            Cmd::Accel { json, recheck } => accel(json, recheck).map(|()| 0),
             Cmd::Bench(_) => moved("bench", "engine"),
             Cmd::BenchSnapshots(_) => moved("bench-snapshots", "snapshots"),
             Cmd::BenchBuild(_) => moved("bench-build", "build"),
@@ -160,26 +164,25 @@ fn moved(old: &str, new: &str) -> anyhow::Result<i32> {
     anyhow::bail!("`hearth {old}` moved out of the product binary: run `hearth-bench {new} …` (same flags; built beside `hearth`)")
 }
 
-fn accel(json: bool) -> anyhow::Result<()> {
-    let probe = hearth_vmm::accel::probe_kvm();
-    let chosen = hearth_vmm::accel::resolve(hearth_vmm::Accel::Auto);
+fn accel(json: bool, recheck: bool) -> anyhow::Result<()> {
+    let spec = hearth_vmm::accel::default_canary();
+    let v = hearth_vmm::accel::verdict(&spec, recheck);
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "accel": chosen.to_string(),
-                "kvm_probe_ms": probe.elapsed.map(|d| d.as_secs_f64() * 1000.0),
-                "reason": probe.reason,
-            })
-        );
+        let mut out = serde_json::to_value(&v)?;
+        // The same spelling as `--accel` takes (and as before).
+        out["accel"] = v.accel.to_string().into();
+        out["cached"] = v.cached.into();
+        out["cache"] = hearth_vmm::accel::cache_path(&hearth_vmm::home::hearth_home()).display().to_string().into();
+        println!("{out}");
     } else {
-        println!("auto picks: {chosen}");
-        if let Some(d) = probe.elapsed {
-            println!("KVM probe: {:.3} ms", d.as_secs_f64() * 1000.0);
+        println!("auto picks: {}{}", v.accel, if v.cached { " (cached; --recheck measures again)" } else { "" });
+        if let (Some(k), Some(h)) = (v.kvm_probe_ms, v.host_loop_ms) {
+            println!("probe loop: {k:.3} ms under KVM, {h:.3} ms on the host");
         }
-        if let Some(r) = &probe.reason {
-            println!("why not KVM: {r}");
+        if let Some(c) = v.canary_ms {
+            println!("KVM boot canary reached /init in {c:.0} ms");
         }
+        println!("why: {}", v.reason);
     }
     Ok(())
 }

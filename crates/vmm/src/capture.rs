@@ -84,33 +84,37 @@ impl Vm {
         Ok(())
     }
 
-    /// Refuses a capture into `dir` when its filesystem cannot hold the worst case (all of
-    /// guest RAM, plus room for state and disk), before the VM is touched. QEMU writing RAM
-    /// with several threads does not survive running out of space mid-way, so this check
-    /// is what keeps a too-full disk from costing the VM.
-    fn check_space(&self, dir: &Path) -> Result<(), SnapshotError> {
-        let probe = std::iter::successors(Some(dir), |p| p.parent()).find(|p| p.exists()).unwrap_or(Path::new("/"));
-        let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes()).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
-        // SAFETY: `st` is plain old data; statvfs fills it and `c` is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; both pointers are valid for the call.
-        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-            return Err(io(format!("check free space at {}", probe.display()))(std::io::Error::last_os_error()));
-        }
-        let free = st.f_bavail as u64 * st.f_frsize as u64;
-        let need = (u64::from(self.record.cfg.memory_mib) << 20) + (64 << 20);
-        if free < need {
-            return Err(SnapshotError::Io {
+    /// Reserves room in `dest`'s filesystem for what a capture will write (the guest's
+    /// possibly non-zero RAM, device state, and the disk when `copies_disk`), before the
+    /// VM is touched, or refuses saying needed vs available ([`crate::space`]). QEMU writing
+    /// RAM with several threads does not survive running out of space mid-way, so this is
+    /// what keeps a too-full disk from costing the VM. Release the reservation just before
+    /// QEMU writes.
+    fn check_space(&self, dest: &Path, copies_disk: bool) -> Result<crate::space::Reservation, SnapshotError> {
+        let backing = match &self.record.cfg.memory {
+            crate::config::Memory::Anonymous => None,
+            crate::config::Memory::SnapshotReady => Some(self.paths.memory.clone()),
+            crate::config::Memory::Template(p) => Some(p.clone()),
+        };
+        let disk = self.record.disk.as_deref().filter(|_| copies_disk);
+        let ram_size = u64::from(self.record.cfg.memory_mib) << 20;
+        let estimate = crate::space::estimate(self.process.pid(), ram_size, backing.as_deref(), disk);
+        let needed = estimate.needed();
+        vm_event!(self, debug, ram_in_use = estimate.ram, needed, "capture: space estimated");
+        crate::space::reserve(dest, needed).map_err(|e| match e {
+            crate::space::ReserveError::NoRoom { dir, needed, available } => SnapshotError::Io {
                 what: format!(
-                    "not enough space at {}: a suspend of this VM may need {} MiB, {} MiB are free",
-                    probe.display(),
-                    need >> 20,
-                    free >> 20
+                    "not enough space at {}: saving this VM needs {} MiB ({} MiB of guest RAM in use, plus device state{}), {} MiB are available",
+                    dir.display(),
+                    needed.div_ceil(1 << 20),
+                    estimate.ram >> 20,
+                    if estimate.disk > 0 { " and the disk" } else { "" },
+                    available >> 20
                 ),
                 source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-            });
-        }
-        Ok(())
+            },
+            crate::space::ReserveError::Io(source) => SnapshotError::Io { what: format!("reserve space for {}", dest.display()), source },
+        })
     }
 
     /// Saves the stopped VM's state to `file` ([`migration::save`]).
@@ -188,9 +192,10 @@ impl Vm {
     /// lives there). On failure (disk full, QEMU error) nothing partial is left and the VM
     /// is handed back running, unless QEMU itself died (check [`Vm::is_running`]).
     pub async fn suspend(mut self, dest: &Path) -> Result<Snapshot, (Box<Vm>, SnapshotError)> {
-        if let Err(e) = self.check_disk_owned().and_then(|()| self.check_space(dest)) {
-            return Err((Box::new(self), e));
-        }
+        let reserved = match self.check_disk_owned().and_then(|()| self.check_space(dest, false)) {
+            Ok(r) => r,
+            Err(e) => return Err((Box::new(self), e)),
+        };
         let in_place = self.record.disk.as_deref().and_then(Path::parent) == Some(dest);
         if !in_place && dest.exists() {
             let e = SnapshotError::Unsupported(format!("{} already exists", dest.display()));
@@ -210,12 +215,15 @@ impl Vm {
             self.unquiesce().await;
             return Err((Box::new(self), e));
         }
+        crate::crash::point("suspend.stopped");
         let t = std::time::Instant::now();
         let saved = async {
+            let _writing = reserved.release();
             self.migrate_to(&tmp, true).await?;
             vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: RAM and state written");
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))?;
             vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: state synced");
+            crate::crash::point("suspend.state-written");
             Ok::<(), SnapshotError>(())
         };
         if let Err(e) = saved.await {
@@ -230,6 +238,7 @@ impl Vm {
         let disk_from = self.record.disk.clone();
         let staged = self.stage_disk(&dir);
         let committed = staged.and_then(|has_disk| {
+            crate::crash::point("suspend.disk-staged");
             std::fs::rename(&tmp, dir.join("state")).map_err(io("install the state file"))?;
             let manifest = self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, None, has_disk);
             match staging.as_mut() {
@@ -243,6 +252,7 @@ impl Vm {
         vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: committed");
         match committed {
             Ok(snap) => {
+                crate::crash::point("suspend.committed");
                 // The saved state is the VM now: QEMU goes.
                 self.process.kill().await;
                 if let Some(from) = disk_from.filter(|f| f.exists() && f.parent() != Some(dest)) {
@@ -294,13 +304,14 @@ impl Vm {
             return Err(SnapshotError::Unsupported(format!("{} already exists", dest.display())));
         }
         self.check_disk_owned()?;
-        self.check_space(dest)?;
+        let reserved = self.check_space(dest, true)?;
         let mut staging = Staging::new(dest)?;
         // No detach here: the original keeps its agent connection and its running execs.
         // The copies wake mid-connection and resynchronise when their host probes (the
         // probe breaks the stale HTTP/2 connection in the copy; the next one is answered).
         self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
         let saved = async {
+            let _writing = reserved.release();
             // Stopped means drained and flushed: the overlay is consistent with RAM.
             let has_disk = match &self.record.disk {
                 Some(d) => {
@@ -331,6 +342,7 @@ fn sync_file(path: &Path) -> Result<(), SnapshotError> {
 /// Writes the manifest into the staging directory and renames it to `dest`.
 fn commit(staging: &mut Staging, dest: &Path, manifest: &Manifest) -> Result<Snapshot, SnapshotError> {
     snapshot::write_manifest(&staging.path, manifest)?;
+    crate::crash::point("snapshot.manifest-staged");
     std::fs::rename(&staging.path, dest).map_err(io(format!("install {}", dest.display())))?;
     staging.committed = true;
     if let Some(parent) = dest.parent() {

@@ -60,8 +60,21 @@ impl Vm {
     }
 
     /// Takes back a detached VM from its run directory (after the process that started it
-    /// released it or died). Fails when its QEMU is gone or another process holds it.
+    /// released it or died). Fails when its QEMU is gone, another process holds it, or its
+    /// agent does not answer within 10 s (then QEMU is killed and its
+    /// run directory removed).
     pub async fn reattach(dir: &Path) -> Result<Vm, BootError> {
+        Self::reattach_with(dir, false).await
+    }
+
+    /// Like [`Vm::reattach`], for a VM that a capture cut off by a crash left stopped: any
+    /// migration still under way is cancelled and the vCPUs are continued (QMP
+    /// `migrate_cancel`, `cont`) before the agent is reconnected.
+    pub async fn reattach_continuing(dir: &Path) -> Result<Vm, BootError> {
+        Self::reattach_with(dir, true).await
+    }
+
+    async fn reattach_with(dir: &Path, continuing: bool) -> Result<Vm, BootError> {
         let mut record = VmRecord::read(dir).map_err(|e| err(e.chain()))?;
         let span = record.span();
         let rundir = RunDir::adopt(dir.to_path_buf()).map_err(|e| err(format!("{}: {e}", dir.display())))?;
@@ -79,8 +92,16 @@ impl Vm {
         let paths = RunPaths::new(dir);
         let console = ConsoleTap::start(&paths);
         let connect = async {
-            let qmp = Qmp::connect(&paths.qmp).await.ok();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            // Retried: QEMU takes the new monitor client only once it has seen the old
+            // one (the dead process's) hang up.
+            let mut qmp = tokio::time::timeout(QMP_WAIT, Qmp::connect_retrying(&paths.qmp, QMP_WAIT)).await.ok().and_then(Result::ok);
+            if continuing && qmp.is_none() {
+                tracing::warn!("no QMP connection to continue a stopped VM");
+            }
+            if let (true, Some(q)) = (continuing, qmp.as_mut()) {
+                continue_stopped(q).await;
+            }
+            let deadline = tokio::time::Instant::now() + REATTACH_AGENT_WAIT;
             let agent = AgentClient::connect_retrying(&paths.agent, deadline).await;
             (qmp, agent)
         };
@@ -103,5 +124,31 @@ impl Vm {
         // Written back in this release's format.
         vm.persist();
         Ok(vm)
+    }
+}
+
+/// How long a reattach waits for a guest's agent. A running guest answers in
+/// milliseconds; the 30 s this once was made a restart wait 30 s for every paused or
+/// hung VM (one after another), with the API not yet listening.
+pub(crate) const REATTACH_AGENT_WAIT: Duration = Duration::from_secs(10);
+/// How long a reattach waits for QEMU's monitor.
+const QMP_WAIT: Duration = Duration::from_secs(3);
+
+/// Cancels a migration still under way (a suspend whose process died) and continues the
+/// vCPUs; best effort, every step bounded.
+async fn continue_stopped(q: &mut Qmp) {
+    let t = Duration::from_secs(3);
+    let _ = q.execute_timeout("migrate_cancel", None, t).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline {
+        let status = q.execute_timeout("query-migrate", None, t).await.ok();
+        let s = status.as_ref().and_then(|v| v.get("status")).and_then(serde_json::Value::as_str).unwrap_or("none").to_owned();
+        if !matches!(s.as_str(), "setup" | "active" | "cancelling" | "device" | "wait-unplug" | "pre-switchover") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Err(e) = q.execute_timeout("cont", None, t).await {
+        tracing::warn!("cont after an interrupted capture: {e}");
     }
 }

@@ -14,7 +14,8 @@
 //!   (`rundir`); `migration` saves and loads its state through QMP.
 //! - [`snapshot`]: the on-disk snapshot format; `capture` (template snapshots, suspends,
 //!   forks), [`restore`] (launch, resume, fork copies) and `detach` (release, reattach)
-//!   are `Vm` methods.
+//!   are `Vm` methods. [`exit`] tells how a VM's QEMU ended (a watch on its exit, the
+//!   signal or code and the console's last lines).
 //!
 //! Modules depend on each other one way, from the operations down to the parts:
 //!
@@ -35,7 +36,9 @@ pub mod assets;
 mod capture;
 pub mod config;
 mod console;
+pub mod crash;
 mod detach;
+pub mod exit;
 pub mod home;
 mod identity;
 mod migration;
@@ -44,14 +47,17 @@ pub mod pool;
 pub mod qemu;
 pub mod qmp;
 mod record;
+pub mod recover;
 pub mod restore;
 mod rundir;
 pub mod snapshot;
+mod space;
 pub mod vm;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError};
 pub use config::{ConfigError, Disk, DiskFormat, Memory, Start, VmConfig};
+pub use exit::{ExitReport, ExitWatch, QemuExit};
 pub use restore::RestoreOptions;
 pub use snapshot::{Snapshot, SnapshotError, SnapshotKind};
 pub use vm::{BootError, Vm, VmError};

@@ -292,6 +292,8 @@ pub struct QemuProcess {
     /// watcher task may be gone already when the runtime shuts down, and nothing else
     /// would stop a QEMU that outlives us).
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// Adopted ([`Self::adopt`]): its exit status is not knowable.
+    adopted: bool,
 }
 
 pub(crate) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -387,7 +389,7 @@ impl QemuProcess {
             };
             let _ = exit_tx.send(Some(status.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(-1))));
         });
-        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd })
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd, adopted: false })
     }
 
     /// Takes over a QEMU this process did not start (a detached one whose starter is
@@ -416,7 +418,7 @@ impl QemuProcess {
             }
             let _ = exit_tx.send(Some(killed));
         });
-        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd) })
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd), adopted: true })
     }
 
     /// Kills QEMU now through its pidfd, when it has one (detached or adopted).
@@ -437,6 +439,17 @@ impl QemuProcess {
     /// QEMU's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// True for a QEMU adopted by pid ([`Self::adopt`]), whose exit status is not knowable.
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// A receiver of QEMU's exit status (`None` until it exits; closed without a status
+    /// when QEMU is released).
+    pub(crate) fn exit_receiver(&self) -> watch::Receiver<Option<ExitStatus>> {
+        self.exit.clone()
     }
 
     /// QEMU's exit status once it has exited.

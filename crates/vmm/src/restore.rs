@@ -124,8 +124,11 @@ impl Vm {
 
     /// Resumes a suspended VM. Its disk stays in the snapshot directory and the VM writes
     /// to it in place; once the VM runs, the saved state no longer matches that disk, so
-    /// the snapshot is retired (its manifest and state removed). If the resume fails the
-    /// snapshot is left untouched and can be resumed again.
+    /// the manifest is retired (renamed to [`RETIRED_MANIFEST`]) before the guest runs. The
+    /// retired manifest and the state file stay until the caller has recorded the resumed
+    /// VM and calls [`finish_resume`]: a crash before that finds them, and
+    /// [`crate::recover`] either reattaches the new VM or puts the snapshot back. If the
+    /// resume fails before the guest ran, the snapshot is put back and can be resumed again.
     pub async fn resume(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
         tracing::debug!(dir = %snap.dir.display(), "resume");
         let mut cfg = restore_config(snap, opts, SnapshotKind::Suspended)?;
@@ -140,17 +143,14 @@ impl Vm {
         // leave a snapshot that would resume stale memory over a newer disk. It is put
         // back only if QEMU failed before the guest ran.
         let manifest = snap.dir.join("manifest.json");
-        let retired = snap.dir.join(".manifest.resuming");
+        let retired = snap.dir.join(RETIRED_MANIFEST);
+        crate::crash::point("resume.before-retire");
         std::fs::rename(&manifest, &retired)
             .map_err(|e| BootError::Snapshot(crate::snapshot::SnapshotError::Io { what: "retire the manifest".into(), source: e }))?;
         crate::snapshot::sync_dir(&snap.dir);
+        crate::crash::point("resume.retired");
         match Self::start_restored(cfg, &opts).await {
-            Ok(vm) => {
-                let _ = std::fs::remove_file(&retired);
-                let _ = std::fs::remove_file(snap.path(&snap.manifest.state.name));
-                crate::snapshot::sync_dir(&snap.dir);
-                Ok(vm)
-            }
+            Ok(vm) => Ok(vm),
             Err(e) if e.guest_never_ran() => {
                 let _ = std::fs::rename(&retired, &manifest);
                 crate::snapshot::sync_dir(&snap.dir);
@@ -169,4 +169,17 @@ impl Vm {
         vm.record.cfg.hostname = hostname;
         Ok(vm)
     }
+}
+
+/// The name a resumed snapshot's manifest has from the moment its guest may run until the
+/// resumed VM is recorded ([`finish_resume`]).
+pub const RETIRED_MANIFEST: &str = ".manifest.resuming";
+
+/// Removes what is left of a resumed snapshot (its retired manifest and state file; the
+/// disk stays, the VM writes it) once the caller has durably recorded the resumed VM.
+/// Before that call a crash leaves the snapshot recoverable ([`crate::recover`]).
+pub fn finish_resume(dir: &std::path::Path) {
+    let _ = std::fs::remove_file(dir.join(RETIRED_MANIFEST));
+    let _ = std::fs::remove_file(dir.join("state"));
+    crate::snapshot::sync_dir(dir);
 }

@@ -32,7 +32,7 @@ const RECONNECT_SETTLE: Duration = Duration::from_millis(150);
 
 /// The console's last lines, led by the kernel's panic line when there is one (a panic's
 /// backtrace is long and the line naming the cause would otherwise scroll out).
-fn console_report(path: &Path) -> (bool, String) {
+pub(crate) fn console_report(path: &Path) -> (bool, String) {
     let big = file_tail(path, 2000);
     let panic_line = big.lines().find(|l| l.contains("Kernel panic")).map(str::to_owned);
     let tail = file_tail(path, CONSOLE_TAIL_LINES);
@@ -221,7 +221,15 @@ pub(crate) fn breaks_session(e: &QmpError) -> bool {
 impl Vm {
     /// Boots a VM and waits for its agent.
     pub async fn boot(cfg: VmConfig) -> Result<Vm, BootError> {
-        Self::start(cfg, None).await
+        match Self::start(cfg.clone(), None).await {
+            // `auto` chose a KVM that cannot boot (it emulates): record it and use TCG.
+            Err(BootError::Timeout { timeout, accel: used, console }) if accel::made_no_progress(cfg.accel, used, &console) => {
+                let reason = format!("a VM booted with KVM showed no console output in {timeout:?}");
+                accel::record_boot_without_progress(&cfg.qemu_binary, reason);
+                Self::start(VmConfig { accel: Accel::Tcg, ..cfg }, None).await
+            }
+            r => r,
+        }
     }
 
     /// Starts QEMU for `cfg` (booting, or restoring when `cfg.start` is incoming), waits
@@ -240,7 +248,7 @@ impl Vm {
         span: tracing::Span,
     ) -> Result<Vm, BootError> {
         let started = Instant::now();
-        let accel = accel::resolve(cfg.accel);
+        let accel = accel::resolve_for(&cfg).await;
         let dir_path = cfg.run_root.join(&id);
         let dir = RunDir::create(dir_path.clone()).map_err(|source| BootError::RunDir { path: dir_path.clone(), source })?;
         let paths = RunPaths::new(&dir_path);
@@ -281,6 +289,7 @@ impl Vm {
             cfg,
         };
         record.write(&dir_path);
+        crate::crash::point("vm.qemu-spawned");
         let cfg = &record.cfg;
         let console = ConsoleTap::start(&paths);
 

@@ -23,6 +23,7 @@ impl Service {
             tracing::warn!(image = %image.name, version = rec.version, error = %e.message, "image build not started");
             return;
         }
+        hearth_vmm::crash::point("build.started");
         let dir = self.version_dir(&image.account, &image.name, rec.version);
         let result = self.clone().build_version(&rec, base, &dir).await;
         let (version_state, reason, image_state) = match result {

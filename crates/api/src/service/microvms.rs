@@ -1,6 +1,7 @@
 //! Microvms: run, get, list, suspend, resume, terminate, and the slot that holds a running
 //! microvm's VM.
 
+use super::faults::ResumeFailure;
 use super::{decode_token, encode_token, image_arn, page_size, Reason, Service, MAX_DURATION};
 use crate::clock::now;
 use crate::error::ApiError;
@@ -8,7 +9,7 @@ use crate::inputs::{to_map, GetMicrovmRequest, ListMicrovmsRequest, RunMicrovmRe
 use crate::keys::random_hex;
 use crate::lifecycle::{InvalidTransition, Lifecycle, MicrovmState};
 use crate::store::MicrovmRecord;
-use hearth_vmm::{RestoreOptions, Snapshot, Vm};
+use hearth_vmm::{crash, RestoreOptions, Snapshot, Vm};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,12 +165,14 @@ impl Service {
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         self.put(&m).await?;
+        crash::point("run.recorded");
         let started = std::time::Instant::now();
         match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
                 // Recorded before the hook: a crash from here on still finds the VM.
                 self.put(&m).await?;
+                crash::point("run.vm-recorded");
                 let payload = input.run_hook_payload.as_deref().unwrap_or_default();
                 if let Err(e) = self.call_hook(&vm, &m, "run", payload).await {
                     // The app refused to start this microvm: it is not handed out.
@@ -178,7 +181,7 @@ impl Service {
                     self.metrics.error("run-hook");
                     return Ok(self.microvm_json(&m));
                 }
-                guard.vm = Some(Arc::new(vm));
+                self.hold(&mut guard, vm, &m);
                 self.transition(&mut m, MicrovmState::Running, Reason::Keep).await?;
                 self.metrics.observe("launch", started.elapsed());
             }
@@ -282,6 +285,7 @@ impl Service {
             ));
         };
         self.transition(&mut m, MicrovmState::Suspending, Reason::Keep).await?;
+        crash::point("suspend.recorded");
         // The app hears of it first; a failing hook does not stop the suspend.
         let hook_error = self.call_hook(&vm, &m, "suspend", "").await.err();
         let dir = self.microvm_dir(&id).join("suspended");
@@ -289,20 +293,14 @@ impl Service {
         let started = std::time::Instant::now();
         match vm.suspend(&dir).await {
             Ok(_) => {
+                crash::point("suspend.done");
                 self.transition(&mut m, MicrovmState::Suspended, Reason::Set(reason.map(str::to_owned).or(hook_error))).await?;
                 self.metrics.observe("suspend", started.elapsed());
                 Ok(json!({}))
             }
             Err((vm, e)) => {
                 self.metrics.error("suspend");
-                if vm.is_running() {
-                    guard.vm = Some(Arc::new(*vm));
-                    self.transition(&mut m, MicrovmState::Running, Reason::Set(Some(format!("suspend failed: {e}")))).await?;
-                } else {
-                    self.transition(&mut m, MicrovmState::Terminated, Reason::Set(Some(format!("the VM died while suspending: {e}"))))
-                        .await?;
-                }
-                Err(ApiError::internal(format!("suspend failed: {e}")))
+                Err(self.suspend_failed(&mut guard, &mut m, *vm, e).await)
             }
         }
     }
@@ -320,22 +318,32 @@ impl Service {
             return Err(InvalidTransition { id, from: m.state, to: MicrovmState::Running }.into());
         }
         let dir = self.microvm_dir(&id).join("suspended");
-        let snap = Snapshot::open(&dir).map_err(|e| ApiError::internal(format!("the suspended state of {id} is unusable: {e}")))?;
+        let snap = match Snapshot::open(&dir) {
+            Ok(s) => s,
+            Err(e) => return Err(self.resume_failed(&mut m, ResumeFailure::Open(e)).await),
+        };
         let started = std::time::Instant::now();
         match Vm::resume(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
             Ok(vm) => {
+                // Each step recorded before the next (reconcile reads them after a crash):
+                // the retired manifest, the new QEMU's vm.json (named after the microvm),
+                // its run directory here, RUNNING; only then is the saved state deleted.
+                crash::point("resume.vm-started");
                 m.vm_dir = Some(vm.run_dir().display().to_string());
                 self.put(&m).await?;
+                crash::point("resume.vm-recorded");
                 let hook_error = self.call_hook(&vm, &m, "resume", "").await.err();
-                guard.vm = Some(Arc::new(vm));
+                self.hold(guard, vm, &m);
                 guard.cpu = None;
                 self.transition(&mut m, MicrovmState::Running, Reason::Set(hook_error)).await?;
+                crash::point("resume.running");
+                hearth_vmm::restore::finish_resume(&dir);
                 self.metrics.observe("resume", started.elapsed());
                 Ok(m)
             }
             Err(e) => {
                 self.metrics.error("resume");
-                Err(ApiError::internal(format!("resume of {id} failed: {e}")))
+                Err(self.resume_failed(&mut m, ResumeFailure::Start(e)).await)
             }
         }
     }
@@ -347,6 +355,7 @@ impl Service {
         if m.state != MicrovmState::Terminating {
             self.transition(&mut m, MicrovmState::Terminating, Reason::Keep).await?;
         }
+        crash::point("terminate.recorded");
         if let Some(shared) = guard.vm.clone() {
             if let Err(e) = self.call_hook(&shared, &m, "terminate", "").await {
                 tracing::info!(microvm = %id, error = %e, "terminate hook");
@@ -362,6 +371,7 @@ impl Service {
                 None => drop(guard.vm.take()),
             }
         }
+        crash::point("terminate.killed");
         let _ = std::fs::remove_dir_all(self.microvm_dir(&id));
         self.transition(&mut m, MicrovmState::Terminated, reason.map_or(Reason::Keep, |r| Reason::Set(Some(r.to_owned())))).await?;
         drop(guard);

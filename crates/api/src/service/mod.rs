@@ -6,7 +6,8 @@
 //! One file per concern: `microvms` (run, get, list, suspend, resume, terminate),
 //! `transitions` (the one way a microvm, version or image changes state), `images`
 //! (images and their versions), `builds`, `tags`, `tokens` (endpoint and shell tokens),
-//! `policies` (idle, lifetime), `reconcile` (on start), `extensions` (exec, files, egress,
+//! `policies` (idle, lifetime), `reconcile` (on start), `faults` (QEMU exits nobody asked
+//! for, failed suspends and resumes told as the model's errors), `extensions` (exec, files, egress,
 //! usage), `accounts` (access keys, idempotency claims, counts) and `artifacts` (code
 //! artifacts and `FROM` images of builds).
 //!
@@ -19,6 +20,7 @@ mod accounts;
 mod artifacts;
 mod builds;
 mod extensions;
+mod faults;
 mod images;
 mod microvms;
 mod policies;
@@ -88,6 +90,11 @@ pub struct Service {
     /// Signs and checks ingress tokens.
     pub token_key: crate::ingress::TokenKey,
     ingress: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Microvms the start-up reconcile has not settled yet ([`Service::mark_recovering`]):
+    /// read from their record, changed by nothing else until it has.
+    recovering: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The service itself, for the tasks that watch each VM's QEMU ([`Self::shared`]).
+    me: std::sync::Weak<Service>,
 }
 
 /// What a change of state does to the record's `stateReason`.
@@ -117,7 +124,15 @@ impl Service {
             metrics: Default::default(),
             token_key,
             ingress: Default::default(),
+            recovering: Default::default(),
+            me: std::sync::Weak::new(),
         }
+    }
+
+    /// The service, shared: the form the daemon runs it in. Only a service made this way
+    /// notices a QEMU that exits on its own (its watchers reach the service through it).
+    pub fn shared(self) -> Arc<Service> {
+        Arc::new_cyclic(|me| Service { me: me.clone(), ..self })
     }
 
     /// Microvm `ident` of `account` with its lock held, read again under the lock.
@@ -125,6 +140,7 @@ impl Service {
     async fn locked(&self, account: &str, ident: &str) -> Result<(String, tokio::sync::OwnedMutexGuard<Slot>, MicrovmRecord), ApiError> {
         let id = Self::microvm_id(account, ident);
         self.load(account, &id).await?;
+        self.check_not_recovering(&id)?;
         let guard = self.slot(&id).lock_owned().await;
         let m = self.load(account, &id).await?;
         Ok((id, guard, m))

@@ -36,91 +36,10 @@ pub struct BenchApiArgs {
     json: bool,
 }
 
-/// Kills whatever microvm QEMU of the benchmark is left (they are detached, and outlive
-/// an in-process daemon that stops on an error) and their network namespaces.
-struct Leftovers(std::path::PathBuf);
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("pkill").arg("-9").arg("-f").arg(format!("{}/", self.0.display())).status();
-        for e in std::fs::read_dir(&self.0).into_iter().flatten().flatten() {
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del"])
-                .arg(format!("hearth-{}", e.file_name().to_string_lossy()))
-                .stderr(std::process::Stdio::null())
-                .status();
-        }
-    }
-}
-
 /// Runs the benchmark.
 pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
-    let home = hearth_vmm::home::hearth_home();
-    let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
-    let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
-    vm.accel = a.accel;
-    let state = tempfile::Builder::new().prefix("bench-api-").tempdir_in(&home)?;
-    vm.run_root = state.path().join("run");
-    // Declared after `state`, so it runs before the directory is removed.
-    let _leftovers = Leftovers(vm.run_root.clone());
-    std::fs::create_dir_all(state.path())?;
-    let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
-    let key = hearth_api::keys::new_key(&hearth_api::keys::new_account());
-    store.add_key(&key)?;
-    // The benchmark's tenant builds from a directory of its own state, as an operator
-    // would allow with `hearth accounts set --artifact-root`.
-    store.set_account_settings(&key.account, &hearth_api::store::AccountSettings { artifact_root: Some(state.path().to_path_buf()) })?;
-    drop(store);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = hearth_api::server::ServeConfig {
-        listen: "127.0.0.1:0".parse()?,
-        home: home.clone(),
-        state_dir: state.path().to_path_buf(),
-        vm: vm.clone(),
-        policy_interval: Duration::from_secs(1),
-        public_url: None,
-        metrics_listen: None,
-        egress_allow_private: Vec::new(),
-    };
-    let daemon = tokio::spawn(hearth_api::server::serve(
-        cfg,
-        move |s| {
-            let _ = tx.send(s.addr);
-        },
-        async move {
-            let _ = stop_rx.await;
-        },
-    ));
-    let addr = rx.await?;
-    let c = Client::new(&format!("http://{addr}"), &key.access_key, &key.secret);
-
-    let ctx = state.path().join("ctx");
-    std::fs::create_dir_all(&ctx)?;
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n",
-    )?;
-    eprintln!("building the image through the API");
-    c.call(
-        http::Method::POST,
-        "/2025-09-09/microvm-images",
-        Some(&json!({
-            "name": "bench",
-            "baseImageArn": hearth_api::service::managed_arn("minimal"),
-            "buildRoleArn": "arn:aws:iam::123456789012:role/bench",
-            "codeArtifact": { "uri": format!("file://{}", ctx.display()) },
-        })),
-    )
-    .await?;
-    loop {
-        let v = c.call(http::Method::GET, "/2025-09-09/microvm-images/bench/versions/1", None).await?;
-        match v["state"].as_str() {
-            Some("SUCCESSFUL") => break,
-            Some("FAILED") => anyhow::bail!("the image build failed: {}", v["stateReason"]),
-            _ => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let d = crate::daemon::BenchDaemon::start(a.accel, "bench-api-").await?;
+    let (c, addr, home, vm) = (d.client.clone(), d.addr, d.home.clone(), d.vm.clone());
 
     eprintln!("RunMicrovm ×{}", a.runs);
     let (mut running, mut first_exec, mut cold) = (Vec::new(), Vec::new(), Vec::new());
@@ -214,12 +133,12 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
 
     eprintln!("ListMicrovms with {} microvms in the store", a.records);
     {
-        let store = hearth_api::store::Store::open(&state.path().join("hearth.db"))?;
+        let store = hearth_api::store::Store::open(&d.state.path().join("hearth.db"))?;
         let t = hearth_api::clock::now();
         for i in 0..a.records {
             store.put_microvm(&hearth_api::store::MicrovmRecord {
                 microvm_id: format!("mvm-bench{i:08}"),
-                account: key.account.clone(),
+                account: d.account.clone(),
                 image_name: "bench".into(),
                 image_version: 1,
                 state: hearth_api::lifecycle::MicrovmState::Terminated,
@@ -259,8 +178,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         anyhow::ensure!(n >= a.records, "listed {n} of {} microvms", a.records);
         all.push(ms(t.elapsed()));
     }
-    let _ = stop_tx.send(());
-    let _ = daemon.await;
+    d.stop().await;
     report::print(
         vec![
             Row { name: "RunMicrovm → RUNNING (API, minimal image)".into(), samples: running, unit: "ms" },

@@ -4,9 +4,11 @@
 
 mod api;
 mod build;
+mod daemon;
 mod engine;
 mod report;
 mod snapshots;
+mod soak;
 
 use clap::{Parser, Subcommand};
 use hearth_cli::vmargs;
@@ -39,6 +41,10 @@ enum Cmd {
     /// Measure the API: RunMicrovm → RUNNING and → first exec against a cold boot;
     /// ListMicrovms latency with 1,000 microvms in the store.
     Api(api::BenchApiArgs),
+    /// Soak the daemon: suspend/resume cycles (a process and a file kept), run → exec →
+    /// terminate cycles (descriptors, RSS, disk watched; --check fails on growth), N
+    /// concurrent RunMicrovm with GetMicrovm latency meanwhile.
+    Soak(soak::SoakArgs),
 }
 
 fn main() {
@@ -56,6 +62,7 @@ fn main() {
             Cmd::Snapshots(a) => snapshots::run(a).await,
             Cmd::Build(a) => build::run(a).await,
             Cmd::Api(a) => api::run(a).await,
+            Cmd::Soak(a) => soak::run(a).await,
         }
     });
     // Dropping the runtime lets VM guards kill anything still running before we exit.
