@@ -128,7 +128,7 @@ pub async fn run(a: SoakArgs) -> anyhow::Result<()> {
     let after = sample();
     rows.push(Row { name: "run → exec → terminate cycle (API)".into(), samples: cycle, unit: "ms" });
     // One row per sample point (a table row sorts its samples).
-    for (when, (f, r, b)) in [("before", before), ("halfway", halfway), ("after", after)] {
+    for (when, (f, r, b)) in [("before", before), ("halfway through", halfway), ("after", after)] {
         rows.push(Row { name: format!("open descriptors, {when} the cycles"), samples: vec![f as f64], unit: "fds" });
         rows.push(Row { name: format!("daemon RSS, {when} the cycles"), samples: vec![r as f64 / 1024.0], unit: "MiB" });
         rows.push(Row { name: format!("state directory, {when} the cycles"), samples: vec![b as f64 / 1e6], unit: "MB" });
