@@ -34,29 +34,24 @@ impl Drop for Microvms {
 
 impl Daemon {
     pub fn start(state: &Path) -> Daemon {
-        let mut child = hearth()
-            .args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"])
-            .arg(state)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start hearth serve");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
-        Daemon(child, url)
+        Self::spawn(hearth().args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"]).arg(state))
     }
 
     /// Like [`Daemon::start`], with `env` added and its log (stderr) written to `log`.
     pub fn start_with(state: &Path, env: &[(&str, &str)], log: &Path) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("daemon log");
-        let mut child = hearth()
-            .args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"])
-            .arg(state)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start hearth serve");
+        Self::spawn(
+            hearth()
+                .args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"])
+                .arg(state)
+                .envs(env.iter().copied())
+                .stderr(log),
+        )
+    }
+
+    /// Starts `cmd` and waits for the line that names its address.
+    fn spawn(cmd: &mut Command) -> Daemon {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start hearth serve");
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
         let url = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
