@@ -34,6 +34,12 @@ pub struct ServeArgs {
     /// Default: none.
     #[arg(long, value_name = "CIDR", value_parser = hearth_vmm::net::Rule::parse, env = "HEARTH_EGRESS_ALLOW_PRIVATE", value_delimiter = ',')]
     egress_allow_private: Vec<hearth_vmm::net::Rule>,
+    /// Run QEMU without its jail (own uid, mount and PID namespaces, cgroups, no
+    /// capabilities: docs/SECURITY.md), for hosts that cannot jail (not root, no cgroup
+    /// v1). By default every microVM is jailed where the host can (`HEARTH_JAIL=0` also
+    /// turns it off).
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -43,6 +49,20 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
     let mut vm = hearth_vmm::VmConfig::new(kernel, initramfs);
     vm.accel = a.accel;
+    let jail = if a.no_jail { None } else { hearth_vmm::jail::default_jail() };
+    match &jail {
+        Some(_) => tracing::info!("every QEMU runs in its jail"),
+        None => {
+            let why = if a.no_jail {
+                "--no-jail".to_owned()
+            } else {
+                hearth_vmm::jail::available(std::path::Path::new("/sys/fs/cgroup")).err().unwrap_or_else(|| "HEARTH_JAIL=0".into())
+            };
+            tracing::warn!(%why, "QEMU runs without its jail: a QEMU escape is a host compromise");
+        }
+    }
+    hearth_vmm::jail::set_default(jail.clone());
+    vm.jail = jail;
     vm.boot_timeout = std::time::Duration::from_secs(120);
     let state_dir = a.state_dir.clone().unwrap_or_else(|| home.join("api"));
     tracing::info!(listen = %a.listen, state = %state_dir.display(), "starting the API daemon");

@@ -66,6 +66,7 @@ fn opts() -> RestoreOptions {
         egress: None,
         detached: false,
         name: None,
+        jail: hearth_vmm::jail::default_jail(),
     }
 }
 

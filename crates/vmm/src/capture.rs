@@ -118,14 +118,30 @@ impl Vm {
     }
 
     /// Saves the stopped VM's state to `file` ([`migration::save`]).
+    /// A jailed QEMU sees only its own directory: it writes there, and the file is handed
+    /// back to root and moved to `file` (a rename: the run directory and snapshots share
+    /// `$HEARTH_HOME`'s filesystem; a copy otherwise).
     async fn migrate_to(&self, file: &Path, mapped_ram: bool) -> Result<(), SnapshotError> {
         let q = |e: String| SnapshotError::Qemu(e);
+        let jailed = self.record.cfg.jail.is_some();
+        let target = if jailed { self.paths.qmp.with_file_name(".migrate.tmp") } else { file.to_path_buf() };
         let mut session = self.qmp_session().await.map_err(|e| q(e.to_string()))?;
         let qmp = session.as_mut().expect("connected by qmp_session");
-        let saved = migration::save(qmp, file, mapped_ram).await;
+        let saved = migration::save(qmp, &target, mapped_ram).await;
         if let Err(MigrationError::Qmp(e)) = &saved {
             if breaks_session(e) {
                 *session = None;
+            }
+        }
+        drop(session);
+        if jailed {
+            let moved = saved.is_ok().then(|| {
+                crate::jail::hand_back(&target)?;
+                std::fs::rename(&target, file).or_else(|_| std::fs::copy(&target, file).map(drop))
+            });
+            let _ = std::fs::remove_file(&target);
+            if let Some(Err(e)) = moved {
+                return Err(SnapshotError::Io { what: format!("move the state into {}", file.display()), source: e });
             }
         }
         saved.map_err(|e| q(e.to_string()))
@@ -172,6 +188,10 @@ impl Vm {
                 return Err(SnapshotError::Io { what: "move the memory file".into(), source: e });
             }
             std::fs::copy(&self.paths.memory, &mem).map_err(io("copy the memory file"))?;
+        }
+        if self.record.cfg.jail.is_some() {
+            // Every clone maps it read-only, each under its own uid.
+            crate::jail::hand_back(&mem).map_err(io("hand the memory file back"))?;
         }
         std::fs::File::open(&mem).and_then(|f| f.sync_all()).map_err(io("sync the memory file"))?;
         let has_disk = self.stage_disk(&staging.path)?;
@@ -293,6 +313,9 @@ impl Vm {
                 Err(e) => return Err(SnapshotError::Io { what: format!("move the disk {}", disk.display()), source: e }),
             }
         }
+        // A jailed VM's disk stays its uid's: a failed capture puts it back and `cont`
+        // makes QEMU reopen it read-write. The jail that next uses it takes it over
+        // (`jail::prepare`: chown for a resumed VM, `o+r` for a template's clones).
         std::fs::File::open(&target).and_then(|f| f.sync_all()).map_err(io("sync the disk"))?;
         Ok(true)
     }

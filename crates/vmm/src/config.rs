@@ -134,6 +134,10 @@ pub struct VmConfig {
     /// [`MAX_NAME_LEN`] characters.
     #[serde(default)]
     pub name: Option<String>,
+    /// Run QEMU in a jail ([`crate::jail`]): its own uid, mount and PID namespaces,
+    /// cgroups, no capabilities. Defaults to the process's ([`crate::jail::default_jail`]).
+    #[serde(default)]
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 /// A configuration that cannot work.
@@ -184,6 +188,7 @@ impl VmConfig {
             network: None,
             detached: false,
             name: None,
+            jail: crate::jail::default_jail(),
         }
     }
 

@@ -50,8 +50,11 @@ impl Vm {
             return dir;
         }
         self.persist();
-        let Vm { process, net, _dir, .. } = self;
+        let Vm { process, cgroup, net, _dir, .. } = self;
         process.release();
+        if let Some(c) = cgroup {
+            c.release();
+        }
         if let Some(ns) = net {
             ns.release();
         }
@@ -89,7 +92,9 @@ impl Vm {
             process.release();
             return Err(err(format!("the QEMU of {} (pid {}) is gone", record.id, record.pid)));
         }
-        let paths = RunPaths::new(dir);
+        let paths = RunPaths::for_config(dir, &record.cfg);
+        let cgroup =
+            record.cfg.jail.as_ref().zip(crate::jail::uid_of(dir)).map(|(j, uid)| crate::jail::cgroup::Cgroup::adopt(&j.cgroup_root, uid));
         let console = ConsoleTap::start(&paths);
         let connect = async {
             // Retried: QEMU takes the new monitor client only once it has seen the old
@@ -110,6 +115,7 @@ impl Vm {
         span.in_scope(|| tracing::info!(pid = record.pid, "reattached"));
         let vm = Vm {
             process,
+            cgroup,
             net,
             agent,
             qmp: tokio::sync::Mutex::new(qmp),

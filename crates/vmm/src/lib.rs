@@ -41,6 +41,7 @@ mod detach;
 pub mod exit;
 pub mod home;
 mod identity;
+pub mod jail;
 mod migration;
 pub mod net;
 pub mod pool;

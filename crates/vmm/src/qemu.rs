@@ -45,6 +45,23 @@ impl RunPaths {
             memory: dir.join("memory"),
         }
     }
+
+    /// The paths of a VM whose QEMU is jailed ([`crate::jail`]): what QEMU creates or writes
+    /// lives in `dir/q/`, the only directory its uid owns and the only part of the run
+    /// directory its mount view holds; `vm.json`, the lock and the logs stay the host's.
+    pub fn jailed(dir: &Path) -> Self {
+        let q = dir.join(crate::jail::QEMU_DIR);
+        RunPaths { console: dir.join("console.log"), qemu_log: dir.join("qemu.log"), ..Self::new(&q) }
+    }
+
+    /// The paths for a VM made from `cfg` (jailed or not).
+    pub fn for_config(dir: &Path, cfg: &VmConfig) -> Self {
+        if cfg.jail.is_some() {
+            Self::jailed(dir)
+        } else {
+            Self::new(dir)
+        }
+    }
 }
 
 /// The host's TSC frequency in kHz, measured once (x86-64 only).
@@ -163,12 +180,19 @@ pub(crate) fn is_vm_process(pid: u32, id: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_names_vm(&c, id))
 }
 
+/// `-accel` of a jailed TCG VM.
+const TCG_JAILED: &str = "tcg,tb-size=256";
+const _: () = assert!(crate::jail::cgroup::TCG_TB_MIB == 256);
+
 /// The QEMU arguments for a VM with a resolved accelerator (`Kvm` or `Tcg`).
 pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Vec<String> {
     // Paths go into comma-separated option lists, where a literal comma is written twice.
     let p = |p: &Path| opt_path(p);
     let (accel_name, cpu) = match accel {
         Accel::Kvm => ("kvm", "host"),
+        // Jailed, the translation cache is capped so QEMU fits its cgroup
+        // (jail::cgroup::TCG_TB_MIB; the default is up to 1 GiB, mapped lazily).
+        _ if cfg.jail.is_some() => (TCG_JAILED, "max"),
         _ => ("tcg", "max"),
     };
     let mut a: Vec<String> = vec![
@@ -237,7 +261,12 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
     if cfg.network.is_some() {
         // QEMU runs inside the VM's namespace, where `tap0` is the only tap.
         a.push("-netdev".into());
-        a.push("tap,id=net0,ifname=tap0,script=no,downscript=no".into());
+        if cfg.jail.is_some() {
+            // Opened by the jail in the namespace and handed over; QEMU has no /dev/net/tun.
+            a.push(format!("tap,id=net0,fd={},vhost=off", crate::jail::TAP_FD));
+        } else {
+            a.push("tap,id=net0,ifname=tap0,script=no,downscript=no".into());
+        }
         a.push("-device".into());
         a.push(format!("virtio-net-pci,netdev=net0,mac={}", crate::net::GUEST_MAC));
     }
@@ -266,6 +295,11 @@ pub fn create_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<
         let _ = std::fs::remove_file(&tmp);
     }
     Ok(())
+}
+
+/// Creates a qcow2 overlay on `base` with `qemu-img` (no cached copy).
+pub(crate) fn create_overlay_uncached(base: &Path, base_format: &str, overlay: &Path) -> Result<(), String> {
+    make_overlay(base, base_format, overlay)
 }
 
 fn make_overlay(base: &Path, base_format: &str, overlay: &Path) -> Result<(), String> {
@@ -304,6 +338,21 @@ pub(crate) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     }
     // SAFETY: `raw` was just returned by pidfd_open and is owned by nobody else.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) })
+}
+
+/// Reaps the exited child behind `fd` and returns its status.
+fn reap(fd: &std::os::fd::OwnedFd) -> Option<ExitStatus> {
+    // SAFETY: siginfo_t is plain old data; waitid fills it for the pidfd we own.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; P_PIDFD (3) takes the descriptor as the id.
+    let r = unsafe { libc::waitid(3 as libc::idtype_t, std::os::fd::AsRawFd::as_raw_fd(fd) as libc::id_t, &mut info, libc::WEXITED) };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: waitid filled a SIGCHLD siginfo, whose status field is valid.
+    let status = unsafe { info.si_status() };
+    let raw = if info.si_code == libc::CLD_EXITED { (status & 0xff) << 8 } else { status & 0x7f };
+    Some(std::os::unix::process::ExitStatusExt::from_raw(raw))
 }
 
 pub(crate) fn pidfd_kill(fd: &std::os::fd::OwnedFd) {
@@ -392,11 +441,32 @@ impl QemuProcess {
         Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd, adopted: false })
     }
 
+    /// Starts QEMU with `args` in `jail` ([`crate::jail`]), inside the network namespace at
+    /// `netns` when given; stderr goes to `stderr_log`. The pid kept is QEMU's host pid.
+    pub(crate) fn spawn_jailed(
+        jail: &crate::jail::Prepared,
+        binary: &Path,
+        args: &[String],
+        stderr_log: &Path,
+        netns: Option<&Path>,
+        detached: bool,
+    ) -> std::io::Result<QemuProcess> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(stderr_log)?;
+        log.set_len(0)?;
+        let ns = netns.map(std::fs::File::open).transpose()?;
+        let (pid, fd) = crate::jail::spawn(jail, binary, args, &log, ns.as_ref(), detached)?;
+        Self::watch_pidfd(pid, fd, true)
+    }
+
     /// Takes over a QEMU this process did not start (a detached one whose starter is
     /// gone): its exit is watched through a pidfd (the status is not knowable: reported
     /// as killed by SIGKILL), and it is killed when dropped unless released again.
     pub fn adopt(pid: u32) -> std::io::Result<QemuProcess> {
-        let fd = open_pidfd(pid)?;
+        Self::watch_pidfd(pid, open_pidfd(pid)?, false)
+    }
+
+    /// Watches `fd` (a pidfd of `pid`); `child`: our own child, reaped for its status.
+    fn watch_pidfd(pid: u32, fd: std::os::fd::OwnedFd, child: bool) -> std::io::Result<QemuProcess> {
         let kill_fd = fd.try_clone()?;
         // SAFETY: the descriptor is an OwnedFd moved into the AsyncFd, which deregisters it
         // before closing it; nothing else uses it.
@@ -409,16 +479,20 @@ impl QemuProcess {
             tokio::select! {
                 _ = afd.readable() => {}
                 k = kill_rx => {
-                    if k == Ok(false) {
+                    if k == Ok(false) && !child {
                         return;
                     }
-                    pidfd_kill(afd.get_ref());
+                    if k != Ok(false) {
+                        pidfd_kill(afd.get_ref());
+                    }
+                    // A released child runs on; it is still reaped here when it ends.
                     let _ = afd.readable().await;
                 }
             }
-            let _ = exit_tx.send(Some(killed));
+            let status = if child { reap(afd.get_ref()).unwrap_or(killed) } else { killed };
+            let _ = exit_tx.send(Some(status));
         });
-        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd), adopted: true })
+        Ok(QemuProcess { pid, exit: exit_rx, kill: Some(kill_tx), pidfd: Some(kill_fd), adopted: !child })
     }
 
     /// Kills QEMU now through its pidfd, when it has one (detached or adopted).

@@ -56,6 +56,7 @@ pub async fn discard(dir: &Path) {
         if r.netns.is_some() {
             crate::net::remove_stale(&r.id);
         }
+        crate::jail::remove_groups(dir, r.cfg.jail.as_ref());
     }
     // Removes the run directory.
     drop(lock);
@@ -70,7 +71,7 @@ pub async fn guest_ran(dir: &Path) -> bool {
     if !r.qemu_runs() {
         return true;
     }
-    let paths = crate::qemu::RunPaths::new(dir);
+    let paths = crate::qemu::RunPaths::for_config(dir, &r.cfg);
     let status = async {
         let mut q = Qmp::connect(&paths.qmp).await.ok()?;
         q.execute_timeout("query-status", None, Duration::from_secs(2)).await.ok()

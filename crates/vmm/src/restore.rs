@@ -35,6 +35,8 @@ pub struct RestoreOptions {
     /// The caller's name for the new VM ([`crate::VmConfig::name`]: in QEMU's process
     /// name and in every log line about the VM); the API passes its microvm id.
     pub name: Option<String>,
+    /// The new VM's jail ([`crate::VmConfig::jail`]); defaults to the process's.
+    pub jail: Option<crate::jail::JailConfig>,
 }
 
 impl RestoreOptions {
@@ -47,6 +49,7 @@ impl RestoreOptions {
             egress: None,
             detached: false,
             name: None,
+            jail: crate::jail::default_jail(),
         }
     }
 }
@@ -68,6 +71,7 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg.hostname = m.hostname.clone();
     cfg.detached = opts.detached;
     cfg.name = opts.name.clone();
+    cfg.jail = opts.jail.clone();
     cfg.network = m.network.as_ref().map(|recorded| {
         opts.egress.clone().unwrap_or_else(|| if m.kind == SnapshotKind::Template { crate::net::Egress::none() } else { recorded.clone() })
     });

@@ -72,6 +72,10 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
         let stale = stale && !crate::record::live_detached(&dir);
         if stale {
             crate::net::remove_stale(&e.file_name().to_string_lossy());
+            // A jailed VM's cgroups, named by the uid that owns its `q/`.
+            if let Ok(r) = VmRecord::read(&dir) {
+                crate::jail::remove_groups(&dir, r.cfg.jail.as_ref());
+            }
         }
         if stale && std::fs::remove_dir_all(&dir).is_ok() {
             tracing::info!(dir = %dir.display(), "removed a stale run directory");

@@ -180,6 +180,8 @@ pub enum VmError {
 pub struct Vm {
     // Field order is drop order: QEMU goes before its directory.
     pub(crate) process: QemuProcess,
+    /// A jailed QEMU's cgroups (after QEMU: removed once it is gone).
+    pub(crate) cgroup: Option<crate::jail::cgroup::Cgroup>,
     /// The VM's network namespace (after QEMU: it goes away with its last process).
     pub(crate) net: Option<NetNs>,
     pub(crate) agent: AgentClient,
@@ -251,9 +253,13 @@ impl Vm {
         let accel = accel::resolve_for(&cfg).await;
         let dir_path = cfg.run_root.join(&id);
         let dir = RunDir::create(dir_path.clone()).map_err(|source| BootError::RunDir { path: dir_path.clone(), source })?;
-        let paths = RunPaths::new(&dir_path);
+        let paths = RunPaths::for_config(&dir_path, &cfg);
         if paths.agent.as_os_str().len() >= 108 {
             return Err(BootError::PathTooLong(dir_path));
+        }
+        if cfg.jail.is_some() {
+            let q = dir_path.join(crate::jail::QEMU_DIR);
+            std::fs::create_dir(&q).map_err(|source| BootError::RunDir { path: q, source })?;
         }
         if let Some(disk) = cfg.root.as_ref().filter(|d| d.overlay) {
             qemu::create_overlay(&disk.path, disk.format.as_str(), &paths.overlay).map_err(BootError::Overlay)?;
@@ -275,8 +281,17 @@ impl Vm {
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
         tracing::debug!(?args, "starting QEMU");
         tracing::debug!(elapsed = ?started.elapsed(), "prepared (overlay, network)");
-        let process = QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, net.as_ref().map(NetNs::path).as_deref(), cfg.detached)
-            .map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
+        let netns = net.as_ref().map(NetNs::path);
+        let (process, cgroup) = match &cfg.jail {
+            None => (QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, netns.as_deref(), cfg.detached), None),
+            Some(j) => {
+                let (prepared, binary) = crate::jail::prepare(j, &cfg, accel, &dir_path, &paths, &cfg.qemu_binary)
+                    .map_err(|e| BootError::Spawn { binary: cfg.qemu_binary.clone(), source: std::io::Error::other(e.to_string()) })?;
+                let p = QemuProcess::spawn_jailed(&prepared, &binary, &args, &paths.qemu_log, netns.as_deref(), cfg.detached);
+                (p, Some(prepared.cgroup))
+            }
+        };
+        let process = process.map_err(|source| BootError::Spawn { binary: cfg.qemu_binary.clone(), source })?;
         let record = VmRecord {
             version: crate::record::VERSION,
             id,
@@ -392,6 +407,7 @@ impl Vm {
         tracing::info!(?boot_time, %accel, kernel = %hello.kernel, "VM ready");
         let vm = Vm {
             process,
+            cgroup,
             net,
             agent,
             qmp: tokio::sync::Mutex::new(qmp),
@@ -461,13 +477,31 @@ impl Vm {
     pub async fn checkpoint_disk(&mut self, new_active: &Path) -> Result<PathBuf, VmError> {
         let current = self.record.disk.clone().ok_or_else(|| VmError::Invalid("the VM has no disk".into()))?;
         require_absolute(new_active)?;
+        let (file, mode) = match self.record.cfg.jail {
+            None => (new_active.to_path_buf(), "absolute-paths"),
+            // A jailed QEMU cannot see `new_active`: the host creates it (backed by the
+            // current file), gives it to QEMU's uid and links it into QEMU's `q/`, and QEMU
+            // opens the link as an existing image (which it does without reading its
+            // backing file name: the current image becomes its backing node).
+            Some(_) => {
+                let io = |e: std::io::Error| VmError::Invalid(format!("cannot prepare the layer {}: {e}", new_active.display()));
+                qemu::create_overlay_uncached(&current, "qcow2", new_active).map_err(VmError::Invalid)?;
+                let uid = crate::jail::uid_of(&self._dir.0).ok_or_else(|| io(std::io::Error::other("no jail uid")))?;
+                std::os::unix::fs::chown(new_active, Some(uid), Some(uid)).map_err(io)?;
+                let name = new_active.file_name().unwrap_or_default();
+                let link = self._dir.0.join(crate::jail::QEMU_DIR).join(name);
+                let _ = std::fs::remove_file(&link);
+                std::fs::hard_link(new_active, &link).map_err(io)?;
+                (link, "existing")
+            }
+        };
         self.qmp(
             "blockdev-snapshot-sync",
             Some(serde_json::json!({
                 "device": "root",
-                "snapshot-file": new_active.display().to_string(),
+                "snapshot-file": file.display().to_string(),
                 "format": "qcow2",
-                "mode": "absolute-paths",
+                "mode": mode,
             })),
         )
         .await?;

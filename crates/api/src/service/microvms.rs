@@ -202,6 +202,7 @@ impl Service {
                 egress: has_nic.then_some(e),
                 detached: true,
                 name: Some(m.microvm_id.clone()),
+                jail: self.vm_template.jail.clone(),
             };
         }
         let connectors: Vec<&str> =
@@ -221,6 +222,7 @@ impl Service {
             egress,
             detached: true,
             name: Some(m.microvm_id.clone()),
+            jail: self.vm_template.jail.clone(),
         }
     }
 
