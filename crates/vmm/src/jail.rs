@@ -237,6 +237,7 @@ pub(crate) fn prepare(
     paths: &RunPaths,
     binary: &Path,
 ) -> Result<(Prepared, PathBuf), JailError> {
+    cgroup::sweep_empty(&jail.cgroup_root);
     let mut claimed = None;
     for _ in 0..64 {
         let mut b = [0u8; 4];

@@ -73,9 +73,9 @@ pub fn sweep_stale_run_dirs(run_root: &Path) -> usize {
         if stale {
             crate::net::remove_stale(&e.file_name().to_string_lossy());
             // A jailed VM's cgroups, named by the uid that owns its `q/`.
-            if let Ok(r) = VmRecord::read(&dir) {
-                crate::jail::remove_groups(&dir, r.cfg.jail.as_ref());
-            }
+            // (A VM that was not detached may have no record: the default root then.)
+            let jail = VmRecord::read(&dir).ok().map_or_else(|| Some(crate::jail::JailConfig::default()), |r| r.cfg.jail);
+            crate::jail::remove_groups(&dir, jail.as_ref());
         }
         if stale && std::fs::remove_dir_all(&dir).is_ok() {
             tracing::info!(dir = %dir.display(), "removed a stale run directory");

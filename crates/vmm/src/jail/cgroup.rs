@@ -116,6 +116,24 @@ impl Cgroup {
     }
 }
 
+/// Removes empty groups older than a minute: those of VMs killed while no Hearth process
+/// held them (their run directory gone too, so no sweep finds them). A group is joined
+/// milliseconds after it is created, so an old empty one belongs to no starting VM.
+pub(crate) fn sweep_empty(root: &Path) {
+    let parent = root.join("memory").join("hearth");
+    for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+        let Some(uid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(60)));
+        let empty = std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
+        if old && empty {
+            // The uid's lock (`memory`) last.
+            for c in CONTROLLERS.iter().rev() {
+                let _ = std::fs::remove_dir(dir(root, c, uid));
+            }
+        }
+    }
+}
+
 /// Removes the groups, retrying for a few seconds on a thread while QEMU is reaped.
 pub(crate) fn remove(dirs: Vec<PathBuf>) {
     let try_all = |dirs: &mut Vec<PathBuf>| dirs.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());
