@@ -156,6 +156,22 @@ impl Client {
     /// POSTs the file at `path` as the body, streamed (any size), signed over its SHA-256
     /// (read once before sending); returns the JSON answer.
     pub async fn upload_file(&self, path_and_query: &str, path: &std::path::Path) -> Result<Value, ClientError> {
+        self.stream_file(http::Method::POST, path_and_query, path, "application/zip").await
+    }
+
+    /// PUTs the file at `path` as the body, streamed as [`Client::upload_file`] does (a
+    /// file write into a microvm); returns the JSON answer.
+    pub async fn put_file(&self, path_and_query: &str, path: &std::path::Path) -> Result<Value, ClientError> {
+        self.stream_file(http::Method::PUT, path_and_query, path, "application/octet-stream").await
+    }
+
+    async fn stream_file(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        path: &std::path::Path,
+        content_type: &str,
+    ) -> Result<Value, ClientError> {
         let file_err = |source| ClientError::File { path: path.to_path_buf(), source };
         let hash = {
             let p = path.to_path_buf();
@@ -177,7 +193,7 @@ impl Client {
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
         crate::sigv4::sign_streamed(
-            &http::Method::POST,
+            &method,
             &uri,
             &mut headers,
             &hash,
@@ -186,8 +202,12 @@ impl Client {
             "us-east-1",
             crate::clock::system(),
         );
-        let mut req =
-            self.http.post(&url).header("content-type", "application/zip").header("content-length", len).body(reqwest::Body::from(file));
+        let mut req = self
+            .http
+            .request(method, &url)
+            .header("content-type", content_type)
+            .header("content-length", len)
+            .body(reqwest::Body::from(file));
         for (k, v) in &headers {
             if k != "host" {
                 req = req.header(k, v);
@@ -201,6 +221,29 @@ impl Client {
             return Err(Self::error(status, code, &text));
         }
         Ok(serde_json::from_slice(&text).unwrap_or(Value::Null))
+    }
+
+    /// GETs raw bytes into the file at `dest` as they come (any size); returns how many.
+    /// A transfer that breaks off is an error, with `dest` holding what arrived.
+    pub async fn get_to_file(&self, path_and_query: &str, dest: &std::path::Path) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let file_err = |source| ClientError::File { path: dest.to_path_buf(), source };
+        let (url, req) = self.signed(http::Method::GET, path_and_query, Vec::new(), None)?;
+        let mut resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
+        if resp.status().as_u16() >= 400 {
+            let status = resp.status().as_u16();
+            let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let text = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
+            return Err(Self::error(status, code, &text));
+        }
+        let mut file = tokio::fs::File::create(dest).await.map_err(file_err)?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|source| ClientError::Transport { url: url.clone(), source })? {
+            file.write_all(&chunk).await.map_err(file_err)?;
+            n += chunk.len() as u64;
+        }
+        file.flush().await.map_err(file_err)?;
+        Ok(n)
     }
 
     /// GETs raw bytes.

@@ -19,8 +19,12 @@ pub enum Kind {
     UnrecognizedClient,
     /// Signature missing, malformed, expired or wrong (403).
     InvalidSignature,
-    /// A limit of this server (402).
+    /// An account's quota is used up (402).
     Quota,
+    /// An account's request rate is over its limit (429, with `Retry-After`).
+    Throttling,
+    /// The host cannot hold what was asked (500).
+    InsufficientCapacity,
     /// Hearth's own failure (500).
     Internal,
     /// No operation at this path (404).
@@ -40,6 +44,8 @@ impl Kind {
             Kind::UnrecognizedClient => "UnrecognizedClientException",
             Kind::InvalidSignature => "InvalidSignatureException",
             Kind::Quota => "ServiceQuotaExceededException",
+            Kind::Throttling => "ThrottlingException",
+            Kind::InsufficientCapacity => "InsufficientCapacityException",
             Kind::Internal => "InternalServerException",
             Kind::UnknownOperation => "UnknownOperationException",
             Kind::MethodNotAllowed => "MethodNotAllowedException",
@@ -70,14 +76,18 @@ pub struct ApiError {
     pub message: String,
     /// The resource concerned.
     pub resource: Option<(String, String)>,
-    /// When to try again (`retryAfterSeconds`, in the shapes that have it).
+    /// When to try again (`retryAfterSeconds`, in the shapes that have it: the
+    /// `Retry-After` header).
     pub retry_after: Option<u64>,
+    /// The quota concerned (`quotaCode`, with `serviceCode`), for quota and throttling
+    /// errors.
+    pub quota_code: Option<&'static str>,
 }
 
 impl ApiError {
     /// An error of `kind`.
     pub fn new(kind: Kind, message: impl Into<String>) -> Self {
-        ApiError { kind, message: message.into(), resource: None, retry_after: None }
+        ApiError { kind, message: message.into(), resource: None, retry_after: None, quota_code: None }
     }
 
     /// A ValidationException.
@@ -97,12 +107,19 @@ impl ApiError {
             message: format!("{resource_type} {id} not found"),
             resource: Some((resource_type.into(), id.into())),
             retry_after: None,
+            quota_code: None,
         }
     }
 
     /// A ConflictException about `id`.
     pub fn conflict(resource_type: &str, id: &str, message: impl Into<String>) -> Self {
-        ApiError { kind: Kind::Conflict, message: message.into(), resource: Some((resource_type.into(), id.into())), retry_after: None }
+        ApiError {
+            kind: Kind::Conflict,
+            message: message.into(),
+            resource: Some((resource_type.into(), id.into())),
+            retry_after: None,
+            quota_code: None,
+        }
     }
 
     /// An InternalServerException; the cause is logged (with an id), the client gets a
@@ -119,6 +136,22 @@ impl ApiError {
     /// `retryAfterSeconds`.
     pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
         ApiError { retry_after: Some(retry_after), ..Self::new(Kind::Internal, message) }
+    }
+
+    /// A ServiceQuotaExceededException: quota `code` of the account is used up.
+    pub fn quota(code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { quota_code: Some(code), ..Self::new(Kind::Quota, message) }
+    }
+
+    /// A ThrottlingException: the account's request rate is over its limit; try again in
+    /// `retry_after` seconds.
+    pub fn throttled(message: impl Into<String>, retry_after: u64) -> Self {
+        ApiError { retry_after: Some(retry_after), quota_code: Some("request-rate"), ..Self::new(Kind::Throttling, message) }
+    }
+
+    /// An InsufficientCapacityException: the host cannot hold it now.
+    pub fn capacity(message: impl Into<String>) -> Self {
+        Self::new(Kind::InsufficientCapacity, message)
     }
 
     /// Its HTTP status.
@@ -185,10 +218,18 @@ impl IntoResponse for ApiError {
             body["resourceType"] = t.clone().into();
             body["resourceId"] = id.clone().into();
         }
-        if let Some(s) = self.retry_after {
-            body["retryAfterSeconds"] = s.into();
+        if let Some(code) = self.quota_code {
+            body["quotaCode"] = code.into();
+            body["serviceCode"] = "hearth".into();
         }
         let status = http::StatusCode::from_u16(self.status()).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
-        (status, [("x-amzn-errortype", self.kind.name()), ("content-type", "application/json")], body.to_string()).into_response()
+        let mut r =
+            (status, [("x-amzn-errortype", self.kind.name()), ("content-type", "application/json")], body.to_string()).into_response();
+        // The model puts `retryAfterSeconds` in this header (ThrottlingException,
+        // InternalServerException); botocore reads it there.
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }

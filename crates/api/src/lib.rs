@@ -7,20 +7,26 @@
 //! - [`clock`]: the one source of wall-clock time.
 //! - [`store`]: the state behind one async trait (tenants' keys, microvms, images, tags,
 //!   idempotency, usage), and its SQLite back end.
+//! - [`quota`], [`capacity`], [`ratelimit`]: what one tenant may hold, what the host can
+//!   hold, how fast a tenant may call.
 //! - [`service`]: the operations and the microvm lifecycle, idle and lifetime policies.
 //! - [`server`]: HTTP: authentication, dispatch, idempotency, Hearth's extensions.
 
 #![deny(missing_docs)]
 
+pub mod capacity;
 pub mod client;
 pub mod clock;
 pub mod error;
+pub mod files;
 pub mod ingress;
 pub mod inputs;
 pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod model;
+pub mod quota;
+pub mod ratelimit;
 pub mod server;
 pub mod service;
 pub mod shell;

@@ -24,7 +24,7 @@ pub fn router(svc: Arc<Service>) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(svc)
 }
 
-fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+pub(crate) fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
     q.unwrap_or("")
         .split('&')
         .filter(|p| !p.is_empty())
@@ -62,6 +62,10 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     if parts.method == http::Method::POST && path == "/hearth/v1/artifacts" {
         return crate::upload::receive(svc, parts, body).await;
     }
+    // File writes that claim their body's hash: authenticated first, then streamed to the agent.
+    if crate::files::is_streamed_write(&parts.method, &path, &parts.headers) {
+        return crate::files::receive(svc, parts, body).await;
+    }
     // Microvm endpoints: token-authenticated, proxied to the app.
     if let Some(rest) = path.strip_prefix("/microvms/") {
         let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
@@ -86,6 +90,11 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
             return e.into_response();
         }
     };
+    // The account's request rate, before anything of the call runs.
+    if let Err(e) = svc.throttle(&account).await {
+        svc.metrics.request("throttled", e.status());
+        return e.into_response();
+    }
     if let Some(rest) = path.strip_prefix("/hearth/v1/") {
         return match extension(&svc, &account, &parts.method, rest, parts.uri.query(), bytes).await {
             Ok(r) => r,
@@ -197,12 +206,14 @@ async fn extension(
         }
         ("GET", ["microvms", id, "files"]) => {
             let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            let data = svc.read_file(account, id, path).await?;
-            Ok(([("content-type", "application/octet-stream")], data).into_response())
+            let rx = svc.read_file(account, id, path).await?;
+            let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+            Ok(([("content-type", "application/octet-stream")], axum::body::Body::from_stream(chunks)).into_response())
         }
         ("PUT", ["microvms", id, "files"]) => {
             let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            let info = svc.write_file(account, id, path, body).await?;
+            // A body signed without X-Amz-Content-Sha256 (streamed writes carry it: crate::files).
+            let info = svc.write_file(account, id, path, futures_util::stream::iter([Ok(body)])).await?;
             Ok(json_response(200, &json!({ "size": info.size })))
         }
         ("GET", ["microvms", id, "files", "list"]) => {
@@ -290,8 +301,8 @@ pub fn openapi() -> Value {
                 "parameters": [{ "name": "stream", "in": "query", "schema": { "type": "boolean" }, "description": "stream the output as NDJSON lines ({stdout}, {stderr}, then {exit} or {error}) over a chunked response" }],
                 "responses": { "200": { "description": "exitCode, signal, stdout, stderr (UTF-8, lossy; at most 8 MiB each), or with ?stream=true the NDJSON lines" } } } },
             "/hearth/v1/microvms/{microvmId}/files": {
-                "get": { "summary": "Read a file (?path=)", "responses": { "200": { "description": "the bytes" } } },
-                "put": { "summary": "Write a file atomically (?path=), body = bytes", "responses": { "200": { "description": "size" } } } },
+                "get": { "summary": "Read a file (?path=; at most 256 MiB, streamed)", "responses": { "200": { "description": "the bytes" } } },
+                "put": { "summary": "Write a file atomically (?path=), body = bytes (at most 256 MiB, streamed when X-Amz-Content-Sha256 is signed; else at most 1 MiB)", "responses": { "200": { "description": "size" } } } },
             "/hearth/v1/microvms/{microvmId}/files/list": { "get": { "summary": "List a directory (?path=)", "responses": { "200": { "description": "entries" } } } },
             "/hearth/v1/microvms/{microvmId}/egress": {
                 "get": { "summary": "The microvm's egress policy", "responses": { "200": { "description": "{egress}" } } },
@@ -343,6 +354,13 @@ pub struct ServeConfig {
     /// reserved) the operator opens to every microvm of the host: the host's egress ceiling.
     /// Tenants' allow rules may reach into them, never further; empty opens none.
     pub egress_allow_private: Vec<hearth_vmm::net::Rule>,
+    /// Builds run at once; the others wait in FIFO order (`--max-concurrent-builds`;
+    /// default [`crate::service::default_max_concurrent_builds`]).
+    pub max_concurrent_builds: usize,
+    /// What the host may hold (memory and CPU overcommit, reserves, idle reclaim).
+    pub capacity: crate::capacity::Settings,
+    /// The request rate of accounts without one of their own.
+    pub rate_limit: crate::ratelimit::Rate,
 }
 
 /// What `serve` reports once it listens.
@@ -368,6 +386,7 @@ pub async fn serve(
     let store = crate::store::Store::open(&dir.join("hearth.db")).map_err(|e| format!("open the database: {e}"))?;
     let token_key = crate::ingress::TokenKey::load_or_create(&dir).map_err(|e| format!("token key: {e}"))?;
     let mut service = Service::new(store, cfg.home.clone(), cfg.state_dir.clone(), cfg.vm, token_key);
+    service.set_max_concurrent_builds(cfg.max_concurrent_builds);
     let first_key = service.first_key().await.map_err(|e| e.message)?;
     raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
@@ -380,6 +399,16 @@ pub async fn serve(
     // Before any VM is restored or started: every namespace of this process is under it.
     crate::service::set_egress_ceiling(cfg.egress_allow_private.clone());
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    service.capacity = crate::capacity::Capacity::measure(&cfg.capacity, &cfg.state_dir);
+    service.default_rate = cfg.rate_limit;
+    tracing::info!(
+        memory_mib = service.capacity.memory_mib,
+        vcpus = service.capacity.vcpus,
+        disk_reserve_mib = service.capacity.disk_reserve >> 20,
+        reclaim_idle = ?service.capacity.reclaim_idle,
+        rate = %cfg.rate_limit,
+        "host capacity for microvms"
+    );
     let svc = service.shared();
     // Listen at once; what the previous daemon left is settled in the background (its
     // microvms answer ConflictException to changes until then, GetMicrovm their record).

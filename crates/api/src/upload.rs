@@ -8,7 +8,8 @@
 //! body's SHA-256 as the client claims it in `X-Amz-Content-Sha256`; what arrives is hashed
 //! on the way and kept only when it matches the claim, so an upload is exactly what its
 //! signer sent. Uploads are content-addressed (the same zip uploaded twice is one file),
-//! bounded by [`MAX_UPLOAD_BYTES`], and removed [`UPLOAD_TTL`] after they arrive.
+//! bounded by the account's `artifact-bytes` quota ([`crate::quota`]; 32 GiB by default)
+//! and the host's disk reserve, and removed [`UPLOAD_TTL`] after they arrive.
 
 use crate::error::{ApiError, Kind};
 use crate::service::Service;
@@ -21,9 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-/// Most bytes of one upload (the zip, compressed): what extraction writes is bounded
-/// separately.
-pub const MAX_UPLOAD_BYTES: u64 = hearth_image::artifact::DEFAULT_MAX_BYTES;
 /// How long an upload is kept: long enough for the build that names it to start (builds
 /// read it when they start, within seconds), short enough that nothing piles up.
 pub const UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -68,11 +66,15 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         .filter(|k| k.access_key == signed.access_key)
         .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
         .account;
-    let too_large = || ApiError::validation(format!("the upload is over the {MAX_UPLOAD_BYTES}-byte limit on code artifacts"));
+    svc.throttle(&account).await?;
+    // The account's quota on one artifact bounds the upload; the host keeps its disk reserve.
+    let max = svc.artifact_limit(&account).await?;
+    let too_large = |n: u64| svc.artifact_refusal(&account, n);
     let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_UPLOAD_BYTES) {
-        return Err(too_large());
+    if let Some(n) = declared.filter(|n| *n > max) {
+        return Err(too_large(n).await);
     }
+    svc.capacity.check_disk(&svc.state, declared.unwrap_or(0))?;
     let dir = dir(svc, &account);
     tokio::fs::create_dir_all(&dir).await.map_err(ApiError::internal)?;
     prune(&dir, UPLOAD_TTL);
@@ -93,8 +95,8 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         };
         let Ok(data) = frame.into_data() else { continue };
         size += data.len() as u64;
-        if size > MAX_UPLOAD_BYTES {
-            return Err(too_large());
+        if size > max {
+            return Err(too_large(size).await);
         }
         if head.len() < 4 {
             head.extend(data.iter().take(4 - head.len()));

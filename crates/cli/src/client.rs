@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use hearth_api::client::Client;
 use serde_json::{json, Value};
+use std::path::Path;
 
 /// Where the API is and who calls it.
 #[derive(Args, Debug, Clone)]
@@ -301,15 +302,13 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             };
             match (remote(&from), remote(&to)) {
                 (None, Some((id, path))) => {
-                    let data = std::fs::read(&from).with_context(|| format!("read {from}"))?;
-                    // Files go as raw bytes, not JSON: a direct signed PUT.
-                    let v = c.put_bytes(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), data).await?;
+                    // Files go as raw bytes, not JSON: a signed PUT, streamed from the file.
+                    let v = c.put_file(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), Path::new(&from)).await?;
                     print(&conn, &v, |v| println!("{} bytes → {id}:{path}", v["size"]));
                 }
                 (Some((id, path)), None) => {
-                    let data = c.get_bytes(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path))).await?;
-                    std::fs::write(&to, &data).with_context(|| format!("write {to}"))?;
-                    print(&conn, &json!({ "size": data.len() }), |_| println!("{} bytes → {to}", data.len()));
+                    let n = c.get_to_file(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), Path::new(&to)).await?;
+                    print(&conn, &json!({ "size": n }), |_| println!("{n} bytes → {to}"));
                 }
                 _ => anyhow::bail!("give one local path and one mvm-ID:/absolute/path"),
             }

@@ -34,16 +34,63 @@ pub struct ServeArgs {
     /// Default: none.
     #[arg(long, value_name = "CIDR", value_parser = hearth_vmm::net::Rule::parse, env = "HEARTH_EGRESS_ALLOW_PRIVATE", value_delimiter = ',')]
     egress_allow_private: Vec<hearth_vmm::net::Rule>,
+    /// Image builds run at once (each boots a builder VM); more wait their turn in the
+    /// order they were asked for, their versions PENDING. Default: half the host's CPUs,
+    /// at least 2.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024), env = "HEARTH_MAX_CONCURRENT_BUILDS")]
+    max_concurrent_builds: Option<u16>,
     /// Run QEMU without its jail (own uid, mount and PID namespaces, cgroups, no
-    /// capabilities: docs/SECURITY.md), for hosts that cannot jail (not root, no cgroup
-    /// v1). By default every microVM is jailed where the host can (`HEARTH_JAIL=0` also
+    /// capabilities: docs/SECURITY.md), for hosts that cannot jail (not root, or no
+    /// memory/cpu/pids controllers on cgroup v1 or v2). By default every microVM is jailed where the host can (`HEARTH_JAIL=0` also
     /// turns it off).
     #[arg(long)]
     no_jail: bool,
+    /// Guest memory this host may promise per MiB it has (after its reserve). 1, the
+    /// default, never overcommits: RunMicrovm answers InsufficientCapacityException
+    /// instead. Clones of one template share pages, so a host often holds more.
+    #[arg(long, default_value_t = 1.0, env = "HEARTH_MEMORY_OVERCOMMIT")]
+    memory_overcommit: f64,
+    /// vCPUs this host may run per CPU it has (sandboxes idle most of the time).
+    #[arg(long, default_value_t = 16.0, env = "HEARTH_CPU_OVERCOMMIT")]
+    cpu_overcommit: f64,
+    /// Memory (MiB) kept for the host itself, never promised to microVMs. Default: 10% of
+    /// it, at least 1 GiB.
+    #[arg(long, value_name = "MIB", env = "HEARTH_RESERVE_MEMORY_MIB")]
+    reserve_memory_mib: Option<u64>,
+    /// Disk (MiB) kept free on the state directory's filesystem: runs, builds and uploads
+    /// that would eat into it are refused. Default: 5% of it, at least 2 GiB.
+    #[arg(long, value_name = "MIB", env = "HEARTH_RESERVE_DISK_MIB")]
+    reserve_disk_mib: Option<u64>,
+    /// When the host is full, suspend the longest-idle running microVMs (any tenant's,
+    /// idle SECS or more; 30 when the flag has no value) to make room, rather than refuse
+    /// the new one. Default: refuse.
+    #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "30", env = "HEARTH_RECLAIM_IDLE")]
+    reclaim_idle: Option<u64>,
+    /// Each account's request rate, CALLS_PER_SECOND[/BURST] (over it: ThrottlingException
+    /// with Retry-After, which the AWS SDKs retry); `hearth accounts set --rate-limit`
+    /// overrides it per account. 0: unlimited.
+    #[arg(long, value_name = "RATE[/BURST]", default_value = "200/400", value_parser = hearth_api::ratelimit::Rate::parse, env = "HEARTH_RATE_LIMIT")]
+    rate_limit: hearth_api::ratelimit::Rate,
+    /// Each microVM's root disk throughput, bytes per second, reads and writes together
+    /// (QEMU block throttling; a guest over it waits). 0: unlimited, the default: the
+    /// right number depends on this host's disks; set it where tenants share them.
+    #[arg(long, default_value_t = 0, env = "HEARTH_DISK_BPS")]
+    disk_bps: u64,
+    /// Each microVM's root disk operations per second, reads and writes together. 0:
+    /// unlimited (the default).
+    #[arg(long, default_value_t = 0, env = "HEARTH_DISK_IOPS")]
+    disk_iops: u64,
+    /// Each microVM's network bandwidth in Mbit/s, each way (a tc token bucket in its
+    /// namespace; a guest over it sees its TCP slow down). 0: unlimited (the default).
+    #[arg(long, value_name = "MBIT", default_value_t = 0, env = "HEARTH_NET_RATE")]
+    net_rate: u32,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
+    for (flag, v) in [("--memory-overcommit", a.memory_overcommit), ("--cpu-overcommit", a.cpu_overcommit)] {
+        anyhow::ensure!(v.is_finite() && (0.0..=1000.0).contains(&v), "{flag} {v}: give a ratio between 0 and 1000");
+    }
     let home = hearth_vmm::home::hearth_home();
     restrict_home(&home);
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
@@ -56,7 +103,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             let why = if a.no_jail {
                 "--no-jail".to_owned()
             } else {
-                hearth_vmm::jail::available(std::path::Path::new("/sys/fs/cgroup")).err().unwrap_or_else(|| "HEARTH_JAIL=0".into())
+                hearth_vmm::jail::available(std::path::Path::new("/sys/fs/cgroup"))
+                    .err()
+                    .map_or_else(|| "HEARTH_JAIL=0".into(), |e| e.to_string())
             };
             tracing::warn!(%why, "QEMU runs without its jail: a QEMU escape is a host compromise");
         }
@@ -64,6 +113,16 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     hearth_vmm::jail::set_default(jail.clone());
     vm.jail = jail;
     vm.boot_timeout = std::time::Duration::from_secs(120);
+    let limits = hearth_vmm::IoLimits { disk_bps: a.disk_bps, disk_iops: a.disk_iops, net_mbit: a.net_rate };
+    limits.validate()?;
+    tracing::info!(
+        disk_bps = limits.disk_bps,
+        disk_iops = limits.disk_iops,
+        net_mbit = limits.net_mbit,
+        "per-microVM I/O limits (0: unlimited)"
+    );
+    hearth_vmm::limits::set_default(limits);
+    vm.limits = limits;
     let state_dir = a.state_dir.clone().unwrap_or_else(|| home.join("api"));
     tracing::info!(listen = %a.listen, state = %state_dir.display(), "starting the API daemon");
     // The daemon's VMs have their own run root: they outlive it, and nothing else sweeps
@@ -78,6 +137,15 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         public_url: a.public_url.clone(),
         metrics_listen: a.metrics_listen,
         egress_allow_private: a.egress_allow_private.clone(),
+        max_concurrent_builds: a.max_concurrent_builds.map_or_else(hearth_api::service::default_max_concurrent_builds, usize::from),
+        capacity: hearth_api::capacity::Settings {
+            memory_overcommit: a.memory_overcommit,
+            cpu_overcommit: a.cpu_overcommit,
+            reserve_memory_mib: a.reserve_memory_mib,
+            reserve_disk_mib: a.reserve_disk_mib,
+            reclaim_idle: a.reclaim_idle.map(std::time::Duration::from_secs),
+        },
+        rate_limit: a.rate_limit,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -67,6 +67,7 @@ fn opts() -> RestoreOptions {
         detached: false,
         name: None,
         jail: hearth_vmm::jail::default_jail(),
+        limits: hearth_vmm::limits::default_limits(),
     }
 }
 

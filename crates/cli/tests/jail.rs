@@ -1,14 +1,16 @@
 //! The jail around QEMU ([`hearth_vmm::jail`]), tried from outside on real VMs: what the
 //! kernel says about the process, its cgroup's limits, what its mount and PID namespaces
 //! hold, and a guest that touches more memory than its cgroup allows. Needs root (they
-//! are skipped otherwise) and cgroups v1 under /sys/fs/cgroup.
+//! are skipped otherwise) and cgroups v1 under /sys/fs/cgroup; the v2 code is tried on
+//! this host's controller-less cgroup2 (`/sys/fs/cgroup/unified`) here and in
+//! `hearth_vmm::jail::hierarchy`'s unit tests.
 
 mod common;
 
 use common::config;
 use hearth_image::base::Base;
 use hearth_proto::exec::ExecRequest;
-use hearth_vmm::jail::{JailConfig, Limits};
+use hearth_vmm::jail::{Hierarchy, JailConfig, Limits, Unavailable};
 use hearth_vmm::{Accel, Vm};
 use std::path::Path;
 use std::time::Duration;
@@ -184,4 +186,38 @@ async fn a_guest_touching_more_than_its_cgroup_allows_gets_qemu_killed_not_the_h
     assert!(oom_kills.contains("oom_kill ") && !oom_kills.contains("oom_kill 0"), "{oom_kills}");
     // The host is fine: this process runs, and memory came back.
     assert!(avail() + (64 << 10) >= before.saturating_sub(LIMIT_MIB << 10), "host memory did not come back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cgroup_v2_tree_without_controllers_refuses_to_jail_naming_them() {
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !root() {
+        return;
+    }
+    let Hierarchy::V2 { .. } = Hierarchy::at(unified) else {
+        eprintln!("skipped: no cgroup2 mount at {}", unified.display());
+        return;
+    };
+    let e = match hearth_vmm::jail::available(unified) {
+        Ok(_) => {
+            eprintln!("skipped: {} has the controllers (a v2 host): nothing to refuse", unified.display());
+            return;
+        }
+        Err(e) => e,
+    };
+    let Unavailable::V2Missing { missing, .. } = &e else { panic!("{e}") };
+    assert!(!missing.is_empty());
+    let msg = e.to_string();
+    assert!(msg.contains(&missing.join(", ")) && msg.contains("--no-jail"), "{msg}");
+    // The VM is refused before anything is made for it: no group, no QEMU.
+    let before: Vec<_> = std::fs::read_dir(unified.join("hearth")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    let mut cfg = config(Base::Busybox);
+    cfg.jail = Some(JailConfig { cgroup_root: unified.to_path_buf(), ..JailConfig::default() });
+    let err = match Vm::boot(cfg).await {
+        Ok(_) => panic!("jailed without the memory, cpu and pids controllers"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains(&msg), "the boot error does not say why: {err}");
+    let after: Vec<_> = std::fs::read_dir(unified.join("hearth")).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert_eq!(before, after, "a refused VM left a group");
 }

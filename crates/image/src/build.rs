@@ -11,15 +11,24 @@
 use crate::base::Base;
 use crate::dockerfile::{self, Command, StepKind};
 use crate::layers::{self, LayerCache};
-use bytes::Bytes;
-use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::ExecRequest;
-use hearth_vmm::agent::ExecEvent;
 use hearth_vmm::{Disk, DiskFormat, Memory, Snapshot, Vm, VmConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// Running a step's command and the app's readiness check in the builder.
+mod exec;
+use exec::{run, wait_ready};
+
+// Timeouts, cancellation and the bounded output tail.
+pub mod limits;
+pub use limits::Control;
+
+// The bounded build log.
+pub mod log;
+pub use log::BuildLog;
 
 /// What to build.
 #[derive(Debug, Clone)]
@@ -138,6 +147,23 @@ pub enum BuildError {
     /// The builder VM failed.
     #[error("builder VM: {0}")]
     Vm(String),
+    /// A step ran past the step timeout; the builder VM was stopped.
+    #[error("Dockerfile line {line}: the step did not finish within its timeout of {} s; the builder VM was stopped", timeout.as_secs())]
+    StepTimeout {
+        /// Line of the step.
+        line: usize,
+        /// The step timeout.
+        timeout: Duration,
+    },
+    /// The build ran past the build timeout; the builder VM was stopped.
+    #[error("the build did not finish within its timeout of {} s; the builder VM was stopped", timeout.as_secs())]
+    BuildTimeout {
+        /// The build timeout.
+        timeout: Duration,
+    },
+    /// The build was cancelled by its owner ([`Control::cancel`]); the builder VM was stopped.
+    #[error("the build was cancelled; the builder VM was stopped")]
+    Cancelled,
     /// A variable substitution is malformed.
     #[error("Dockerfile line {line}: {source}")]
     Expand {
@@ -203,6 +229,9 @@ fn tail(text: &str, n: usize) -> String {
 mod context;
 pub(crate) use context::{context_path, walk, Item};
 
+// The COPY step.
+mod copy;
+
 /// Most bytes of a Dockerfile.
 const MAX_DOCKERFILE: u64 = 1 << 20;
 
@@ -225,16 +254,66 @@ fn read_dockerfile(context: &Path) -> Result<String, BuildError> {
     Ok(text)
 }
 
+/// Runs synchronous file work (hashing the context, reading files, `qemu-img`, fsync) on
+/// the blocking pool, off the async runtime's workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 /// Runs the build in a VM made from `vm` (kernel, initramfs, run directory, accelerator;
-/// root disk and memory are set here) and saves the template into `dest`.
+/// root disk and memory are set here) and saves the template into `dest`, under the
+/// default limits ([`Control::default`]) and never cancelled.
+///
+/// # Errors
+///
+/// [`BuildError`]: what failed, with the step's line and output where a step did.
 pub async fn build(
+    req: &BuildRequest,
+    vm: VmConfig,
+    home: &Path,
+    dest: &Path,
+    log: &mut (dyn FnMut(&str) + Send),
+) -> Result<(Snapshot, ImageConfig), BuildError> {
+    build_with(req, vm, home, dest, log, &Control::default()).await
+}
+
+/// [`build`] under `ctl`'s step and build timeouts, cancelled when `ctl` says so. Whatever
+/// stops it, nothing is left: the builder VM is killed (its QEMU guard), its run directory,
+/// the unrecorded layer file and the staging snapshot are removed as the build's future
+/// is dropped.
+///
+/// # Errors
+///
+/// [`BuildError::StepTimeout`], [`BuildError::BuildTimeout`], [`BuildError::Cancelled`], or
+/// what [`build`] fails with.
+pub async fn build_with(
+    req: &BuildRequest,
+    vm: VmConfig,
+    home: &Path,
+    dest: &Path,
+    log: &mut (dyn FnMut(&str) + Send),
+    ctl: &Control,
+) -> Result<(Snapshot, ImageConfig), BuildError> {
+    tokio::select! {
+        r = run_build(req, vm, home, dest, log, ctl.step_timeout) => r,
+        () = tokio::time::sleep(ctl.build_timeout) => Err(BuildError::BuildTimeout { timeout: ctl.build_timeout }),
+        () = ctl.cancelled() => Err(BuildError::Cancelled),
+    }
+}
+
+async fn run_build(
     req: &BuildRequest,
     mut vm: VmConfig,
     home: &Path,
     dest: &Path,
     log: &mut (dyn FnMut(&str) + Send),
+    step_timeout: Duration,
 ) -> Result<(Snapshot, ImageConfig), BuildError> {
-    let text = read_dockerfile(&req.context)?;
+    let context = req.context.clone();
+    let text = blocking(move || read_dockerfile(&context)).await?;
     let plan = dockerfile::parse(&text)?;
     let base_name = match req.base {
         Base::Busybox => "minimal",
@@ -281,12 +360,16 @@ pub async fn build(
         }
         out
     };
-    let resolve = |s: &str| context_path(s).ok().map(|rel| (req.context.clone(), rel));
     // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
     // is part of the first key.
     let base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
-    let keys =
-        layers::step_keys(&base_key, &cfg.env, &kinds, resolve).map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
+    // Hashing reads every file COPY names: on the blocking pool.
+    let keys = {
+        let (context, env, kinds) = (req.context.clone(), cfg.env.clone(), kinds.clone());
+        let resolve = move |s: &str| context_path(s).ok().map(|rel| (context.clone(), rel));
+        blocking(move || layers::step_keys(&base_key, &env, &kinds, resolve)).await
+    }
+    .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
     // The last step whose layer is cached; everything up to it is reused.
     let hit = req.cache.as_ref().and_then(|cache| {
         plan.steps
@@ -309,10 +392,17 @@ pub async fn build(
     // The builder writes straight into a new layer file in the cache; until a step's
     // layer is recorded, the file is removed if the build fails (after the VM is gone:
     // `active` is declared before the VM, so it drops after it).
-    let mut active =
-        ActiveLayer(Some(cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache {}: {e}", cache.dir().display())))?));
+    let active = ActiveLayer(Some(cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache {}: {e}", cache.dir().display())))?));
     let work = active.path().to_path_buf();
-    hearth_vmm::qemu::create_overlay(&parent, parent_format.as_str(), &work).map_err(BuildError::Vm)?;
+    // `qemu-img` (or a copy of the cached overlay) on the blocking pool. The guard travels
+    // with the work: a build dropped meanwhile leaves the file to the closure, whose end
+    // removes it.
+    let (mut active, made) = blocking(move || {
+        let made = hearth_vmm::qemu::create_overlay(&parent, parent_format.as_str(), active.path());
+        (active, made)
+    })
+    .await;
+    made.map_err(BuildError::Vm)?;
     vm.root = Some(Disk::owned(&work, DiskFormat::Qcow2));
     vm.memory = Memory::SnapshotReady;
     vm.network = req.network.clone();
@@ -348,96 +438,57 @@ pub async fn build(
             }
             continue;
         }
-        match kind {
-            StepKind::Arg(k, v) => {
-                args.insert(k.clone(), v.clone().unwrap_or_default());
-            }
-            StepKind::Env(vars) => cfg.env.extend(vars.iter().cloned()),
-            StepKind::Workdir(p) => {
-                let abs = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) };
-                run(&builder, &ExecRequest::argv(["mkdir", "-p", abs.as_str()]), step.line, log).await?;
-                cfg.workdir = abs;
-            }
-            StepKind::User(u) => cfg.user = Some(u.clone()),
-            StepKind::Label(l) => cfg.labels.extend(l.iter().cloned()),
-            StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
-            StepKind::Entrypoint(c) => entrypoint = Some(c.clone()),
-            StepKind::Cmd(c) => cmd = Some(c.clone()),
-            StepKind::Copy { sources, dest: to, chown } => {
-                let to_abs = if to.starts_with('/') { to.clone() } else { format!("{}/{to}", cfg.workdir.trim_end_matches('/')) };
-                let into_dir = to.ends_with('/') || sources.len() > 1;
-                let root =
-                    crate::beneath::Dir::open(&req.context).map_err(|e| BuildError::Context(format!("open the build context: {e}")))?;
-                // Files are written from the host; links are recreated by the guest, after
-                // the files (a link may name one of them), and never read through here.
-                let (mut targets, mut links) = (Vec::new(), Vec::new());
-                for src in sources {
-                    let from = context_path(src)?;
-                    for item in walk(&root, &from).map_err(|e| context::copy_error(src, e))? {
-                        let target = if item.rel().as_os_str().is_empty() {
-                            if into_dir {
-                                format!("{}/{}", to_abs.trim_end_matches('/'), from.file_name().and_then(|n| n.to_str()).unwrap_or("file"))
-                            } else {
-                                to_abs.clone()
-                            }
-                        } else {
-                            format!("{}/{}", to_abs.trim_end_matches('/'), item.rel().display())
-                        };
-                        match item {
-                            Item::File { rel, mode } => {
-                                let mut data = Vec::new();
-                                root.open_file(&context::at(&from, &rel))
-                                    .and_then(|mut f| std::io::Read::read_to_end(&mut f, &mut data))
-                                    .map_err(|e| context::copy_error(src, e))?;
-                                builder
-                                    .agent()
-                                    .write_file_bytes(&BinPath::from(target.as_str()), Some(mode & 0o777), Bytes::from(data))
-                                    .await
-                                    .map_err(vm_err)?;
-                            }
-                            Item::Link { rel, target: link_to } => {
-                                let link_to = link_to.to_str().ok_or_else(|| {
-                                    BuildError::Context(format!(
-                                        "COPY {src}: the target of the link {} is not UTF-8",
-                                        context::at(&from, &rel).display()
-                                    ))
-                                })?;
-                                links.push((target.clone(), link_to.to_owned()));
-                            }
-                        }
-                        targets.push(target);
-                    }
+        // Each step under the step timeout: a step that runs past it is dropped where it
+        // stands (its exec with it) and the build fails; the builder is killed as it drops.
+        let line = step.line;
+        let stepped = tokio::time::timeout(step_timeout, async {
+            match kind {
+                StepKind::Arg(k, v) => {
+                    args.insert(k.clone(), v.clone().unwrap_or_default());
                 }
-                for script in context::link_scripts(&links) {
-                    run(&builder, &ExecRequest::shell(script), step.line, log).await?;
+                StepKind::Env(vars) => cfg.env.extend(vars.iter().cloned()),
+                StepKind::Workdir(p) => {
+                    let abs = if p.starts_with('/') { p.clone() } else { format!("{}/{p}", cfg.workdir.trim_end_matches('/')) };
+                    run(&builder, &ExecRequest::argv(["mkdir", "-p", abs.as_str()]), line, log).await?;
+                    cfg.workdir = abs;
                 }
-                if let Some(owner) = chown {
-                    // `-h`: a link's own owner, not its target's.
-                    let mut argv = vec!["chown".to_owned(), "-h".to_owned(), owner.clone()];
-                    argv.extend(targets);
-                    run(&builder, &ExecRequest::argv(argv), step.line, log).await?;
+                StepKind::User(u) => cfg.user = Some(u.clone()),
+                StepKind::Label(l) => cfg.labels.extend(l.iter().cloned()),
+                StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
+                StepKind::Entrypoint(c) => entrypoint = Some(c.clone()),
+                StepKind::Cmd(c) => cmd = Some(c.clone()),
+                StepKind::Copy { sources, dest: to, chown } => {
+                    let c = copy::Copy { sources, to, chown: chown.as_deref(), workdir: &cfg.workdir, line };
+                    copy::copy(&builder, &req.context, c, log).await?;
+                }
+                StepKind::Run(c) => {
+                    let mut r = match c {
+                        Command::Shell(s) => ExecRequest::shell(s.clone()),
+                        Command::Exec(v) => ExecRequest::argv(v.clone()),
+                    };
+                    r.env = args.clone();
+                    r.env.extend(cfg.env.clone());
+                    r.cwd = Some(cfg.workdir.clone());
+                    r.user = cfg.user.clone();
+                    run(&builder, &r, line, log).await?;
                 }
             }
-            StepKind::Run(c) => {
-                let mut r = match c {
-                    Command::Shell(s) => ExecRequest::shell(s.clone()),
-                    Command::Exec(v) => ExecRequest::argv(v.clone()),
-                };
-                r.env = args.clone();
-                r.env.extend(cfg.env.clone());
-                r.cwd = Some(cfg.workdir.clone());
-                r.user = cfg.user.clone();
-                run(&builder, &r, step.line, log).await?;
+            if req.cache.is_some() && layers::changes_disk(&step.kind) {
+                // Freeze the disk as this step's layer: flush the guest's page cache, switch
+                // QEMU to a new file, then record the finished one (fsync: blocking pool).
+                run(&builder, &ExecRequest::argv(["sync"]), line, log).await?;
+                let next = cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache: {e}")))?;
+                let done = builder.checkpoint_disk(&next).await.map_err(vm_err)?;
+                active.0 = Some(next);
+                let (cache, key) = (cache.clone(), keys[i].clone());
+                blocking(move || cache.record(&key, &done)).await.map_err(|e| BuildError::Vm(format!("record layer: {e}")))?;
             }
-        }
-        if req.cache.is_some() && layers::changes_disk(&step.kind) {
-            // Freeze the disk as this step's layer: flush the guest's page cache, switch
-            // QEMU to a new file, then record the finished one.
-            run(&builder, &ExecRequest::argv(["sync"]), step.line, log).await?;
-            let next = cache.new_file().map_err(|e| BuildError::Vm(format!("layer cache: {e}")))?;
-            let done = builder.checkpoint_disk(&next).await.map_err(vm_err)?;
-            active.0 = Some(next);
-            cache.record(&keys[i], &done).map_err(|e| BuildError::Vm(format!("record layer: {e}")))?;
+            Ok::<(), BuildError>(())
+        })
+        .await;
+        match stepped {
+            Ok(r) => r?,
+            Err(_) => return Err(BuildError::StepTimeout { line, timeout: step_timeout }),
         }
     }
 
@@ -479,71 +530,4 @@ impl Drop for ActiveLayer {
             let _ = std::fs::remove_file(p);
         }
     }
-}
-
-async fn run(vm: &Vm, r: &ExecRequest, line: usize, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {
-    let mut s = vm.exec_stream(r).await.map_err(vm_err)?;
-    s.close_stdin();
-    let mut output = String::new();
-    loop {
-        match s.next_event().await.map_err(vm_err)? {
-            Some(ExecEvent::Stdout(b)) | Some(ExecEvent::Stderr(b)) => {
-                let text = String::from_utf8_lossy(&b);
-                for l in text.lines() {
-                    log(&format!("  | {l}"));
-                }
-                output.push_str(&text);
-                if output.len() > 1 << 20 {
-                    output = tail(&output, 200);
-                }
-            }
-            Some(ExecEvent::Exit(x)) if x.success() => return Ok(()),
-            Some(ExecEvent::Exit(x)) => {
-                let status = match (x.code, x.signal) {
-                    (Some(c), _) => format!("exit code {c}"),
-                    (None, Some(s)) => format!("signal {s}"),
-                    _ => "unknown status".into(),
-                };
-                return Err(BuildError::RunFailed { line, status, tail: tail(&output, 20) });
-            }
-            None => return Err(BuildError::Vm("exec ended without a status".into())),
-        }
-    }
-}
-
-async fn app_log(vm: &Vm) -> String {
-    vm.agent()
-        .read_file_bytes(&BinPath::from("/tmp/hearth-app.log"), 1 << 20)
-        .await
-        .map(|b| tail(&String::from_utf8_lossy(&b), 30))
-        .unwrap_or_default()
-}
-
-async fn wait_ready(vm: &Vm, req: &BuildRequest, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {
-    let deadline = Instant::now() + req.ready_timeout;
-    let mut last;
-    loop {
-        match vm.agent().hook(req.hooks_port, "/ready", Duration::from_secs(2)).await {
-            Ok(r) if r.status == 200 => break,
-            Ok(r) => last = format!("/ready answered {}", r.status),
-            // The agent refusing the call itself will not change by waiting.
-            Err(hearth_vmm::AgentError::Remote(b)) if b.code == hearth_proto::ErrorCode::InvalidInput => {
-                return Err(BuildError::Vm(format!("the agent refused the hook call: {b}")));
-            }
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(BuildError::NotReady { reason: format!("{last}, after {:?}", req.ready_timeout), app_log: app_log(vm).await });
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    log("the app is ready");
-    if req.validate {
-        match vm.agent().hook(req.hooks_port, "/validate", req.ready_timeout).await {
-            Ok(r) if r.status == 200 => log("the app validated"),
-            Ok(r) => return Err(BuildError::NotReady { reason: format!("/validate answered {}", r.status), app_log: app_log(vm).await }),
-            Err(e) => return Err(BuildError::NotReady { reason: format!("/validate: {e}"), app_log: app_log(vm).await }),
-        }
-    }
-    Ok(())
 }

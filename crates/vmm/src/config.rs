@@ -138,6 +138,10 @@ pub struct VmConfig {
     /// cgroups, no capabilities. Defaults to the process's ([`crate::jail::default_jail`]).
     #[serde(default)]
     pub jail: Option<crate::jail::JailConfig>,
+    /// Disk and network limits ([`crate::limits`]); defaults to the process's
+    /// ([`crate::limits::default_limits`]).
+    #[serde(default)]
+    pub limits: crate::limits::IoLimits,
 }
 
 /// A configuration that cannot work.
@@ -163,6 +167,9 @@ pub enum ConfigError {
     /// Boot timeout of zero.
     #[error("boot timeout must be positive")]
     BootTimeout,
+    /// An I/O limit out of range.
+    #[error(transparent)]
+    Limits(#[from] crate::limits::LimitError),
     /// The VM's name is unusable in a process name.
     #[error("VM name {0:?} must be 1-63 characters of letters, digits, '-', '_' and '.'")]
     Name(String),
@@ -189,6 +196,7 @@ impl VmConfig {
             detached: false,
             name: None,
             jail: crate::jail::default_jail(),
+            limits: crate::limits::default_limits(),
         }
     }
 
@@ -210,6 +218,7 @@ impl VmConfig {
                 return Err(ConfigError::Name(n.clone()));
             }
         }
+        self.limits.validate()?;
         if self.boot_timeout.is_zero() {
             return Err(ConfigError::BootTimeout);
         }

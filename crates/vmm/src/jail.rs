@@ -1,13 +1,14 @@
 //! A jail for every QEMU ([`crate::VmConfig::jail`]): on by default wherever the host can
-//! jail ([`available`]: root, cgroup v1), off with `HEARTH_JAIL=0` or `hearth serve
-//! --no-jail`.
+//! jail ([`available`]: root, and the `memory`, `cpu` and `pids` controllers on cgroup v1
+//! or v2: [`Hierarchy`]), off with `HEARTH_JAIL=0` or `hearth serve --no-jail`.
 //!
 //! Like Firecracker's `jailer`, the host prepares everything, then starts QEMU with
 //! `clone3(CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS)`; between clone and
 //! exec the child only makes system calls on data prepared before the clone (paths as
 //! `CString`s, descriptors), in this order:
 //!
-//! 1. joins its cgroups (`hearth/<uid>` in `memory`, `cpu`, `pids`; [`cgroup`]),
+//! 1. joins its cgroups (`hearth/<uid>` in v1's `memory`, `cpu`, `pids`, or v2's one
+//!    `hearth/<uid>`; [`cgroup`], [`hierarchy`]) by writing `0` to their `cgroup.procs`,
 //! 2. enters the VM's network namespace and opens `tap0` there (`TUNSETIFF`), so QEMU gets
 //!    the tap as a descriptor (`-netdev tap,fd=N`) and never sees `/dev/net/tun`,
 //! 3. mounts a tmpfs on `<run dir>/jail`, creates in it the device nodes QEMU needs
@@ -38,6 +39,7 @@
 pub mod cgroup;
 pub mod chain;
 mod child;
+pub mod hierarchy;
 
 use crate::accel::Accel;
 use crate::config::{Memory, Start, VmConfig};
@@ -48,6 +50,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 pub use cgroup::Limits;
+pub use hierarchy::{Hierarchy, Unavailable};
 
 /// First uid (and gid) of the default range.
 pub const DEFAULT_UID_BASE: u32 = 1_300_000_000;
@@ -69,7 +72,8 @@ pub struct JailConfig {
     pub uid_base: u32,
     /// How many uids the range holds (at most this many jailed VMs on the host).
     pub uid_count: u32,
-    /// Where the cgroup v1 controllers are mounted (`<root>/memory`, `/cpu`, `/pids`).
+    /// Where the cgroups are: the cgroup v1 controllers' mounts (`<root>/memory`, `/cpu`,
+    /// `/pids`) or a cgroup v2 mount (told apart by [`Hierarchy::at`]).
     pub cgroup_root: PathBuf,
     /// The memory limit in MiB instead of the one sized from the VM ([`Limits::for_vm`]).
     #[serde(default)]
@@ -116,20 +120,21 @@ fn switch_on(v: &str) -> bool {
     matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
 }
 
-/// Whether this host can jail QEMU: root, and the cgroup v1 `memory`, `cpu` and `pids`
-/// controllers under `cgroup_root`; the error says what is missing.
-pub fn available(cgroup_root: &Path) -> Result<(), String> {
+/// Whether this host can jail QEMU: root, and the `memory`, `cpu` and `pids` controllers
+/// in the hierarchy at `cgroup_root` (v1 mounts under it, or a v2 mount offering them).
+///
+/// # Errors
+///
+/// [`Unavailable`], saying what is missing and what to do (enable the controllers, or
+/// `--no-jail`).
+pub fn available(cgroup_root: &Path) -> Result<Hierarchy, Unavailable> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Err("the jail needs root".into());
+        return Err(Unavailable::NotRoot);
     }
-    for (c, f) in [("memory", "memory.limit_in_bytes"), ("cpu", "cpu.cfs_quota_us"), ("pids", "pids.max")] {
-        let probe = if c == "pids" { cgroup_root.join(c).join("cgroup.procs") } else { cgroup_root.join(c).join(f) };
-        if !probe.exists() {
-            return Err(format!("the jail needs the cgroup v1 {c} controller at {}", cgroup_root.join(c).display()));
-        }
-    }
-    Ok(())
+    let hierarchy = Hierarchy::at(cgroup_root);
+    hierarchy.check()?;
+    Ok(hierarchy)
 }
 
 /// A jail that could not be prepared or entered.
@@ -143,6 +148,9 @@ pub enum JailError {
         /// Range size.
         count: u32,
     },
+    /// The host cannot jail ([`available`]).
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
     /// A host file or cgroup operation failed.
     #[error("preparing the jail: {0}")]
     Io(#[from] std::io::Error),
@@ -210,7 +218,8 @@ pub(crate) fn uid_of(run_dir: &Path) -> Option<u32> {
 /// process does not hold: swept or discarded), once its QEMU is gone.
 pub(crate) fn remove_groups(run_dir: &Path, jail: Option<&JailConfig>) {
     if let (Some(j), Some(uid)) = (jail, uid_of(run_dir)) {
-        cgroup::remove(cgroup::CONTROLLERS.iter().map(|c| cgroup::dir(&j.cgroup_root, c, uid)).collect());
+        // The uid's lock last.
+        cgroup::remove(Hierarchy::at(&j.cgroup_root).groups(uid).into_iter().rev().collect());
     }
 }
 
@@ -237,19 +246,21 @@ pub(crate) fn prepare(
     paths: &RunPaths,
     binary: &Path,
 ) -> Result<(Prepared, PathBuf), JailError> {
-    cgroup::sweep_empty(&jail.cgroup_root);
+    let hierarchy = available(&jail.cgroup_root)?;
+    hierarchy.prepare()?;
+    cgroup::sweep_empty(&hierarchy);
     let mut claimed = None;
     for _ in 0..64 {
         let mut b = [0u8; 4];
         getrandom::fill(&mut b).map_err(|e| std::io::Error::other(e.to_string()))?;
         let uid = jail.uid_base.saturating_add(u32::from_le_bytes(b) % jail.uid_count.max(1));
-        if let Some(cg) = cgroup::Cgroup::claim(&jail.cgroup_root, uid)? {
+        if let Some(cg) = cgroup::Cgroup::claim(&hierarchy, uid)? {
             claimed = Some((uid, cg));
             break;
         }
     }
     let (uid, mut cgroup) = claimed.ok_or(JailError::NoUid { base: jail.uid_base, count: jail.uid_count })?;
-    cgroup.configure(&jail.cgroup_root, uid, Limits::for_vm(cfg.memory_mib, cfg.vcpus, accel != Accel::Kvm, jail.memory_limit_mib))?;
+    cgroup.configure(Limits::for_vm(cfg.memory_mib, cfg.vcpus, accel != Accel::Kvm, jail.memory_limit_mib))?;
     let procs = cgroup.procs_files()?;
 
     let q = run_dir.join(QEMU_DIR);
@@ -362,8 +373,14 @@ mod tests {
     fn a_host_without_the_controllers_cannot_jail() {
         let d = tempfile::tempdir().unwrap();
         // SAFETY: geteuid has no preconditions.
-        let want = if unsafe { libc::geteuid() } == 0 { "cgroup v1 memory" } else { "root" };
-        assert!(available(d.path()).unwrap_err().contains(want));
+        let root = unsafe { libc::geteuid() } == 0;
+        let e = available(d.path()).unwrap_err();
+        if root {
+            assert_eq!(e, Unavailable::V1Missing { controller: "memory", root: d.path().to_path_buf() });
+        } else {
+            assert_eq!(e, Unavailable::NotRoot);
+        }
+        assert!(e.to_string().contains("--no-jail"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct RestoreOptions {
     pub name: Option<String>,
     /// The new VM's jail ([`crate::VmConfig::jail`]); defaults to the process's.
     pub jail: Option<crate::jail::JailConfig>,
+    /// The new VM's disk and network limits ([`crate::VmConfig::limits`]): a snapshot
+    /// does not carry them. Defaults to the process's.
+    pub limits: crate::limits::IoLimits,
 }
 
 impl RestoreOptions {
@@ -50,6 +53,7 @@ impl RestoreOptions {
             detached: false,
             name: None,
             jail: crate::jail::default_jail(),
+            limits: crate::limits::default_limits(),
         }
     }
 }
@@ -72,6 +76,7 @@ fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     cfg.detached = opts.detached;
     cfg.name = opts.name.clone();
     cfg.jail = opts.jail.clone();
+    cfg.limits = opts.limits;
     cfg.network = m.network.as_ref().map(|recorded| {
         opts.egress.clone().unwrap_or_else(|| if m.kind == SnapshotKind::Template { crate::net::Egress::none() } else { recorded.clone() })
     });

@@ -1,31 +1,142 @@
 //! Builds: a version's build runs in the background (booting a builder VM and
 //! snapshotting it); GetMicrovmImageBuild and ListMicrovmImageBuilds show it.
+//!
+//! Every build is bounded: it waits its turn for one of `--max-concurrent-builds` slots
+//! ([`super::build_queue`], the version PENDING meanwhile), then runs under a step timeout
+//! and a build timeout (defaults in [`hearth_image::build::limits`], an image's tags
+//! [`TAG_STEP_TIMEOUT`] and [`TAG_BUILD_TIMEOUT`] set its own), with its log capped
+//! ([`hearth_image::build::BuildLog`]). Deleting the image or the version cancels it.
+//! File work (creating directories, extracting the code zip, sizing the snapshot, removing
+//! what a failed build left) runs on the blocking pool.
 
+use super::build_queue::{BuildKey, Builds, Ticket};
 use super::{artifacts, dir_size, image_arn, page, Reason, Service};
 use crate::clock::now;
 use crate::error::ApiError;
 use crate::inputs::{GetMicrovmImageBuildInput, ListMicrovmImageBuildsInput};
 use crate::lifecycle::{MicrovmImageState, MicrovmImageVersionState as VersionState};
 use crate::store::{ImageRecord, VersionRecord};
+use hearth_image::build::limits::{self, MAX_TIMEOUT_SECS, MIN_TIMEOUT_SECS};
+use hearth_image::build::{BuildError, BuildLog, Control};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The image tag that sets how many seconds a whole build of it may take.
+pub const TAG_BUILD_TIMEOUT: &str = "hearth:build-timeout-seconds";
+
+/// The image tag that sets how many seconds each Dockerfile step of its builds may take.
+pub const TAG_STEP_TIMEOUT: &str = "hearth:run-step-timeout-seconds";
+
+/// A build's step and build timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Timeouts {
+    step: Duration,
+    build: Duration,
+}
+
+/// The timeouts `tags` set (the defaults where they set none).
+///
+/// # Errors
+///
+/// A ValidationException naming the tag whose value is not a whole number of seconds
+/// from [`MIN_TIMEOUT_SECS`] to [`MAX_TIMEOUT_SECS`].
+pub(super) fn timeouts<'a>(tags: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Timeouts, ApiError> {
+    let mut t = Timeouts { step: limits::DEFAULT_STEP_TIMEOUT, build: limits::DEFAULT_BUILD_TIMEOUT };
+    for (k, v) in tags {
+        let slot = match k.as_str() {
+            TAG_STEP_TIMEOUT => &mut t.step,
+            TAG_BUILD_TIMEOUT => &mut t.build,
+            _ => continue,
+        };
+        let secs = v.trim().parse::<u64>().ok().filter(|s| (MIN_TIMEOUT_SECS..=MAX_TIMEOUT_SECS).contains(s)).ok_or_else(|| {
+            ApiError::validation(format!(
+                "tag {k} must be a whole number of seconds from {MIN_TIMEOUT_SECS} to {MAX_TIMEOUT_SECS}, not {v:?}"
+            ))
+        })?;
+        *slot = Duration::from_secs(secs);
+    }
+    Ok(t)
+}
+
+/// Runs synchronous file work on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(t) => t,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// What a version's `stateReason` says of a failed build.
+fn reason(e: &BuildError) -> String {
+    match e {
+        BuildError::StepTimeout { .. } => format!("{e} (the image's tag {TAG_STEP_TIMEOUT} sets the step timeout)"),
+        BuildError::BuildTimeout { .. } => format!("{e} (the image's tag {TAG_BUILD_TIMEOUT} sets the build timeout)"),
+        BuildError::Cancelled => "the build was cancelled: its image or version was deleted; the builder VM was stopped".into(),
+        e => e.to_string(),
+    }
+}
+
 impl Service {
-    pub(super) async fn build(
+    /// At most `n` builds at once (at least 1); the others wait in FIFO order. Set before
+    /// the service is shared (`hearth serve --max-concurrent-builds`).
+    pub fn set_max_concurrent_builds(&mut self, n: usize) {
+        self.builds = Builds::new(n);
+    }
+
+    /// Called before a build is queued; refusing here leaves nothing behind. The hook for
+    /// a per-account concurrent-build quota (`service/quotas`): `self.builds.count(account)`
+    /// says how many of the account's builds are queued or running.
+    pub(super) async fn admit_build(&self, account: &str) -> Result<(), ApiError> {
+        let _queued_or_running = self.builds.count(account);
+        Ok(())
+    }
+
+    /// Registers the build of `rec` (so a delete finds it at once) and starts its task.
+    pub(super) fn start_build(
+        self: &Arc<Self>,
+        image: ImageRecord,
+        rec: VersionRecord,
+        base: hearth_image::base::Base,
+        update: bool,
+        timeouts: Timeouts,
+    ) {
+        let ticket = self.builds.register((rec.account.clone(), rec.name.clone(), rec.version));
+        let svc = self.clone();
+        tokio::spawn(async move { svc.build(image, rec, base, update, timeouts, ticket).await });
+    }
+
+    /// Cancels the build of version `version` of `name`, if one is queued or running, and
+    /// waits until it has ended: its builder stopped, its files removed, the version FAILED.
+    pub(super) async fn cancel_build(&self, account: &str, name: &str, version: u32) -> bool {
+        let key: BuildKey = (account.to_owned(), name.to_owned(), version);
+        self.builds.cancel(&key).await
+    }
+
+    async fn build(
         self: Arc<Self>,
         mut image: ImageRecord,
         mut rec: VersionRecord,
         base: hearth_image::base::Base,
         update: bool,
+        timeouts: Timeouts,
+        ticket: Ticket,
     ) {
+        let failed = if update { MicrovmImageState::UpdateFailed } else { MicrovmImageState::CreateFailed };
+        // Queued (PENDING) until a slot frees; a build cancelled meanwhile leaves the queue.
+        let Some(_slot) = self.builds.admit(&ticket).await else {
+            let why = "the build was cancelled while queued: its image or version was deleted".to_owned();
+            self.end_build(&mut image, &mut rec, VersionState::Failed, Reason::Set(Some(why)), failed).await;
+            return;
+        };
         if let Err(e) = self.version_transition(&mut rec, VersionState::InProgress, Reason::Keep).await {
             tracing::warn!(image = %image.name, version = rec.version, error = %e.message, "image build not started");
             return;
         }
         hearth_vmm::crash::point("build.started");
         let dir = self.version_dir(&image.account, &image.name, rec.version);
-        let result = self.clone().build_version(&rec, base, &dir).await;
+        let ctl = Control { step_timeout: timeouts.step, build_timeout: timeouts.build, cancel: Some(ticket.cancel.clone()) };
+        let result = self.clone().build_version(&rec, base, &dir, ctl).await;
         let (version_state, reason, image_state) = match result {
             Ok((sizes, config)) => {
                 rec.snapshot_bytes = Some(sizes);
@@ -34,17 +145,27 @@ impl Service {
             }
             Err(e) => {
                 tracing::warn!(image = %image.name, version = rec.version, error = %e, "image build failed");
-                let _ = std::fs::remove_dir_all(dir.join("snapshot"));
-                (
-                    VersionState::Failed,
-                    Reason::Set(Some(e)),
-                    if update { MicrovmImageState::UpdateFailed } else { MicrovmImageState::CreateFailed },
-                )
+                let snapshot = dir.join("snapshot");
+                blocking(move || std::fs::remove_dir_all(snapshot)).await.ok();
+                (VersionState::Failed, Reason::Set(Some(e)), failed)
             }
         };
+        self.end_build(&mut image, &mut rec, version_state, reason, image_state).await;
+        // `ticket` drops here, after the end is recorded: a delete waiting on it goes on.
+    }
+
+    /// Records the end of a build: the version's state, then the image's.
+    async fn end_build(
+        &self,
+        image: &mut ImageRecord,
+        rec: &mut VersionRecord,
+        version_state: VersionState,
+        reason: Reason,
+        image_state: MicrovmImageState,
+    ) {
         image.updated_at = Some(now());
-        let written = match self.version_transition(&mut rec, version_state, reason).await {
-            Ok(()) => self.image_transition(&mut image, image_state).await,
+        let written = match self.version_transition(rec, version_state, reason).await {
+            Ok(()) => self.image_transition(image, image_state).await,
             Err(e) => Err(e),
         };
         if let Err(e) = written {
@@ -57,24 +178,42 @@ impl Service {
         rec: &VersionRecord,
         base: hearth_image::base::Base,
         dir: &std::path::Path,
+        ctl: Control,
     ) -> Result<((u64, u64), hearth_image::build::ImageConfig), String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let scratch = tempfile::Builder::new().prefix(".ctx-").tempdir_in(dir).map_err(|e| e.to_string())?;
+        let scratch = {
+            let dir = dir.to_path_buf();
+            blocking(move || {
+                std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+                tempfile::Builder::new().prefix(".ctx-").tempdir_in(&dir).map_err(|e| e.to_string())
+            })
+            .await?
+        };
         let uri = rec.spec.pointer("/codeArtifact/uri").and_then(Value::as_str).unwrap_or_default();
         // Held open until the build ends: a directory context is read through it.
         let source = self.code_artifact(&rec.account, uri).await.map_err(|e| e.message)?;
-        let context = match &source {
-            artifacts::Source::Local(l) if l.dir => l.path(),
+        let (context, _scratch) = match &source {
+            artifacts::Source::Local(l) if l.dir => (l.path(), scratch),
             other => {
                 let zip = match other {
                     artifacts::Source::Local(l) => l.path(),
-                    artifacts::Source::Remote(u) => {
-                        hearth_image::artifact::fetch(u, scratch.path(), Default::default()).await.map_err(|e| e.to_string())?
-                    }
+                    artifacts::Source::Remote(u) => tokio::select! {
+                        z = hearth_image::artifact::fetch(u, scratch.path(), Default::default()) => z.map_err(|e| e.to_string())?,
+                        () = ctl.cancelled() => return Err(reason(&BuildError::Cancelled)),
+                    },
                 };
+                // Extraction (bounded by the artifact limits) is not cut short: the scratch
+                // directory travels with it and is removed by whoever holds it last.
                 let ctx = scratch.path().join("ctx");
-                hearth_image::artifact::extract_zip(&zip, &ctx, Default::default()).map_err(|e| e.to_string())?;
-                ctx
+                let (scratch, extracted) = {
+                    let ctx = ctx.clone();
+                    blocking(move || {
+                        let r = hearth_image::artifact::extract_zip(&zip, &ctx, Default::default());
+                        (scratch, r)
+                    })
+                    .await
+                };
+                extracted.map_err(|e| e.to_string())?;
+                (ctx, scratch)
             }
         };
         let hooks = rec.spec.get("hooks").cloned().unwrap_or(Value::Null);
@@ -103,15 +242,20 @@ impl Service {
         if let Some(m) = rec.spec.pointer("/resources/0/minimumMemoryInMiB").and_then(Value::as_u64) {
             vm.memory_mib = (m as u32).max(hearth_vmm::config::MIN_MEMORY_MIB);
         }
-        let log_path = dir.join("build.log");
-        let mut log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let mut log = |line: &str| {
-            let _ = std::io::Write::write_all(&mut log_file, format!("{line}\n").as_bytes());
-        };
-        let (snap, config) =
-            hearth_image::build::build(&req, vm, &self.home, &dir.join("snapshot"), &mut log).await.map_err(|e| e.to_string())?;
+        let mut log = BuildLog::create(&dir.join("build.log")).await.map_err(|e| format!("create the build log: {e}"))?;
+        let built = hearth_image::build::build_with(&req, vm, &self.home, &dir.join("snapshot"), &mut |l| log.line(l), &ctl).await;
+        match &built {
+            Ok(_) => log.line("built"),
+            Err(e) => log.line(&format!("build failed: {}", reason(e))),
+        }
+        if let Err(e) = log.finish().await {
+            tracing::warn!(image = %rec.name, version = rec.version, error = %e, "the build log was not written whole");
+        }
+        let (snap, config) = built.map_err(|e| reason(&e))?;
         let mem = snap.manifest.memory.as_ref().map_or(0, |m| m.size);
-        Ok(((mem, dir_size(&dir.join("snapshot")).saturating_sub(mem)), config))
+        let snapshot = dir.join("snapshot");
+        let total = blocking(move || dir_size(&snapshot)).await;
+        Ok(((mem, total.saturating_sub(mem)), config))
     }
 
     pub(super) fn build_json(&self, image: &ImageRecord, v: &VersionRecord) -> Value {
@@ -127,6 +271,12 @@ impl Service {
         });
         if let Some(r) = &v.state_reason {
             out["stateReason"] = r.clone().into();
+        } else if self.builds.is_queued(&(v.account.clone(), v.name.clone(), v.version)) {
+            out["stateReason"] = format!(
+                "queued: at most {} builds run at once on this host (hearth serve --max-concurrent-builds); this one starts when one ends",
+                self.builds.max()
+            )
+            .into();
         }
         if let Some((mem, disk)) = v.snapshot_bytes {
             out["snapshotBuild"] = json!({ "memorySnapshotSizeInBytes": mem, "diskSnapshotSizeInBytes": disk });

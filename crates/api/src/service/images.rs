@@ -115,9 +115,21 @@ impl Service {
         let uri = spec.get("codeArtifact").and_then(|c| c.get("uri")).and_then(Value::as_str).unwrap_or_default();
         // Opened now so a bad one is refused here; the build opens it again.
         drop(self.code_artifact(account, uri).await?);
+        // The build's timeouts come from the image's tags: the request's (a new image) or
+        // those it has (a new version); a bad one is refused before anything is written.
+        let timeouts = match tags {
+            Some(t) => super::builds::timeouts(t)?,
+            None => {
+                let have = self.store.tags(&image_arn(account, &name)).await?;
+                super::builds::timeouts(have.iter().map(|(k, v)| (k, v)))?
+            }
+        };
         for k in ["name", "imageIdentifier", "clientToken", "tags"] {
             spec.remove(k);
         }
+        // Quotas and the host's disk, held until the version is recorded.
+        let _admitted = self.admit_version(account, !update, &Value::Object(spec.clone())).await?;
+        self.admit_build(account).await?;
         let versions = self.store.versions(account, &name).await?;
         let version = versions.last().map_or(1, |v| v.version + 1);
         let t = now();
@@ -146,9 +158,7 @@ impl Service {
             let pairs: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             self.store.tag(&image_arn(account, &name), &pairs).await?;
         }
-        let svc = self.clone();
-        let (rec2, image2, base_kind) = (rec.clone(), image.clone(), *base_kind);
-        tokio::spawn(async move { svc.build(image2, rec2, base_kind, update).await });
+        self.start_build(image.clone(), rec.clone(), *base_kind, update, timeouts);
         let mut out = self.version_json(&image, &rec).await;
         for (k, v) in self.image_json(&image).await?.as_object().into_iter().flatten() {
             out[k] = v.clone();
@@ -181,11 +191,17 @@ impl Service {
         page(all, input.max_results, input.next_token.as_deref())
     }
 
-    /// DeleteMicrovmImage.
+    /// DeleteMicrovmImage. Builds of the image that are queued or running are cancelled
+    /// first (each ends FAILED, its builder stopped and its files removed).
     pub async fn delete_image(&self, account: &str, input: &DeleteMicrovmImageInput) -> Result<Value, ApiError> {
         let ident = input.image_identifier.as_str();
         let image = self.image(account, ident).await?;
         self.refuse_if_in_use(account, &image.name, None).await?;
+        for v in self.store.versions(account, &image.name).await?.iter().filter(|v| v.state.is_building()) {
+            self.cancel_build(account, &image.name, v.version).await;
+        }
+        // Still building: a build this daemon does not run (one a restart cut off, not yet
+        // settled by the reconcile).
         if self.store.versions(account, &image.name).await?.iter().any(|v| v.state.is_building()) {
             return Err(ApiError::conflict("MicrovmImage", ident, "a build of this image is in progress"));
         }
@@ -193,7 +209,8 @@ impl Service {
         let arn = image_arn(account, &image.name);
         let keys: Vec<String> = self.store.tags(&arn).await?.into_iter().map(|(k, _)| k).collect();
         self.store.untag(&arn, &keys).await?;
-        let _ = std::fs::remove_dir_all(self.state.join("images").join(account).join(&image.name));
+        let dir = self.state.join("images").join(account).join(&image.name);
+        super::builds::blocking(move || std::fs::remove_dir_all(dir)).await.ok();
         Ok(json!({ "imageIdentifier": ident, "state": "DELETED" }))
     }
 
@@ -241,15 +258,20 @@ impl Service {
         Ok(self.version_json(&image, &v).await)
     }
 
-    /// DeleteMicrovmImageVersion.
+    /// DeleteMicrovmImageVersion. A build of the version that is queued or running is
+    /// cancelled first (it ends FAILED, its builder stopped and its files removed).
     pub async fn delete_version(&self, account: &str, input: &DeleteMicrovmImageVersionInput) -> Result<Value, ApiError> {
         let ident = input.image_identifier.as_str();
         let image = self.image(account, ident).await?;
-        let v = self.version(account, &image.name, &input.image_version).await?;
+        let mut v = self.version(account, &image.name, &input.image_version).await?;
+        if v.state.is_building() && self.cancel_build(account, &image.name, v.version).await {
+            v = self.version(account, &image.name, &input.image_version).await?;
+        }
         v.state.check(&v.version.to_string(), VersionState::Deleted)?;
         self.refuse_if_in_use(account, &image.name, Some(v.version)).await?;
         self.store.delete_version(account, &image.name, v.version).await?;
-        let _ = std::fs::remove_dir_all(self.version_dir(account, &image.name, v.version));
+        let dir = self.version_dir(account, &image.name, v.version);
+        super::builds::blocking(move || std::fs::remove_dir_all(dir)).await.ok();
         Ok(json!({ "imageIdentifier": ident, "imageVersion": v.version.to_string(), "state": "DELETED" }))
     }
 

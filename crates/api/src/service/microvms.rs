@@ -162,9 +162,12 @@ impl Service {
             vcpus: snap.manifest.vcpus,
             vm_dir: None,
         };
+        // Quotas and the host's room: checked, and the record written, under one lock.
+        let admitted = self.admit_microvm(account, m.memory_mib, m.vcpus).await?;
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         self.put(&m).await?;
+        drop(admitted);
         crash::point("run.recorded");
         let started = std::time::Instant::now();
         match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
@@ -203,6 +206,7 @@ impl Service {
                 detached: true,
                 name: Some(m.microvm_id.clone()),
                 jail: self.vm_template.jail.clone(),
+                limits: self.vm_template.limits,
             };
         }
         let connectors: Vec<&str> =
@@ -223,6 +227,7 @@ impl Service {
             detached: true,
             name: Some(m.microvm_id.clone()),
             jail: self.vm_template.jail.clone(),
+            limits: self.vm_template.limits,
         }
     }
 
@@ -275,6 +280,11 @@ impl Service {
     pub async fn suspend_microvm(&self, account: &str, ident: &str, reason: Option<&str>) -> Result<Value, ApiError> {
         let (id, mut guard, mut m) = self.locked(account, ident).await?;
         m.state.check(&id, MicrovmState::Suspending)?;
+        if reason.is_none() {
+            // The tenant's own suspend counts against its snapshot disk; the idle policy's
+            // and the host's do not (they must be able to free the VM).
+            self.admit_suspend(&m).await?;
+        }
         if guard.vm.is_none() {
             return Err(ApiError::internal(format!("microvm {id} is RUNNING without a VM")));
         }
@@ -319,6 +329,8 @@ impl Service {
             // PENDING and SUSPENDING lead to RUNNING too, but not through a resume.
             return Err(InvalidTransition { id, from: m.state, to: MicrovmState::Running }.into());
         }
+        // Quotas and the host's room, held until the resume ends.
+        let _admitted = self.admit_resume(&m).await?;
         let dir = self.microvm_dir(&id).join("suspended");
         let snap = match Snapshot::open(&dir) {
             Ok(s) => s,

@@ -18,18 +18,22 @@
 
 mod accounts;
 mod artifacts;
+mod build_queue;
 mod builds;
 mod extensions;
 mod faults;
 mod images;
 mod microvms;
 mod policies;
+mod quotas;
 mod reconcile;
 mod tags;
 mod tokens;
 mod transitions;
 
-pub use extensions::{egress_from, set_egress_ceiling, ExecLine};
+pub use build_queue::default_max_concurrent_builds;
+pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
+pub use extensions::{egress_from, set_egress_ceiling, ExecLine, MAX_FILE_BYTES, TRANSFER_CHUNKS};
 pub use images::MANAGED;
 pub use microvms::Slot;
 pub use tokens::{MAX_INGRESS_CONNECTIONS, SHELL_INGRESS};
@@ -93,6 +97,19 @@ pub struct Service {
     /// Microvms the start-up reconcile has not settled yet ([`Service::mark_recovering`]):
     /// read from their record, changed by nothing else until it has.
     recovering: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// What the host can hold, all tenants together.
+    pub capacity: crate::capacity::Capacity,
+    /// The request rate of accounts the operator set none for.
+    pub default_rate: crate::ratelimit::Rate,
+    /// Every account's request bucket.
+    limiter: crate::ratelimit::Limiter,
+    /// Held from the quota and capacity checks of a new microvm or build until its record
+    /// is written: two calls never both take the last unit.
+    admission: tokio::sync::Mutex<()>,
+    /// Suspended microvms whose resume was admitted and has not ended.
+    resuming: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Builds queued and running: the bound on how many run at once, and how to cancel each.
+    builds: build_queue::Builds,
     /// The service itself, for the tasks that watch each VM's QEMU ([`Self::shared`]).
     me: std::sync::Weak<Service>,
 }
@@ -114,6 +131,7 @@ impl Service {
         vm_template: VmConfig,
         token_key: crate::ingress::TokenKey,
     ) -> Self {
+        let capacity = crate::capacity::Capacity::measure(&Default::default(), &state);
         Service {
             store: Box::new(store),
             home,
@@ -125,6 +143,12 @@ impl Service {
             token_key,
             ingress: Default::default(),
             recovering: Default::default(),
+            capacity,
+            default_rate: Default::default(),
+            limiter: Default::default(),
+            admission: Default::default(),
+            resuming: Default::default(),
+            builds: Default::default(),
             me: std::sync::Weak::new(),
         }
     }

@@ -1,5 +1,6 @@
 //! Per-account settings the operator sets with `hearth accounts` (tenants cannot change
-//! them): where the account may name `file://` code artifacts.
+//! them): where the account may name `file://` code artifacts, its quotas and its request
+//! rate.
 
 use super::sqlite::{from_doc, to_doc};
 use super::{DbResult, Store};
@@ -11,13 +12,19 @@ use std::path::PathBuf;
 pub(super) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS accounts (account TEXT PRIMARY KEY, doc TEXT NOT NULL);";
 
 /// What the operator allows one account.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccountSettings {
     /// The directory beneath which the account may name `file://` code artifacts; none
     /// (the default) refuses every `file://` artifact.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact_root: Option<PathBuf>,
+    /// Quotas the operator set for this account (the rest are the defaults).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub quotas: crate::quota::Overrides,
+    /// The account's request rate; none: the daemon's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::ratelimit::Rate>,
 }
 
 impl Store {
@@ -43,7 +50,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("db")).unwrap();
         assert_eq!(store.account_settings("123456789012").unwrap(), AccountSettings::default());
-        let s = AccountSettings { artifact_root: Some("/srv/artifacts".into()) };
+        let s = AccountSettings {
+            artifact_root: Some("/srv/artifacts".into()),
+            quotas: [(crate::quota::Quota::Microvms, 3)].into(),
+            rate_limit: Some(crate::ratelimit::Rate { per_second: 1.5, burst: 3 }),
+        };
         store.set_account_settings("123456789012", &s).unwrap();
         assert_eq!(store.account_settings("123456789012").unwrap(), s);
         assert_eq!(store.account_settings("000000000000").unwrap(), AccountSettings::default());

@@ -59,8 +59,10 @@ impl BenchDaemon {
         store.add_key(&key)?;
         // The benchmark's tenant builds from a directory of its own state, as an operator
         // would allow with `hearth accounts set --artifact-root`.
-        store
-            .set_account_settings(&key.account, &hearth_api::store::AccountSettings { artifact_root: Some(state.path().to_path_buf()) })?;
+        store.set_account_settings(
+            &key.account,
+            &hearth_api::store::AccountSettings { artifact_root: Some(state.path().to_path_buf()), ..Default::default() },
+        )?;
         drop(store);
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -73,6 +75,9 @@ impl BenchDaemon {
             public_url: None,
             metrics_listen: None,
             egress_allow_private: Vec::new(),
+            capacity: Default::default(),
+            rate_limit: Default::default(),
+            max_concurrent_builds: hearth_api::service::default_max_concurrent_builds(),
         };
         let task = tokio::spawn(hearth_api::server::serve(
             cfg,

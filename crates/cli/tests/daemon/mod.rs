@@ -37,6 +37,11 @@ impl Daemon {
         Self::spawn(hearth().args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"]).arg(state))
     }
 
+    /// Like [`Daemon::start`], with `args` added to `hearth serve`'s.
+    pub fn start_args(state: &Path, args: &[&str]) -> Daemon {
+        Self::spawn(hearth().args(["serve", "--listen", "127.0.0.1:0", "--policy-interval", "0.5", "--state-dir"]).arg(state).args(args))
+    }
+
     /// Like [`Daemon::start`], with `env` added and its log (stderr) written to `log`.
     pub fn start_with(state: &Path, env: &[(&str, &str)], log: &Path) -> Daemon {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("daemon log");

@@ -26,6 +26,9 @@ pub use exec::{ExecEvent, ExecInput, ExecOutput, ExecStream};
 
 type ReqBody = BoxBody<Bytes, std::io::Error>;
 
+/// The chunks of a guest file as [`AgentClient::read_file`] streams them.
+pub type FileChunks = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, AgentError>> + Send + Sync + 'static>>;
+
 /// Default ceiling on output collected by [`AgentClient::exec_collect`].
 pub const DEFAULT_MAX_OUTPUT: usize = 64 << 20;
 
@@ -293,13 +296,15 @@ impl AgentClient {
         s.collect(max_output).await
     }
 
-    /// Streams (a range of) a guest file.
-    pub async fn read_file(
-        &self,
-        path: &BinPath,
-        offset: u64,
-        length: Option<u64>,
-    ) -> Result<impl Stream<Item = Result<Bytes, AgentError>>, AgentError> {
+    /// Streams (a range of) a guest file. The stream owns its HTTP/2 stream (it outlives
+    /// `self` and `path`); what it holds unread is bounded by the stream's flow-control
+    /// window (4 MiB): the agent sends no more until chunks are taken.
+    ///
+    /// # Errors
+    ///
+    /// The agent's refusal (a missing file: [`hearth_proto::ErrorCode::NotFound`]) before
+    /// the first chunk; a broken connection as an item of the stream.
+    pub async fn read_file(&self, path: &BinPath, offset: u64, length: Option<u64>) -> Result<FileChunks, AgentError> {
         let mut uri = format!("/v1/files?path={}&offset={offset}", path.to_query());
         if let Some(l) = length {
             uri.push_str(&format!("&length={l}"));
@@ -308,7 +313,7 @@ impl AgentClient {
         let resp = self.send(req).await?;
         let resp = Self::check_status(resp).await?;
         let body = resp.into_body();
-        Ok(futures_util::stream::unfold(body, |mut body| async move {
+        Ok(Box::pin(futures_util::stream::unfold(body, |mut body| async move {
             loop {
                 match body.frame().await {
                     Some(Ok(f)) => match f.into_data() {
@@ -319,7 +324,7 @@ impl AgentClient {
                     None => return None,
                 }
             }
-        }))
+        })))
     }
 
     /// Reads a whole guest file, refusing one larger than `max` bytes.

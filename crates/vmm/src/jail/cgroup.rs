@@ -1,18 +1,18 @@
-//! A jailed QEMU's cgroups (v1: `memory`, `cpu`, `pids` under `<root>/<controller>/hearth/`).
+//! A jailed QEMU's cgroups: `hearth/<uid>` in the v1 `memory`, `cpu` and `pids`
+//! controllers, or one `hearth/<uid>` group of a v2 tree ([`Hierarchy`] says which and
+//! where), with the limits sized from the VM ([`Limits`]).
 //!
-//! The group is named after the jail's uid, and creating the `memory` one allocates the
-//! uid: `mkdir` fails when the name exists, so two processes (two daemons, the CLI and a
-//! daemon) never hand out the same uid, without a lock file. The group is removed when
-//! the VM goes (the directory can only be removed once QEMU is reaped, so removal is
-//! retried briefly), and with the run directory a crash left behind.
+//! The group is named after the jail's uid, and creating it (v1: the `memory` one)
+//! allocates the uid: `mkdir` fails when the name exists, so two processes (two daemons,
+//! the CLI and a daemon) never hand out the same uid, without a lock file. The group is
+//! removed when the VM goes (the directory can only be removed once QEMU is reaped, so
+//! removal is retried briefly), and with the run directory a crash left behind.
 
+use super::hierarchy::Hierarchy;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// The controllers a jail uses, in creation order (`memory` first: it allocates the uid).
-pub(crate) const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
 /// QEMU's own memory beside guest RAM under TCG: the translation cache (capped with
 /// `tb-size`, [`TCG_TB_MIB`]) plus [`QEMU_OVERHEAD_MIB`].
@@ -32,11 +32,13 @@ pub const CFS_PERIOD_US: u64 = 100_000;
 /// The limits of one VM's group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes` where swap is accounted).
+    /// v1 `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes` where swap is
+    /// accounted), v2 `memory.max` (and `memory.swap.max` 0).
     pub memory_bytes: u64,
-    /// `pids.max`.
+    /// `pids.max` (both).
     pub pids: u64,
-    /// `cpu.cfs_quota_us` over [`CFS_PERIOD_US`].
+    /// v1 `cpu.cfs_quota_us` over `cpu.cfs_period_us`, v2 `cpu.max`'s quota; the period
+    /// is [`CFS_PERIOD_US`].
     pub cpu_quota_us: u64,
 }
 
@@ -53,10 +55,14 @@ impl Limits {
 /// One VM's groups, removed when dropped.
 #[derive(Debug)]
 pub(crate) struct Cgroup {
+    hierarchy: Hierarchy,
+    uid: u32,
+    /// Created so far, the uid's lock first.
     dirs: Vec<PathBuf>,
 }
 
-fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
+/// Writes `value` to `dir/file`; the error names the file.
+pub(crate) fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
     std::fs::OpenOptions::new()
         .write(true)
         .open(dir.join(file))
@@ -64,39 +70,32 @@ fn write(dir: &Path, file: &str, value: &str) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display())))
 }
 
-/// The group directory of `uid` under `controller`.
-pub(crate) fn dir(root: &Path, controller: &str, uid: u32) -> PathBuf {
-    root.join(controller).join("hearth").join(uid.to_string())
-}
-
 impl Cgroup {
-    /// Creates `hearth/<uid>` in the `memory` controller, or `Ok(None)` when that uid is
-    /// taken (the group exists).
-    pub(crate) fn claim(root: &Path, uid: u32) -> std::io::Result<Option<Cgroup>> {
-        let mem = dir(root, "memory", uid);
-        std::fs::create_dir_all(mem.parent().expect("has a parent"))?;
-        match std::fs::create_dir(&mem) {
-            Ok(()) => Ok(Some(Cgroup { dirs: vec![mem] })),
+    /// Creates `uid`'s first group ([`Hierarchy::groups`]; the parents exist:
+    /// [`Hierarchy::prepare`]), or `Ok(None)` when that uid is taken (the group exists).
+    pub(crate) fn claim(hierarchy: &Hierarchy, uid: u32) -> std::io::Result<Option<Cgroup>> {
+        let lock = hierarchy.groups(uid).swap_remove(0);
+        match std::fs::create_dir(&lock) {
+            Ok(()) => Ok(Some(Cgroup { hierarchy: hierarchy.clone(), uid, dirs: vec![lock] })),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(std::io::Error::new(e.kind(), format!("{}: {e}", mem.display()))),
+            Err(e) => Err(std::io::Error::new(e.kind(), format!("{}: {e}", lock.display()))),
         }
     }
 
-    /// Creates the other controllers' groups and writes `limits`.
-    pub(crate) fn configure(&mut self, root: &Path, uid: u32, limits: Limits) -> std::io::Result<()> {
-        for c in &CONTROLLERS[1..] {
-            let d = dir(root, c, uid);
+    /// Creates the other groups (v1: `cpu`, `pids`) and writes `limits`
+    /// ([`Hierarchy::settings`]).
+    pub(crate) fn configure(&mut self, limits: Limits) -> std::io::Result<()> {
+        for d in self.hierarchy.groups(self.uid).into_iter().skip(1) {
             std::fs::create_dir_all(&d)?;
             self.dirs.push(d);
         }
-        let mem = &self.dirs[0];
-        write(mem, "memory.limit_in_bytes", &limits.memory_bytes.to_string())?;
-        if mem.join("memory.memsw.limit_in_bytes").exists() {
-            write(mem, "memory.memsw.limit_in_bytes", &limits.memory_bytes.to_string())?;
+        for s in self.hierarchy.settings(limits) {
+            let dir = self.hierarchy.group(s.controller, self.uid);
+            if s.optional && !dir.join(s.file).exists() {
+                continue;
+            }
+            write(&dir, s.file, &s.value)?;
         }
-        write(&self.dirs[1], "cpu.cfs_period_us", &CFS_PERIOD_US.to_string())?;
-        write(&self.dirs[1], "cpu.cfs_quota_us", &limits.cpu_quota_us.to_string())?;
-        write(&self.dirs[2], "pids.max", &limits.pids.to_string())?;
         Ok(())
     }
 
@@ -105,9 +104,11 @@ impl Cgroup {
         self.dirs.iter().map(|d| std::fs::OpenOptions::new().write(true).open(d.join("cgroup.procs")).map(OwnedFd::from)).collect()
     }
 
-    /// Takes back the groups of `uid` (a reattached VM's).
+    /// Takes back the groups of `uid` under `root` (a reattached VM's).
     pub(crate) fn adopt(root: &Path, uid: u32) -> Cgroup {
-        Cgroup { dirs: CONTROLLERS.iter().map(|c| dir(root, c, uid)).filter(|d| d.is_dir()).collect() }
+        let hierarchy = Hierarchy::at(root);
+        let dirs = hierarchy.groups(uid).into_iter().filter(|d| d.is_dir()).collect();
+        Cgroup { hierarchy, uid, dirs }
     }
 
     /// Leaves the groups in place (their VM runs on, detached).
@@ -119,16 +120,15 @@ impl Cgroup {
 /// Removes empty groups older than a minute: those of VMs killed while no Hearth process
 /// held them (their run directory gone too, so no sweep finds them). A group is joined
 /// milliseconds after it is created, so an old empty one belongs to no starting VM.
-pub(crate) fn sweep_empty(root: &Path) {
-    let parent = root.join("memory").join("hearth");
-    for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+pub(crate) fn sweep_empty(hierarchy: &Hierarchy) {
+    for e in std::fs::read_dir(hierarchy.lock_parent()).into_iter().flatten().flatten() {
         let Some(uid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().is_ok_and(|a| a > Duration::from_secs(60)));
         let empty = std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty());
         if old && empty {
-            // The uid's lock (`memory`) last.
-            for c in CONTROLLERS.iter().rev() {
-                let _ = std::fs::remove_dir(dir(root, c, uid));
+            // The uid's lock last.
+            for d in hierarchy.groups(uid).iter().rev() {
+                let _ = std::fs::remove_dir(d);
             }
         }
     }
@@ -160,6 +160,8 @@ impl Drop for Cgroup {
     /// a thread, means a process that exits right after dropping its VMs leaves no group.
     fn drop(&mut self) {
         let mut dirs = std::mem::take(&mut self.dirs);
+        // The uid's lock last.
+        dirs.reverse();
         let deadline = std::time::Instant::now() + Duration::from_millis(500);
         loop {
             dirs.retain(|d| std::fs::remove_dir(d).is_err() && d.exists());

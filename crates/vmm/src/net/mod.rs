@@ -288,6 +288,20 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// Shapes the VM's traffic to [`IoLimits::net_mbit`](crate::limits::IoLimits) each
+    /// way (nothing when unlimited): a `tbf` qdisc on `tap0` and on `uplink`
+    /// ([`crate::limits`]). Qdiscs live with the devices: a reattached VM keeps them.
+    ///
+    /// # Errors
+    ///
+    /// [`NetError::Tool`] when `tc` fails.
+    pub fn set_rate(&self, limits: &crate::limits::IoLimits) -> Result<(), NetError> {
+        match limits.tc_batch() {
+            None => Ok(()),
+            Some(batch) => tool("tc (rate limit)", Command::new("tc").args(["-n", &self.name, "-batch", "-"]), Some(&batch)),
+        }
+    }
+
     /// The namespace `name` made earlier (by a process that released its VM).
     pub(crate) fn adopt(name: String) -> NetNs {
         NetNs { name }

@@ -256,7 +256,7 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
     if let Some(disk) = &cfg.root {
         let (file, format) = if disk.overlay { (p(&paths.overlay), "qcow2") } else { (p(&disk.path), disk.format.as_str()) };
         a.push("-drive".into());
-        a.push(format!("file={file},if=none,id=root,format={format},cache=writeback,discard=unmap"));
+        a.push(format!("file={file},if=none,id=root,format={format},cache=writeback,discard=unmap{}", cfg.limits.drive_options()));
         a.push("-device".into());
         a.push("virtio-blk-pci,drive=root".into());
     }
@@ -335,6 +335,10 @@ mod tests {
         assert!(args.contains("hearth.root=/dev/vda"), "{args}");
         let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
         assert!(args.contains("-accel kvm") && args.contains("-cpu host"), "{args}");
+        assert!(!args.contains("throttling"), "unlimited by default: {args}");
+        cfg.limits = crate::limits::IoLimits { disk_bps: 1000, disk_iops: 0, net_mbit: 0 };
+        let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
+        assert!(args.contains("discard=unmap,throttling.bps-total=1000 "), "{args}");
     }
 
     #[test]

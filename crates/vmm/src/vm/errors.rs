@@ -42,6 +42,9 @@ pub enum BootError {
     /// The root disk overlay could not be created.
     #[error("cannot create the root disk overlay: {0}")]
     Overlay(String),
+    /// QEMU's jail could not be prepared (the host cannot jail: [`crate::jail::available`]).
+    #[error("cannot jail QEMU: {0}")]
+    Jail(crate::jail::JailError),
     /// QEMU could not be started.
     #[error("cannot start {binary}; install QEMU 10 with `{}`", crate::home::SETUP_COMMAND)]
     Spawn {
@@ -102,6 +105,7 @@ impl BootError {
                 | BootError::RunDir { .. }
                 | BootError::PathTooLong(_)
                 | BootError::Overlay(_)
+                | BootError::Jail(_)
                 | BootError::Spawn { .. }
                 | BootError::Restore { .. }
                 | BootError::Snapshot(_)

@@ -132,7 +132,11 @@ impl Vm {
             _ => false,
         };
         let net = match &cfg.network {
-            Some(egress) => Some(NetNs::create(&id, egress).map_err(BootError::Network)?),
+            Some(egress) => {
+                let ns = NetNs::create(&id, egress).map_err(BootError::Network)?;
+                ns.set_rate(&cfg.limits).map_err(BootError::Network)?;
+                Some(ns)
+            }
             None => None,
         };
         let args = qemu::qemu_args(&cfg, accel, &id, &paths);
@@ -142,8 +146,8 @@ impl Vm {
         let (process, cgroup) = match &cfg.jail {
             None => (QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, netns.as_deref(), cfg.detached), None),
             Some(j) => {
-                let (prepared, binary) = crate::jail::prepare(j, &cfg, accel, &dir_path, &paths, &cfg.qemu_binary)
-                    .map_err(|e| BootError::Spawn { binary: cfg.qemu_binary.clone(), source: std::io::Error::other(e.to_string()) })?;
+                let (prepared, binary) =
+                    crate::jail::prepare(j, &cfg, accel, &dir_path, &paths, &cfg.qemu_binary).map_err(BootError::Jail)?;
                 let p = QemuProcess::spawn_jailed(&prepared, &binary, &args, &paths.qemu_log, netns.as_deref(), cfg.detached);
                 (p, Some(prepared.cgroup))
             }
