@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
@@ -142,15 +142,28 @@ pub async fn write(req: Request<Incoming>) -> Response<Body> {
     let (Some(dir), Some(_)) = (path.parent(), path.file_name()) else {
         return bad(format!("cannot write to {}", path.display()));
     };
-    if let Err(e) = tokio::fs::create_dir_all(dir).await {
-        return server::io_error(&format!("create {}", dir.display()), &e);
-    }
     // A short fixed-length name, whatever the target's length (NAME_MAX is 255 bytes).
     let tmp = dir.join(format!(".hearth-upload-{:016x}", rand_suffix()));
-    let mut guard = TempGuard(Some(tmp.clone()));
-    let mut file = match tokio::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp).await {
-        Ok(f) => f,
-        Err(e) => return server::io_error(&format!("create {}", tmp.display()), &e),
+    // Created with its guard on the blocking thread: when the host resets the stream, hyper
+    // drops this future, maybe while the file is being created; the guard then comes back
+    // to a dropped join handle and is dropped there, so the file never outlives the request
+    // (creating it in a future that can be dropped mid-open left it behind).
+    let (dir, tmp2) = (dir.to_path_buf(), tmp.clone());
+    let created = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|e| (format!("create {}", dir.display()), e))?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp2)
+            .map_err(|e| (format!("create {}", tmp2.display()), e))?;
+        Ok::<_, (String, std::io::Error)>((f, TempGuard(Some(tmp2))))
+    })
+    .await;
+    let (mut file, mut guard) = match created {
+        Ok(Ok((f, g))) => (tokio::fs::File::from_std(f), g),
+        Ok(Err((what, e))) => return server::io_error(&what, &e),
+        Err(e) => return server::error(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Io, format!("create task failed: {e}")),
     };
     let mut body = req.into_body();
     while let Some(frame) = body.frame().await {

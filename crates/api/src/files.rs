@@ -59,6 +59,7 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         .filter(|k| k.access_key == signed.access_key)
         .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
         .account;
+    svc.throttle(&account).await?;
     let id = parts.uri.path().trim_start_matches("/hearth/v1/microvms/").trim_end_matches("/files");
     let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned();
     let path = crate::server::query_pairs(parts.uri.query())
@@ -112,8 +113,9 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
     let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     let write = svc.write_file(&account, &id, path, chunks);
     let (pumped, written) = tokio::join!(pump, write);
+    // The body's own fault first: the agent's failure is then only its consequence.
     let size = pumped?;
-    let info = written?;
+    let info = written??;
     tracing::info!(%account, microvm = %id, bytes = info.size, "file written");
     Ok(size.unwrap_or(info.size))
 }

@@ -95,7 +95,10 @@ pub fn router(svc: Arc<Service>) -> axum::Router {
 
 async fn scrape(State(svc): State<Arc<Service>>) -> impl axum::response::IntoResponse {
     let states = svc.microvm_counts().await;
-    ([("content-type", "text/plain; version=0.0.4")], svc.metrics.render(&states))
+    let mut text = svc.metrics.render(&states);
+    text.push_str(&svc.capacity_metrics().await);
+    text.push_str(&svc.pools.render());
+    ([("content-type", "text/plain; version=0.0.4")], text)
 }
 
 #[cfg(test)]
@@ -116,10 +119,13 @@ mod tests {
             addr
         };
         let api = serve(crate::server::router(svc.clone())).await;
-        let metrics = serve(router(svc)).await;
+        let metrics = serve(router(svc.clone())).await;
         let r = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap();
         assert_eq!(r.status(), 200);
-        assert!(r.text().await.unwrap().contains("hearth_microvms{state=\"RUNNING\"} 0"));
+        let text = r.text().await.unwrap();
+        assert!(text.contains("hearth_microvms{state=\"RUNNING\"} 0"), "{text}");
+        assert!(text.contains(&format!("hearth_host_vcpus{{of=\"capacity\"}} {}", svc.capacity.vcpus)), "{text}");
+        assert!(text.contains("hearth_host_memory_mib{of=\"held\"} 0"), "{text}");
         // On the API, an unsigned request like any other.
         let r = reqwest::get(format!("http://{api}/metrics")).await.unwrap();
         assert_eq!(r.status(), 403);

@@ -213,7 +213,7 @@ async fn extension(
         ("PUT", ["microvms", id, "files"]) => {
             let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
             // A body signed without X-Amz-Content-Sha256 (streamed writes carry it: crate::files).
-            let info = svc.write_file(account, id, path, futures_util::stream::iter([Ok(body)])).await?;
+            let info = svc.write_file(account, id, path, futures_util::stream::iter([Ok(body)])).await??;
             Ok(json_response(200, &json!({ "size": info.size })))
         }
         ("GET", ["microvms", id, "files", "list"]) => {
@@ -361,6 +361,8 @@ pub struct ServeConfig {
     pub capacity: crate::capacity::Settings,
     /// The request rate of accounts without one of their own.
     pub rate_limit: crate::ratelimit::Rate,
+    /// Warm pools behind RunMicrovm: their default size and CPU budget.
+    pub pools: crate::service::PoolSettings,
 }
 
 /// What `serve` reports once it listens.
@@ -401,6 +403,7 @@ pub async fn serve(
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     service.capacity = crate::capacity::Capacity::measure(&cfg.capacity, &cfg.state_dir);
     service.default_rate = cfg.rate_limit;
+    service.pools = crate::service::Pools::new(cfg.pools);
     tracing::info!(
         memory_mib = service.capacity.memory_mib,
         vcpus = service.capacity.vcpus,

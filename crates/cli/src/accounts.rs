@@ -9,7 +9,7 @@ use std::path::PathBuf;
 /// Options of `hearth accounts`.
 #[derive(clap::Subcommand, Debug)]
 pub enum AccountsCmd {
-    /// Show an account's settings.
+    /// Show an account's settings: file:// root, request rate, and every quota with its value.
     Show {
         /// The account (12 digits; `hearth keys ls` lists them).
         account: String,

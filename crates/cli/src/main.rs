@@ -84,7 +84,7 @@ enum Cmd {
     /// Manage the API's access keys (one tenant per account).
     #[command(subcommand)]
     Keys(serve::KeysCmd),
-    /// What the operator allows each tenant account (file:// artifact roots).
+    /// What the operator allows each tenant account: file:// artifact roots, quotas, request rates.
     #[command(subcommand)]
     Accounts(accounts::AccountsCmd),
 }

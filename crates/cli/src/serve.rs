@@ -71,6 +71,15 @@ pub struct ServeArgs {
     /// overrides it per account. 0: unlimited.
     #[arg(long, value_name = "RATE[/BURST]", default_value = "200/400", value_parser = hearth_api::ratelimit::Rate::parse, env = "HEARTH_RATE_LIMIT")]
     rate_limit: hearth_api::ratelimit::Rate,
+    /// Warm VMs kept per image version behind RunMicrovm (made when a version is first run,
+    /// refilled in the background); an image's `hearth:pool-size` tag overrides it (0-16).
+    /// 0: no pools. Pooled VMs count against the host's capacity, not a tenant's quota.
+    #[arg(long, value_name = "N", default_value_t = 1, env = "HEARTH_POOL_SIZE")]
+    pool_size: usize,
+    /// The share of one CPU core refilling pools may take on average (after warming a
+    /// VM the refill rests accordingly), so refills never starve running microVMs.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.25, env = "HEARTH_POOL_CPU_BUDGET")]
+    pool_cpu_budget: f64,
     /// Each microVM's root disk throughput, bytes per second, reads and writes together
     /// (QEMU block throttling; a guest over it waits). 0: unlimited, the default: the
     /// right number depends on this host's disks; set it where tenants share them.
@@ -91,6 +100,17 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     for (flag, v) in [("--memory-overcommit", a.memory_overcommit), ("--cpu-overcommit", a.cpu_overcommit)] {
         anyhow::ensure!(v.is_finite() && (0.0..=1000.0).contains(&v), "{flag} {v}: give a ratio between 0 and 1000");
     }
+    anyhow::ensure!(
+        a.pool_cpu_budget.is_finite() && a.pool_cpu_budget > 0.0 && a.pool_cpu_budget <= 1.0,
+        "--pool-cpu-budget {}: give a share of one core, above 0 and at most 1",
+        a.pool_cpu_budget
+    );
+    anyhow::ensure!(
+        a.pool_size <= hearth_api::service::MAX_POOL_SIZE,
+        "--pool-size {}: at most {}",
+        a.pool_size,
+        hearth_api::service::MAX_POOL_SIZE
+    );
     let home = hearth_vmm::home::hearth_home();
     restrict_home(&home);
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
@@ -146,6 +166,10 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             reclaim_idle: a.reclaim_idle.map(std::time::Duration::from_secs),
         },
         rate_limit: a.rate_limit,
+        pools: hearth_api::service::PoolSettings {
+            default_size: a.pool_size.min(hearth_api::service::MAX_POOL_SIZE),
+            cpu_budget: a.pool_cpu_budget,
+        },
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -113,7 +113,9 @@ impl Host {
     }
 
     fn start(&self, crash: Option<&str>) -> Daemon {
-        let mut env = vec![("RUST_LOG", "info")];
+        // No warm pools: every QEMU and run directory here must belong to a microvm (pooled
+        // VMs after a crash are tested in pools.rs).
+        let mut env = vec![("RUST_LOG", "info"), ("HEARTH_POOL_SIZE", "0")];
         if let Some(c) = crash {
             env.push(("HEARTH_CRASH_AT", c));
         }

@@ -60,7 +60,8 @@ fn qemu_deaths_and_damaged_snapshots_are_told_truthfully() {
     let state = tmp.path().join("state");
     let key = key(&state);
     let _microvms = Microvms(state.clone());
-    let d = Daemon::start(&state);
+    // No warm pool: every run directory here is a microvm's.
+    let d = Daemon::start_args(&state, &["--pool-size", "0"]);
     let ctx = tmp.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), "FROM minimal\n").unwrap();

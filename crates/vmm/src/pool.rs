@@ -73,20 +73,31 @@ impl Pool {
         let Some(vm) = pooled else {
             return Vm::launch(&self.inner.snapshot, &self.inner.opts).await;
         };
-        vm.qmp("cont", None).await.map_err(|e| BootError::Restore {
-            reason: format!("resuming a pooled VM: {e}"),
-            qemu_log: String::new(),
-            exited: !vm.is_running(),
-        })?;
-        // The VM got its own entropy and identity when it was launched into the pool and
-        // was never handed out since; only its clock stood still while paused. The entropy
-        // is refreshed anyway (cheap), hostname and machine-id are kept (a file write).
-        let mut info = fresh_identity(vm.id().to_owned());
-        info.hostname = None;
-        info.machine_id = None;
-        vm.agent().restore(&info).await.map_err(BootError::Fixups)?;
+        wake(&vm).await?;
         Ok(vm)
     }
+}
+
+/// Wakes a VM [`warm`] paused: its vCPUs run again, with a fresh clock and entropy.
+///
+/// The VM got its own entropy and identity when it was launched into the pool and was
+/// never handed out since; only its clock stood still while paused. The entropy is
+/// refreshed anyway (cheap), hostname and machine-id are kept (a file write).
+///
+/// # Errors
+///
+/// QEMU refused to continue, or the agent to take the new clock and entropy.
+pub async fn wake(vm: &Vm) -> Result<(), BootError> {
+    vm.qmp("cont", None).await.map_err(|e| BootError::Restore {
+        reason: format!("resuming a pooled VM: {e}"),
+        qemu_log: String::new(),
+        exited: !vm.is_running(),
+    })?;
+    let mut info = fresh_identity(vm.id().to_owned());
+    info.hostname = None;
+    info.machine_id = None;
+    vm.agent().restore(&info).await.map_err(BootError::Fixups)?;
+    Ok(())
 }
 
 impl Drop for Pool {
@@ -97,7 +108,11 @@ impl Drop for Pool {
 }
 
 /// Launches, warms and pauses one VM.
-async fn warm(snapshot: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
+///
+/// # Errors
+///
+/// The launch's, the warming exec's, or QEMU refusing to pause.
+pub async fn warm(snapshot: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
     let vm = Vm::launch(snapshot, opts).await?;
     vm.agent().exec_collect(&ExecRequest::argv(["true"]), None, 1 << 16).await.map_err(BootError::Agent)?;
     vm.qmp("stop", None).await.map_err(|e| BootError::Restore {

@@ -84,14 +84,6 @@ impl Service {
         self.builds = Builds::new(n);
     }
 
-    /// Called before a build is queued; refusing here leaves nothing behind. The hook for
-    /// a per-account concurrent-build quota (`service/quotas`): `self.builds.count(account)`
-    /// says how many of the account's builds are queued or running.
-    pub(super) async fn admit_build(&self, account: &str) -> Result<(), ApiError> {
-        let _queued_or_running = self.builds.count(account);
-        Ok(())
-    }
-
     /// Registers the build of `rec` (so a delete finds it at once) and starts its task.
     pub(super) fn start_build(
         self: &Arc<Self>,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::{ExecExit, ExecRequest};
 use hearth_proto::files::{FileInfo, FileKind};
-use hearth_vmm::agent::{ExecEvent, ExecOutput};
+use hearth_vmm::agent::{AgentError, ExecEvent, ExecOutput};
 use hearth_vmm::net::{Egress, Rule};
 use hearth_vmm::Vm;
 use serde_json::Value;
@@ -237,16 +237,18 @@ impl Service {
     /// the file into place only when `data` ends cleanly, so a stream that ends in an
     /// error (the caller's refusal: too large, a bad hash) leaves nothing behind. `data`
     /// is pulled as the agent takes it: the daemon holds a bounded part of it at a time.
+    /// The agent's answer comes back as it is: a caller that ended `data` in an error
+    /// knows why the agent failed, and one that did not converts it (`ApiError::from`).
     ///
     /// # Errors
     ///
-    /// As [`Service::read_file`].
-    pub async fn write_file<S>(&self, account: &str, ident: &str, path: String, data: S) -> Result<FileInfo, ApiError>
+    /// As [`Service::with_vm`].
+    pub async fn write_file<S>(&self, account: &str, ident: &str, path: String, data: S) -> Result<Result<FileInfo, AgentError>, ApiError>
     where
         S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
         self.with_vm(account, ident, move |vm| {
-            Box::pin(async move { Ok(vm.agent().write_file(&BinPath::from(path.as_str()), None, data).await?) })
+            Box::pin(async move { Ok(vm.agent().write_file(&BinPath::from(path.as_str()), None, data).await) })
         })
         .await
     }

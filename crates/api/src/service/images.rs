@@ -118,7 +118,10 @@ impl Service {
         // The build's timeouts come from the image's tags: the request's (a new image) or
         // those it has (a new version); a bad one is refused before anything is written.
         let timeouts = match tags {
-            Some(t) => super::builds::timeouts(t)?,
+            Some(t) => {
+                super::pools::check_size_tag(t)?;
+                super::builds::timeouts(t)?
+            }
             None => {
                 let have = self.store.tags(&image_arn(account, &name)).await?;
                 super::builds::timeouts(have.iter().map(|(k, v)| (k, v)))?
@@ -127,9 +130,9 @@ impl Service {
         for k in ["name", "imageIdentifier", "clientToken", "tags"] {
             spec.remove(k);
         }
-        // Quotas and the host's disk, held until the version is recorded.
+        // Quotas (images, versions, builds queued or running, snapshot disk) and the host's
+        // disk, held until the version is recorded.
         let _admitted = self.admit_version(account, !update, &Value::Object(spec.clone())).await?;
-        self.admit_build(account).await?;
         let versions = self.store.versions(account, &name).await?;
         let version = versions.last().map_or(1, |v| v.version + 1);
         let t = now();

@@ -144,7 +144,10 @@ impl Service {
             }
         }
         let t = now();
-        let id = format!("mvm-{}", random_hex(8));
+        // A pooled VM of this version when one is ready: it already runs under its id.
+        let key: super::pools::Key = (account.to_owned(), image.name.clone(), version.version);
+        let pooled = self.pools.take(&key);
+        let id = pooled.as_ref().map_or_else(|| format!("mvm-{}", random_hex(8)), |w| w.id.clone());
         let mut m = MicrovmRecord {
             microvm_id: id.clone(),
             account: account.into(),
@@ -163,14 +166,37 @@ impl Service {
             vm_dir: None,
         };
         // Quotas and the host's room: checked, and the record written, under one lock.
-        let admitted = self.admit_microvm(account, m.memory_mib, m.vcpus).await?;
+        let admitted = match self.admit_microvm(account, m.memory_mib, m.vcpus, pooled.is_some()).await {
+            Ok(g) => g,
+            Err(e) => {
+                if let Some(w) = pooled {
+                    self.pools.put_back(&key, w);
+                }
+                return Err(e);
+            }
+        };
         let slot = self.slot(&id);
         let mut guard = slot.lock().await;
         self.put(&m).await?;
         drop(admitted);
         crash::point("run.recorded");
         let started = std::time::Instant::now();
-        match Vm::launch(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
+        let has_nic = snap.manifest.network.is_some();
+        let launched = match pooled {
+            Some(w) => match self.claim_pooled(w, &m, has_nic).await {
+                Ok(vm) => Ok(vm),
+                Err(e) => {
+                    // A pooled VM that will not wake is replaced by a fresh launch.
+                    tracing::warn!(microvm = %id, error = %e, "a pooled VM could not be claimed; launching");
+                    self.metrics.error("pool-claim");
+                    Vm::launch(&snap, &self.restore_options(&m, has_nic)).await
+                }
+            },
+            None => Vm::launch(&snap, &self.restore_options(&m, has_nic)).await,
+        };
+        // The next run of this version finds a VM ready.
+        self.ensure_pool(&key, &snap).await;
+        match launched {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
                 // Recorded before the hook: a crash from here on still finds the VM.
@@ -396,6 +422,8 @@ impl Service {
     /// Lets every running VM go on without this daemon (its graceful stop); the next
     /// start reattaches them.
     pub async fn release_all(&self) {
+        // Pooled VMs belong to no microvm: they go with the daemon.
+        self.pools.clear();
         let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for s in slots {
             let mut guard = s.lock().await;

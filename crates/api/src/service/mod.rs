@@ -25,6 +25,7 @@ mod faults;
 mod images;
 mod microvms;
 mod policies;
+mod pools;
 mod quotas;
 mod reconcile;
 mod tags;
@@ -36,6 +37,7 @@ pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
 pub use extensions::{egress_from, set_egress_ceiling, ExecLine, MAX_FILE_BYTES, TRANSFER_CHUNKS};
 pub use images::MANAGED;
 pub use microvms::Slot;
+pub use pools::{PoolSettings, Pools, MAX_POOL_SIZE, POOL_SIZE_TAG};
 pub use tokens::{MAX_INGRESS_CONNECTIONS, SHELL_INGRESS};
 
 use crate::error::{ApiError, Kind};
@@ -108,6 +110,8 @@ pub struct Service {
     admission: tokio::sync::Mutex<()>,
     /// Suspended microvms whose resume was admitted and has not ended.
     resuming: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Warm pools behind RunMicrovm (`pools`).
+    pub pools: Pools,
     /// Builds queued and running: the bound on how many run at once, and how to cancel each.
     builds: build_queue::Builds,
     /// The service itself, for the tasks that watch each VM's QEMU ([`Self::shared`]).
@@ -148,6 +152,7 @@ impl Service {
             limiter: Default::default(),
             admission: Default::default(),
             resuming: Default::default(),
+            pools: Default::default(),
             builds: Default::default(),
             me: std::sync::Weak::new(),
         }

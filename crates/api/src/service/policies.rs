@@ -9,6 +9,7 @@ use std::sync::Arc;
 impl Service {
     /// One pass of the lifetime and idle policies over every live microvm.
     pub async fn enforce_policies(&self) {
+        self.retire_pools().await;
         let Ok(live) = self.store.live_microvms().await else { return };
         let t = now();
         for m in live {

@@ -89,6 +89,10 @@ impl Service {
                 }
             }
         }
+        // Pooled VMs hold theirs (the host's, no tenant's).
+        let pooled = self.pools.load();
+        load.memory_mib += pooled.memory_mib;
+        load.vcpus += pooled.vcpus;
         // Builders hold a VM while they run; queued builds hold a place in the account's
         // builds.
         for v in self.store.unfinished_versions().await? {
@@ -100,6 +104,25 @@ impl Service {
             }
         }
         Ok((held, load))
+    }
+
+    /// What every VM holds of the host (microvms, builders, pools); `None` when the store
+    /// cannot say.
+    pub(super) async fn host_load(&self) -> Option<Load> {
+        self.holdings("").await.ok().map(|(_, l)| l)
+    }
+
+    /// The host's capacity and what VMs hold of it, in Prometheus' text form.
+    pub async fn capacity_metrics(&self) -> String {
+        let load = self.holdings("").await.map(|(_, l)| l).unwrap_or_default();
+        let c = &self.capacity;
+        format!(
+            "# HELP hearth_host_memory_mib Memory (MiB) microvms and builders may hold, and hold.\n# TYPE hearth_host_memory_mib gauge\n\
+             hearth_host_memory_mib{{of=\"capacity\"}} {}\nhearth_host_memory_mib{{of=\"held\"}} {}\n\
+             # HELP hearth_host_vcpus vCPUs microvms and builders may hold, and hold.\n# TYPE hearth_host_vcpus gauge\n\
+             hearth_host_vcpus{{of=\"capacity\"}} {}\nhearth_host_vcpus{{of=\"held\"}} {}\n",
+            c.memory_mib, load.memory_mib, c.vcpus, load.vcpus
+        )
     }
 
     /// The builder VM's memory for a version `spec` (its `minimumMemoryInMiB`, or the
@@ -118,7 +141,13 @@ impl Service {
     /// # Errors
     ///
     /// ServiceQuotaExceededException, InsufficientCapacityException.
-    pub(super) async fn admit_microvm(&self, account: &str, memory_mib: u32, vcpus: u32) -> Result<MutexGuard<'_, ()>, ApiError> {
+    pub(super) async fn admit_microvm(
+        &self,
+        account: &str,
+        memory_mib: u32,
+        vcpus: u32,
+        pooled: bool,
+    ) -> Result<MutexGuard<'_, ()>, ApiError> {
         let guard = self.admission.lock().await;
         let settings = self.store.account_settings(account).await?;
         let (held, load) = self.holdings(account).await?;
@@ -126,6 +155,10 @@ impl Service {
         admit(account, &settings.quotas, &held, Quota::Vcpus, vcpus.into())?;
         admit(account, &settings.quotas, &held, Quota::MemoryMib, memory_mib.into())?;
         self.capacity.check_disk(&self.state, 0).map_err(|e| ApiError::capacity(e.message))?;
+        if pooled {
+            // Its VM is counted on the host already (as a pool's).
+            return Ok(guard);
+        }
         self.room(guard, account, load, memory_mib, vcpus)
             .await
             .map_err(|load| self.capacity.refusal(load, memory_mib.into(), vcpus.into()))
@@ -220,11 +253,17 @@ impl Service {
         memory_mib: u32,
         vcpus: u32,
     ) -> Result<MutexGuard<'a, ()>, Load> {
-        let Some(short) = self.capacity.shortfall(load, memory_mib.into(), vcpus.into()) else { return Ok(guard) };
+        let (memory, cpus) = (u64::from(memory_mib), u64::from(vcpus));
+        let mut load = load;
+        // Pooled VMs give way first, one at a time: they are spares.
+        while self.capacity.shortfall(load, memory, cpus).is_some() && self.pools.evict(1) == 1 {
+            load = self.host_load().await.unwrap_or(load);
+        }
+        let Some(short) = self.capacity.shortfall(load, memory, cpus) else { return Ok(guard) };
         let Some(min_idle) = self.capacity.reclaim_idle else { return Err(load) };
         let freed = self.reclaim(short, min_idle.as_secs_f64()).await;
         let (_, load) = self.holdings(account).await.map_err(|_| load)?;
-        if freed == 0 || self.capacity.shortfall(load, memory_mib.into(), vcpus.into()).is_some() {
+        if freed == 0 || self.capacity.shortfall(load, memory, cpus).is_some() {
             return Err(load);
         }
         Ok(guard)

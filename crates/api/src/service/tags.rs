@@ -26,6 +26,7 @@ impl Service {
         let pairs: Vec<(String, String)> = input.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         // Tags that set build timeouts must be valid ones (builds.rs).
         super::builds::timeouts(&input.tags)?;
+        super::pools::check_size_tag(&input.tags)?;
         let existing = self.store.tags(&arn).await?;
         let total = existing.iter().map(|(k, _)| k).chain(pairs.iter().map(|(k, _)| k)).collect::<std::collections::BTreeSet<_>>().len();
         if total > 50 {

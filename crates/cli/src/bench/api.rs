@@ -1,6 +1,6 @@
 //! `hearth-bench api`: the control plane measured through its HTTP API, in one run:
-//! RunMicrovm → RUNNING and → first exec result (via the exec extension), against a cold
-//! boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
+//! RunMicrovm → RUNNING and → first exec result (via the exec extension), from the warm
+//! pool and with the pool disabled, against a cold boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
 //! first request to a suspended microvm); shells (open → first output, keystroke echo);
 //! ListMicrovms latency with 1,000 microvms in the store.
 //!
@@ -41,19 +41,39 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let d = crate::daemon::BenchDaemon::start(a.accel, "bench-api-").await?;
     let (c, addr, home, vm) = (d.client.clone(), d.addr, d.home.clone(), d.vm.clone());
 
-    eprintln!("RunMicrovm ×{}", a.runs);
-    let (mut running, mut first_exec, mut cold) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..a.runs {
-        let t = Instant::now();
-        let m = c.call(http::Method::POST, "/2025-09-09/microvms", Some(&json!({ "imageIdentifier": "bench" }))).await?;
-        anyhow::ensure!(m["state"] == "RUNNING", "RunMicrovm answered {m}");
-        running.push(ms(t.elapsed()));
-        let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
-        let out = c.call(http::Method::POST, &format!("/hearth/v1/microvms/{id}/exec"), Some(&json!({ "command": ["true"] }))).await?;
-        anyhow::ensure!(out["exitCode"] == 0, "exec answered {out}");
-        first_exec.push(ms(t.elapsed()));
-        c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
+    let mut cold = Vec::new();
+    let (mut running, mut first_exec, mut pooled_running, mut pooled_exec) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for pooled in [false, true] {
+        d.set_pool_size(usize::from(pooled)).await?;
+        eprintln!("RunMicrovm ×{} ({})", a.runs, if pooled { "from the warm pool" } else { "pool disabled" });
+        for _ in 0..a.runs {
+            if pooled {
+                // Measured from a pool that has refilled: what a run finds on a host whose
+                // pool keeps up with its rate.
+                d.pool_ready(1).await?;
+            } else {
+                // The pool retires at the daemon's next policy pass.
+                tokio::time::sleep(Duration::from_millis(if running.is_empty() { 1500 } else { 100 })).await;
+            }
+            let t = Instant::now();
+            let m = c.call(http::Method::POST, "/2025-09-09/microvms", Some(&json!({ "imageIdentifier": "bench" }))).await?;
+            anyhow::ensure!(m["state"] == "RUNNING", "RunMicrovm answered {m}");
+            let r = ms(t.elapsed());
+            let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
+            let out = c.call(http::Method::POST, &format!("/hearth/v1/microvms/{id}/exec"), Some(&json!({ "command": ["true"] }))).await?;
+            anyhow::ensure!(out["exitCode"] == 0, "exec answered {out}");
+            let e = ms(t.elapsed());
+            if pooled {
+                pooled_running.push(r);
+                pooled_exec.push(e);
+            } else {
+                running.push(r);
+                first_exec.push(e);
+            }
+            c.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
+        }
     }
+    d.set_pool_size(0).await?;
     eprintln!("ingress: {} requests through the endpoint and from inside the VM", a.requests);
     let m = c
         .call(
@@ -181,8 +201,10 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     d.stop().await;
     report::print(
         vec![
-            Row { name: "RunMicrovm → RUNNING (API, minimal image)".into(), samples: running, unit: "ms" },
-            Row { name: "RunMicrovm → first exec result (API)".into(), samples: first_exec, unit: "ms" },
+            Row { name: "RunMicrovm → RUNNING, from the warm pool (API, minimal image)".into(), samples: pooled_running, unit: "ms" },
+            Row { name: "RunMicrovm → first exec result, from the warm pool (API)".into(), samples: pooled_exec, unit: "ms" },
+            Row { name: "RunMicrovm → RUNNING, pool disabled (API)".into(), samples: running, unit: "ms" },
+            Row { name: "RunMicrovm → first exec result, pool disabled (API)".into(), samples: first_exec, unit: "ms" },
             Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
             Row { name: "GET through the endpoint (token, tunnel, app), sequential".into(), samples: through, unit: "ms" },
             Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },

@@ -37,6 +37,8 @@ pub struct BenchDaemon {
     pub vm: hearth_vmm::VmConfig,
     /// `$HEARTH_HOME`.
     pub home: std::path::PathBuf,
+    /// Its metrics listener.
+    pub metrics: std::net::SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), String>>>,
     _leftovers: Leftovers,
@@ -73,22 +75,24 @@ impl BenchDaemon {
             vm: vm.clone(),
             policy_interval: Duration::from_secs(1),
             public_url: None,
-            metrics_listen: None,
+            metrics_listen: Some("127.0.0.1:0".parse()?),
             egress_allow_private: Vec::new(),
             capacity: Default::default(),
             rate_limit: Default::default(),
+            pools: Default::default(),
             max_concurrent_builds: hearth_api::service::default_max_concurrent_builds(),
         };
         let task = tokio::spawn(hearth_api::server::serve(
             cfg,
             move |s| {
-                let _ = tx.send(s.addr);
+                let _ = tx.send((s.addr, s.metrics_addr));
             },
             async move {
                 let _ = stop_rx.await;
             },
         ));
-        let addr = rx.await?;
+        let (addr, metrics) = rx.await?;
+        let metrics = metrics.ok_or_else(|| anyhow::anyhow!("the daemon serves no metrics"))?;
         let client = Client::new(&format!("http://{addr}"), &key.access_key, &key.secret);
         let d = BenchDaemon {
             client,
@@ -96,6 +100,7 @@ impl BenchDaemon {
             account: key.account,
             vm,
             home,
+            metrics,
             stop: Some(stop_tx),
             task: Some(task),
             _leftovers: leftovers,
@@ -132,6 +137,30 @@ impl BenchDaemon {
                 Some("FAILED") => anyhow::bail!("the image build failed: {}", v["stateReason"]),
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
+        }
+    }
+
+    /// Sets image `bench`'s warm pool size (its `hearth:pool-size` tag).
+    pub async fn set_pool_size(&self, n: usize) -> anyhow::Result<()> {
+        let arn = hearth_api::service::image_arn(&self.account, "bench");
+        let path = format!("/2017-03-31/tags/{}", percent_encoding::utf8_percent_encode(&arn, percent_encoding::NON_ALPHANUMERIC));
+        self.client
+            .call(http::Method::POST, &path, Some(&json!({ "Tags": { hearth_api::service::POOL_SIZE_TAG: n.to_string() } })))
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until image `bench`'s pool holds `n` VMs ready (its /metrics says so).
+    pub async fn pool_ready(&self, n: usize) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let want = format!("image=\"bench\",version=\"1\"}} {n}");
+        loop {
+            let text = reqwest::get(format!("http://{}/metrics", self.metrics)).await?.text().await?;
+            if text.lines().any(|l| l.starts_with("hearth_pool_ready{") && l.ends_with(&want)) {
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the warm pool did not fill within 120 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -170,7 +170,8 @@ def main():
     forged = dict(KEY_B, secretAccessKey="wrong" + KEY_B["secretAccessKey"][5:])
     status, out = upload(forged, good)
     assert status == 403, (status, out)
-    # A declared length over the limit is refused before a byte is read.
+    # A declared length over the account's artifact quota (32 GiB) is refused before a byte
+    # is read.
     u = urllib.parse.urlsplit(URL)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
     body_hash = hashlib.sha256(b"").hexdigest()
@@ -182,7 +183,9 @@ def main():
     conn.putheader("Content-Length", str(64 << 30))
     conn.endheaders()
     resp = conn.getresponse()
-    assert resp.status == 400 and b"limit" in resp.read(), resp.status
+    text = resp.read()
+    assert resp.status == 402 and b"artifact-bytes" in text, (resp.status, text)
+    assert resp.getheader("x-amzn-errortype") == "ServiceQuotaExceededException", resp.getheaders()
     conn.close()
     # One tenant's upload is nothing to another.
     mine = uploaded(KEY_A, [("Dockerfile", b"FROM minimal\n")])

@@ -58,8 +58,11 @@ impl Daemon {
     fn spawn(cmd: &mut Command) -> Daemon {
         let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start hearth serve");
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
         let url = line.trim().strip_prefix("listening ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_owned();
+        // The rest is read and dropped, so the daemon's later lines never meet a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         Daemon(child, url)
     }
 

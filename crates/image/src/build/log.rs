@@ -40,9 +40,15 @@ impl BuildLog {
         let file = tokio::task::spawn_blocking(move || std::fs::File::create(p)).await.map_err(std::io::Error::other)??;
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let writer = tokio::task::spawn_blocking(move || {
+            // Written in batches, flushed whenever the build pauses: the file shows the
+            // build as it goes without a write per line.
             let mut f = std::io::BufWriter::new(file);
-            for chunk in rx {
+            while let Ok(chunk) = rx.recv() {
                 f.write_all(&chunk)?;
+                while let Ok(more) = rx.try_recv() {
+                    f.write_all(&more)?;
+                }
+                f.flush()?;
             }
             f.flush()
         });

@@ -7,7 +7,7 @@
 //!   controller's files appear in a group only when its parent enables the controller in
 //!   `cgroup.subtree_control`, which the parent may only do once *its* parent has, so the
 //!   jail enables `memory`, `cpu` and `pids` in `<root>` and then in `<root>/hearth`
-//!   ([`Hierarchy::prepare`]). v2's "no internal processes" rule (a group that enables
+//!   (`Hierarchy::prepare`). v2's "no internal processes" rule (a group that enables
 //!   controllers for its children holds no process itself; the root is exempt) is kept by
 //!   the layout: `hearth` holds only groups, and each VM's group is a leaf holding only its
 //!   QEMU. Where `<root>` is not the real root (inside a cgroup namespace) and holds
