@@ -31,6 +31,12 @@ pub enum Kind {
     UnknownOperation,
     /// The path exists with another method (405).
     MethodNotAllowed,
+    /// The request body is over the API's limit (413, after authentication).
+    PayloadTooLarge,
+    /// A body that is not `application/json`, as rest-json servers answer (415).
+    UnsupportedMediaType,
+    /// A request that is not well-formed HTTP: its body's framing is broken (400).
+    BadRequest,
 }
 
 impl Kind {
@@ -49,6 +55,10 @@ impl Kind {
             Kind::Internal => "InternalServerException",
             Kind::UnknownOperation => "UnknownOperationException",
             Kind::MethodNotAllowed => "MethodNotAllowedException",
+            // Lambda's own names for these answers (its Invoke API has both shapes).
+            Kind::PayloadTooLarge => "RequestTooLargeException",
+            Kind::UnsupportedMediaType => "UnsupportedMediaTypeException",
+            Kind::BadRequest => "BadRequestException",
         }
     }
 
@@ -61,6 +71,9 @@ impl Kind {
             Kind::UnrecognizedClient | Kind::InvalidSignature => 403,
             Kind::UnknownOperation => 404,
             Kind::MethodNotAllowed => 405,
+            Kind::PayloadTooLarge => 413,
+            Kind::UnsupportedMediaType => 415,
+            Kind::BadRequest => 400,
             _ => 500,
         }
     }

@@ -14,6 +14,7 @@
 
 #![deny(missing_docs)]
 
+pub mod body;
 pub mod capacity;
 pub mod client;
 pub mod clock;

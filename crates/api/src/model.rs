@@ -25,6 +25,8 @@ pub struct Operation {
     pub status: u16,
     /// Input shape name.
     pub input: Option<String>,
+    /// Output shape name (none: the answer has no body).
+    pub output: Option<String>,
 }
 
 #[derive(Debug)]
@@ -74,6 +76,7 @@ impl Model {
                 segments,
                 status: http["responseCode"].as_u64().unwrap_or(200) as u16,
                 input: op["input"]["shape"].as_str().map(str::to_owned),
+                output: op["output"]["shape"].as_str().map(str::to_owned),
             });
         }
         Ok(Model { ops, shapes, patterns: Default::default() })
@@ -85,9 +88,11 @@ impl Model {
     }
 
     /// The operation for `method` and `path` (raw, percent-encoded), with its decoded path
-    /// parameters.
+    /// parameters. Empty segments count: `/2025-09-09/microvms/` is GetMicrovm (or
+    /// TerminateMicrovm) with an empty `microvmIdentifier`, refused as the service refuses
+    /// it, never ListMicrovms.
     pub fn route(&self, method: &http::Method, path: &str) -> Result<(&Operation, BTreeMap<String, String>), ApiError> {
-        let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let parts: Vec<&str> = path.strip_prefix('/').unwrap_or(path).split('/').collect();
         let mut path_known = false;
         for op in &self.ops {
             if op.segments.len() != parts.len() {
@@ -109,6 +114,9 @@ impl Model {
             }
             path_known = true;
             if op.method == *method {
+                if let Some((label, _)) = params.iter().find(|(_, v)| v.is_empty()) {
+                    return Err(ApiError::validation(format!("{}: the path label {label} must not be empty", op.name)));
+                }
                 return Ok((op, params));
             }
         }
@@ -117,6 +125,18 @@ impl Model {
         } else {
             ApiError::new(crate::error::Kind::UnknownOperation, format!("no operation at {method} {path}"))
         })
+    }
+
+    /// Checks an operation's answer against its output shape, as a client reading it
+    /// with the model would: members the shape does not have, required members, types,
+    /// enums, lengths and ranges. `Err` says where it parts from the model (a defect of
+    /// Hearth's, never the caller's).
+    pub fn check_output(&self, op: &Operation, v: &Value) -> Result<(), String> {
+        match &op.output {
+            Some(shape) => self.check(shape, v, shape).map_err(|e| e.message),
+            None if v.as_object().is_some_and(Map::is_empty) || v.is_null() => Ok(()),
+            None => Err(format!("{} has no output, but the answer is {v}", op.name)),
+        }
     }
 
     fn shape(&self, name: &str) -> &Value {
@@ -263,6 +283,10 @@ impl Model {
             }
             "integer" | "long" => {
                 let Some(n) = v.as_i64() else { return bad("must be an integer".into()) };
+                // The model's `integer` is 32-bit; its `long`, 64-bit.
+                if s["type"] == "integer" && i32::try_from(n).is_err() {
+                    return bad(format!("{n} is outside the 32-bit integer range"));
+                }
                 if let Some(min) = s["min"].as_i64().filter(|m| n < *m) {
                     return bad(format!("{n} is below the minimum {min}"));
                 }
@@ -333,6 +357,67 @@ mod tests {
         assert_eq!(m.route(&http::Method::DELETE, "/2025-09-09/microvms").unwrap_err().kind, crate::error::Kind::MethodNotAllowed);
         assert_eq!(m.route(&http::Method::GET, "/nothing").unwrap_err().kind, crate::error::Kind::UnknownOperation);
         assert_eq!(m.route(&http::Method::POST, "/2025-09-09/microvm-images").unwrap().0.status, 201);
+    }
+
+    #[test]
+    fn empty_path_labels_are_refused_not_routed_elsewhere() {
+        let m = model();
+        let e = m.route(&http::Method::GET, "/2025-09-09/microvms/").unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Validation, "{}", e.message);
+        assert!(e.message.contains("microvmIdentifier"), "{}", e.message);
+        let e = m.route(&http::Method::GET, "/2025-09-09/microvm-images//versions").unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Validation, "{}", e.message);
+        assert_eq!(m.route(&http::Method::GET, "/2025-09-09/microvms//").unwrap_err().kind, crate::error::Kind::UnknownOperation);
+        assert_eq!(m.route(&http::Method::GET, "//2025-09-09/microvms").unwrap_err().kind, crate::error::Kind::UnknownOperation);
+        assert_eq!(m.route(&http::Method::GET, "/2025-09-09/microvms").unwrap().0.name, "ListMicrovms");
+    }
+
+    #[test]
+    fn integers_are_held_to_the_models_width() {
+        let m = model();
+        let op = m.operations().iter().find(|o| o.name == "CreateMicrovmShellAuthToken").unwrap();
+        let mut p = BTreeMap::new();
+        p.insert("microvmIdentifier".to_owned(), "m".to_owned());
+        let body = |n: i64| format!(r#"{{"expirationInMinutes":{n}}}"#);
+        assert!(m.parse_input(op, &p, &[], body(i64::from(i32::MAX)).as_bytes()).is_ok());
+        let e = m.parse_input(op, &p, &[], body(i64::from(i32::MAX) + 1).as_bytes()).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Validation);
+        assert!(e.message.contains("32-bit"), "{}", e.message);
+        let e = m.parse_input(op, &p, &[], br#"{"expirationInMinutes":18446744073709551616}"#).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Validation);
+        let op = m.operations().iter().find(|o| o.name == "ListMicrovms").unwrap();
+        let q = vec![("maxResults".to_owned(), "4294967297".to_owned())];
+        assert_eq!(m.parse_input(op, &BTreeMap::new(), &q, b"").unwrap_err().kind, crate::error::Kind::Validation);
+    }
+
+    #[test]
+    fn outputs_are_checked_against_the_model() {
+        let m = model();
+        let op = |n: &str| m.operations().iter().find(|o| o.name == n).unwrap();
+        let arn = "arn:aws-hearth:lambda:hh-local-1:123456789012:microvm-image:web";
+        let vm = serde_json::json!({
+            "microvmId": "mvm-1", "state": "RUNNING", "endpoint": "http://x/microvms/mvm-1", "imageArn": arn,
+            "imageVersion": "1", "maximumDurationInSeconds": 60, "startedAt": 1.5, "egressNetworkConnectors": ["INTERNET_EGRESS"],
+        });
+        m.check_output(op("GetMicrovm"), &vm).unwrap();
+        let mut extra = vm.clone();
+        extra["hearthEgress"] = serde_json::json!({});
+        assert!(m.check_output(op("GetMicrovm"), &extra).unwrap_err().contains("hearthEgress"));
+        let mut missing = vm.clone();
+        missing.as_object_mut().unwrap().remove("endpoint");
+        assert!(m.check_output(op("RunMicrovm"), &missing).unwrap_err().contains("endpoint"));
+        let mut state = vm.clone();
+        state["state"] = "ACTIVE".into();
+        assert!(m.check_output(op("GetMicrovm"), &state).is_err());
+        let managed = serde_json::json!({ "items": [{ "imageArn": arn, "imageVersion": "1", "createdAt": 0, "status": "ACTIVE" }] });
+        assert!(m.check_output(op("ListManagedMicrovmImageVersions"), &managed).unwrap_err().contains("AVAILABLE"));
+        let build = serde_json::json!({ "items": [{
+            "imageArn": arn, "imageVersion": "1", "buildId": "b", "buildState": "SUCCESSFUL", "architecture": "X86_64",
+            "chipset": "INTEL", "chipsetGeneration": "x86-64", "createdAt": 0, "snapshotBuild": {},
+        }] });
+        assert!(m.check_output(op("ListMicrovmImageBuilds"), &build).unwrap_err().contains("snapshotBuild"));
+        m.check_output(op("TagResource"), &serde_json::json!({})).unwrap();
+        m.check_output(op("SuspendMicrovm"), &serde_json::json!({})).unwrap();
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! shells (`/shell/<id>`, [`crate::shell`]) are authenticated by their tokens instead.
 
 use crate::error::{ApiError, Kind};
-use crate::model::{model, MAX_BODY};
+use crate::model::model;
 use crate::service::{egress_from, unknown_operation, ExecLine, Service};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -73,9 +73,13 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         let req = Request::from_parts(parts, body);
         return crate::ingress::proxy(svc, req, id, rest).await;
     }
-    let bytes = match axum::body::to_bytes(body, MAX_BODY).await {
+    // Bounded; an oversized body is refused (413) once the request is authenticated.
+    let bytes = match crate::body::read(&svc, &parts, body).await {
         Ok(b) => b,
-        Err(_) => return ApiError::validation(format!("the request body is over {MAX_BODY} bytes")).into_response(),
+        Err(e) => {
+            svc.metrics.request("body", e.status());
+            return e.into_response();
+        }
     };
     let key = svc.claimed_key(&parts.headers).await;
     let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, crate::clock::system(), |k| {
@@ -106,6 +110,7 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     let result = async {
+        crate::body::check_content_type(&parts.headers, &bytes)?;
         let input = model().parse_input(op, &params, &query_pairs(parts.uri.query()), &bytes)?;
         let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
         let hash = {
@@ -125,7 +130,7 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
                 return serde_json::from_str(&resp).map_err(ApiError::internal);
             }
         }
-        let out = dispatch(&svc, &account, &op.name, &input).await;
+        let out = dispatch(&svc, &account, &op.name, &input).await.and_then(|v| checked_output(op, v));
         if let Some(t) = &token {
             match &out {
                 Ok(v) => svc.remember(&account, &op.name, t, &hash, &v.to_string()).await?,
@@ -141,6 +146,20 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     match result {
         Ok(v) => json_response(op.status, &v),
         Err(e) => e.into_response(),
+    }
+}
+
+/// `v` when it is what the model says `op` answers. Drift is Hearth's defect: it is
+/// logged, and debug builds (the test suites) answer InternalServerException so that a
+/// test sees it at once.
+fn checked_output(op: &crate::model::Operation, v: Value) -> Result<Value, ApiError> {
+    match model().check_output(op, &v) {
+        Ok(()) => Ok(v),
+        Err(e) if cfg!(debug_assertions) => Err(ApiError::new(Kind::Internal, format!("{} answered outside the model: {e}", op.name))),
+        Err(e) => {
+            tracing::error!(operation = %op.name, drift = %e, "an answer outside the service model");
+            Ok(v)
+        }
     }
 }
 

@@ -195,6 +195,28 @@ pub fn verify(
     verify_hash(method, uri, headers, &payload_hash, now, secret_of)
 }
 
+/// Verifies a request whose body's SHA-256 (`payload_hash`, lowercase hex) the caller
+/// computed while reading it without keeping it (an oversized body, refused after this).
+///
+/// # Errors
+///
+/// As [`verify`].
+pub fn verify_payload_hash(
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+    payload_hash: &str,
+    now: SystemTime,
+    secret_of: impl Fn(&str) -> Option<String>,
+) -> Result<Signed, ApiError> {
+    if let Some(claimed) = headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
+        if claimed != payload_hash {
+            return Err(denied("X-Amz-Content-Sha256 does not match the body"));
+        }
+    }
+    verify_hash(method, uri, headers, payload_hash, now, secret_of)
+}
+
 /// Verifies a request whose body has not been read yet (a streamed upload): the signature
 /// covers the body's SHA-256 as the `X-Amz-Content-Sha256` header claims it, so the caller
 /// authenticates before reading a byte and must compare the hash of what arrives with

@@ -183,13 +183,18 @@ impl Service {
         let uri = rec.spec.pointer("/codeArtifact/uri").and_then(Value::as_str).unwrap_or_default();
         // Held open until the build ends: a directory context is read through it.
         let source = self.code_artifact(&rec.account, uri).await.map_err(|e| e.message)?;
+        // The account's quota on one artifact bounds the download and what it unpacks to.
+        let limits = hearth_image::artifact::Limits {
+            max_bytes: self.artifact_limit(&rec.account).await.map_err(|e| e.message)?,
+            ..Default::default()
+        };
         let (context, _scratch) = match &source {
             artifacts::Source::Local(l) if l.dir => (l.path(), scratch),
             other => {
                 let zip = match other {
                     artifacts::Source::Local(l) => l.path(),
                     artifacts::Source::Remote(u) => tokio::select! {
-                        z = hearth_image::artifact::fetch(u, scratch.path(), Default::default()) => z.map_err(|e| e.to_string())?,
+                        z = hearth_image::artifact::fetch(u, scratch.path(), limits) => z.map_err(|e| e.to_string())?,
                         () = ctl.cancelled() => return Err(reason(&BuildError::Cancelled)),
                     },
                 };
@@ -199,7 +204,7 @@ impl Service {
                 let (scratch, extracted) = {
                     let ctx = ctx.clone();
                     blocking(move || {
-                        let r = hearth_image::artifact::extract_zip(&zip, &ctx, Default::default());
+                        let r = hearth_image::artifact::extract_zip(&zip, &ctx, limits);
                         (scratch, r)
                     })
                     .await
