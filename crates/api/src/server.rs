@@ -4,8 +4,10 @@
 //! `/hearth/v1/` (same authentication; described by `/hearth/v1/openapi.json`); `/health`
 //! needs none; `/metrics` is served apart, on the operator's listener
 //! ([`ServeConfig::metrics_listen`], [`crate::metrics::router`]), and here is refused like
-//! any unsigned request. Microvm endpoints (`/microvms/<id>/…`, [`crate::ingress`]) and
-//! shells (`/shell/<id>`, [`crate::shell`]) are authenticated by their tokens instead.
+//! any unsigned request. Microvm endpoints — by host name (`<id>.<domain>`, routed first,
+//! [`crate::endpoint`]; also over TLS, [`crate::tls`]) or by path (`/microvms/<id>/…`,
+//! [`crate::ingress`]) — and shells (`/shell/<id>`, [`crate::shell`]) are authenticated
+//! by their tokens instead.
 
 use crate::error::{ApiError, Kind};
 use crate::model::model;
@@ -47,6 +49,11 @@ fn json_response(status: u16, v: &Value) -> Response {
 async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     let started = std::time::Instant::now();
     let (parts, body) = req.into_parts();
+    // A microvm's own host is its app (or shell), never the API: routed before anything else.
+    if let Some(id) = crate::endpoint::request_host(&parts).and_then(|h| svc.endpoints.microvm_of(h)) {
+        let id = id.to_owned();
+        return crate::endpoint::serve(svc, Request::from_parts(parts, body), id).await;
+    }
     let path = parts.uri.path().to_owned();
     match (parts.method.as_str(), path.as_str()) {
         ("GET", "/health") => return (http::StatusCode::OK, "ok\n").into_response(),
@@ -71,7 +78,7 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         let (id, rest) = rest.split_once('/').unwrap_or((rest, ""));
         let (id, rest) = (id.to_owned(), rest.to_owned());
         let req = Request::from_parts(parts, body);
-        return crate::ingress::proxy(svc, req, id, rest).await;
+        return crate::ingress::proxy(svc, req, id, rest, crate::ingress::Form::Path).await;
     }
     // Bounded; an oversized body is refused (413) once the request is authenticated.
     let bytes = match crate::body::read(&svc, &parts, body).await {
@@ -363,9 +370,11 @@ pub struct ServeConfig {
     pub vm: hearth_vmm::VmConfig,
     /// How often the idle and lifetime policies run.
     pub policy_interval: Duration,
-    /// The URL clients reach the daemon at (microvm endpoints are under it); default
-    /// `http://<listen address>`.
+    /// The URL clients reach the daemon at (the path form of microvm endpoints is under
+    /// it); default `http://<listen address>`.
     pub public_url: Option<String>,
+    /// Microvm endpoints by host name: their domain, TLS listener and certificates.
+    pub endpoints: crate::endpoint::EndpointConfig,
     /// Where `GET /metrics` is served, apart from the API (its counts and latencies are
     /// the operator's, not the tenants'); none serves no metrics.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -382,6 +391,8 @@ pub struct ServeConfig {
     pub rate_limit: crate::ratelimit::Rate,
     /// Warm pools behind RunMicrovm: their default size and CPU budget.
     pub pools: crate::service::PoolSettings,
+    /// The egress of a microvm whose run and image name no connector (`--default-egress`).
+    pub default_egress: crate::service::DefaultEgress,
 }
 
 /// What `serve` reports once it listens.
@@ -392,6 +403,10 @@ pub struct Started {
     pub first_key: Option<crate::store::AccessKey>,
     /// The bound metrics address, when metrics are served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The bound address of the endpoints' TLS listener, when there is one.
+    pub endpoint_addr: Option<std::net::SocketAddr>,
+    /// The CA certificate clients must trust for the endpoints, when Hearth made it.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// Opens the store (creating the first tenant and key on first start), reconciles
@@ -417,12 +432,35 @@ pub async fn serve(
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose().map_err(|e| e.to_string())?;
+    let ep = &cfg.endpoints;
+    let endpoint_listener = match ep.tls_listen {
+        Some(a) => {
+            let tls = crate::tls::load(&ep.certs, &dir, &ep.domain).map_err(|e| e.to_string())?;
+            let l = tokio::net::TcpListener::bind(a).await.map_err(|e| format!("listen on {a} for endpoints: {e}"))?;
+            Some((l, tls))
+        }
+        None => None,
+    };
+    let endpoint_addr = endpoint_listener.as_ref().map(|(l, _)| l.local_addr()).transpose().map_err(|e| e.to_string())?;
+    let ca_file = endpoint_listener.as_ref().and_then(|(_, t)| t.ca_file.clone());
+    service.endpoints =
+        crate::endpoint::Endpoints { domain: ep.domain.to_ascii_lowercase(), port: ep.public_port.or(endpoint_addr.map(|a| a.port())) };
+    // The one origin rule (docs/SECURITY.md): the API is never on an endpoint's host.
+    if let Some(host) = cfg.public_url.as_deref().and_then(|u| u.parse::<http::Uri>().ok()).and_then(|u| u.host().map(str::to_owned)) {
+        if service.endpoints.microvm_of(&host).is_some() {
+            return Err(format!(
+                "--public-url's host {host} is an endpoint host under --endpoint-domain {}: tenants' pages would share the API's origin; give the API a name outside it",
+                ep.domain
+            ));
+        }
+    }
     // Before any VM is restored or started: every namespace of this process is under it.
     crate::service::set_egress_ceiling(cfg.egress_allow_private.clone());
     service.public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
     service.capacity = crate::capacity::Capacity::measure(&cfg.capacity, &cfg.state_dir);
     service.default_rate = cfg.rate_limit;
     service.pools = crate::service::Pools::new(cfg.pools);
+    service.default_egress = cfg.default_egress;
     tracing::info!(
         memory_mib = service.capacity.memory_mib,
         vcpus = service.capacity.vcpus,
@@ -443,7 +481,17 @@ pub async fn serve(
         let router = crate::metrics::router(svc.clone());
         tokio::spawn(async move { axum::serve(l, router).await })
     });
-    started(Started { addr, first_key, metrics_addr });
+    // The endpoint listener stops with the API's (a watch both can wait on).
+    let (stop_endpoints, endpoints_stopped) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_endpoints.send(true);
+    };
+    let endpoints = endpoint_listener.map(|(l, tls)| {
+        let router = router(svc.clone()).layer(axum::Extension(crate::endpoint::ViaTls));
+        tokio::spawn(crate::tls::serve(l, tls.config, router, endpoints_stopped))
+    });
+    started(Started { addr, first_key, metrics_addr, endpoint_addr, ca_file });
     let policy_svc = svc.clone();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let policy = tokio::spawn(async move {
@@ -461,8 +509,13 @@ pub async fn serve(
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // hyper's own answers to requests it cannot parse get the service's error form.
+    let listener = crate::framing::GuardedListener(listener);
     let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
     let _ = stop_tx.send(true);
+    if let Some(e) = endpoints {
+        let _ = e.await;
+    }
     if let Some(m) = metrics {
         // Scrapes are short and hold nothing: no graceful end needed.
         m.abort();

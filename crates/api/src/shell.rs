@@ -1,9 +1,14 @@
-//! Shells: `GET <daemon>/shell/<microvm id>`, a WebSocket to a terminal in the microvm.
+//! Shells: a WebSocket to a terminal in the microvm, at the service's address
+//! `wss://<endpoint>/shell` (any path of the endpoint host opens it for a shell token:
+//! [`crate::endpoint`]) and at Hearth's own, `GET <daemon>/shell/<microvm id>`.
 //!
 //! The request needs a token from CreateMicrovmShellAuthToken in `X-aws-proxy-auth` — or,
-//! from browsers, which cannot set WebSocket headers, as a subprotocol
-//! `hearth-token.<token>` offered beside `hearth-shell` (endpoint tokens do not open
-//! shells, nor shell tokens the endpoint), and the microvm must
+//! from browsers, which cannot set WebSocket headers, as a subprotocol: the service's
+//! `lambda-microvms.authentication.<token>` beside `lambda-microvms` (a
+//! `lambda-microvms.port.<N>` its clients send is ignored: a shell is no app port), or
+//! Hearth's `hearth-token.<token>` beside `hearth-shell`; the daemon answers with
+//! whichever of `hearth-shell` and `lambda-microvms` was offered (endpoint tokens do not
+//! open shells, nor shell tokens the endpoint), and the microvm must
 //! have been run with the `SHELL_INGRESS` connector. Query parameters: `rows` and `cols`
 //! (the terminal's size, 24×80 by default), `command` (a shell command line to run
 //! instead of a login shell) and `tty=false` (no terminal: plain pipes, for scripted input,
@@ -123,16 +128,14 @@ pub const SUBPROTOCOL: &str = "hearth-shell";
 /// "hearth-token." + token])`.
 pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "hearth-token.";
 
-/// The request's headers, with a token offered as a subprotocol moved to
+/// The request's headers, with a token offered as a subprotocol
+/// (`lambda-microvms.authentication.<T>` or `hearth-token.<T>`) moved to
 /// `X-aws-proxy-auth` when the header itself is absent.
 fn token_headers(headers: &http::HeaderMap) -> std::borrow::Cow<'_, http::HeaderMap> {
     if headers.contains_key(crate::ingress::AUTH_HEADER) {
         return std::borrow::Cow::Borrowed(headers);
     }
-    let offered = headers.get_all(http::header::SEC_WEBSOCKET_PROTOCOL).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
-    let token =
-        offered.map(str::trim).find_map(|p| p.strip_prefix(TOKEN_SUBPROTOCOL_PREFIX)).and_then(|t| http::HeaderValue::from_str(t).ok());
-    match token {
+    match crate::endpoint::token_of(headers).and_then(|t| http::HeaderValue::from_str(&t).ok()) {
         Some(t) => {
             let mut h = headers.clone();
             h.insert(crate::ingress::AUTH_HEADER, t);
@@ -173,12 +176,14 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
         Err(e) => return ApiError::new(Kind::Conflict, format!("cannot start a shell in microvm {id}: {e}")).into_response(),
     };
     tracing::info!(microvm = %id, account = %claims.a, "shell opened");
-    ws.protocols([SUBPROTOCOL]).max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(move |socket| async move {
-        // The permit and the VM handle live as long as the shell.
-        let _held = (permit, vm);
-        relay(socket, stream, query.tty).await;
-        tracing::info!(microvm = %id, "shell closed");
-    })
+    ws.protocols([SUBPROTOCOL, crate::endpoint::SUBPROTOCOL]).max_message_size(MAX_MESSAGE).max_frame_size(MAX_MESSAGE).on_upgrade(
+        move |socket| async move {
+            // The permit and the VM handle live as long as the shell.
+            let _held = (permit, vm);
+            relay(socket, stream, query.tty).await;
+            tracing::info!(microvm = %id, "shell closed");
+        },
+    )
 }
 
 /// How often the daemon pings the client.

@@ -130,8 +130,11 @@ pub struct VersionRecord {
     pub created_at: f64,
     /// Last change.
     pub updated_at: Option<f64>,
-    /// Sizes of the snapshot once built.
+    /// Sizes of the snapshot once built: memory, disk.
     pub snapshot_bytes: Option<(u64, u64)>,
+    /// Bytes of the code installed by the build (its context's files), once built.
+    #[serde(default)]
+    pub code_bytes: Option<u64>,
     /// The built image's runtime configuration (ENV, WORKDIR, USER, app).
     #[serde(default)]
     pub config: Option<hearth_image::build::ImageConfig>,

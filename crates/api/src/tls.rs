@@ -267,7 +267,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stop.wait_for(|s| *s) => break,
+            _ = async { drop(stop.wait_for(|s| *s).await) } => break,
         };
         // No Nagle, as on the plain listener (proxied bodies go out in small pieces).
         let _ = tcp.set_nodelay(true);
@@ -280,7 +280,9 @@ pub async fn serve(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Long streams (SSE, a slow download) would hold the daemon's exit for ever: they get
+    // a while to end, as a suspend waits for its connections, then are cut.
+    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
 }
 
 /// Writes a file only its owner can read.
@@ -317,6 +319,59 @@ mod tests {
         let again = load(&CertSource::Generated, dir.path(), "localhost").unwrap();
         assert_eq!(std::fs::read_to_string(again.ca_file.unwrap()).unwrap(), pem);
         assert_eq!(tls.config.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
+    }
+
+    /// A TLS handshake against the generated configuration, trusting only its CA.
+    async fn handshake(config: Arc<rustls::ServerConfig>, ca: &Path, name: &str) -> Result<(), std::io::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let server = tokio::spawn(async move { tokio_rustls::TlsAcceptor::from(config).accept(b).await.map(drop) });
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let r = tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, a).await.map(drop);
+        let _ = server.await;
+        r
+    }
+
+    #[tokio::test]
+    async fn each_endpoint_name_gets_a_certificate_and_no_other_name_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = load(&CertSource::Generated, dir.path(), "localhost").unwrap();
+        let ca = tls.ca_file.clone().unwrap();
+        for ok in ["mvm-0123456789abcdef.localhost", "localhost", "127.0.0.1"] {
+            handshake(tls.config.clone(), &ca, ok).await.unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // Names the CA must not vouch for get the fallback certificate, which does not name them.
+        for bad in ["example.com", "a.b.localhost", "mvm-1.localhost.example.com"] {
+            assert!(handshake(tls.config.clone(), &ca, bad).await.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_ca_is_name_constrained() {
+        // Even a leaf the CA did sign for another name fails verification: the constraint
+        // is in the CA certificate a client trusts, not only in Hearth's resolver.
+        let dir = tempfile::tempdir().unwrap();
+        let ca = LocalCa::load_or_create(dir.path(), "localhost").unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let leaf = ca.issue(&["evil.example.com"], &provider).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(&ca.cert_file).unwrap()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::new(provider)).build().unwrap();
+        let name = rustls::pki_types::ServerName::try_from("evil.example.com").unwrap();
+        let now = rustls::pki_types::UnixTime::now();
+        let r = rustls::client::danger::ServerCertVerifier::verify_server_cert(verifier.as_ref(), &leaf.cert[0], &[], &name, &[], now);
+        assert!(r.is_err(), "{r:?}");
+        let good = ca.issue(&["mvm-1.localhost"], &rustls::crypto::ring::default_provider()).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("mvm-1.localhost").unwrap();
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(verifier.as_ref(), &good.cert[0], &[], &name, &[], now).unwrap();
     }
 
     #[test]

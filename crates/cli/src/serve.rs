@@ -13,10 +13,34 @@ pub struct ServeArgs {
     /// Accelerator for microVMs: auto (measure KVM, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: hearth_vmm::Accel,
-    /// The URL clients reach this daemon at (behind a proxy or TLS terminator); microvm
-    /// endpoints are `<URL>/microvms/<id>`. Default: http://<listen address>.
+    /// The URL clients reach this daemon's API at (behind a proxy or TLS terminator); the
+    /// fallback form of microvm endpoints is `<URL>/microvms/<id>`. Default:
+    /// http://<listen address>.
     #[arg(long, env = "HEARTH_PUBLIC_URL")]
     public_url: Option<String>,
+    /// The domain of microvm endpoints: each microvm is served at `<id>.<DOMAIN>` (GetMicrovm's
+    /// `endpoint`), as the service serves `<id>.lambda-microvm.<region>.on.aws`. Point a
+    /// wildcard DNS record `*.<DOMAIN>` at this host. Default: localhost (`*.localhost`
+    /// names loopback in browsers and curl without any DNS set-up).
+    #[arg(long, value_name = "DOMAIN", default_value = hearth_api::endpoint::DEFAULT_DOMAIN, env = "HEARTH_ENDPOINT_DOMAIN")]
+    endpoint_domain: String,
+    /// Where endpoints are served over TLS; `none` serves them only over the API's plain
+    /// listener, by Host, for a TLS-terminating proxy in front.
+    #[arg(long, value_name = "ADDR|none", default_value = "127.0.0.1:8443", env = "HEARTH_ENDPOINT_LISTEN")]
+    endpoint_listen: String,
+    /// The port clients reach endpoints at, when a proxy in front listens on another one
+    /// than --endpoint-listen (443 is left out of `endpoint`). Default: --endpoint-listen's
+    /// port, or 443 with `--endpoint-listen none`.
+    #[arg(long, value_name = "PORT", env = "HEARTH_ENDPOINT_PORT")]
+    endpoint_port: Option<u16>,
+    /// The endpoints' certificate chain (PEM, leaf first; e.g. a wildcard for
+    /// `*.<DOMAIN>`), with --tls-key. Default: a CA Hearth makes under the state directory
+    /// (printed at start: clients must trust it).
+    #[arg(long, value_name = "PEM", requires = "tls_key", env = "HEARTH_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert", env = "HEARTH_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
     /// The API's state directory (database, microvm and image files).
     #[arg(long, env = "HEARTH_API_STATE")]
     state_dir: Option<std::path::PathBuf>,
@@ -80,6 +104,10 @@ pub struct ServeArgs {
     /// VM the refill rests accordingly), so refills never starve running microVMs.
     #[arg(long, value_name = "SHARE", default_value_t = 0.25, env = "HEARTH_POOL_CPU_BUDGET")]
     pool_cpu_budget: f64,
+    /// The egress of a microVM whose RunMicrovm and image name no egressNetworkConnectors:
+    /// `internet` (INTERNET_EGRESS, as on the service) or `none`. A run naming `[]` has none.
+    #[arg(long, value_name = "internet|none", default_value = "internet", env = "HEARTH_DEFAULT_EGRESS")]
+    default_egress: hearth_api::service::DefaultEgress,
     /// Each microVM's root disk throughput, bytes per second, reads and writes together
     /// (QEMU block throttling; a guest over it waits). 0: unlimited, the default: the
     /// right number depends on this host's disks; set it where tenants share them.
@@ -111,6 +139,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         a.pool_size,
         hearth_api::service::MAX_POOL_SIZE
     );
+    let endpoints = endpoint_config(&a)?;
     let home = hearth_vmm::home::hearth_home();
     restrict_home(&home);
     let (kernel, initramfs) = hearth_vmm::assets::boot_files(&home)?;
@@ -148,6 +177,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     // The daemon's VMs have their own run root: they outlive it, and nothing else sweeps
     // them by mistake.
     vm.run_root = state_dir.join("run");
+    let domain = endpoints.domain.clone();
     let cfg = hearth_api::server::ServeConfig {
         listen: a.listen,
         home: home.clone(),
@@ -155,6 +185,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         vm,
         policy_interval: std::time::Duration::from_secs_f64(a.policy_interval.max(0.1)),
         public_url: a.public_url.clone(),
+        endpoints,
         metrics_listen: a.metrics_listen,
         egress_allow_private: a.egress_allow_private.clone(),
         max_concurrent_builds: a.max_concurrent_builds.map_or_else(hearth_api::service::default_max_concurrent_builds, usize::from),
@@ -170,6 +201,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             default_size: a.pool_size.min(hearth_api::service::MAX_POOL_SIZE),
             cpu_budget: a.pool_cpu_budget,
         },
+        default_egress: a.default_egress,
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -195,6 +227,17 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 );
             }
             println!("listening {url}");
+            if let Some(e) = s.endpoint_addr {
+                println!("endpoints https://<microvm id>.{}:{} (TLS on {e})", domain, e.port());
+            }
+            if let Some(ca) = &s.ca_file {
+                eprintln!(
+                    "Endpoint certificates come from Hearth's CA {ca} (limited to *.{domain}, localhost and loopback).\n\
+                     Trust it: REQUESTS_CA_BUNDLE / SSL_CERT_FILE / AWS_CA_BUNDLE / NODE_EXTRA_CA_CERTS={ca}, curl --cacert, or\n  \
+                     sudo cp {ca} /usr/local/share/ca-certificates/hearth.crt && sudo update-ca-certificates",
+                    ca = ca.display()
+                );
+            }
             if let Some(m) = s.metrics_addr {
                 println!("metrics http://{m}/metrics");
             }
@@ -203,6 +246,27 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     )
     .await
     .map_err(|e| anyhow::anyhow!(e))
+}
+
+/// The endpoint options, checked.
+fn endpoint_config(a: &ServeArgs) -> anyhow::Result<hearth_api::endpoint::EndpointConfig> {
+    let domain = a.endpoint_domain.trim_end_matches('.').to_ascii_lowercase();
+    anyhow::ensure!(
+        !domain.is_empty()
+            && domain.len() <= 190
+            && domain.split('.').all(|l| hearth_api::endpoint::valid_label(l) && !l.bytes().all(|b| b.is_ascii_digit())),
+        "--endpoint-domain {}: give a DNS name (letters, digits, hyphens; e.g. apps.example.com)",
+        a.endpoint_domain
+    );
+    let tls_listen = match a.endpoint_listen.as_str() {
+        "none" => None,
+        s => Some(s.parse().map_err(|e| anyhow::anyhow!("--endpoint-listen {s}: {e} (give ADDRESS:PORT or none)"))?),
+    };
+    let certs = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => hearth_api::tls::CertSource::Files { cert: cert.clone(), key: key.clone() },
+        _ => hearth_api::tls::CertSource::Generated,
+    };
+    Ok(hearth_api::endpoint::EndpointConfig { domain, tls_listen, certs, public_port: a.endpoint_port })
 }
 
 /// Makes `$HEARTH_HOME` owner-only (0700): the tenants' images, snapshots, VM run

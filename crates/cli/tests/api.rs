@@ -40,6 +40,8 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
         "FROM minimal\nRUN mkdir -p /www && echo ok > /www/ready\nCMD busybox httpd -f -p 8080 -h /www\n",
     )
     .unwrap();
+    std::fs::create_dir_all(ctx.join("listens")).unwrap();
+    std::fs::write(ctx.join("listens/Dockerfile"), "FROM minimal\nRUN mkdir -p /empty\nCMD busybox httpd -f -p 8080 -h /empty\n").unwrap();
     std::fs::create_dir_all(ctx.join("hooked")).unwrap();
     std::fs::write(ctx.join("hooked/Dockerfile"), "FROM debian:bookworm\nCOPY app.py /app/app.py\nCMD [\"python3\", \"/app/app.py\"]\n")
         .unwrap();

@@ -68,6 +68,7 @@ const FULL: &[Case] = &[
     case(Op::Run, "run.vm-recorded", Want::Terminated),
     case(Op::Suspend, "suspend.recorded", Want::Running),
     case(Op::Suspend, "suspend.stopped", Want::Running),
+    case(Op::Suspend, "suspend.trimmed", Want::Running),
     case(Op::Suspend, "suspend.state-written", Want::Running),
     case(Op::Suspend, "suspend.disk-staged", Want::Running),
     case(Op::Suspend, "snapshot.manifest-staged", Want::Suspended),

@@ -1,6 +1,8 @@
 //! Traffic into microvms through `hearth serve` (`tests/api/test_ingress.py`): the
 //! endpoint over HTTP/1.1 and HTTP/2, streaming bodies, SSE, WebSocket, 1,000 concurrent
-//! connections, an app that never answers; shells over a WebSocket and `hearth shell`.
+//! connections, an app that never answers; the endpoint by host name over TLS and the
+//! service's shell protocol, driven by `requests` and `websockets` code written as the
+//! service's users write it; the origin rule; shells over a WebSocket and `hearth shell`.
 //! A test binary of its own, so it never runs beside the timing-sensitive API test.
 
 mod daemon;
@@ -30,6 +32,20 @@ class H(http.server.BaseHTTPRequestHandler):
             return self.send(b"ok\n")
         if self.path == "/host":
             return self.send((self.headers.get("Host") or "").encode())
+        if self.path == "/link":
+            # An absolute link, as apps build them from the request.
+            proto = self.headers.get("X-Forwarded-Proto") or "http"
+            return self.send(("%s://%s/next" % (proto, self.headers.get("Host"))).encode())
+        if self.path == "/cookie":
+            body = (self.headers.get("Cookie") or "").encode()
+            self.send_response(200)
+            self.send_header("Set-Cookie", "app=1; Path=/")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.path == "/wsp":
+            return self.websocket(hello=self.headers.get("Sec-WebSocket-Protocol") or "")
         if self.path == "/big":
             return self.send(b"x" * (8 << 20))
         if self.path == "/stats":
@@ -74,13 +90,17 @@ class H(http.server.BaseHTTPRequestHandler):
             h.update(d)
             left -= len(d)
         self.send(("%d %s" % (n, h.hexdigest())).encode())
-    def websocket(self):
+    def websocket(self, hello=None):
         key = self.headers["Sec-WebSocket-Key"] + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
         self.send_response(101)
         self.send_header("Upgrade", "websocket")
         self.send_header("Connection", "Upgrade")
         self.send_header("Sec-WebSocket-Accept", base64.b64encode(hashlib.sha1(key.encode()).digest()).decode())
         self.end_headers()
+        if hello is not None:
+            # The subprotocols the app was offered, as a first text message.
+            out = ("protocols:" + hello).encode()
+            self.wfile.write(bytes([0x81, len(out)]) + out)
         self.wfile.flush()
         while True:
             hdr = self.rfile.read(2)

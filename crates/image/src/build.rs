@@ -1,6 +1,8 @@
 //! Building an image: a Dockerfile's plan run in a builder microVM, the app started and
-//! checked (`/ready`, optionally `/validate` on the hooks port), and the VM saved as a
-//! template snapshot that clones launch from with the app already running.
+//! waited for (listening on its port, or answering `/ready` when the image enables that
+//! hook; then `/validate` when it enables that one), and the VM saved as a template
+//! snapshot that clones launch from with the app already running. An image without an
+//! app (no ENTRYPOINT or CMD) is saved as soon as its steps have run.
 //!
 //! Steps run in order in one builder VM. After each step that changes the disk, the disk
 //! is checkpointed into the layer cache ([`crate::layers`]); a rebuild boots the builder
@@ -39,12 +41,18 @@ pub struct BuildRequest {
     pub base: Base,
     /// Environment variables for the steps and the app.
     pub env: BTreeMap<String, String>,
-    /// The app's hooks port inside the VM.
+    /// The app's hooks port inside the VM (also the port it listens on).
     pub hooks_port: u16,
-    /// How long the app may take to answer `/ready` with 200.
+    /// Wait for the app to answer `/ready` with 200 (the image's ready hook ENABLED);
+    /// otherwise the app is ready once it listens on [`Self::hooks_port`].
+    pub ready_hook: bool,
+    /// How long the app may take to be ready (either way).
     pub ready_timeout: Duration,
-    /// Call `/validate` after `/ready` (so pages the app uses are warm in the snapshot).
+    /// Call `/validate` once the app is ready (so pages the app uses are warm in the
+    /// snapshot): the image's validate hook ENABLED.
     pub validate: bool,
+    /// How long `/validate` may take to answer.
+    pub validate_timeout: Duration,
     /// The builder VM's egress (`None`: no network device, needs no root).
     pub network: Option<hearth_vmm::net::Egress>,
     /// The layer cache to reuse and record layers in (`None`: no cache). Each tenant has
@@ -136,7 +144,8 @@ pub enum BuildError {
         /// Last lines of its output.
         tail: String,
     },
-    /// The app never answered `/ready` (or `/validate`) with 200.
+    /// The app never became ready (never listened on its port, or never answered `/ready`
+    /// with 200), or `/validate` did not answer 200.
     #[error("the app did not become ready ({reason}); its output:\n{app_log}")]
     NotReady {
         /// What was seen.

@@ -48,7 +48,13 @@ impl Vm {
     fn manifest(&self, kind: SnapshotKind, state: FileRecord, memory: Option<FileRecord>, disk: bool) -> Manifest {
         Manifest {
             magic: snapshot::MAGIC.into(),
-            format_version: snapshot::FORMAT_VERSION,
+            // Version 2 only where it is needed (a diff over a memory file), so older
+            // Hearths still read everything else.
+            format_version: if kind == SnapshotKind::Suspended && memory.is_some() {
+                snapshot::FORMAT_VERSION
+            } else {
+                snapshot::MIN_FORMAT_VERSION
+            },
             kind,
             created_unix_ms: now_ms(),
             memory_mib: self.record.cfg.memory_mib,
@@ -204,8 +210,11 @@ impl Vm {
         commit(&mut staging, dest, &manifest)
     }
 
-    /// Suspends the VM into `dest`: RAM (non-zero pages only) and device state in one
-    /// `mapped-ram` file, the disk moved beside it; QEMU ends and frees its CPU and memory.
+    /// Suspends the VM into `dest`: RAM and device state in one `mapped-ram` file, the
+    /// disk moved beside it; QEMU ends and frees its CPU and memory. A VM launched from a
+    /// template (or resumed from such a suspend) keeps only the pages it changed since the
+    /// template's RAM file, which is hard-linked beside them as `memory`
+    /// ([`crate::ramdiff`]); any other VM keeps its non-zero pages.
     /// Resume with [`Vm::resume`], from this or another Hearth process.
     ///
     /// `dest` must not exist, or must be the directory this VM was resumed from (its disk
@@ -241,18 +250,23 @@ impl Vm {
             let _writing = reserved.release();
             self.migrate_to(&tmp, true).await?;
             vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: RAM and state written");
+            let base = self.diff_over_base(&dir, &tmp)?;
+            crate::crash::point("suspend.trimmed");
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io("sync the state file"))?;
             vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: state synced");
             crate::crash::point("suspend.state-written");
-            Ok::<(), SnapshotError>(())
+            Ok::<Option<FileRecord>, SnapshotError>(base)
         };
-        if let Err(e) = saved.await {
-            let _ = std::fs::remove_file(&tmp);
-            if self.is_running() {
-                self.unquiesce().await;
+        let base = match saved.await {
+            Ok(base) => base,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                if self.is_running() {
+                    self.unquiesce().await;
+                }
+                return Err((Box::new(self), e));
             }
-            return Err((Box::new(self), e));
-        }
+        };
         // Commit while QEMU still holds the VM (stopped, its disk flushed and released by
         // the migration): if anything fails now, undo and hand the VM back running.
         let disk_from = self.record.disk.clone();
@@ -260,7 +274,7 @@ impl Vm {
         let committed = staged.and_then(|has_disk| {
             crate::crash::point("suspend.disk-staged");
             std::fs::rename(&tmp, dir.join("state")).map_err(io("install the state file"))?;
-            let manifest = self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, None, has_disk);
+            let manifest = self.manifest(SnapshotKind::Suspended, snapshot::record(&dir, "state")?, base.clone(), has_disk);
             match staging.as_mut() {
                 Some(s) => commit(s, dest, &manifest),
                 None => {
@@ -296,6 +310,38 @@ impl Vm {
                 self.unquiesce().await;
                 Err((Box::new(self), e))
             }
+        }
+    }
+
+    /// Cuts the suspend image `state` in `dir` down to the pages changed since the RAM file
+    /// the VM maps private ([`crate::ramdiff::trim`]), linking that file into `dir` as
+    /// `memory` (with its record in `memory.json`, which outlives a resume). Returns the
+    /// base's record, or `None` when the image keeps all of RAM: the VM has no base file,
+    /// or it cannot be linked (another filesystem) or found in QEMU's memory map. An error
+    /// once the image was changed fails the suspend.
+    fn diff_over_base(&self, dir: &Path, state: &Path) -> Result<Option<FileRecord>, SnapshotError> {
+        let crate::config::Memory::Template(base) = &self.record.cfg.memory else { return Ok(None) };
+        let linked = dir.join("memory");
+        if !same_file(base, &linked) {
+            let _ = std::fs::remove_file(&linked);
+            if let Err(e) = std::fs::hard_link(base, &linked) {
+                vm_event!(self, warn, "suspend keeps all of RAM: cannot link {} into {} ({e})", base.display(), dir.display());
+                return Ok(None);
+            }
+        }
+        let record = base_record(base, dir)?;
+        let t = std::time::Instant::now();
+        let ram_size = u64::from(self.record.cfg.memory_mib) << 20;
+        match crate::ramdiff::trim(state, self.process.pid(), base, ram_size) {
+            Ok(stats) => {
+                vm_event!(self, debug, kept = stats.kept, dropped = stats.dropped, elapsed = ?t.elapsed(), "suspend: image cut to the pages changed since the template");
+                Ok(Some(record))
+            }
+            Err(e @ (crate::ramdiff::TrimError::NoHeader { .. } | crate::ramdiff::TrimError::NoMapping { .. })) => {
+                vm_event!(self, warn, "suspend keeps all of RAM: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(SnapshotError::Io { what: e.to_string(), source: std::io::Error::other(e) }),
         }
     }
 
@@ -356,6 +402,44 @@ impl Vm {
         let manifest = self.manifest(SnapshotKind::Fork, snapshot::record(&staging.path, "state")?, None, has_disk);
         commit(&mut staging, dest, &manifest)
     }
+}
+
+/// True when `a` and `b` are the same file (one inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// The record of base RAM file `base` (linked into `dir` as `memory`): its template's
+/// manifest or the `memory.json` a previous suspend left beside it hold its checksum; it
+/// is computed (a read of all of it) only when neither does. Written to `dir/memory.json`.
+fn base_record(base: &Path, dir: &Path) -> Result<FileRecord, SnapshotError> {
+    let beside = base.parent().unwrap_or(Path::new("."));
+    let known = Snapshot::open(beside)
+        .ok()
+        .and_then(|s| s.manifest.memory.filter(|m| Some(std::ffi::OsStr::new(&m.name)) == base.file_name()))
+        .or_else(|| {
+            let text = std::fs::read(beside.join("memory.json")).ok()?;
+            serde_json::from_slice::<FileRecord>(&text).ok()
+        });
+    let size = std::fs::metadata(base).map_err(io("stat the base RAM file"))?.len();
+    let mut record = match known.filter(|r| r.size == size) {
+        Some(r) => r,
+        None => snapshot::record(beside, &base.file_name().unwrap_or_default().to_string_lossy())?,
+    };
+    record.name = "memory".into();
+    let bytes = serde_json::to_vec(&record).map_err(|e| SnapshotError::Unsupported(e.to_string()))?;
+    let write = || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(dir.join("memory.json"))?;
+        f.write_all(&bytes)?;
+        f.sync_all()
+    };
+    write().map_err(io("write memory.json"))?;
+    Ok(record)
 }
 
 fn sync_file(path: &Path) -> Result<(), SnapshotError> {

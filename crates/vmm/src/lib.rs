@@ -48,6 +48,7 @@ pub mod net;
 pub mod pool;
 pub mod qemu;
 pub mod qmp;
+pub mod ramdiff;
 mod record;
 pub mod recover;
 pub mod restore;

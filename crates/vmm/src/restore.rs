@@ -5,7 +5,11 @@
 //! [`crate::migration::load`] loads the state file (the VM then runs by itself). Templates keep
 //! RAM in a separate file that the new VM maps private copy-on-write, so loading is only
 //! device state (milliseconds, whatever the memory size). Suspended VMs and forks carry RAM
-//! in `mapped-ram` layout; loading reads the non-zero pages back.
+//! in `mapped-ram` layout; loading reads the pages of the image back. A suspended VM that
+//! was launched from a template maps its template's RAM file again (linked into the
+//! snapshot as `memory`), and its image holds only the pages it changed
+//! ([`crate::ramdiff`]): a resume reads those, and the rest is read when the guest
+//! touches it, as for a launch.
 //!
 //! Before any user command runs, the agent gets fresh clock, entropy and identity
 //! ([`hearth_proto::RestoreInfo`]).
@@ -141,6 +145,10 @@ impl Vm {
     pub async fn resume(snap: &Snapshot, opts: &RestoreOptions) -> Result<Vm, BootError> {
         tracing::debug!(dir = %snap.dir.display(), "resume");
         let mut cfg = restore_config(snap, opts, SnapshotKind::Suspended)?;
+        if let Some(memory) = &snap.manifest.memory {
+            // Format 2: the image is a diff over this file, mapped as a launch maps it.
+            cfg.memory = Memory::Template(snap.path(&memory.name));
+        }
         if let Some(root) = cfg.root.as_mut() {
             // The disk moves with the VM: written in place, no overlay.
             root.overlay = false;
@@ -185,7 +193,7 @@ impl Vm {
 pub const RETIRED_MANIFEST: &str = ".manifest.resuming";
 
 /// Removes what is left of a resumed snapshot (its retired manifest and state file; the
-/// disk stays, the VM writes it) once the caller has durably recorded the resumed VM.
+/// disk stays, the VM writes it, and so does a base `memory` file, which the VM maps) once the caller has durably recorded the resumed VM.
 /// Before that call a crash leaves the snapshot recoverable ([`crate::recover`]).
 pub fn finish_resume(dir: &std::path::Path) {
     let _ = std::fs::remove_file(dir.join(RETIRED_MANIFEST));

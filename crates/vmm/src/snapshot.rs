@@ -5,9 +5,12 @@
 //! ```text
 //! manifest.json   what the snapshot is (magic, format version, machine, files, checksums)
 //! state           QEMU migration stream: device state only (template) or device state
-//!                 and RAM in `mapped-ram` layout (suspended VMs and forks)
-//! memory          template only: the guest's RAM as a raw file, mapped private
-//!                 copy-on-write by every VM launched from it
+//!                 and RAM in `mapped-ram` layout (suspended VMs and forks); a suspended
+//!                 VM with `memory` holds only the pages that differ from it (format 2)
+//! memory          template: the guest's RAM as a raw file, mapped private copy-on-write
+//!                 by every VM launched from it; suspended VM (format 2): a hard link to
+//!                 the RAM file it was launched from, the base its `state` is a diff over
+//! memory.json     suspended VM (format 2): `memory`'s record, kept after a resume
 //! disk.qcow2      the root disk as it was at the snapshot (qcow2, backed by the base image)
 //! ```
 //!
@@ -22,8 +25,13 @@ use std::path::{Path, PathBuf};
 
 /// Magic string at the start of every manifest.
 pub const MAGIC: &str = "hearth-snapshot";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version this build writes and reads. Version 2: a suspended VM's
+/// `state` may be a diff over a `memory` file ([`crate::ramdiff`]).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads. Version 1 (a suspended VM's `state` holds
+/// all of its non-zero RAM) is still written for every snapshot that needs nothing newer,
+/// so older Hearths keep reading them.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Largest manifest read back.
 pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 /// Largest device-state file of a template snapshot (QEMU writes ~100 KB).
@@ -84,7 +92,8 @@ pub struct Manifest {
     pub qemu_version: String,
     /// The migration stream.
     pub state: FileRecord,
-    /// Raw RAM (templates only).
+    /// Raw RAM (templates), or the base RAM file a suspended VM's `state` is a diff over
+    /// (format 2).
     pub memory: Option<FileRecord>,
     /// Root disk (qcow2), if the VM had one.
     pub disk: Option<String>,
@@ -117,7 +126,7 @@ pub enum SnapshotError {
         reason: String,
     },
     /// Written by another format version.
-    #[error("{path} has snapshot format version {found}; this Hearth reads version {FORMAT_VERSION} only (re-create the snapshot with this version)")]
+    #[error("{path} has snapshot format version {found}; this Hearth reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION} (re-create the snapshot with this version)")]
     Version {
         /// The snapshot directory.
         path: PathBuf,
@@ -225,7 +234,7 @@ impl Snapshot {
             return Err(invalid("manifest lacks the Hearth snapshot magic".into()));
         }
         match value.get("format_version").and_then(|v| v.as_u64()) {
-            Some(v) if v == u64::from(FORMAT_VERSION) => {}
+            Some(v) if (u64::from(MIN_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&v) => {}
             Some(v) => return Err(SnapshotError::Version { path: dir.to_path_buf(), found: v as u32 }),
             None => return Err(invalid("manifest has no format version".into())),
         }
@@ -240,6 +249,12 @@ impl Snapshot {
             check_file(dir, m, max, false).map_err(invalid)?;
         } else if manifest.kind == SnapshotKind::Template {
             return Err(invalid("template without a memory file".into()));
+        }
+        if manifest.memory.is_some() && manifest.kind == SnapshotKind::Fork {
+            return Err(invalid("a fork with a memory file".into()));
+        }
+        if manifest.memory.is_some() && manifest.kind == SnapshotKind::Suspended && manifest.format_version < 2 {
+            return Err(invalid(format!("a suspended VM with a memory file needs format version 2, not {}", manifest.format_version)));
         }
         if let Some(d) = &manifest.disk {
             check_name(d).map_err(invalid)?;
@@ -407,14 +422,42 @@ mod tests {
     }
 
     #[test]
+    fn suspended_images_of_both_versions_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = sample(d.path());
+        // Version 1, written by older Hearths: all of RAM in `state`, no memory file.
+        m.kind = SnapshotKind::Suspended;
+        m.format_version = MIN_FORMAT_VERSION;
+        let base = m.memory.take();
+        write_manifest(d.path(), &m).unwrap();
+        assert_eq!(Snapshot::open(d.path()).unwrap().manifest, m);
+        // Version 2: a diff over a memory file.
+        m.format_version = FORMAT_VERSION;
+        m.memory = base;
+        write_manifest(d.path(), &m).unwrap();
+        assert_eq!(Snapshot::open(d.path()).unwrap().manifest, m);
+        // A version 1 reader would resume it over zeros: a memory file needs version 2.
+        m.format_version = 1;
+        write_manifest(d.path(), &m).unwrap();
+        assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("needs format version 2"));
+        std::fs::remove_file(d.path().join("memory")).unwrap();
+        m.format_version = 2;
+        write_manifest(d.path(), &m).unwrap();
+        assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("memory is missing"));
+    }
+
+    #[test]
     fn other_versions_and_garbage_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let mut m = sample(d.path());
-        m.format_version = 2;
+        m.format_version = FORMAT_VERSION + 1;
         write_manifest(d.path(), &m).unwrap();
         let e = Snapshot::open(d.path()).unwrap_err();
-        assert!(matches!(e, SnapshotError::Version { found: 2, .. }), "{e}");
-        assert!(e.to_string().contains("version 1"), "{e}");
+        assert!(matches!(e, SnapshotError::Version { found: 3, .. }), "{e}");
+        assert!(e.to_string().contains("versions 1 to 2"), "{e}");
+        m.format_version = 0;
+        write_manifest(d.path(), &m).unwrap();
+        assert!(matches!(Snapshot::open(d.path()).unwrap_err(), SnapshotError::Version { found: 0, .. }));
 
         std::fs::write(d.path().join("manifest.json"), b"{\"magic\":\"nope\"}").unwrap();
         assert!(Snapshot::open(d.path()).unwrap_err().to_string().contains("magic"));

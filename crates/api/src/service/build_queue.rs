@@ -106,6 +106,12 @@ impl Builds {
         self.lock().get(key).is_some_and(|l| !l.started)
     }
 
+    /// Builds of `account` registered now, queued or running.
+    #[cfg(test)]
+    fn count(&self, account: &str) -> usize {
+        self.lock().keys().filter(|(a, _, _)| a == account).count()
+    }
+
     /// Cancels build `key` and waits until its task has ended (its files removed, its end
     /// recorded). False when no such build is registered.
     pub(crate) async fn cancel(&self, key: &BuildKey) -> bool {

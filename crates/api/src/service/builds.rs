@@ -59,6 +59,37 @@ pub(super) fn timeouts<'a>(tags: impl IntoIterator<Item = (&'a String, &'a Strin
     Ok(t)
 }
 
+/// The image hooks' port when the image names none: the port the endpoint routes to by
+/// default, as on the service.
+pub(super) const DEFAULT_HOOKS_PORT: u16 = 8080;
+
+/// `readyTimeoutInSeconds` and `validateTimeoutInSeconds` when the image gives none. The
+/// model allows 1-3600 and the service documents no default; Hearth waits 120 s (a
+/// Debian app's first start under TCG emulation takes up to ~60 s).
+pub(super) const DEFAULT_IMAGE_HOOK_TIMEOUT_SECS: u64 = 120;
+
+/// Most entries [`tree_bytes`] visits: a code artifact is bounded far below it.
+const MAX_TREE_ENTRIES: usize = 1 << 20;
+
+/// Bytes of the regular files under `root` (links not followed): the code a build installed.
+fn tree_bytes(root: &std::path::Path) -> u64 {
+    let (mut total, mut seen, mut dirs) = (0u64, 0usize, vec![root.to_path_buf()]);
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            seen += 1;
+            if seen > MAX_TREE_ENTRIES {
+                return total;
+            }
+            match e.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(e.path()),
+                Ok(t) if t.is_file() => total += e.metadata().map_or(0, |m| m.len()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 /// Runs synchronous file work on the blocking pool.
 pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     match tokio::task::spawn_blocking(f).await {
@@ -130,8 +161,9 @@ impl Service {
         let ctl = Control { step_timeout: timeouts.step, build_timeout: timeouts.build, cancel: Some(ticket.cancel.clone()) };
         let result = self.clone().build_version(&rec, base, &dir, ctl).await;
         let (version_state, reason, image_state) = match result {
-            Ok((sizes, config)) => {
-                rec.snapshot_bytes = Some(sizes);
+            Ok(((mem, disk, code), config)) => {
+                rec.snapshot_bytes = Some((mem, disk));
+                rec.code_bytes = Some(code);
                 rec.config = Some(config);
                 (VersionState::Successful, Reason::Keep, if update { MicrovmImageState::Updated } else { MicrovmImageState::Created })
             }
@@ -171,7 +203,7 @@ impl Service {
         base: hearth_image::base::Base,
         dir: &std::path::Path,
         ctl: Control,
-    ) -> Result<((u64, u64), hearth_image::build::ImageConfig), String> {
+    ) -> Result<((u64, u64, u64), hearth_image::build::ImageConfig), String> {
         let scratch = {
             let dir = dir.to_path_buf();
             blocking(move || {
@@ -214,7 +246,13 @@ impl Service {
             }
         };
         let hooks = rec.spec.get("hooks").cloned().unwrap_or(Value::Null);
-        let enabled = |p: &str| hooks.pointer(p).and_then(Value::as_str) != Some("DISABLED");
+        // A hook is called only when the image says ENABLED (the model's HookState; absent
+        // is not enabled); without the ready hook the app is ready once it listens.
+        let enabled = |name: &str| hooks.pointer(&format!("/microvmImageHooks/{name}")).and_then(Value::as_str) == Some("ENABLED");
+        let timeout = |name: &str| {
+            let secs = hooks.pointer(&format!("/microvmImageHooks/{name}TimeoutInSeconds")).and_then(Value::as_u64);
+            Duration::from_secs(secs.unwrap_or(DEFAULT_IMAGE_HOOK_TIMEOUT_SECS))
+        };
         let env = rec
             .spec
             .get("environmentVariables")
@@ -225,12 +263,11 @@ impl Service {
             context,
             base,
             env,
-            hooks_port: hooks.get("port").and_then(Value::as_u64).unwrap_or(8080) as u16,
-            ready_timeout: Duration::from_secs(
-                hooks.pointer("/microvmImageHooks/readyTimeoutInSeconds").and_then(Value::as_u64).unwrap_or(120),
-            ),
-            validate: hooks.pointer("/microvmImageHooks/validate").and_then(Value::as_str) == Some("ENABLED")
-                && enabled("/microvmImageHooks/validate"),
+            hooks_port: hooks.get("port").and_then(Value::as_u64).and_then(|p| u16::try_from(p).ok()).unwrap_or(DEFAULT_HOOKS_PORT),
+            ready_hook: enabled("ready"),
+            ready_timeout: timeout("ready"),
+            validate: enabled("validate"),
+            validate_timeout: timeout("validate"),
             network: hearth_vmm::net::can_network().then(hearth_vmm::net::Egress::internet),
             cache: Some(self.layer_cache(&rec.account)),
             images: Arc::new(artifacts::TenantImages::load(self.clone(), &rec.account).await.map_err(|e| e.message)?),
@@ -250,9 +287,20 @@ impl Service {
         }
         let (snap, config) = built.map_err(|e| reason(&e))?;
         let mem = snap.manifest.memory.as_ref().map_or(0, |m| m.size);
+        let mem_file = snap.manifest.memory.as_ref().map(|m| m.name.clone());
         let snapshot = dir.join("snapshot");
-        let total = blocking(move || dir_size(&snapshot)).await;
-        Ok(((mem, total.saturating_sub(mem)), config))
+        // The disk: what the snapshot's other files take on disk (the memory file is sparse:
+        // its blocks are not its size, so it is left out by name, not by subtraction).
+        let disk = blocking(move || {
+            let mem_blocks = mem_file
+                .and_then(|n| std::fs::metadata(snapshot.join(n)).ok())
+                .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+            dir_size(&snapshot).saturating_sub(mem_blocks)
+        })
+        .await;
+        let context = req.context.clone();
+        let code = blocking(move || tree_bytes(&context)).await;
+        Ok(((mem, disk, code), config))
     }
 
     pub(super) fn build_json(&self, image: &ImageRecord, v: &VersionRecord) -> Value {
@@ -275,9 +323,6 @@ impl Service {
             )
             .into();
         }
-        if let Some((mem, disk)) = v.snapshot_bytes {
-            out["snapshotBuild"] = json!({ "memorySnapshotSizeInBytes": mem, "diskSnapshotSizeInBytes": disk });
-        }
         out
     }
 
@@ -289,7 +334,15 @@ impl Service {
         if v.build_id != id {
             return Err(ApiError::not_found("MicrovmImageBuild", id));
         }
-        Ok(self.build_json(&image, &v))
+        let mut out = self.build_json(&image, &v);
+        // Only GetMicrovmImageBuild's output has the snapshot's sizes (the list's summary does not).
+        if let Some((mem, disk)) = v.snapshot_bytes {
+            out["snapshotBuild"] = json!({ "memorySnapshotSizeInBytes": mem, "diskSnapshotSizeInBytes": disk });
+            if let Some(code) = v.code_bytes {
+                out["snapshotBuild"]["codeInstallSizeInBytes"] = code.into();
+            }
+        }
+        Ok(out)
     }
 
     /// ListMicrovmImageBuilds.

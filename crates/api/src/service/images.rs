@@ -148,6 +148,7 @@ impl Service {
             created_at: t,
             updated_at: None,
             snapshot_bytes: None,
+            code_bytes: None,
             config: None,
         };
         if update {
@@ -166,9 +167,14 @@ impl Service {
         for (k, v) in self.image_json(&image).await?.as_object().into_iter().flatten() {
             out[k] = v.clone();
         }
+        // The Create/UpdateMicrovmImageResponse shapes: no version status or reason, and
+        // only a new image's answer has its tags.
         if let Some(o) = out.as_object_mut() {
             o.remove("status");
             o.remove("stateReason");
+            if update {
+                o.remove("tags");
+            }
         }
         Ok(out)
     }
@@ -189,7 +195,12 @@ impl Service {
         let filter = input.name_filter.as_deref().unwrap_or("");
         let mut all = Vec::new();
         for i in self.store.images(account).await?.iter().filter(|i| i.name.contains(filter)) {
-            all.push(self.image_json(i).await?);
+            let mut summary = self.image_json(i).await?;
+            // A MicrovmImageSummary has no updatedAt (GetMicrovmImage's output has).
+            if let Some(o) = summary.as_object_mut() {
+                o.remove("updatedAt");
+            }
+            all.push(summary);
         }
         page(all, input.max_results, input.next_token.as_deref())
     }
@@ -292,7 +303,8 @@ impl Service {
         let items = vec![json!({
             "imageArn": managed_arn(n),
             "imageVersion": "1",
-            "status": "ACTIVE",
+            // The model's ManagedMicrovmImageVersionStatus (AVAILABLE, DEPRECATED, RECALLED).
+            "status": "AVAILABLE",
             "supportedCpuConfigurations": [{ "architecture": "X86_64" }],
             "createdAt": mtime(&b.path(&self.home)),
         })];

@@ -24,6 +24,39 @@ pub struct Slot {
     pub cpu: Option<(u64, f64)>,
 }
 
+/// The egress a microvm gets when neither its run nor its image names a connector.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DefaultEgress {
+    /// INTERNET_EGRESS, as on the service ("by default, MicroVMs have public internet
+    /// access": the Lambda MicroVMs networking guide).
+    #[default]
+    Internet,
+    /// None: the operator closes egress unless a run or image names a connector.
+    None,
+}
+
+impl DefaultEgress {
+    /// The connectors recorded for such a microvm.
+    fn connectors(self) -> Value {
+        match self {
+            DefaultEgress::Internet => json!(["INTERNET_EGRESS"]),
+            DefaultEgress::None => json!([]),
+        }
+    }
+}
+
+impl std::str::FromStr for DefaultEgress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "internet" => Ok(DefaultEgress::Internet),
+            "none" => Ok(DefaultEgress::None),
+            other => Err(format!("{other:?} is not a default egress: internet or none")),
+        }
+    }
+}
+
 /// How long a suspend waits for execs in flight to end.
 pub(super) const EXEC_DRAIN: Duration = Duration::from_secs(30);
 
@@ -59,7 +92,8 @@ impl Service {
         let mut v = json!({
             "microvmId": m.microvm_id,
             "state": m.state,
-            "endpoint": format!("{}/microvms/{}", self.public_url, m.microvm_id),
+            // The service's form: the host (and port) alone, no scheme (crate::endpoint).
+            "endpoint": self.endpoints.host_of(&m.microvm_id),
             "imageArn": image_arn(&m.account, &m.image_name),
             "imageVersion": m.image_version.to_string(),
             "maximumDurationInSeconds": m.maximum_duration_in_seconds,
@@ -142,6 +176,12 @@ impl Service {
             if let Some(v) = given.get(k) {
                 spec.insert(k.into(), v.clone());
             }
+        }
+        // Egress: the run's connectors (an empty list: none), else the image's, else the
+        // daemon's default; recorded, so a resume or a pooled claim applies the same.
+        if !spec.contains_key("egressNetworkConnectors") {
+            let connectors = version.spec.get("egressNetworkConnectors").cloned().unwrap_or_else(|| self.default_egress.connectors());
+            spec.insert("egressNetworkConnectors".into(), connectors);
         }
         let t = now();
         // A pooled VM of this version when one is ready: it already runs under its id.

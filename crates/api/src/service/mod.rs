@@ -36,7 +36,7 @@ pub use build_queue::default_max_concurrent_builds;
 pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
 pub use extensions::{egress_from, set_egress_ceiling, ExecLine, MAX_FILE_BYTES, TRANSFER_CHUNKS};
 pub use images::MANAGED;
-pub use microvms::Slot;
+pub use microvms::{DefaultEgress, Slot};
 pub use pools::{PoolSettings, Pools, MAX_POOL_SIZE, POOL_SIZE_TAG};
 pub use tokens::{MAX_INGRESS_CONNECTIONS, SHELL_INGRESS};
 
@@ -86,8 +86,10 @@ pub struct Service {
     pub home: PathBuf,
     /// The API's state directory.
     pub state: PathBuf,
-    /// The daemon's URL as clients reach it (endpoints are under it).
+    /// The daemon's URL as clients reach it (the path form of endpoints is under it).
     pub public_url: String,
+    /// How microvm endpoints are named (`<id>.<domain>`).
+    pub endpoints: crate::endpoint::Endpoints,
     /// Kernel, initramfs, accelerator, run directory of every VM.
     pub vm_template: VmConfig,
     slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
@@ -112,6 +114,9 @@ pub struct Service {
     resuming: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Warm pools behind RunMicrovm (`pools`).
     pub pools: Pools,
+    /// The egress of a microvm whose run and image name no connector
+    /// (`hearth serve --default-egress`; INTERNET_EGRESS, as on the service).
+    pub default_egress: DefaultEgress,
     /// Builds queued and running: the bound on how many run at once, and how to cancel each.
     builds: build_queue::Builds,
     /// The service itself, for the tasks that watch each VM's QEMU ([`Self::shared`]).
@@ -141,6 +146,7 @@ impl Service {
             home,
             state,
             public_url: String::new(),
+            endpoints: Default::default(),
             vm_template,
             slots: Default::default(),
             metrics: Default::default(),
@@ -153,6 +159,7 @@ impl Service {
             admission: Default::default(),
             resuming: Default::default(),
             pools: Default::default(),
+            default_egress: Default::default(),
             builds: Default::default(),
             me: std::sync::Weak::new(),
         }
@@ -262,6 +269,13 @@ fn decode_token(v: Option<&str>) -> Result<i64, ApiError> {
             .filter(|n| *n >= 0)
             .ok_or_else(|| ApiError::validation(format!("nextToken {t:?} is not a token this API returned"))),
     }
+}
+
+/// Disk a suspended microvm holds: its snapshot directory without `memory`, the link to its
+/// image's template RAM file that the image already counts (`hearth_vmm::snapshot`).
+fn suspended_size(p: &std::path::Path) -> u64 {
+    let base = std::fs::metadata(p.join("memory")).map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+    dir_size(p).saturating_sub(base)
 }
 
 fn dir_size(p: &std::path::Path) -> u64 {

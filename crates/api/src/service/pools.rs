@@ -353,3 +353,33 @@ async fn refill(svc: std::sync::Weak<Service>, pool: std::sync::Weak<VersionPool
         tokio::time::sleep(spent.mul_f64(1.0 / budget - 1.0).max(Duration::from_millis(50))).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_size_tags_are_whole_numbers_up_to_the_cap() {
+        let tag = |v: &str| std::collections::BTreeMap::from([(POOL_SIZE_TAG.to_owned(), v.to_owned())]);
+        for ok in ["0", "1", "16"] {
+            assert!(check_size_tag(&tag(ok)).is_ok(), "{ok}");
+        }
+        for bad in ["17", "-1", "one", "", "1.5"] {
+            let e = check_size_tag(&tag(bad)).unwrap_err();
+            assert_eq!(e.status(), 400);
+            assert!(e.message.contains("hearth:pool-size"), "{}", e.message);
+        }
+        let other = std::collections::BTreeMap::from([("team".to_owned(), "x".to_owned())]);
+        assert!(check_size_tag(&other).is_ok());
+    }
+
+    #[test]
+    fn empty_pools_hold_nothing_and_say_so() {
+        let p = Pools::new(PoolSettings::default());
+        assert_eq!(p.load(), Load::default());
+        assert!(p.take(&("123456789012".into(), "web".into(), 1)).is_none());
+        assert_eq!(p.evict(3), 0);
+        let text = p.render();
+        assert!(text.contains("hearth_pool_claims_total 0") && text.contains("hearth_pool_misses_total 1"), "{text}");
+    }
+}

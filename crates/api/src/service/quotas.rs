@@ -85,7 +85,8 @@ impl Service {
                     *held.entry(Quota::Vcpus).or_default() += u64::from(m.vcpus);
                     *held.entry(Quota::MemoryMib).or_default() += u64::from(m.memory_mib);
                 } else {
-                    *held.entry(Quota::SnapshotGib).or_default() += super::dir_size(&self.microvm_dir(&m.microvm_id).join("suspended"));
+                    *held.entry(Quota::SnapshotGib).or_default() +=
+                        super::suspended_size(&self.microvm_dir(&m.microvm_id).join("suspended"));
                 }
             }
         }

@@ -2,7 +2,7 @@
 //! against the lifecycle's table ([`crate::lifecycle`]), then the record (and, for
 //! microvms, the usage meter) is written in one place.
 
-use super::{dir_size, Reason, Service};
+use super::{suspended_size, Reason, Service};
 use crate::clock::now;
 use crate::error::ApiError;
 use crate::lifecycle::{Lifecycle, MicrovmImageState, MicrovmImageVersionState as VersionState, MicrovmState};
@@ -33,7 +33,7 @@ impl Service {
             (_, Running) => meter.open = Some((Running, 0)),
             (_, Suspended) => {
                 m.suspended_at = Some(t);
-                let bytes = dir_size(&self.microvm_dir(&m.microvm_id).join("suspended"));
+                let bytes = suspended_size(&self.microvm_dir(&m.microvm_id).join("suspended"));
                 meter = Meter { close: true, open: Some((Suspended, bytes)) };
             }
             (_, Terminated) => {

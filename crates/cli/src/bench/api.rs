@@ -83,7 +83,8 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         )
         .await?;
     let id = m["microvmId"].as_str().unwrap_or_default().to_owned();
-    let url = format!("{}/ready", m["endpoint"].as_str().unwrap_or_default());
+    // The path form: the benchmark's daemon serves no TLS endpoint listener.
+    let url = format!("http://{}/microvms/{id}/ready", d.addr);
     let tok = c
         .call(
             http::Method::POST,

@@ -75,11 +75,13 @@ impl BenchDaemon {
             vm: vm.clone(),
             policy_interval: Duration::from_secs(1),
             public_url: None,
+            endpoints: Default::default(),
             metrics_listen: Some("127.0.0.1:0".parse()?),
             egress_allow_private: Vec::new(),
             capacity: Default::default(),
             rate_limit: Default::default(),
             pools: Default::default(),
+            default_egress: Default::default(),
             max_concurrent_builds: hearth_api::service::default_max_concurrent_builds(),
         };
         let task = tokio::spawn(hearth_api::server::serve(

@@ -27,6 +27,14 @@ pub struct BenchSnapArgs {
     /// Suspend/resume cycles.
     #[arg(long, default_value_t = 3)]
     cycles: usize,
+    /// Guest memory in MiB of the large-session case: a template holding `--big-state-mib`
+    /// of data in RAM, launched, then suspended and resumed at once (0 skips it; 4096 with
+    /// 2048 is the multi-gigabyte case).
+    #[arg(long, default_value_t = 0)]
+    big_memory_mib: u32,
+    /// MiB of data the large template holds in RAM (tmpfs).
+    #[arg(long, default_value_t = 2048)]
+    big_state_mib: usize,
     /// Idle VMs started from one snapshot for the density measurement (0 skips it).
     #[arg(long, default_value_t = 50)]
     idle_vms: usize,
@@ -50,6 +58,69 @@ async fn first_exec(vm: &Vm) -> anyhow::Result<()> {
     let out = vm.exec(&ExecRequest::argv(["true"]), None, 1 << 16).await?;
     anyhow::ensure!(out.exit.success(), "`true` failed");
     Ok(())
+}
+
+/// What a series of suspend/resume cycles measured.
+struct Cycles {
+    suspend: Vec<f64>,
+    on_disk: Vec<f64>,
+    resumed: Vec<f64>,
+    resumed_exec: Vec<f64>,
+}
+
+impl Cycles {
+    fn rows(self, what: &str) -> Vec<Row> {
+        vec![
+            Row { name: format!("suspend ({what})"), samples: self.suspend, unit: "ms" },
+            Row { name: format!("suspend image on disk, allocated ({what})"), samples: self.on_disk, unit: "MiB" },
+            Row { name: format!("resume → agent ready ({what})"), samples: self.resumed, unit: "ms" },
+            Row { name: format!("resume → first exec result ({what})"), samples: self.resumed_exec, unit: "ms" },
+        ]
+    }
+}
+
+/// Launches a VM from `snap`, then `cycles` times: writes `dirty_mib` MiB into its tmpfs
+/// (new bytes each cycle), suspends it into `dir` and resumes it, up to a first exec.
+async fn suspend_cycles(
+    snap: &Snapshot,
+    opts: &RestoreOptions,
+    dir: &std::path::Path,
+    cycles: usize,
+    dirty_mib: usize,
+) -> anyhow::Result<Cycles> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Cycles { suspend: Vec::new(), on_disk: Vec::new(), resumed: Vec::new(), resumed_exec: Vec::new() };
+    let mut vm = Vm::launch(snap, opts).await?;
+    first_exec(&vm).await?;
+    for cycle in 0..cycles {
+        if dirty_mib > 0 {
+            let mut data = pseudo_random(dirty_mib << 20);
+            data[0] = cycle as u8;
+            // The upload writes a new file before replacing the old one: make room first.
+            vm.exec(&ExecRequest::argv(["rm", "-f", "/dev/shm/dirty"]), None, 1 << 16).await?;
+            vm.agent().write_file_bytes(&BinPath::from("/dev/shm/dirty"), None, bytes::Bytes::from(data)).await?;
+        }
+        let t = Instant::now();
+        let s = match vm.suspend(dir).await {
+            Ok(s) => s,
+            Err((_, e)) => return Err(e.into()),
+        };
+        out.suspend.push(ms(t.elapsed()));
+        let blocks: u64 = ["state", "memory.json", "manifest.json"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(s.path(f)).ok())
+            .map(|m| m.blocks() * 512)
+            .sum();
+        out.on_disk.push(blocks as f64 / f64::from(1 << 20));
+        let t = Instant::now();
+        vm = Vm::resume(&s, opts).await?;
+        hearth_vmm::restore::finish_resume(dir);
+        out.resumed.push(ms(t.elapsed()));
+        first_exec(&vm).await?;
+        out.resumed_exec.push(ms(t.elapsed()));
+    }
+    vm.kill().await;
+    Ok(out)
 }
 
 fn pseudo_random(len: usize) -> Vec<u8> {
@@ -118,32 +189,40 @@ pub async fn run(args: BenchSnapArgs) -> anyhow::Result<()> {
     rows.push(Row { name: "claim from warm pool → agent ready (pooled)".into(), samples: claimed, unit: "ms" });
     rows.push(Row { name: "launch from snapshot → first exec result (pooled)".into(), samples: pooled, unit: "ms" });
 
+    eprintln!("suspend/resume ×{} with nothing dirtied", args.cycles);
+    let clean = suspend_cycles(&snap, &opts, &work.path().join("clean"), args.cycles, 0).await?;
+    rows.extend(clean.rows(&format!("{} MiB guest, nothing dirtied since launch", args.vm.memory)));
+
     eprintln!("suspend/resume ×{} with {} MiB dirtied", args.cycles, args.dirty_mib);
-    let (mut susp, mut res, mut res_exec, mut sizes) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut vm = Vm::launch(&snap, &opts).await?;
-    let data = bytes::Bytes::from(pseudo_random(args.dirty_mib << 20));
-    vm.agent().write_file_bytes(&BinPath::from("/dev/shm/dirty"), None, data).await?;
-    let dir = work.path().join("suspended");
-    for _ in 0..args.cycles {
+    let dirty = suspend_cycles(&snap, &opts, &work.path().join("dirty"), args.cycles, args.dirty_mib).await?;
+    rows.extend(dirty.rows(&format!("{} MiB guest, {} MiB dirtied", args.vm.memory, args.dirty_mib)));
+
+    if args.big_memory_mib > 0 {
+        eprintln!("large session: {} MiB guest holding {} MiB", args.big_memory_mib, args.big_state_mib);
+        let mut cfg = args.vm.config()?;
+        cfg.memory_mib = args.big_memory_mib;
+        cfg.memory = Memory::SnapshotReady;
+        let vm = Vm::boot(cfg).await?;
+        // Written in 256 MiB files: one agent upload stays small.
+        for i in 0..args.big_state_mib.div_ceil(256) {
+            let len = (args.big_state_mib - i * 256).min(256) << 20;
+            let data = bytes::Bytes::from(pseudo_random(len));
+            vm.agent().write_file_bytes(&BinPath::from(format!("/dev/shm/state-{i}").as_str()), None, data).await?;
+        }
+        let big = vm.snapshot_template(&work.path().join("big-template")).await?;
         let t = Instant::now();
-        let s = match vm.suspend(&dir).await {
-            Ok(s) => s,
-            Err((_, e)) => return Err(e.into()),
-        };
-        susp.push(ms(t.elapsed()));
-        let used = std::process::Command::new("du").arg("-sm").arg(s.path("state")).output()?;
-        sizes.push(String::from_utf8_lossy(&used.stdout).split_whitespace().next().unwrap_or("0").parse().unwrap_or(0.0));
-        let t = Instant::now();
-        vm = Vm::resume(&s, &opts).await?;
-        res.push(ms(t.elapsed()));
+        let vm = Vm::launch(&big, &opts).await?;
         first_exec(&vm).await?;
-        res_exec.push(ms(t.elapsed()));
+        let launched = ms(t.elapsed());
+        vm.kill().await;
+        rows.push(Row {
+            name: format!("launch → first exec result ({} MiB guest, {} MiB state)", args.big_memory_mib, args.big_state_mib),
+            samples: vec![launched],
+            unit: "ms",
+        });
+        let cycles = suspend_cycles(&big, &opts, &work.path().join("big"), args.cycles.min(2), 0).await?;
+        rows.extend(cycles.rows(&format!("{} MiB guest, {} MiB state, nothing dirtied", args.big_memory_mib, args.big_state_mib)));
     }
-    vm.kill().await;
-    rows.push(Row { name: format!("suspend (512 MiB guest, {} MiB dirtied)", args.dirty_mib), samples: susp, unit: "ms" });
-    rows.push(Row { name: "suspend image on disk (du)".into(), samples: sizes, unit: "MiB" });
-    rows.push(Row { name: "resume → agent ready".into(), samples: res, unit: "ms" });
-    rows.push(Row { name: "resume → first exec result".into(), samples: res_exec, unit: "ms" });
 
     if args.idle_vms > 0 {
         eprintln!("{} idle VMs from one snapshot", args.idle_vms);

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import boto3
+import modelcheck  # noqa: F401 - checks every answer against the service model
 import botocore
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -23,6 +24,8 @@ KEY_A = json.loads(os.environ["HEARTH_KEY_A"])
 KEY_B = json.loads(os.environ["HEARTH_KEY_B"])
 CTX = os.environ["HEARTH_CTX"]
 CTX_HOOKS = os.environ["HEARTH_CTX_HOOKS"]
+# An app that listens on 8080 but has no /ready (busybox httpd over an empty directory).
+CTX_LISTENS = os.path.join(os.path.dirname(CTX), "listens")
 DEBIAN = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:debian-bookworm"
 MINIMAL = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:minimal"
 ROLE = "arn:aws:iam::123456789012:role/hearth-build"
@@ -109,7 +112,8 @@ def main():
 
     managed = [i["imageArn"] for i in a.list_managed_microvm_images()["items"]]
     assert MINIMAL in managed, managed
-    assert a.list_managed_microvm_image_versions(imageIdentifier=MINIMAL)["items"][0]["imageVersion"] == "1"
+    managed_version = a.list_managed_microvm_image_versions(imageIdentifier=MINIMAL)["items"][0]
+    assert managed_version["imageVersion"] == "1" and managed_version["status"] == "AVAILABLE", managed_version
 
     # Image creation, with an idempotent retry and a reused token with other parameters.
     req = dict(
@@ -133,10 +137,25 @@ def main():
     expect_error("ValidationException", 400, a.create_microvm_image, **dict(req, name="-/../../escape", clientToken="escape"))
     expect_error("ResourceNotFoundException", 404, a.get_microvm_image, imageIdentifier="-/../..")
     expect_error("ResourceNotFoundException", 404, a.delete_microvm_image, imageIdentifier="..")
+    # Image hooks are called only when ENABLED: an app without /ready is taken once it
+    # listens; the same app with the ready hook enabled fails its build.
+    a.create_microvm_image(name="listens", baseImageArn=MINIMAL, buildRoleArn=ROLE, codeArtifact={"uri": "file://" + CTX_LISTENS})
+    a.create_microvm_image(
+        name="readyhook", baseImageArn=MINIMAL, buildRoleArn=ROLE, codeArtifact={"uri": "file://" + CTX_LISTENS},
+        hooks={"microvmImageHooks": {"ready": "ENABLED", "readyTimeoutInSeconds": 5}},
+    )
     v = wait_version(a, "web", "1")
     assert v["state"] == "SUCCESSFUL", v
     builds = a.list_microvm_image_builds(imageIdentifier="web", imageVersion="1")["items"]
     assert builds[0]["buildState"] == "SUCCESSFUL", builds
+    sizes = a.get_microvm_image_build(imageIdentifier="web", imageVersion="1", buildId=builds[0]["buildId"])["snapshotBuild"]
+    assert all(sizes.get(k, 0) > 0 for k in ("memorySnapshotSizeInBytes", "diskSnapshotSizeInBytes", "codeInstallSizeInBytes")), sizes
+    v = wait_version(a, "listens", "1", timeout=480)
+    assert v["state"] == "SUCCESSFUL", v
+    v = wait_version(a, "readyhook", "1", timeout=480)
+    assert v["state"] == "FAILED" and "/ready answered 404" in v.get("stateReason", ""), v
+    a.delete_microvm_image(imageIdentifier="listens")
+    a.delete_microvm_image(imageIdentifier="readyhook")
     image = a.get_microvm_image(imageIdentifier=created["imageArn"])
     assert image["state"] == "CREATED" and image["latestActiveImageVersion"] == "1", image
 
@@ -154,6 +173,8 @@ def main():
     assert len(ids) == 3
     for mid in ids:
         assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
+    # A run naming no egress connector (and an image naming none) gets INTERNET_EGRESS, as on the service.
+    assert a.get_microvm(microvmIdentifier=first["microvmId"])["egressNetworkConnectors"] == ["INTERNET_EGRESS"]
     page1 = a.list_microvms(maxResults=2)
     assert len(page1["items"]) == 2 and "nextToken" in page1
     page2 = a.list_microvms(maxResults=2, nextToken=page1["nextToken"])
@@ -184,7 +205,8 @@ def main():
     expect_error("ConflictException", 409, a.resume_microvm, microvmIdentifier=mid)
     # The endpoint: HTTP to the app through a token, refused without one.
     token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
-    endpoint = a.get_microvm(microvmIdentifier=mid)["endpoint"]
+    # (The path form; the endpoint's own host, over TLS, is test_ingress.py's.)
+    endpoint = f"{URL}/microvms/{mid}"
     assert http_get(endpoint + "/ready", {"X-aws-proxy-auth": token}) == (200, b"ok\n")
     assert http_get(endpoint + "/ready", {})[0] == 403
     assert http_get(endpoint + "/ready", {"X-aws-proxy-auth": token[:-2] + "00"})[0] == 403
@@ -221,7 +243,7 @@ def main():
     assert a.get_microvm(microvmIdentifier=idle)["idlePolicy"]["maxIdleDurationSeconds"] == 60
     exec_in(KEY_A, idle, "echo before > /workspace/f")
     idle_token = a.create_microvm_auth_token(microvmIdentifier=idle, expirationInMinutes=30, allowedPorts=[{"range": {"startPort": 8000, "endPort": 8100}}])["authToken"]["X-aws-proxy-auth"]
-    idle_endpoint = a.get_microvm(microvmIdentifier=idle)["endpoint"]
+    idle_endpoint = f"{URL}/microvms/{idle}"
     exec_in(KEY_A, busy, "sh -c 'echo $$ > /tmp/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
 
     # Lifecycle hooks of the app: /run with the payload, /suspend, /resume; a refused /run

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import socket
 import sys
 import time
 import urllib.error
@@ -18,6 +19,7 @@ import urllib.request
 import zipfile
 
 import boto3
+import modelcheck  # noqa: F401 - checks every answer against the service model
 import botocore
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -131,8 +133,87 @@ def climbing_links(levels=24):
     return entries, f"r{levels}"
 
 
+def signed_raw(key, method, path, body=b"", headers=None):
+    """A SigV4-signed request with the headers given (none added); (status, error code, JSON body)."""
+    req = AWSRequest(method=method, url=URL + path, data=body, headers=headers or {})
+    SigV4Auth(Credentials(key["accessKeyId"], key["secretAccessKey"]), "lambda", "us-east-1").add_auth(req)
+    p = req.prepare()
+    u = urllib.parse.urlsplit(URL)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in p.headers.items():
+        if k.lower() not in ("host", "content-length"):
+            conn.putheader(k, v)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    text = resp.read()
+    conn.close()
+    return resp.status, resp.getheader("x-amzn-errortype"), json.loads(text or b"{}")
+
+
+def raw_http(data):
+    """Bytes straight to the daemon; its answer's status, error code and JSON body."""
+    u = urllib.parse.urlsplit(URL)
+    s = socket.create_connection((u.hostname, u.port), timeout=10)
+    s.sendall(data)
+    out = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        out += chunk
+    s.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    fields = dict(l.lower().split(": ", 1) for l in lines[1:])
+    return int(lines[0].split()[1]), fields.get("x-amzn-errortype"), json.loads(body)
+
+
+def wire(a):
+    """The protocol's edges: every refusal carries its code, as rest-json servers answer."""
+    raw = boto3.client(
+        "lambda-microvms", endpoint_url=URL, region_name="us-east-1", aws_access_key_id=KEY_A["accessKeyId"],
+        aws_secret_access_key=KEY_A["secretAccessKey"], config=Config(retries={"max_attempts": 1}, parameter_validation=False),
+    )
+    # Integers past the model's 32-bit range.
+    expect_error("ValidationException", 400, raw.create_microvm_shell_auth_token, microvmIdentifier="mvm-x", expirationInMinutes=2**31)
+    expect_error("ValidationException", 400, raw.list_microvms, maxResults=2**32 + 1)
+    # An empty path label is not the list operation.
+    expect_error("ValidationException", 400, raw.get_microvm, microvmIdentifier="")
+    assert signed_raw(KEY_A, "GET", "/2025-09-09/microvms/")[:2] == (400, "ValidationException")
+    # Media types: application/json (parameters allowed), none on a bodiless request.
+    body = b'{"imageIdentifier": "no-such-image"}'
+    assert signed_raw(KEY_A, "POST", "/2025-09-09/microvms", body, {"Content-Type": "text/plain"})[:2] == (415, "UnsupportedMediaTypeException")
+    assert signed_raw(KEY_A, "POST", "/2025-09-09/microvms", body)[:2] == (415, "UnsupportedMediaTypeException")
+    ok = signed_raw(KEY_A, "POST", "/2025-09-09/microvms", body, {"Content-Type": "application/json; charset=utf-8"})
+    assert ok[:2] == (404, "ResourceNotFoundException"), ok
+    assert signed_raw(KEY_A, "GET", "/2025-09-09/microvms")[0] == 200
+    # An oversized body: 413 once authenticated; a bad signature or key is told as such.
+    big = b" " * (2 << 20)
+    json_ct = {"Content-Type": "application/json"}
+    assert signed_raw(KEY_A, "POST", "/2025-09-09/microvms", big, json_ct)[:2] == (413, "RequestTooLargeException")
+    wrong = dict(KEY_A, secretAccessKey="w" * 40)
+    assert signed_raw(wrong, "POST", "/2025-09-09/microvms", big, json_ct)[:2] == (403, "InvalidSignatureException")
+    nobody = {"accessKeyId": "HKIANOBODY", "secretAccessKey": "w" * 40}
+    assert signed_raw(nobody, "POST", "/2025-09-09/microvms", big, json_ct)[:2] == (403, "UnrecognizedClientException")
+    claimed = dict(json_ct, **{"X-Amz-Content-SHA256": hashlib.sha256(big).hexdigest()})
+    assert signed_raw(KEY_A, "POST", "/2025-09-09/microvms", big, claimed)[:2] == (413, "RequestTooLargeException")
+    # What the HTTP layer refuses itself: 414, 431, broken framing, each with its code.
+    host = urllib.parse.urlsplit(URL).netloc.encode()
+    for data, status in [
+        (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n", 431),
+        (b"POST /2025-09-09/microvms HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nabcde", 400),
+        (b"POST /2025-09-09/microvms HTTP/1.1\r\nHost: " + host + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n", 400),
+    ]:
+        got, code, doc = raw_http(data)
+        assert got == status and code and isinstance(doc.get("message"), str), (status, got, code, doc)
+
+
 def main():
     a, b = client(KEY_A), client(KEY_B)
+    wire(a)
 
     # --- file:// names no host path the operator did not give ---------------------------
     def refusal(c, uri):

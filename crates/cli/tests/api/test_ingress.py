@@ -1,6 +1,8 @@
 """Traffic into microvms through a running `hearth serve`: the endpoint (HTTP/1.1, HTTP/2,
 streaming bodies, SSE, WebSocket, 1,000 concurrent connections, an app that never
-answers) and shells (a PTY over a WebSocket).
+answers) and shells (a PTY over a WebSocket); the endpoint by host name over TLS and the
+service's shell protocol, driven by `requests` and `websockets` code written as the
+service's users write it (`published_clients`); the origin rule (`origin_rule`).
 
 Run by crates/cli/tests/ingress.rs with HEARTH_URL, HEARTH_KEY_A, HEARTH_CTX_NET (the app's
 build context) and HEARTH_DAEMON_PID in the environment. Helpers come from test_api.py.
@@ -16,12 +18,36 @@ import threading
 import time
 import urllib.parse
 
-import websocket
+import re
+import socket
 
-from test_api import DEBIAN, KEY_A, ROLE, client, expect_error, http_get, wait_version
+import requests
+import websocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+from test_api import DEBIAN, KEY_A, ROLE, URL, client, expect_error, http_get, wait_version
 
 CTX = os.environ["HEARTH_CTX_NET"]
 DAEMON = int(os.environ["HEARTH_DAEMON_PID"])
+# The CA `hearth serve` made for its endpoints, trusted the way users trust one: by the
+# environment, not by the client code (requests reads REQUESTS_CA_BUNDLE, Python's ssl
+# SSL_CERT_FILE).
+CA = os.path.join(os.environ["HEARTH_STATE"], "tls", "localhost", "ca.pem")
+os.environ["REQUESTS_CA_BUNDLE"] = CA
+os.environ["SSL_CERT_FILE"] = CA
+_getaddrinfo = socket.getaddrinfo
+
+
+def _loopback_localhost(host, *args, **kwargs):
+    """`*.localhost` is loopback (RFC 6761), as browsers, curl and systemd-resolved have it;
+    this machine's glibc resolver does not, so the test does what such a resolver does."""
+    if isinstance(host, str) and host.endswith(".localhost"):
+        host = "127.0.0.1"
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+socket.getaddrinfo = _loopback_localhost
 
 
 def fds(pid):
@@ -72,7 +98,8 @@ def main():
     token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=5,
                                         allowedPorts=[{"range": {"startPort": 8080, "endPort": 8081}}])["authToken"]["X-aws-proxy-auth"]
     auth = {"X-aws-proxy-auth": token}
-    endpoint = a.get_microvm(microvmIdentifier=mid)["endpoint"]
+    # The path form, under the daemon's URL (the host form: published_clients).
+    endpoint = f"{URL}/microvms/{mid}"
     u = urllib.parse.urlsplit(endpoint)
     ws_endpoint = "ws://" + u.netloc + u.path
 
@@ -212,9 +239,124 @@ def main():
         time.sleep(0.5)
     assert b"sleep 4242" not in body, body
 
+    # Fresh tokens: the ones above may be near their five minutes on a slow host.
+    token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=10,
+                                        allowedPorts=[{"range": {"startPort": 8080, "endPort": 8081}}])["authToken"]["X-aws-proxy-auth"]
+    shell_token = a.create_microvm_shell_auth_token(microvmIdentifier=mid, expirationInMinutes=10)["authToken"]["X-aws-proxy-auth"]
+    published_clients(a, mid, token, shell_token)
+    origin_rule(a, mid, token)
+
     hanging.join()
     assert hang["status"] == 504 and 55 <= hang["secs"] < 90, hang
     print(json.dumps({"shell": mid}))
+
+
+def wait_for(ws, marker, timeout=60):
+    """Shell output until `marker`, text or binary messages alike (as published clients read)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while marker not in data:
+        chunk = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        data += chunk.encode() if isinstance(chunk, str) else chunk
+    return data
+
+
+def published_clients(a, mid, token, shell_token):
+    """The endpoint as the service's users reach it: GetMicrovm's `endpoint` is a bare host
+    (no scheme, no trailing slash); HTTP goes to "https://" + endpoint, WebSockets to
+    "wss://" + endpoint, the token in X-aws-proxy-auth or, as browsers must, in the
+    subprotocols; the shell at "wss://" + endpoint + "/shell"."""
+    endpoint = a.get_microvm(microvmIdentifier=mid)["endpoint"]
+    assert re.fullmatch(rf"{mid}\.localhost:\d+", endpoint), endpoint
+    auth = {"X-aws-proxy-auth": token}
+    r = requests.get("https://" + endpoint + "/ready", headers=auth, timeout=60)
+    assert (r.status_code, r.text) == (200, "ok\n"), (r.status_code, r.text)
+    # The app sees its own host and the scheme, so its absolute links work.
+    assert requests.get("https://" + endpoint + "/host", headers=auth, timeout=60).text == endpoint
+    assert requests.get("https://" + endpoint + "/link", headers=auth, timeout=60).text == f"https://{endpoint}/next"
+    assert requests.get("https://" + endpoint + "/ready", timeout=60).status_code == 403
+    assert requests.get("https://" + endpoint + "/ready", headers=dict(auth, **{"X-aws-proxy-port": "9999"}), timeout=60).status_code == 403
+    # Another microvm's host does not take this microvm's token.
+    other = endpoint.replace(mid, "mvm-0000000000000000")
+    assert requests.get("https://" + other + "/ready", headers=auth, timeout=60).status_code == 403
+    # A TLS-terminating proxy in front forwards to the plain listener with the Host kept.
+    r = requests.get(URL + "/host", headers=dict(auth, Host=endpoint), timeout=60)
+    assert (r.status_code, r.text) == (200, endpoint), (r.status_code, r.text)
+    # Server-sent events as they come.
+    events = []
+    with requests.get("https://" + endpoint + "/sse", headers=auth, stream=True, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith(b"data:"):
+                events.append((time.time(), line))
+    assert [e[1] for e in events] == [b"data: tick 0", b"data: tick 1", b"data: tick 2"], events
+    assert events[2][0] - events[0][0] >= 1.5, f"events were buffered: {events}"
+    # HTTP/2 over TLS (ALPN h2, as gRPC clients speak it); curl trusts the CA by flag.
+    out = subprocess.run(["curl", "-sS", "--cacert", CA, "--http2", "-H", f"X-aws-proxy-auth: {token}",
+                          "-w", "|%{http_version}", "https://" + endpoint + "/host"], capture_output=True, text=True, timeout=60)
+    assert out.stdout == endpoint + "|2", (out.stdout, out.stderr)
+    # WebSockets: the token in a header, or (browsers) the service's subprotocols; the app
+    # never sees those, and the handshake answers `lambda-microvms` when the app picks none.
+    with connect("wss://" + endpoint + "/ws", additional_headers=auth, compression=None) as ws:
+        ws.send("h\u00e9llo")
+        assert ws.recv(timeout=30) == "echo:h\u00e9llo"
+    protocols = ["lambda-microvms", "lambda-microvms.authentication." + token, "lambda-microvms.port.8080", "chat.v1"]
+    with connect("wss://" + endpoint + "/wsp", subprotocols=protocols, compression=None) as ws:
+        assert ws.subprotocol == "lambda-microvms", ws.subprotocol
+        assert ws.recv(timeout=30) == "protocols:chat.v1"
+        ws.send(b"\x00\x01")
+        assert ws.recv(timeout=30) == b"echo:\x00\x01"
+    try:
+        connect("wss://" + endpoint + "/ws", subprotocols=["lambda-microvms", "lambda-microvms.authentication." + token[:-2] + "00"])
+        raise AssertionError("a WebSocket with a forged token was accepted")
+    except InvalidStatus as e:
+        assert e.response.status_code == 403, e
+    # The service's shell protocol: wss://<endpoint>/shell with the shell token as a
+    # subprotocol (and a port subprotocol, ignored), as its published clients write it.
+    with connect("wss://" + endpoint + "/shell", subprotocols=[
+            "lambda-microvms.authentication." + shell_token, "lambda-microvms", "lambda-microvms.port.8022"], compression=None) as ws:
+        assert ws.subprotocol == "lambda-microvms", ws.subprotocol
+        ws.send(b"stty -echo; printf '\\nSVC%s\\n' READY\r")
+        wait_for(ws, b"\r\nSVCREADY\r\n")
+        ws.send(b"exit\r")
+    # ... and at the endpoint's root with the token in the header (another client's form).
+    with connect("wss://" + endpoint, additional_headers={"X-aws-proxy-auth": shell_token}, compression=None) as ws:
+        ws.send(b"echo root$((2+2))\r")
+        wait_for(ws, b"root4")
+    # An endpoint token at /shell reaches the app (which has no /shell), never a shell.
+    try:
+        connect("wss://" + endpoint + "/shell", additional_headers=auth)
+        raise AssertionError("an endpoint token opened a shell")
+    except InvalidStatus as e:
+        assert e.response.status_code == 404, e
+    # Hearth's own shell address stays as an alias (the CLI's; test above).
+    print("published clients: ok", flush=True)
+
+
+def origin_rule(a, mid, token):
+    """Tenants' apps run JavaScript in users' browsers: the API shares no origin (and, by
+    default, no site) with any endpoint, answers no CORS that would let an endpoint's page
+    read it, and the path form, which every microvm shares, carries no cookies."""
+    endpoint = a.get_microvm(microvmIdentifier=mid)["endpoint"]
+    page = "https://" + endpoint
+    api_tls = "https://127.0.0.1:" + endpoint.rsplit(":", 1)[1]
+    for api in (URL, api_tls):
+        # A page of the microvm asking the API (a preflight, then the request itself).
+        r = requests.options(api + "/2025-09-09/microvms", headers={
+            "Origin": page, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, x-amz-date"}, timeout=60)
+        assert not any(h.lower().startswith("access-control-") for h in r.headers), (api, r.status_code, dict(r.headers))
+        r = requests.get(api + "/2025-09-09/microvms", headers={"Origin": page}, timeout=60)
+        assert r.status_code == 403 and "Access-Control-Allow-Origin" not in r.headers, (api, r.status_code, dict(r.headers))
+    # The endpoint's host is never the API's: the API's paths there go to the app.
+    r = requests.get(page + "/2025-09-09/microvms", headers={"X-aws-proxy-auth": token}, timeout=60)
+    assert r.status_code == 404 and b"Error response" in r.content, (r.status_code, r.content)
+    # The path form strips cookies both ways; the host form, an origin of its own, keeps them.
+    path = f"{URL}/microvms/{mid}/cookie"
+    r = requests.get(path, headers={"X-aws-proxy-auth": token, "Cookie": "api=secret"}, timeout=60)
+    assert (r.status_code, r.text) == (200, "") and "Set-Cookie" not in r.headers, (r.status_code, r.text, dict(r.headers))
+    r = requests.get(page + "/cookie", headers={"X-aws-proxy-auth": token, "Cookie": "app=0"}, timeout=60)
+    assert (r.status_code, r.text) == (200, "app=0") and r.headers.get("Set-Cookie") == "app=1; Path=/", (r.text, dict(r.headers))
+    print("origin rule: ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 import boto3
+import modelcheck  # noqa: F401 - checks every answer against the service model
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -131,7 +132,7 @@ def phase_claims():
     first = run("p1")["microvmId"]
     ready = spare()
     before = time.time()
-    m = run("p2", ["INTERNET_EGRESS"])
+    m = run("p2")
     second = m["microvmId"]
     assert second == ready, f"the run was not served from the pool: {second} vs pooled {ready}"
     assert m["startedAt"].timestamp() >= before - 1, (m, before)
@@ -141,11 +142,13 @@ def phase_claims():
     # Its own machine-id and entropy; the hostname a fresh launch has.
     a, b = identity(first).splitlines(), identity(second).splitlines()
     assert a[0] == b[0] and a[1] != b[1] and a[2] != b[2], (a, b)
-    # The egress its run asked for; a run naming none has none.
+    # The egress set at the claim: a run naming no connector gets INTERNET_EGRESS (the
+    # service's default); one naming an empty list has none.
+    assert m["egressNetworkConnectors"] == ["INTERNET_EGRESS"], m
     status, body = signed("GET", f"/hearth/v1/microvms/{second}/egress")
     assert status == 200 and json.loads(body)["egress"]["internet"] is True, (status, body)
     third = spare()
-    m3 = run("p3")
+    m3 = run("p3", [])
     assert m3["microvmId"] == third, (m3, third)
     status, body = signed("GET", f"/hearth/v1/microvms/{third}/egress")
     assert status == 200 and json.loads(body)["egress"]["internet"] is False, (status, body)

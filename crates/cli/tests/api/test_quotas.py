@@ -17,6 +17,7 @@ import sys
 import time
 
 import boto3
+import modelcheck  # noqa: F401 - checks every answer against the service model
 import botocore
 from botocore.config import Config
 

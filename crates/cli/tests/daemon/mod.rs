@@ -56,7 +56,8 @@ impl Daemon {
 
     /// Starts `cmd` and waits for the line that names its address.
     fn spawn(cmd: &mut Command) -> Daemon {
-        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start hearth serve");
+        // Endpoints over TLS on a port of their own (a flag given by the test wins).
+        let mut child = cmd.env("HEARTH_ENDPOINT_LISTEN", "127.0.0.1:0").stdout(Stdio::piped()).spawn().expect("start hearth serve");
         let mut line = String::new();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut line).unwrap();

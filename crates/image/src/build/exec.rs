@@ -44,27 +44,42 @@ async fn app_log(vm: &Vm) -> String {
         .unwrap_or_default()
 }
 
+/// Waits until the app is ready: answering `/ready` with 200 when the image enables the
+/// ready hook, else listening on its port (a TCP connection to it succeeds); then calls
+/// `/validate` when the image enables that hook.
 pub(super) async fn wait_ready(vm: &Vm, req: &BuildRequest, log: &mut (dyn FnMut(&str) + Send)) -> Result<(), BuildError> {
     let deadline = Instant::now() + req.ready_timeout;
+    let port = req.hooks_port;
     let mut last;
     loop {
-        match vm.agent().hook(req.hooks_port, "/ready", Duration::from_secs(2)).await {
-            Ok(r) if r.status == 200 => break,
-            Ok(r) => last = format!("/ready answered {}", r.status),
-            // The agent refusing the call itself will not change by waiting.
-            Err(hearth_vmm::AgentError::Remote(b)) if b.code == hearth_proto::ErrorCode::InvalidInput => {
-                return Err(BuildError::Vm(format!("the agent refused the hook call: {b}")));
+        let probe = if req.ready_hook {
+            match vm.agent().hook(port, "/ready", Duration::from_secs(2)).await {
+                Ok(r) if r.status == 200 => Ok(()),
+                Ok(r) => Err(Ok(format!("/ready answered {}", r.status))),
+                Err(e) => Err(Err(e)),
             }
-            Err(e) => last = e.to_string(),
+        } else {
+            // Connected and dropped at once: the app sees a connection close unused.
+            vm.agent().connect_port(port).await.map(drop).map_err(Err)
+        };
+        match probe {
+            Ok(()) => break,
+            Err(Ok(seen)) => last = seen,
+            // The agent refusing the call itself will not change by waiting.
+            Err(Err(hearth_vmm::AgentError::Remote(b))) if b.code == hearth_proto::ErrorCode::InvalidInput => {
+                return Err(BuildError::Vm(format!("the agent refused the readiness check: {b}")));
+            }
+            Err(Err(e)) if req.ready_hook => last = e.to_string(),
+            Err(Err(e)) => last = format!("nothing listens on port {port} ({e})"),
         }
         if Instant::now() > deadline {
             return Err(BuildError::NotReady { reason: format!("{last}, after {:?}", req.ready_timeout), app_log: app_log(vm).await });
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    log("the app is ready");
+    log(if req.ready_hook { "the app is ready (/ready answered 200)" } else { "the app is ready (it listens on its port)" });
     if req.validate {
-        match vm.agent().hook(req.hooks_port, "/validate", req.ready_timeout).await {
+        match vm.agent().hook(port, "/validate", req.validate_timeout).await {
             Ok(r) if r.status == 200 => log("the app validated"),
             Ok(r) => return Err(BuildError::NotReady { reason: format!("/validate answered {}", r.status), app_log: app_log(vm).await }),
             Err(e) => return Err(BuildError::NotReady { reason: format!("/validate: {e}"), app_log: app_log(vm).await }),

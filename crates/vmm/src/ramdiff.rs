@@ -1,0 +1,313 @@
+//! Suspend images that hold only what changed since the template: the `mapped-ram` state
+//! file cut down to the guest's pages that differ from the RAM file the VM maps.
+//!
+//! A VM launched from a template maps the template's `memory` file private copy-on-write
+//! ([`crate::config::Memory::Template`]): a page the guest never wrote is still the file's
+//! page, a page it wrote is an anonymous copy. `/proc/<pid>/pagemap` tells the two apart
+//! (bit 61, "file page"). QEMU 10 cannot leave a private RAM block out of a migration
+//! (`x-ignore-shared` skips only shared file-backed RAM), so a suspend still lets QEMU
+//! write every non-zero page into the state file, and then [`trim`] takes out of the
+//! `mapped-ram` bitmap every page the guest did not change and punches its blocks before
+//! they reach the disk: the image keeps O(changed) blocks. A resume maps the same base
+//! file private again and loads the state: QEMU reads only the pages left in the bitmap,
+//! and the rest come from the base file's page cache when the guest touches them.
+//!
+//! `mapped-ram` writes no zero page (its bit stays clear: "the destination's RAM is
+//! zero"), which is false over a base file; [`trim`] sets the bit of every changed page
+//! and makes sure its blocks read as zeros when QEMU did not write it.
+//!
+//! The `mapped-ram` header (QEMU `migration/ram.c`, version 1) is found by its own
+//! consistency: it follows the block's `be64 used_length` in the RAM section's block list
+//! and reads `be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset`, where
+//! the bitmap follows the header and the pages start at the next 1 MiB boundary after a
+//! bitmap of one bit per page in 64-bit words ([`find_header`]).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+/// Guest page size of the layouts Hearth writes (x86-64).
+pub const PAGE: u64 = 4096;
+/// How far into a state file the RAM block's header is looked for: QEMU orders RAM blocks
+/// largest first, so guest RAM comes right after the stream's preamble (~100 bytes).
+const HEADER_SEARCH: u64 = 1 << 20;
+const HEADER_LEN: u64 = 28;
+const PAGES_ALIGN: u64 = 1 << 20;
+
+/// Where a RAM block's bitmap and pages are in a `mapped-ram` state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MappedRam {
+    /// File offset of the bitmap (one bit per page, 64-bit little-endian words).
+    pub bitmap_offset: u64,
+    /// File offset of page 0.
+    pub pages_offset: u64,
+    /// Pages in the block.
+    pub pages: u64,
+}
+
+impl MappedRam {
+    fn bitmap_len(pages: u64) -> u64 {
+        pages.div_ceil(64) * 8
+    }
+}
+
+/// What [`trim`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrimStats {
+    /// Pages left in the image (changed since the base).
+    pub kept: u64,
+    /// Pages QEMU wrote that the base already holds, taken out.
+    pub dropped: u64,
+}
+
+/// Why a state file could not be trimmed (the caller then keeps the whole image).
+#[derive(Debug, thiserror::Error)]
+pub enum TrimError {
+    /// The RAM block's `mapped-ram` header is not where it was looked for.
+    #[error("no mapped-ram header for {pages} pages in the first MiB of the state file")]
+    NoHeader {
+        /// Pages of the block looked for.
+        pages: u64,
+    },
+    /// No mapping of the base file in QEMU's address space.
+    #[error("QEMU (pid {pid}) does not map the RAM file")]
+    NoMapping {
+        /// QEMU's pid.
+        pid: u32,
+    },
+    /// Reading or writing failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> TrimError + '_ {
+    move |source| TrimError::Io { what: what.to_owned(), source }
+}
+
+/// Finds the `mapped-ram` header of the block of `ram_size` bytes in `state`.
+pub fn find_header(state: &File, ram_size: u64) -> Result<MappedRam, TrimError> {
+    let pages = ram_size / PAGE;
+    let mut head = vec![0u8; HEADER_SEARCH.min(state.metadata().map_err(io("stat the state file"))?.len()) as usize];
+    state.read_exact_at(&mut head, 0).map_err(io("read the state file's header"))?;
+    let be64 = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+    for p in 8..head.len().saturating_sub(HEADER_LEN as usize) {
+        let h = &head[p..p + HEADER_LEN as usize];
+        if h[..4] != 1u32.to_be_bytes() || be64(&h[4..12]) != PAGE || be64(&head[p - 8..p]) != ram_size {
+            continue;
+        }
+        let (bitmap_offset, pages_offset) = (be64(&h[12..20]), be64(&h[20..28]));
+        if bitmap_offset == p as u64 + HEADER_LEN
+            && pages_offset == (bitmap_offset + MappedRam::bitmap_len(pages)).next_multiple_of(PAGES_ALIGN)
+        {
+            return Ok(MappedRam { bitmap_offset, pages_offset, pages });
+        }
+    }
+    Err(TrimError::NoHeader { pages })
+}
+
+/// pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+
+/// True when a pagemap entry of a private file mapping is a page the process changed:
+/// an anonymous copy, in memory or swapped out. A page not present, or present as the
+/// file's own page, still holds the file's bytes.
+pub fn entry_changed(entry: u64) -> bool {
+    entry & PM_SWAPPED != 0 || (entry & PM_PRESENT != 0 && entry & PM_FILE == 0)
+}
+
+/// One bit per page of the base file: set where process `pid`'s private mapping of
+/// `base` holds a page that differs from the file (see [`entry_changed`]).
+pub fn changed_pages(pid: u32, base: &Path, ram_size: u64) -> Result<Vec<u64>, TrimError> {
+    let inode = std::fs::metadata(base).map_err(io("stat the RAM file"))?.ino();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(io("read QEMU's memory map"))?;
+    let pages = ram_size / PAGE;
+    let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+    let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(io("open QEMU's pagemap"))?;
+    let mut found = false;
+    let mut buf = vec![0u8; 8 << 16];
+    for (start, end, offset) in maps.lines().filter_map(|l| mapping_of(l, inode)) {
+        found = true;
+        let first = offset / PAGE;
+        let count = ((end - start) / PAGE).min(pages.saturating_sub(first));
+        let mut done = 0u64;
+        while done < count {
+            let n = (count - done).min(buf.len() as u64 / 8);
+            let bytes = &mut buf[..(n * 8) as usize];
+            pagemap.read_exact_at(bytes, (start / PAGE + done) * 8).map_err(io("read QEMU's pagemap"))?;
+            for (i, e) in bytes.chunks_exact(8).enumerate() {
+                if entry_changed(u64::from_le_bytes(e.try_into().expect("8 bytes"))) {
+                    let page = first + done + i as u64;
+                    bits[(page / 64) as usize] |= 1 << (page % 64);
+                }
+            }
+            done += n;
+        }
+    }
+    if !found {
+        return Err(TrimError::NoMapping { pid });
+    }
+    Ok(bits)
+}
+
+/// `(start, end, file offset)` of a `/proc/<pid>/maps` line that maps inode `inode`.
+fn mapping_of(line: &str, inode: u64) -> Option<(u64, u64, u64)> {
+    let mut w = line.split_whitespace();
+    let (start, end) = w.next()?.split_once('-')?;
+    let _perms = w.next()?;
+    let offset = u64::from_str_radix(w.next()?, 16).ok()?;
+    let _dev = w.next()?;
+    if w.next()?.parse::<u64>().ok()? != inode {
+        return None;
+    }
+    Some((u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?, offset))
+}
+
+/// The new bitmap of an image whose pages `changed` differ from the base, and the runs of
+/// pages (`first`, `count`) whose blocks must be punched: pages QEMU wrote that the base
+/// holds, and changed pages QEMU did not write (zeros: its blocks must read as zeros).
+pub fn plan(written: &[u64], changed: &[u64], pages: u64) -> (Vec<u64>, Vec<(u64, u64)>, TrimStats) {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut stats = TrimStats::default();
+    let bit = |v: &[u64], p: u64| v.get((p / 64) as usize).is_some_and(|w| w >> (p % 64) & 1 == 1);
+    for p in 0..pages {
+        let (w, c) = (bit(written, p), bit(changed, p));
+        if c {
+            stats.kept += 1;
+        } else if w {
+            stats.dropped += 1;
+        }
+        if w != c {
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == p => *count += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+    }
+    let mut bitmap = changed.to_vec();
+    bitmap.resize(pages.div_ceil(64) as usize, 0);
+    (bitmap, runs, stats)
+}
+
+/// Cuts the `mapped-ram` image `state` (RAM of `ram_size` bytes) down to the pages of
+/// QEMU `pid`'s RAM that differ from `base`, the file that VM maps private. Call it with
+/// the VM stopped and its state saved, before the file is synced.
+pub fn trim(state: &Path, pid: u32, base: &Path, ram_size: u64) -> Result<TrimStats, TrimError> {
+    let changed = changed_pages(pid, base, ram_size)?;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(state).map_err(io("open the state file"))?;
+    let layout = find_header(&f, ram_size)?;
+    let mut raw = vec![0u8; MappedRam::bitmap_len(layout.pages) as usize];
+    f.read_exact_at(&mut raw, layout.bitmap_offset).map_err(io("read the RAM bitmap"))?;
+    let written: Vec<u64> = raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect();
+    let (bitmap, runs, stats) = plan(&written, &changed, layout.pages);
+    for (first, count) in runs {
+        punch(&f, layout.pages_offset + first * PAGE, count * PAGE)?;
+    }
+    let raw: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
+    f.write_all_at(&raw, layout.bitmap_offset).map_err(io("write the RAM bitmap"))?;
+    Ok(stats)
+}
+
+fn punch(f: &File, offset: u64, len: u64) -> Result<(), TrimError> {
+    // SAFETY: fallocate on an open descriptor; no memory is involved.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
+    };
+    if r != 0 {
+        return Err(TrimError::Io { what: "punch unchanged pages out of the state file".into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a block's length and a consistent header for its `pages` pages at offset
+    /// `p` of `buf`.
+    fn put_header(buf: &mut Vec<u8>, p: u64, pages: u64) {
+        let bitmap_offset = p + HEADER_LEN;
+        let pages_offset = (bitmap_offset + MappedRam::bitmap_len(pages)).next_multiple_of(PAGES_ALIGN);
+        let h: Vec<u8> = [
+            &(pages * PAGE).to_be_bytes()[..],
+            &1u32.to_be_bytes(),
+            &PAGE.to_be_bytes(),
+            &bitmap_offset.to_be_bytes(),
+            &pages_offset.to_be_bytes(),
+        ]
+        .concat();
+        buf.resize(buf.len().max((p + HEADER_LEN) as usize), 0);
+        buf[p as usize - 8..(p + HEADER_LEN) as usize].copy_from_slice(&h);
+    }
+
+    #[test]
+    fn the_header_is_found_by_its_consistency_only() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state");
+        // A decoy with the right magic but another size first, then the real block.
+        let mut bytes = Vec::new();
+        put_header(&mut bytes, 40, 16);
+        put_header(&mut bytes, 40 + HEADER_LEN + 16, 1 << 17);
+        bytes.resize(4096, 0);
+        std::fs::write(&path, &bytes).unwrap();
+        let f = File::open(&path).unwrap();
+        let m = find_header(&f, 512 << 20).unwrap();
+        assert_eq!(m.bitmap_offset, 40 + HEADER_LEN + 16 + HEADER_LEN);
+        assert_eq!(m.pages, 1 << 17);
+        assert_eq!(m.pages_offset, 1 << 20);
+        assert!(matches!(find_header(&f, 1 << 30), Err(TrimError::NoHeader { .. })));
+    }
+
+    #[test]
+    fn the_plan_keeps_changed_pages_and_zeroes_unwritten_ones() {
+        // Written by QEMU: pages 0-3 and 10. Changed since the base: 2, 3 and 7 (7 is a
+        // zero page QEMU did not write).
+        let written = vec![0b100_0000_1111u64];
+        let changed = vec![0b000_1000_1100u64];
+        let (bitmap, runs, stats) = plan(&written, &changed, 12);
+        assert_eq!(bitmap, changed);
+        assert_eq!(runs, vec![(0, 2), (7, 1), (10, 1)]);
+        assert_eq!(stats, TrimStats { kept: 3, dropped: 3 });
+    }
+
+    #[test]
+    fn pagemap_tells_written_pages_of_a_private_file_mapping() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("base");
+        std::fs::write(&path, vec![7u8; 64 * 4096]).unwrap();
+        let f = File::open(&path).unwrap();
+        let len = 64 * 4096;
+        // SAFETY: a fresh private mapping of an open file, unmapped below; nothing else
+        // refers to it.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        let bytes = p as *mut u8;
+        // SAFETY: offsets within the mapping.
+        unsafe {
+            let _ = std::ptr::read_volatile(bytes.add(4096)); // read: still the file's page
+            std::ptr::write_volatile(bytes.add(5 * 4096), 1); // written: a copy
+            std::ptr::write_volatile(bytes.add(63 * 4096 + 10), 0);
+        }
+        let bits = changed_pages(std::process::id(), &path, len as u64).unwrap();
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, len) };
+        assert_eq!(bits, vec![(1 << 5) | (1 << 63)]);
+        assert!(matches!(changed_pages(std::process::id(), &path, len as u64), Err(TrimError::NoMapping { .. })));
+    }
+
+    #[test]
+    fn entries() {
+        assert!(!entry_changed(0), "not present: the file's bytes");
+        assert!(!entry_changed(PM_PRESENT | PM_FILE));
+        assert!(entry_changed(PM_PRESENT));
+        assert!(entry_changed(PM_SWAPPED));
+    }
+}
