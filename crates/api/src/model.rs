@@ -3,7 +3,8 @@
 //! operations' methods and path templates, and every input is checked against its shapes —
 //! types, required members, lengths, ranges, patterns, enums, unions, and members the model
 //! does not have (a ValidationException naming them, never silently ignored). Handlers
-//! then read a plain JSON object whose shape the model guarantees.
+//! then read a plain JSON object whose shape the model guarantees. Their answers are
+//! checked against the operations' output shapes the same way ([`Model::check_output`]).
 //!
 //! Refresh the file with `scripts/update-api-model.sh` (downloads botocore from PyPI).
 
