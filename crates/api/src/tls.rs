@@ -275,7 +275,10 @@ pub async fn serve(
         tokio::spawn(async move {
             let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await else { return };
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), hyper_util::service::TowerToHyperService::new(router));
+            // hyper's own 414/431/400 answers in the service's error form, as on the API's
+            // listener (framing.rs).
+            let io = TokioIo::new(crate::framing::Guarded::new(tls));
+            let conn = builder.serve_connection_with_upgrades(io, hyper_util::service::TowerToHyperService::new(router));
             let _ = watcher.watch(conn.into_owned()).await;
         });
     }
