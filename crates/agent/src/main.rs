@@ -19,6 +19,7 @@ mod files;
 mod hook;
 mod init;
 mod net;
+mod pit;
 mod port;
 mod pty;
 mod reaper;

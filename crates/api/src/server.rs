@@ -256,6 +256,16 @@ async fn extension(
             let e = svc.egress(account, id).await?;
             Ok(json_response(200, &json!({ "egress": e })))
         }
+        ("GET", ["egress-connectors"]) => Ok(json_response(200, &svc.list_connectors(account).await?)),
+        ("PUT", ["egress-connectors", name]) => {
+            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("connector body is not JSON: {e}")))?;
+            Ok(json_response(200, &svc.put_connector(account, name, &v).await?))
+        }
+        ("GET", ["egress-connectors", name]) => Ok(json_response(200, &svc.get_connector(account, name).await?)),
+        ("DELETE", ["egress-connectors", name]) => {
+            svc.delete_connector(account, name).await?;
+            Ok(json_response(200, &json!({})))
+        }
         ("GET", ["usage"]) => {
             let num = |k: &str| {
                 param(k)
@@ -330,6 +340,12 @@ pub fn openapi() -> Value {
                 "get": { "summary": "Read a file (?path=; at most 256 MiB, streamed)", "responses": { "200": { "description": "the bytes" } } },
                 "put": { "summary": "Write a file atomically (?path=), body = bytes (at most 256 MiB, streamed when X-Amz-Content-Sha256 is signed; else at most 1 MiB)", "responses": { "200": { "description": "size" } } } },
             "/hearth/v1/microvms/{microvmId}/files/list": { "get": { "summary": "List a directory (?path=)", "responses": { "200": { "description": "entries" } } } },
+            "/hearth/v1/egress-connectors": {
+                "get": { "summary": "The egress connectors the account may name: its own, then the operator's", "responses": { "200": { "description": "{connectors: [connector]}" } } } },
+            "/hearth/v1/egress-connectors/{name}": {
+                "put": { "summary": "Create or replace a named egress connector: {allowCidrs: [CIDR[:PORT[-PORT]][/tcp|/udp]], allowDomains: [example.com, *.example.org]}; microvms name it by its connectorArn in egressNetworkConnectors, and running ones follow a change at once", "responses": { "200": { "description": "{connectorArn, name, owner, allowCidrs, allowDomains, createdAt, updatedAt}" } } },
+                "get": { "summary": "One connector (the account's, else the operator's of that name)", "responses": { "200": { "description": "connector" } } },
+                "delete": { "summary": "Delete a connector no live microvm names", "responses": { "200": { "description": "{}" } } } },
             "/hearth/v1/microvms/{microvmId}/egress": {
                 "get": { "summary": "The microvm's egress policy", "responses": { "200": { "description": "{egress}" } } },
                 "put": { "summary": "Replace the egress policy while it runs: {internet: bool, allow: [rule], deny: [rule]}, rules CIDR[:PORT[-PORT]][/tcp|/udp]; kept across suspend/resume", "responses": { "200": { "description": "{egress}" } } } },
@@ -470,6 +486,8 @@ pub async fn serve(
         "host capacity for microvms"
     );
     let svc = service.shared();
+    // Named egress connectors before any microvm launches or resumes.
+    svc.refresh_connectors().await;
     // Listen at once; what the previous daemon left is settled in the background (its
     // microvms answer ConflictException to changes until then, GetMicrovm their record).
     let live = svc.prepare_recovery().await.map_err(|e| e.to_string())?;
@@ -502,6 +520,8 @@ pub async fn serve(
             }
             // A pass runs to its end (a suspend is never cut in half by a shutdown).
             policy_svc.enforce_policies().await;
+            // The operator's `hearth connectors` changes reach running microvms here.
+            policy_svc.refresh_connectors().await;
         }
     });
     // No Nagle: proxied responses are written as headers, then body chunks as the app sends

@@ -21,6 +21,8 @@ use std::pin::Pin;
 mod accounts;
 pub use accounts::AccountSettings;
 
+mod connectors;
+pub use connectors::{ConnectorRecord, OPERATOR};
 mod idempotency;
 pub use idempotency::IDEMPOTENCY_TTL;
 
@@ -185,6 +187,14 @@ pub trait MetadataStore: Send + Sync {
     fn microvm<'a>(&'a self, account: &'a str, id: &'a str) -> StoreFuture<'a, Option<MicrovmRecord>>;
     /// A page of `account`'s microvms after position `after`, `limit` long, each with its position.
     fn list_microvms<'a>(&'a self, account: &'a str, after: i64, limit: usize) -> StoreFuture<'a, Vec<(i64, MicrovmRecord)>>;
+    /// Creates or replaces a named egress connector.
+    fn put_connector<'a>(&'a self, c: &'a ConnectorRecord) -> StoreFuture<'a, ()>;
+    /// Connector `name` of `account` (or of [`OPERATOR`]).
+    fn connector<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, Option<ConnectorRecord>>;
+    /// `account`'s connectors; all tenants' and the operator's with `None`.
+    fn connectors<'a>(&'a self, account: Option<&'a str>) -> StoreFuture<'a, Vec<ConnectorRecord>>;
+    /// Deletes a connector; false when there was none.
+    fn delete_connector<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, bool>;
     /// Every microvm not TERMINATED (all tenants).
     fn live_microvms(&self) -> StoreFuture<'_, Vec<MicrovmRecord>>;
     /// Microvms by state (all tenants).

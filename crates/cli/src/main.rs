@@ -3,6 +3,7 @@
 mod accounts;
 mod basecmd;
 mod client;
+mod connectors;
 mod imagecmd;
 mod images;
 mod serve;
@@ -87,6 +88,9 @@ enum Cmd {
     /// What the operator allows each tenant account: file:// artifact roots, quotas, request rates.
     #[command(subcommand)]
     Accounts(accounts::AccountsCmd),
+    /// The operator's named egress connectors (CIDR and domain allow lists every account may name).
+    #[command(subcommand)]
+    Connectors(connectors::ConnectorsCmd),
 }
 
 /// The arguments of a command that moved to another binary: taken whole, so the user
@@ -140,6 +144,7 @@ fn main() {
             Cmd::Client(c) => client::run(c).await,
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
             Cmd::Accounts(c) => accounts::run(c).map(|()| 0),
+            Cmd::Connectors(c) => connectors::run(c).map(|()| 0),
         };
         match result {
             Ok(code) => code,

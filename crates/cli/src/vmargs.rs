@@ -79,7 +79,12 @@ impl NetArgs {
             anyhow::ensure!(!rules_given, "--allow/--deny need a network device; drop --egress none");
             return Ok(None);
         }
-        Ok(Some(hearth_vmm::net::Egress { internet: mode == EgressMode::Internet, allow: parse(&self.allow)?, deny: parse(&self.deny)? }))
+        Ok(Some(hearth_vmm::net::Egress {
+            internet: mode == EgressMode::Internet,
+            allow: parse(&self.allow)?,
+            deny: parse(&self.deny)?,
+            ..Default::default()
+        }))
     }
 }
 

@@ -83,8 +83,12 @@ impl Vm {
         let rundir = RunDir::adopt(dir.to_path_buf()).map_err(|e| err(format!("{}: {e}", dir.display())))?;
         // Owned from here: failing below removes the namespace with the handle.
         let net = record.netns.clone().map(NetNs::adopt);
-        if net.is_some() {
-            record.egress.get_mut().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Default::default);
+        if let Some(ns) = &net {
+            let egress = record.egress.get_mut().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Default::default);
+            // The domain guard went with the process that released the VM: this one's.
+            if !egress.domains.is_empty() {
+                ns.set_egress(egress).map_err(|e| err(format!("restart the domain guard: {e}")))?;
+            }
         }
         // The pidfd first, then the check: the pid cannot be reused in between.
         let process = QemuProcess::adopt(record.pid).map_err(|e| err(format!("adopt QEMU {}: {e}", record.pid)))?;

@@ -298,7 +298,7 @@ impl Service {
     }
 }
 
-/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules,
+/// `{"internet": bool, "allow": [RULE…], "deny": [RULE…], "domains": [NAME…]}` with `CIDR[:PORT[-PORT]][/tcp|/udp]` rules,
 /// refused when an allow rule reaches further than the host's ceiling (the operator's
 /// `--egress-allow-private`; nothing before `serve` sets it).
 ///
@@ -317,11 +317,25 @@ pub fn egress_from(v: &Value) -> Result<Egress, ApiError> {
             })
             .collect()
     };
-    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny"].contains(&k.as_str()))) {
-        return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny)")));
+    if let Some(k) = v.as_object().and_then(|o| o.keys().find(|k| !["internet", "allow", "deny", "domains"].contains(&k.as_str()))) {
+        return Err(ApiError::validation(format!("unknown egress field {k:?} (internet, allow, deny, domains)")));
     }
-    let egress =
-        Egress { internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false), allow: rules("allow")?, deny: rules("deny")? };
+    let domains = v
+        .get("domains")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let s = d.as_str().ok_or_else(|| ApiError::validation("domains must be strings"))?;
+            hearth_vmm::net::normalize_domain(s).map_err(|e| ApiError::validation(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let egress = Egress {
+        internet: v.get("internet").and_then(Value::as_bool).unwrap_or(false),
+        allow: rules("allow")?,
+        deny: rules("deny")?,
+        domains,
+    };
     egress.within(&hearth_vmm::net::host_ceiling().unwrap_or_default()).map_err(|e| ApiError::validation(e.to_string()))?;
     Ok(egress)
 }

@@ -112,6 +112,7 @@ impl Service {
                 MANAGED.iter().map(|(n, _)| managed_arn(n)).collect::<Vec<_>>().join(", ")
             )));
         };
+        self.check_connectors(account, spec.get("egressNetworkConnectors")).await?;
         let uri = spec.get("codeArtifact").and_then(|c| c.get("uri")).and_then(Value::as_str).unwrap_or_default();
         // Opened now so a bad one is refused here; the build opens it again.
         drop(self.code_artifact(account, uri).await?);

@@ -171,6 +171,7 @@ impl Service {
         let snap = Snapshot::open(&self.version_dir(account, &image.name, version.version).join("snapshot")).map_err(ApiError::internal)?;
         // The settings it runs with, kept as given.
         let given = to_map(input);
+        self.check_connectors(account, given.get("egressNetworkConnectors")).await?;
         let mut spec = Map::new();
         for k in ["executionRoleArn", "idlePolicy", "kmsKeyIdentifier", "ingressNetworkConnectors", "egressNetworkConnectors", "logging"] {
             if let Some(v) = given.get(k) {
@@ -277,13 +278,8 @@ impl Service {
         }
         let connectors: Vec<&str> =
             m.spec.get("egressNetworkConnectors").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
-        let egress = has_nic.then(|| {
-            if connectors.iter().any(|c| c.contains("INTERNET_EGRESS")) {
-                hearth_vmm::net::Egress::internet()
-            } else {
-                hearth_vmm::net::Egress::none()
-            }
-        });
+        // INTERNET_EGRESS and named connectors, as they are now.
+        let egress = has_nic.then(|| self.connectors_egress(&m.account, &connectors));
         // Detached: microvms outlive the daemon (a crash or an upgrade) and are reattached.
         RestoreOptions {
             run_root: self.vm_template.run_root.clone(),

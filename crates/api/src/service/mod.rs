@@ -20,6 +20,7 @@ mod accounts;
 mod artifacts;
 mod build_queue;
 mod builds;
+mod connectors;
 mod extensions;
 mod faults;
 mod images;
@@ -34,6 +35,7 @@ mod transitions;
 
 pub use build_queue::default_max_concurrent_builds;
 pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
+pub use connectors::{connector_arn, connector_from, connector_json, Connectors, MAX_CIDRS, MAX_CONNECTORS};
 pub use extensions::{egress_from, set_egress_ceiling, ExecLine, MAX_FILE_BYTES, TRANSFER_CHUNKS};
 pub use images::MANAGED;
 pub use microvms::{DefaultEgress, Slot};
@@ -117,6 +119,8 @@ pub struct Service {
     /// The egress of a microvm whose run and image name no connector
     /// (`hearth serve --default-egress`; INTERNET_EGRESS, as on the service).
     pub default_egress: DefaultEgress,
+    /// Named egress connectors as last loaded (`connectors`).
+    connectors: Connectors,
     /// Builds queued and running: the bound on how many run at once, and how to cancel each.
     builds: build_queue::Builds,
     /// The service itself, for the tasks that watch each VM's QEMU ([`Self::shared`]).
@@ -160,6 +164,7 @@ impl Service {
             resuming: Default::default(),
             pools: Default::default(),
             default_egress: Default::default(),
+            connectors: Default::default(),
             builds: Default::default(),
             me: std::sync::Weak::new(),
         }

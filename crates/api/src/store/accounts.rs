@@ -30,7 +30,8 @@ pub struct AccountSettings {
 impl Store {
     /// The settings of `account` (the defaults when the operator set none).
     pub fn account_settings(&self, account: &str) -> DbResult<AccountSettings> {
-        let doc: Option<String> = self.db().query_row("SELECT doc FROM accounts WHERE account = ?1", [account], |r| r.get(0)).optional()?;
+        let doc: Option<String> =
+            self.reader().query_row("SELECT doc FROM accounts WHERE account = ?1", [account], |r| r.get(0)).optional()?;
         doc.map_or(Ok(AccountSettings::default()), from_doc)
     }
 
@@ -58,5 +59,20 @@ mod tests {
         store.set_account_settings("123456789012", &s).unwrap();
         assert_eq!(store.account_settings("123456789012").unwrap(), s);
         assert_eq!(store.account_settings("000000000000").unwrap(), AccountSettings::default());
+    }
+
+    /// On a multi-threaded runtime the trait's calls run inside `block_in_place`, and a
+    /// write is seen at once by the reading connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_trait_runs_off_the_workers_and_reads_see_writes() {
+        use crate::store::MetadataStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let s = AccountSettings { artifact_root: Some("/srv/a".into()), ..Default::default() };
+        store.set_account_settings("123456789012", &s).unwrap();
+        assert_eq!(MetadataStore::account_settings(&store, "123456789012").await.unwrap(), s);
+        let tags = [("k".to_owned(), "v".to_owned())];
+        MetadataStore::tag(&store, "arn:x", &tags).await.unwrap();
+        assert_eq!(MetadataStore::tags(&store, "arn:x").await.unwrap(), tags);
     }
 }

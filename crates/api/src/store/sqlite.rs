@@ -1,13 +1,20 @@
-//! The SQLite store: one database (`$HEARTH_HOME/api/hearth.db`, WAL, synchronous=FULL).
+//! The SQLite store: one database (`$HEARTH_HOME/api/hearth.db`, WAL, synchronous=NORMAL).
 //! Records are JSON documents beside the columns that queries need; every change is one
 //! transaction.
 //!
-//! Its calls are synchronous and stay so behind [`MetadataStore`]: each future is ready
-//! when it is returned, the call having run on the caller's thread, as before the trait.
-//! A call takes well under a millisecond but for a commit's fsync, and one connection
-//! behind a mutex serializes them anyway; `spawn_blocking` would add a thread hop and an
-//! owned copy of every argument to each call for nothing a caller could use. (The CLI's
-//! `hearth keys` and `hearth accounts` use the same inherent, blocking methods.)
+//! Two connections, each behind its own mutex: one writes, one reads. In WAL mode readers
+//! never wait for the writer, so a GetMicrovm does not queue behind a launch's commit.
+//! `synchronous=NORMAL` makes a commit an append to the WAL without an fsync (the WAL is
+//! synced at checkpoints): a commit survives the daemon's crash, and only the host's own
+//! crash may lose the last ones, when every microvm they describe is gone with it (the
+//! daemon reconciles on start). FULL fsynced the WAL at every commit, several per launch,
+//! each on a request's path.
+//!
+//! The calls are synchronous (the CLI's `hearth keys` and `hearth accounts` use the same
+//! inherent methods); behind [`MetadataStore`] each runs inside
+//! `tokio::task::block_in_place` on a multi-threaded runtime, so a call waiting for a
+//! lock or the disk hands the worker's other tasks to another thread instead of stalling
+//! them. The future is ready when it is returned, the call having run, as before.
 //!
 //! Access keys' secrets are sealed under the key in the same directory ([`crate::keys`]),
 //! and opened on lookup. The schema is versioned (`PRAGMA user_version`, [`SCHEMA_VERSION`]):
@@ -32,6 +39,9 @@ pub const SCHEMA_VERSION: i64 = 1;
 /// The database.
 pub struct Store {
     conn: Mutex<Connection>,
+    /// A second connection for reads (`query_only`), which in WAL mode do not wait for
+    /// the writer.
+    read: Mutex<Connection>,
     sealing: SealingKey,
 }
 
@@ -128,7 +138,7 @@ impl Store {
         let _ = std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
+             PRAGMA synchronous=NORMAL;
              PRAGMA busy_timeout=5000;
              PRAGMA secure_delete=ON;
              CREATE TABLE IF NOT EXISTS access_keys (access_key TEXT PRIMARY KEY, secret TEXT NOT NULL, account TEXT NOT NULL);
@@ -142,13 +152,21 @@ impl Store {
              CREATE INDEX IF NOT EXISTS usage_by_account ON usage(account, start);",
         )?;
         conn.execute_batch(super::accounts::SCHEMA)?;
+        conn.execute_batch(super::connectors::SCHEMA)?;
         migrate(&mut conn)?;
         let sealing = super::sealing::sealing_key(&mut conn, dir)?;
-        Ok(Store { conn: Mutex::new(conn), sealing })
+        let read = Connection::open(path)?;
+        read.execute_batch("PRAGMA busy_timeout=5000; PRAGMA query_only=ON;")?;
+        Ok(Store { conn: Mutex::new(conn), read: Mutex::new(read), sealing })
     }
 
     pub(super) fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The reading connection (statements that change nothing).
+    pub(super) fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The key with its secret opened; `None` (logged) when the secret does not open: the
@@ -165,7 +183,7 @@ impl Store {
 
     /// Every usable access key.
     pub fn keys(&self) -> DbResult<Vec<AccessKey>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT access_key, secret, account FROM access_keys ORDER BY rowid")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
         let rows: Vec<_> = rows.collect::<DbResult<_>>()?;
@@ -174,13 +192,13 @@ impl Store {
 
     /// True when any access key exists (usable or not).
     pub fn has_keys(&self) -> DbResult<bool> {
-        self.db().query_row("SELECT EXISTS (SELECT 1 FROM access_keys)", [], |r| r.get(0))
+        self.reader().query_row("SELECT EXISTS (SELECT 1 FROM access_keys)", [], |r| r.get(0))
     }
 
     /// The key with id `access_key`, its secret opened (`None` also when it does not open).
     pub fn key(&self, access_key: &str) -> DbResult<Option<AccessKey>> {
         let row = self
-            .db()
+            .reader()
             .query_row("SELECT access_key, secret, account FROM access_keys WHERE access_key = ?1", [access_key], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
             })
@@ -238,14 +256,14 @@ impl Store {
     /// A microvm of `account`.
     pub fn microvm(&self, account: &str, id: &str) -> DbResult<Option<MicrovmRecord>> {
         let doc: Option<String> =
-            self.db().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;
+            self.reader().query_row("SELECT doc FROM microvms WHERE id = ?1 AND account = ?2", [id, account], |r| r.get(0)).optional()?;
         doc.map(from_doc).transpose()
     }
 
     /// A page of `account`'s microvms after position `after`, `limit` long; returns the
     /// records and the position of the last one.
     pub fn list_microvms(&self, account: &str, after: i64, limit: usize) -> DbResult<Vec<(i64, MicrovmRecord)>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT seq, doc FROM microvms WHERE account = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")?;
         let rows = st.query_map(params![account, after, limit as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
         rows.map(|r| r.and_then(|(s, d)| Ok((s, from_doc(d)?)))).collect()
@@ -253,7 +271,7 @@ impl Store {
 
     /// Every microvm not TERMINATED (all tenants).
     pub fn live_microvms(&self) -> DbResult<Vec<MicrovmRecord>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT doc FROM microvms WHERE state != 'TERMINATED' ORDER BY seq")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         rows.map(|r| r.and_then(from_doc)).collect()
@@ -261,7 +279,7 @@ impl Store {
 
     /// Counts microvms by state (all tenants).
     pub fn count_by_state(&self) -> DbResult<Vec<(String, i64)>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT state, COUNT(*) FROM microvms GROUP BY state")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
@@ -277,13 +295,13 @@ impl Store {
     /// An image.
     pub fn image(&self, account: &str, name: &str) -> DbResult<Option<ImageRecord>> {
         let doc: Option<String> =
-            self.db().query_row("SELECT doc FROM images WHERE account = ?1 AND name = ?2", [account, name], |r| r.get(0)).optional()?;
+            self.reader().query_row("SELECT doc FROM images WHERE account = ?1 AND name = ?2", [account, name], |r| r.get(0)).optional()?;
         doc.map(from_doc).transpose()
     }
 
     /// `account`'s images, by name.
     pub fn images(&self, account: &str) -> DbResult<Vec<ImageRecord>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT doc FROM images WHERE account = ?1 ORDER BY name")?;
         let rows = st.query_map([account], |r| r.get::<_, String>(0))?;
         rows.map(|r| r.and_then(from_doc)).collect()
@@ -309,7 +327,7 @@ impl Store {
 
     /// The versions of an image, oldest first.
     pub fn versions(&self, account: &str, name: &str) -> DbResult<Vec<VersionRecord>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT doc FROM image_versions WHERE account = ?1 AND name = ?2 ORDER BY version")?;
         let rows = st.query_map([account, name], |r| r.get::<_, String>(0))?;
         rows.map(|r| r.and_then(from_doc)).collect()
@@ -317,7 +335,7 @@ impl Store {
 
     /// Versions still PENDING or IN_PROGRESS (all tenants).
     pub fn unfinished_versions(&self) -> DbResult<Vec<VersionRecord>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT doc FROM image_versions")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         let all: Vec<VersionRecord> = rows.map(|r| r.and_then(from_doc)).collect::<DbResult<_>>()?;
@@ -333,7 +351,7 @@ impl Store {
 
     /// Tags of a resource.
     pub fn tags(&self, arn: &str) -> DbResult<Vec<(String, String)>> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT key, value FROM tags WHERE arn = ?1 ORDER BY key")?;
         let rows = st.query_map([arn], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
@@ -362,7 +380,7 @@ impl Store {
     /// Usage of `account` between `from` and `to` (seconds since the epoch): vCPU-seconds
     /// and GiB-seconds while running, snapshot GiB-hours while suspended.
     pub fn usage(&self, account: &str, from: f64, to: f64, now: f64) -> DbResult<Usage> {
-        let db = self.db();
+        let db = self.reader();
         let mut st = db.prepare("SELECT kind, start, COALESCE(end, ?4), vcpus, memory_mib, bytes FROM usage WHERE account = ?1 AND start < ?3 AND COALESCE(end, ?4) > ?2")?;
         let rows = st.query_map(params![account, from, to, now], |r| {
             Ok((
@@ -389,92 +407,109 @@ impl Store {
     }
 }
 
-/// A result as a future that is ready at once (the call has run).
-fn done<'a, T: Send + 'a>(r: DbResult<T>) -> StoreFuture<'a, T> {
+/// Runs `call` and returns its result as a future that is ready at once: inside
+/// `block_in_place` on a multi-threaded runtime (see the module's doc), else inline.
+fn done<'a, T: Send + 'a>(call: impl FnOnce() -> DbResult<T>) -> StoreFuture<'a, T> {
+    let r = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(call),
+        _ => call(),
+    };
     Box::pin(std::future::ready(r.map_err(Into::into)))
 }
 
 impl MetadataStore for Store {
     fn key<'a>(&'a self, access_key: &'a str) -> StoreFuture<'a, Option<AccessKey>> {
-        done(Store::key(self, access_key))
+        done(|| Store::key(self, access_key))
     }
     fn has_keys(&self) -> StoreFuture<'_, bool> {
-        done(Store::has_keys(self))
+        done(|| Store::has_keys(self))
     }
     fn add_key<'a>(&'a self, k: &'a AccessKey) -> StoreFuture<'a, ()> {
-        done(Store::add_key(self, k))
+        done(|| Store::add_key(self, k))
     }
     fn account_settings<'a>(&'a self, account: &'a str) -> StoreFuture<'a, super::AccountSettings> {
-        done(Store::account_settings(self, account))
+        done(|| Store::account_settings(self, account))
     }
     fn put_microvm<'a>(&'a self, m: &'a MicrovmRecord) -> StoreFuture<'a, ()> {
-        done(Store::put_microvm(self, m))
+        done(|| Store::put_microvm(self, m))
     }
     fn put_microvm_metered<'a>(&'a self, m: &'a MicrovmRecord, meter: Meter, now: f64) -> StoreFuture<'a, ()> {
-        done(Store::put_microvm_metered(self, m, meter, now))
+        done(|| Store::put_microvm_metered(self, m, meter, now))
     }
     fn touch<'a>(&'a self, id: &'a str, t: f64) -> StoreFuture<'a, ()> {
-        done(Store::touch(self, id, t))
+        done(|| Store::touch(self, id, t))
     }
     fn set_spec_field<'a>(&'a self, id: &'a str, key: &'a str, value: &'a serde_json::Value) -> StoreFuture<'a, ()> {
-        done(Store::set_spec_field(self, id, key, value))
+        done(|| Store::set_spec_field(self, id, key, value))
     }
     fn microvm<'a>(&'a self, account: &'a str, id: &'a str) -> StoreFuture<'a, Option<MicrovmRecord>> {
-        done(Store::microvm(self, account, id))
+        done(|| Store::microvm(self, account, id))
     }
     fn list_microvms<'a>(&'a self, account: &'a str, after: i64, limit: usize) -> StoreFuture<'a, Vec<(i64, MicrovmRecord)>> {
-        done(Store::list_microvms(self, account, after, limit))
+        done(|| Store::list_microvms(self, account, after, limit))
+    }
+    fn put_connector<'a>(&'a self, c: &'a super::ConnectorRecord) -> StoreFuture<'a, ()> {
+        done(|| Store::put_connector(self, c))
+    }
+    fn connector<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, Option<super::ConnectorRecord>> {
+        done(|| Store::connector(self, account, name))
+    }
+    fn connectors<'a>(&'a self, account: Option<&'a str>) -> StoreFuture<'a, Vec<super::ConnectorRecord>> {
+        done(|| Store::connectors(self, account))
+    }
+    fn delete_connector<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, bool> {
+        done(|| Store::delete_connector(self, account, name))
     }
     fn live_microvms(&self) -> StoreFuture<'_, Vec<MicrovmRecord>> {
-        done(Store::live_microvms(self))
+        done(|| Store::live_microvms(self))
     }
     fn count_by_state(&self) -> StoreFuture<'_, Vec<(String, i64)>> {
-        done(Store::count_by_state(self))
+        done(|| Store::count_by_state(self))
     }
     fn put_image<'a>(&'a self, i: &'a ImageRecord) -> StoreFuture<'a, ()> {
-        done(Store::put_image(self, i))
+        done(|| Store::put_image(self, i))
     }
     fn image<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, Option<ImageRecord>> {
-        done(Store::image(self, account, name))
+        done(|| Store::image(self, account, name))
     }
     fn images<'a>(&'a self, account: &'a str) -> StoreFuture<'a, Vec<ImageRecord>> {
-        done(Store::images(self, account))
+        done(|| Store::images(self, account))
     }
     fn delete_image<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, ()> {
-        done(Store::delete_image(self, account, name))
+        done(|| Store::delete_image(self, account, name))
     }
     fn put_version<'a>(&'a self, v: &'a VersionRecord) -> StoreFuture<'a, ()> {
-        done(Store::put_version(self, v))
+        done(|| Store::put_version(self, v))
     }
     fn versions<'a>(&'a self, account: &'a str, name: &'a str) -> StoreFuture<'a, Vec<VersionRecord>> {
-        done(Store::versions(self, account, name))
+        done(|| Store::versions(self, account, name))
     }
     fn unfinished_versions(&self) -> StoreFuture<'_, Vec<VersionRecord>> {
-        done(Store::unfinished_versions(self))
+        done(|| Store::unfinished_versions(self))
     }
     fn delete_version<'a>(&'a self, account: &'a str, name: &'a str, version: u32) -> StoreFuture<'a, ()> {
-        done(Store::delete_version(self, account, name, version))
+        done(|| Store::delete_version(self, account, name, version))
     }
     fn tags<'a>(&'a self, arn: &'a str) -> StoreFuture<'a, Vec<(String, String)>> {
-        done(Store::tags(self, arn))
+        done(|| Store::tags(self, arn))
     }
     fn tag<'a>(&'a self, arn: &'a str, tags: &'a [(String, String)]) -> StoreFuture<'a, ()> {
-        done(Store::tag(self, arn, tags))
+        done(|| Store::tag(self, arn, tags))
     }
     fn untag<'a>(&'a self, arn: &'a str, keys: &'a [String]) -> StoreFuture<'a, ()> {
-        done(Store::untag(self, arn, keys))
+        done(|| Store::untag(self, arn, keys))
     }
     fn claim<'a>(&'a self, account: &'a str, op: &'a str, token: &'a str, hash: &'a str) -> StoreFuture<'a, Option<(String, String)>> {
-        done(Store::claim(self, account, op, token, hash))
+        done(|| Store::claim(self, account, op, token, hash))
     }
     fn unclaim<'a>(&'a self, account: &'a str, op: &'a str, token: &'a str) -> StoreFuture<'a, ()> {
-        done(Store::unclaim(self, account, op, token))
+        done(|| Store::unclaim(self, account, op, token))
     }
     fn remember<'a>(&'a self, account: &'a str, op: &'a str, token: &'a str, hash: &'a str, response: &'a str) -> StoreFuture<'a, ()> {
-        done(Store::remember(self, account, op, token, hash, response))
+        done(|| Store::remember(self, account, op, token, hash, response))
     }
     fn usage<'a>(&'a self, account: &'a str, from: f64, to: f64, now: f64) -> StoreFuture<'a, Usage> {
-        done(Store::usage(self, account, from, to, now))
+        done(|| Store::usage(self, account, from, to, now))
     }
 }
 

@@ -28,6 +28,19 @@ pub struct BenchApiArgs {
     /// ListMicrovms calls measured.
     #[arg(long, default_value_t = 100)]
     lists: usize,
+    /// Clients of the sustained RunMicrovm → exec → TerminateMicrovm run.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Seconds of the sustained runs, the engine's baseline and the API's (0 skips both).
+    #[arg(long, default_value_t = 20)]
+    sustain_secs: u64,
+    /// Concurrent RunMicrovm during which GetMicrovm is timed (0 skips it).
+    #[arg(long, default_value_t = 30)]
+    storm: usize,
+    /// Idle microvms whose host PSS and CPU are measured (0 skips it; fewer when the
+    /// host's available memory would not hold them).
+    #[arg(long, default_value_t = 50)]
+    idle: usize,
     /// Accelerator.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: hearth_vmm::Accel,
@@ -74,6 +87,11 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         }
     }
     d.set_pool_size(0).await?;
+    let load = crate::api_load::run(
+        &d,
+        &crate::api_load::LoadOptions { clients: a.clients, sustain_secs: a.sustain_secs, storm: a.storm, idle: a.idle },
+    )
+    .await?;
     eprintln!("ingress: {} requests through the endpoint and from inside the VM", a.requests);
     let m = c
         .call(
@@ -200,25 +218,27 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         all.push(ms(t.elapsed()));
     }
     d.stop().await;
-    report::print(
-        vec![
-            Row { name: "RunMicrovm → RUNNING, from the warm pool (API, minimal image)".into(), samples: pooled_running, unit: "ms" },
-            Row { name: "RunMicrovm → first exec result, from the warm pool (API)".into(), samples: pooled_exec, unit: "ms" },
-            Row { name: "RunMicrovm → RUNNING, pool disabled (API)".into(), samples: running, unit: "ms" },
-            Row { name: "RunMicrovm → first exec result, pool disabled (API)".into(), samples: first_exec, unit: "ms" },
-            Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
-            Row { name: "GET through the endpoint (token, tunnel, app), sequential".into(), samples: through, unit: "ms" },
-            Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },
-            Row { name: "GET from inside the VM (busybox wget, per request)".into(), samples: vec![inside], unit: "ms" },
-            Row { name: "first GET to a SUSPENDED microvm (auto-resume)".into(), samples: resume_first, unit: "ms" },
-            Row { name: "shell: token + WebSocket → first terminal output".into(), samples: shell_open, unit: "ms" },
-            Row { name: "shell: keystroke → its echo (WebSocket, agent, PTY)".into(), samples: keystroke, unit: "ms" },
-            Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
-            Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
-        ],
-        a.json,
-        json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string() }),
-    );
+    let goals: Vec<String> = load.goals.iter().map(crate::api_load::Goal::line).collect();
+    let mut rows = vec![
+        Row { name: "RunMicrovm → RUNNING, from the warm pool (API, minimal image)".into(), samples: pooled_running, unit: "ms" },
+        Row { name: "RunMicrovm → first exec result, from the warm pool (API)".into(), samples: pooled_exec, unit: "ms" },
+        Row { name: "RunMicrovm → RUNNING, pool disabled (API)".into(), samples: running, unit: "ms" },
+        Row { name: "RunMicrovm → first exec result, pool disabled (API)".into(), samples: first_exec, unit: "ms" },
+        Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
+        Row { name: "GET through the endpoint (token, tunnel, app), sequential".into(), samples: through, unit: "ms" },
+        Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },
+        Row { name: "GET from inside the VM (busybox wget, per request)".into(), samples: vec![inside], unit: "ms" },
+        Row { name: "first GET to a SUSPENDED microvm (auto-resume)".into(), samples: resume_first, unit: "ms" },
+        Row { name: "shell: token + WebSocket → first terminal output".into(), samples: shell_open, unit: "ms" },
+        Row { name: "shell: keystroke → its echo (WebSocket, agent, PTY)".into(), samples: keystroke, unit: "ms" },
+        Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
+        Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
+    ];
+    rows.extend(load.rows);
+    report::print(rows, a.json, json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string(), "goals": goals }));
+    if !a.json && !goals.is_empty() {
+        println!("\nGoals (issue 16):\n{}", goals.join("\n"));
+    }
     Ok(())
 }
 

@@ -78,7 +78,11 @@ impl BenchDaemon {
             endpoints: Default::default(),
             metrics_listen: Some("127.0.0.1:0".parse()?),
             egress_allow_private: Vec::new(),
-            capacity: Default::default(),
+            // Sized for the benchmark's idle measurement (50 microvms of 512 MiB and one
+            // vCPU on a small host): clones share their template's pages (PSS ~35 MiB
+            // each, measured), so the default bet of no memory overcommit would refuse
+            // most of them. `api_load::idle_capacity` checks what the host really holds.
+            capacity: hearth_api::capacity::Settings { memory_overcommit: 4.0, cpu_overcommit: 64.0, ..Default::default() },
             rate_limit: Default::default(),
             pools: Default::default(),
             default_egress: Default::default(),
@@ -142,13 +146,20 @@ impl BenchDaemon {
         }
     }
 
-    /// Sets image `bench`'s warm pool size (its `hearth:pool-size` tag).
+    /// Sets image `bench`'s warm pool size (its `hearth:pool-size` tag). A version's pool
+    /// is created by a run of it, so a size above 0 is followed by one run (terminated at
+    /// once) for the pool to start filling.
     pub async fn set_pool_size(&self, n: usize) -> anyhow::Result<()> {
         let arn = hearth_api::service::image_arn(&self.account, "bench");
         let path = format!("/2017-03-31/tags/{}", percent_encoding::utf8_percent_encode(&arn, percent_encoding::NON_ALPHANUMERIC));
         self.client
             .call(http::Method::POST, &path, Some(&json!({ "Tags": { hearth_api::service::POOL_SIZE_TAG: n.to_string() } })))
             .await?;
+        if n > 0 {
+            let m = self.client.call(http::Method::POST, "/2025-09-09/microvms", Some(&json!({ "imageIdentifier": "bench" }))).await?;
+            let id = m["microvmId"].as_str().unwrap_or_default();
+            self.client.call(http::Method::DELETE, &format!("/2025-09-09/microvms/{id}"), None).await?;
+        }
         Ok(())
     }
 

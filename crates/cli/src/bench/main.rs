@@ -3,6 +3,7 @@
 //! figures and how they were taken are in docs/BENCHMARKS.md.
 
 mod api;
+mod api_load;
 mod build;
 mod daemon;
 mod engine;

@@ -54,7 +54,13 @@ const UPLINK_NET: [u8; 2] = [10, 200];
 /// Uplinks available (a /16 of /30s).
 const UPLINKS: u32 = 1 << 14;
 
+pub mod dns;
+mod domains;
+mod guard;
 mod policy;
+pub mod sni;
+pub use domains::*;
+pub use guard::PROXY_PORT;
 pub use policy::*;
 
 /// Why networking could not be set up.
@@ -80,6 +86,9 @@ pub enum NetError {
     /// A rule does not parse.
     #[error("bad egress rule {0}")]
     Rule(String),
+    /// A domain of an allow list does not parse, or the list is too long.
+    #[error("bad egress domain {0}")]
+    Domain(String),
     /// An allow rule reaches into a closed range the operator has not opened.
     #[error(
         "egress rule {rule} reaches into {range} ({kind} addresses), which the operator has not opened to microVMs on this host; narrow the rule, or ask the operator to allow the range ({CEILING_SETTING} CIDR)"
@@ -201,6 +210,8 @@ enum Role {
 #[derive(Debug)]
 pub struct NetNs {
     name: String,
+    /// The domain guard (DNS and SNI / Host checks) while the policy has domains.
+    guard: std::sync::Mutex<Option<guard::Guard>>,
 }
 
 impl NetNs {
@@ -244,14 +255,15 @@ impl NetNs {
     }
 
     fn make(vm_id: &str, egress: &Egress, role: Role) -> Result<NetNs, NetError> {
-        for r in egress.allow.iter().chain(&egress.deny) {
-            r.validate()?;
+        egress.validate()?;
+        if role == Role::Local && egress.guarded() {
+            return Err(NetError::Domain("domain allow lists apply to microVM networks only".into()));
         }
         ensure_host()?;
         let name = ns_name(vm_id);
         tool("ip netns add", Command::new("ip").args(["netns", "add", &name]), None)?;
         // From here on, dropping `ns` removes the namespace and everything in it.
-        let ns = NetNs { name };
+        let ns = NetNs { name, guard: Default::default() };
         let idx = ns.add_uplink()?;
         let [a, b] = UPLINK_NET;
         let base = idx * 4;
@@ -284,7 +296,9 @@ impl NetNs {
             "echo 1 > /proc/sys/net/ipv4/ip_forward && { echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; } 2>/dev/null; true",
         ]);
         tool_in_ns("namespace sysctls", &ns.path(), &mut sysctl, None)?;
-        ns.load_rules(egress, Some(role))?;
+        // The guard listens before the rules send the guest to it.
+        ns.sync_guard(egress)?;
+        ns.load_rules(egress, Some(role), true)?;
         Ok(ns)
     }
 
@@ -304,12 +318,15 @@ impl NetNs {
 
     /// The namespace `name` made earlier (by a process that released its VM).
     pub(crate) fn adopt(name: String) -> NetNs {
-        NetNs { name }
+        NetNs { name, guard: Default::default() }
     }
 
-    /// Keeps the namespace when this handle goes (its VM runs on, detached).
+    /// Keeps the namespace when this handle goes (its VM runs on, detached). Its domain
+    /// guard stops: the process that takes the VM back starts its own
+    /// ([`NetNs::set_egress`] on reattach).
     pub(crate) fn release(self) {
-        std::mem::forget(self);
+        let mut me = std::mem::ManuallyDrop::new(self);
+        drop(me.guard.get_mut().unwrap_or_else(|p| p.into_inner()).take());
     }
 
     /// The namespace's name.
@@ -322,13 +339,33 @@ impl NetNs {
         Path::new("/run/netns").join(&self.name)
     }
 
-    /// Replaces the VM's egress policy; takes effect for new connections at once.
+    /// Replaces the VM's egress policy; takes effect for new connections at once, and
+    /// for guarded connections (through the domain guard) whose name left the list.
+    /// Addresses learnt from DNS answers are forgotten when the domains change.
     pub fn set_egress(&self, egress: &Egress) -> Result<(), NetError> {
-        for r in egress.allow.iter().chain(&egress.deny) {
-            r.validate()?;
-        }
+        egress.validate()?;
         ensure_host()?;
-        self.load_rules(egress, None)
+        let changed = self.sync_guard(egress)?;
+        self.load_rules(egress, None, changed)
+    }
+
+    /// Starts, updates or stops the domain guard for `egress`; true when its domains
+    /// changed (or it started or stopped).
+    fn sync_guard(&self, egress: &Egress) -> Result<bool, NetError> {
+        let mut g = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        let policy = guard::Policy { domains: std::sync::Arc::new(egress.domains.clone()), ceiling: effective_ceiling(egress) };
+        match (g.as_ref(), !egress.guarded()) {
+            (None, true) => Ok(false),
+            (Some(_), true) => {
+                *g = None;
+                Ok(true)
+            }
+            (None, false) => {
+                *g = Some(guard::Guard::start(&self.path(), policy, host_resolver())?);
+                Ok(true)
+            }
+            (Some(running), false) => Ok(running.set(policy)),
+        }
     }
 
     /// Adds the veth pair `hh<n>` (host) / `uplink` (namespace), taking the first free
@@ -352,15 +389,23 @@ impl NetNs {
         Err(NetError::Exhausted)
     }
 
-    /// Loads `egress` (with the table itself when the namespace is new, `create`).
-    fn load_rules(&self, egress: &Egress, create: Option<Role>) -> Result<(), NetError> {
-        // The operator's process (no host ceiling set): the VM's own allow rules are it.
-        let ceiling = host_ceiling().unwrap_or_else(|| Ceiling { allow: egress.allow.clone() });
-        let t = policy_script(egress, &ceiling, host_resolver(), create);
+    /// Loads `egress` (with the table itself when the namespace is new, `create`),
+    /// forgetting the addresses learnt from DNS answers with `forget`.
+    fn load_rules(&self, egress: &Egress, create: Option<Role>, forget: bool) -> Result<(), NetError> {
+        let mut t = policy_script(egress, &effective_ceiling(egress), host_resolver(), create);
+        if forget {
+            t.push_str("flush set inet vm guarded\n");
+        }
         let mut cmd = Command::new("nft");
         cmd.args(["-f", "-"]);
         tool_in_ns("nft (egress policy)", &self.path(), &mut cmd, Some(&t))
     }
+}
+
+/// The ceiling a VM's policy is held to: the host's, or — in the operator's process (no
+/// host ceiling set) — the VM's own allow rules.
+fn effective_ceiling(egress: &Egress) -> Ceiling {
+    host_ceiling().unwrap_or_else(|| Ceiling { allow: egress.allow.clone() })
 }
 
 /// The nft transaction that sets a namespace's policy: the `inet vm` table when `create`
@@ -371,11 +416,6 @@ impl NetNs {
 fn policy_script(egress: &Egress, ceiling: &Ceiling, resolver: Option<Ipv4Addr>, create: Option<Role>) -> String {
     let mut t = String::new();
     if let Some(role) = create {
-        // DNS to 10.0.2.3 goes to the host's resolver; the connection is marked so the
-        // `dns` chain can let it through while the policy allows any egress.
-        let dns = resolver
-            .map(|r| format!("iifname \"tap0\" ip daddr {DNS_IP} meta l4proto {{ tcp, udp }} th dport 53 ct mark set 0x53 dnat ip to {r}"))
-            .unwrap_or_default();
         // A host process's sockets meet the guest's policy on their way out.
         let local = match role {
             Role::Vm => "",
@@ -386,15 +426,17 @@ fn policy_script(egress: &Egress, ceiling: &Ceiling, resolver: Option<Ipv4Addr>,
         // Only replies coming back in are accepted by connection state.
         t.push_str(&format!(
             "table inet vm {{\n\
-               chain pre {{ type nat hook prerouting priority dstnat; policy accept; {dns}; }}\n\
+               chain pre {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
                chain post {{ type nat hook postrouting priority srcnat; policy accept; oifname \"uplink\" masquerade; }}\n\
-               chain input {{ type filter hook input priority 0; policy drop; iifname \"lo\" accept; ct state established,related accept; }}\n\
-               chain output {{ type filter hook output priority 0; policy drop; oifname \"lo\" accept; ct state established,related accept; {local}meta l4proto icmp accept; }}\n\
+               chain input {{ type filter hook input priority 0; policy drop; iifname \"lo\" accept; ct state established,related accept; jump guardin; }}\n\
+               chain output {{ type filter hook output priority 0; policy drop; oifname \"lo\" accept; ct state established,related accept; {local}meta l4proto icmp accept; jump guardout; }}\n\
                chain forward {{ type filter hook forward priority 0; policy drop; }}\n\
                chain deny {{ }}\n\
                chain dns {{ }}\n\
                chain ceiling {{ }}\n\
                chain egress {{ }}\n\
+               chain guardin {{ }}\n\
+               chain guardout {{ }}\n\
              }}\n"
         ));
     }
@@ -414,6 +456,7 @@ fn policy_script(egress: &Egress, ceiling: &Ceiling, resolver: Option<Ipv4Addr>,
     for chain in ["deny", "dns", "ceiling", "egress"] {
         t.push_str(&format!("flush chain inet vm {chain}\n"));
     }
+    t.push_str(&guard::script(egress, resolver));
     for r in &egress.deny {
         for l in r.nft("drop") {
             t.push_str(&format!("add rule inet vm deny {l}\n"));

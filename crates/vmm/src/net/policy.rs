@@ -184,7 +184,7 @@ impl Rule {
     }
 
     /// True when `self`'s protocol and ports take in all of `other`'s (networks aside).
-    fn carries(&self, other: &Rule) -> bool {
+    pub(super) fn carries(&self, other: &Rule) -> bool {
         let proto = self.proto == Proto::Any || self.proto == other.proto;
         let ports = match (self.ports, other.ports) {
             (None, _) => true,
@@ -242,6 +242,13 @@ pub struct Egress {
     /// Destinations refused even when `internet` or `allow` would let them through.
     #[serde(default)]
     pub deny: Vec<Rule>,
+    /// Names (`example.com`, `*.example.org`, as [`normalize_domain`](super::normalize_domain)
+    /// writes them) the guest may resolve through `10.0.2.3` and then reach on TCP 80 and
+    /// 443, where the connection's TLS server name or HTTP Host is on the list too (the
+    /// domain guard, `net::guard`). With domains, names off the list do not resolve;
+    /// with `internet` too, domains add nothing ([`Egress::guarded`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
 }
 
 impl Egress {
@@ -255,9 +262,36 @@ impl Egress {
         Egress { internet: true, ..Default::default() }
     }
 
+    /// True when the domain guard enforces `domains`: with `internet` every public name
+    /// resolves and public addresses are reached anyway, so domains add nothing.
+    pub fn guarded(&self) -> bool {
+        !self.domains.is_empty() && !self.internet
+    }
+
     /// True when the VM may reach anything (and so gets DNS).
     pub fn any(&self) -> bool {
-        self.internet || !self.allow.is_empty()
+        self.internet || !self.allow.is_empty() || !self.domains.is_empty()
+    }
+
+    /// Checks every rule and domain (in the form [`normalize_domain`](super::normalize_domain)
+    /// writes, at most [`MAX_DOMAINS`](super::MAX_DOMAINS)).
+    ///
+    /// # Errors
+    ///
+    /// [`NetError::Rule`] or [`NetError::Domain`] naming the first bad one.
+    pub fn validate(&self) -> Result<(), NetError> {
+        for r in self.allow.iter().chain(&self.deny) {
+            r.validate()?;
+        }
+        if self.domains.len() > super::MAX_DOMAINS {
+            return Err(NetError::Domain(format!("{} domains, over the limit of {}", self.domains.len(), super::MAX_DOMAINS)));
+        }
+        for d in &self.domains {
+            if super::normalize_domain(d)? != *d {
+                return Err(NetError::Domain(format!("{d:?} is not in normal form (lower case, no trailing dot)")));
+            }
+        }
+        Ok(())
     }
 
     /// Checks that the policy stays under `ceiling`: wherever an allow rule reaches into a
@@ -280,6 +314,7 @@ impl Egress {
     /// assert!(lan.within(&ceiling).is_err());
     /// ```
     pub fn within(&self, ceiling: &Ceiling) -> Result<(), NetError> {
+        self.validate()?;
         for r in &self.allow {
             r.validate()?;
             let (lo, hi) = span(&r.cidr).ok_or_else(|| NetError::Rule(format!("{}: not a CIDR", r.cidr)))?;

@@ -18,7 +18,12 @@ fn rules_parse_and_render() {
 
 #[test]
 fn egress_order_is_allow_then_internet() {
-    let e = Egress { internet: true, allow: vec![Rule::parse("192.168.1.0/24").unwrap()], deny: vec![Rule::parse("8.8.8.8").unwrap()] };
+    let e = Egress {
+        internet: true,
+        allow: vec![Rule::parse("192.168.1.0/24").unwrap()],
+        deny: vec![Rule::parse("8.8.8.8").unwrap()],
+        ..Egress::none()
+    };
     let r = e.rules();
     assert!(!r.iter().any(|l| l.contains("8.8.8.8")), "deny rules live in their own chain");
     assert!(r[0].ends_with("accept") && r[0].contains("192.168.1.0/24"));
@@ -96,7 +101,7 @@ fn policies_beyond_the_ceiling_are_refused_naming_rule_and_range() {
 #[test]
 fn the_ceiling_is_enforced_before_the_policy() {
     let ceiling = Ceiling { allow: rules(&["10.1.0.0/16:443/tcp"]) };
-    let e = Egress { internet: true, allow: rules(&["10.0.0.0/8", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]) };
+    let e = Egress { internet: true, allow: rules(&["10.0.0.0/8", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]), ..Egress::none() };
     let t = policy_script(&e, &ceiling, Some(Ipv4Addr::new(192, 168, 1, 1)), Some(Role::Vm));
     let pos = |needle: &str| t.find(needle).unwrap_or_else(|| panic!("no {needle:?} in\n{t}"));
     // The forward chain: deny, DNS (to a resolver the operator chose, private or not),
@@ -140,7 +145,8 @@ fn namespaces_load_the_policy_and_leave_nothing() {
         eprintln!("skipped: needs root");
         return;
     }
-    let e = Egress { internet: true, allow: rules(&["10.9.0.0/16:443/tcp", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]) };
+    let e =
+        Egress { internet: true, allow: rules(&["10.9.0.0/16:443/tcp", "1.2.3.4:53/udp"]), deny: rules(&["8.8.8.8"]), ..Egress::none() };
     let id = |kind: &str| format!("t{kind}-{}", std::process::id());
     let list = |ns: &NetNs| {
         let o = Command::new("ip").args(["netns", "exec", ns.name(), "nft", "list", "table", "inet", "vm"]).output().unwrap();
@@ -166,4 +172,35 @@ fn namespaces_load_the_policy_and_leave_nothing() {
 fn host_addresses_include_loopback() {
     let a = host_addresses().unwrap();
     assert!(a.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{a:?}");
+}
+
+/// A policy with domains starts the guard (its DNS and proxy listening in the namespace,
+/// the resolver's DNAT gone), and one without stops it (root only: skipped otherwise).
+#[tokio::test]
+async fn domains_start_and_stop_the_guard() {
+    if !can_network() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let guarded = Egress { domains: vec!["example.com".into()], allow: rules(&["1.2.3.4:443/tcp"]), ..Egress::none() };
+    let ns = NetNs::create(&format!("tguard-{}", std::process::id()), &guarded).unwrap();
+    let list = || {
+        let o = Command::new("ip").args(["netns", "exec", ns.name(), "nft", "list", "table", "inet", "vm"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listening = || {
+        let o = Command::new("ip").args(["netns", "exec", ns.name(), "ss", "-lntu"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let t = list();
+    assert!(t.contains(&format!("redirect to :{PROXY_PORT}")) && !t.contains("dnat ip to"), "{t}");
+    assert!(t.contains("ip daddr 1.2.3.4 tcp dport 443 return"), "CIDR rules are not proxied: {t}");
+    let ss = listening();
+    assert!(ss.contains("10.0.2.3:53") && ss.contains(&format!(":{PROXY_PORT}")), "{ss}");
+    assert!(ns.set_egress(&Egress { domains: vec!["Example.com".into()], ..Egress::none() }).is_err(), "a domain not in normal form");
+    ns.set_egress(&Egress::internet()).unwrap();
+    let t = list();
+    assert!(!t.contains("redirect"), "{t}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(!listening().contains(&format!(":{PROXY_PORT}")), "the guard outlived its domains");
 }
