@@ -192,7 +192,7 @@ async fn damaged_snapshots_are_refused_with_nothing_left_running() {
     copy_dir(&snap.dir, &other);
     hearth_vmm::snapshot::write_manifest(&other, &m2).unwrap();
     let e = Snapshot::open(&other).unwrap_err().to_string();
-    assert!(e.contains("version 99") && e.contains("version 1"), "{e}");
+    assert!(e.contains("version 99") && e.contains("versions 1 to 2"), "{e}");
 
     // Nothing of the failed launch remains.
     let left: Vec<_> = std::fs::read_dir(&run_root).map(|r| r.flatten().collect()).unwrap_or_default();

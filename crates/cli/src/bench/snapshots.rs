@@ -69,12 +69,11 @@ async fn large_session(args: &BenchSnapArgs, opts: &RestoreOptions, work: &std::
     let vm = Vm::boot(cfg).await?;
     // tmpfs holds half of RAM by default.
     vm.exec(&ExecRequest::shell("mount -o remount,size=95% /dev/shm"), None, 1 << 16).await?;
-    // Written in 256 MiB files: one agent upload stays small.
-    for i in 0..args.big_state_mib.div_ceil(256) {
-        let len = (args.big_state_mib - i * 256).min(256) << 20;
-        let data = bytes::Bytes::from(pseudo_random(len));
-        vm.agent().write_file_bytes(&BinPath::from(format!("/dev/shm/state-{i}").as_str()), None, data).await?;
-    }
+    // Made in the guest (an upload of gigabytes through the agent takes minutes under TCG):
+    // non-zero pages are what matters, not their entropy.
+    let fill = format!("yes hearth-large-session | head -c {} > /dev/shm/state", args.big_state_mib << 20);
+    let out = vm.exec(&ExecRequest::shell(&fill), None, 1 << 16).await?;
+    anyhow::ensure!(out.exit.success(), "filling tmpfs failed: {}", out.stderr_str());
     let big = vm.snapshot_template(&work.join("big-template")).await?;
     let what = format!("{} MiB guest, {} MiB state", args.big_memory_mib, args.big_state_mib);
     let t = Instant::now();
