@@ -6,15 +6,16 @@
 //! page, a page it wrote is an anonymous copy. `/proc/<pid>/pagemap` tells the two apart
 //! (bit 61, "file page"). QEMU 10 cannot leave a private RAM block out of a migration
 //! (`x-ignore-shared` skips only shared file-backed RAM), so a suspend still lets QEMU
-//! write every non-zero page into the state file, and then [`trim`] takes out of the
-//! `mapped-ram` bitmap every page the guest did not change and punches its blocks before
-//! they reach the disk: the image keeps O(changed) blocks. A resume maps the same base
+//! write every non-zero page into the state file (into the page cache), and then [`trim`]
+//! rewrites it without the pages the guest did not change, clearing their bits in the
+//! `mapped-ram` bitmap: the image keeps O(changed) blocks, and the dropped pages never
+//! reach the disk. A resume maps the same base
 //! file private again and loads the state: QEMU reads only the pages left in the bitmap,
 //! and the rest come from the base file's page cache when the guest touches them.
 //!
 //! `mapped-ram` writes no zero page (its bit stays clear: "the destination's RAM is
-//! zero"), which is false over a base file; [`trim`] sets the bit of every changed page
-//! and makes sure its blocks read as zeros when QEMU did not write it.
+//! zero"), which is false over a base file; [`trim`] sets the bit of every changed page,
+//! and one QEMU did not write is a hole in the new file, which reads as zeros.
 //!
 //! The `mapped-ram` header (QEMU `migration/ram.c`, version 1) is found by its own
 //! consistency: it follows the block's `be64 used_length` in the RAM section's block list
@@ -23,7 +24,6 @@
 //! bitmap of one bit per page in 64-bit words ([`find_header`]).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 
@@ -172,8 +172,8 @@ fn mapping_of(line: &str, inode: u64) -> Option<(u64, u64, u64)> {
 }
 
 /// The new bitmap of an image whose pages `changed` differ from the base, and the runs of
-/// pages (`first`, `count`) whose blocks must be punched: pages QEMU wrote that the base
-/// holds, and changed pages QEMU did not write (zeros: its blocks must read as zeros).
+/// pages (`first`, `count`) to copy from QEMU's image: changed pages QEMU wrote. A changed
+/// page QEMU did not write is a zero page: its bit is set and its place left a hole.
 pub fn plan(written: &[u64], changed: &[u64], pages: u64) -> (Vec<u64>, Vec<(u64, u64)>, TrimStats) {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     let mut stats = TrimStats::default();
@@ -185,7 +185,7 @@ pub fn plan(written: &[u64], changed: &[u64], pages: u64) -> (Vec<u64>, Vec<(u64
         } else if w {
             stats.dropped += 1;
         }
-        if w != c {
+        if w && c {
             match runs.last_mut() {
                 Some((first, count)) if *first + *count == p => *count += 1,
                 _ => runs.push((p, 1)),
@@ -197,32 +197,77 @@ pub fn plan(written: &[u64], changed: &[u64], pages: u64) -> (Vec<u64>, Vec<(u64
     (bitmap, runs, stats)
 }
 
+/// The name of the trimmed image while it is written (beside the state file); a crash
+/// leaves it to [`crate::recover`], which removes it with the other partial files.
+pub const TRIM_SUFFIX: &str = ".trim";
+
 /// Cuts the `mapped-ram` image `state` (RAM of `ram_size` bytes) down to the pages of
 /// QEMU `pid`'s RAM that differ from `base`, the file that VM maps private. Call it with
 /// the VM stopped and its state saved, before the file is synced.
+///
+/// The cut image is a new file (the stream's head, the new bitmap, the kept pages, the
+/// device state after the pages) renamed over `state`: the pages QEMU wrote that are not
+/// kept are dropped with the old file's page cache, never written back. (Punching them
+/// out in place measured ~0.9 s for 63 MiB here: ext4 writes a dirty range back before
+/// it punches it.)
 pub fn trim(state: &Path, pid: u32, base: &Path, ram_size: u64) -> Result<TrimStats, TrimError> {
     let changed = changed_pages(pid, base, ram_size)?;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(state).map_err(io("open the state file"))?;
-    let layout = find_header(&f, ram_size)?;
+    let src = File::open(state).map_err(io("open the state file"))?;
+    let layout = find_header(&src, ram_size)?;
+    let len = src.metadata().map_err(io("stat the state file"))?.len();
+    let pages_end = layout.pages_offset + layout.pages * PAGE;
+    if len < pages_end {
+        return Err(TrimError::NoHeader { pages: layout.pages });
+    }
     let mut raw = vec![0u8; MappedRam::bitmap_len(layout.pages) as usize];
-    f.read_exact_at(&mut raw, layout.bitmap_offset).map_err(io("read the RAM bitmap"))?;
+    src.read_exact_at(&mut raw, layout.bitmap_offset).map_err(io("read the RAM bitmap"))?;
     let written: Vec<u64> = raw.chunks_exact(8).map(|w| u64::from_le_bytes(w.try_into().expect("8 bytes"))).collect();
     let (bitmap, runs, stats) = plan(&written, &changed, layout.pages);
-    for (first, count) in runs {
-        punch(&f, layout.pages_offset + first * PAGE, count * PAGE)?;
+
+    let mut name = state.file_name().unwrap_or_default().to_os_string();
+    name.push(TRIM_SUFFIX);
+    let out_path = state.with_file_name(name);
+    let out = File::create(&out_path).map_err(io("create the trimmed state file"))?;
+    let written = (|| {
+        let mut buf = vec![0u8; 1 << 20];
+        copy_range(&src, &out, 0, layout.pages_offset, &mut buf)?;
+        let raw: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.write_all_at(&raw, layout.bitmap_offset)?;
+        for (first, count) in runs {
+            copy_range(&src, &out, layout.pages_offset + first * PAGE, count * PAGE, &mut buf)?;
+        }
+        copy_range(&src, &out, pages_end, len - pages_end, &mut buf)?;
+        out.set_len(len)?;
+        std::fs::rename(&out_path, state)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&out_path);
+        return Err(TrimError::Io { what: "write the trimmed state file".into(), source: e });
     }
-    let raw: Vec<u8> = bitmap.iter().flat_map(|w| w.to_le_bytes()).collect();
-    f.write_all_at(&raw, layout.bitmap_offset).map_err(io("write the RAM bitmap"))?;
     Ok(stats)
 }
 
-fn punch(f: &File, offset: u64, len: u64) -> Result<(), TrimError> {
-    // SAFETY: fallocate on an open descriptor; no memory is involved.
-    let r = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
-    };
-    if r != 0 {
-        return Err(TrimError::Io { what: "punch unchanged pages out of the state file".into(), source: std::io::Error::last_os_error() });
+/// Copies `len` bytes at `offset` of `from` to the same offset of `to`: in the kernel
+/// (`copy_file_range`, page cache to page cache), through `buf` where it is refused.
+fn copy_range(from: &File, to: &File, offset: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0u64;
+    while done < len {
+        let (mut off_in, mut off_out) = ((offset + done) as libc::loff_t, (offset + done) as libc::loff_t);
+        // SAFETY: both descriptors are open for the call; the offsets are locals the kernel
+        // updates; no other memory is involved.
+        let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, (len - done) as usize, 0) };
+        match n {
+            n if n > 0 => done += n as u64,
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            _ => break,
+        }
+    }
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        from.read_exact_at(&mut buf[..n], offset + done)?;
+        to.write_all_at(&buf[..n], offset + done)?;
+        done += n as u64;
     }
     Ok(())
 }
@@ -230,6 +275,7 @@ fn punch(f: &File, offset: u64, len: u64) -> Result<(), TrimError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     /// Writes a block's length and a consistent header for its `pages` pages at offset
     /// `p` of `buf`.
@@ -274,7 +320,7 @@ mod tests {
         let changed = vec![0b000_1000_1100u64];
         let (bitmap, runs, stats) = plan(&written, &changed, 12);
         assert_eq!(bitmap, changed);
-        assert_eq!(runs, vec![(0, 2), (7, 1), (10, 1)]);
+        assert_eq!(runs, vec![(2, 2)]);
         assert_eq!(stats, TrimStats { kept: 3, dropped: 3 });
     }
 
@@ -301,6 +347,59 @@ mod tests {
         unsafe { libc::munmap(p, len) };
         assert_eq!(bits, vec![(1 << 5) | (1 << 63)]);
         assert!(matches!(changed_pages(std::process::id(), &path, len as u64), Err(TrimError::NoMapping { .. })));
+    }
+
+    #[test]
+    fn trim_keeps_changed_pages_and_the_device_state() {
+        let d = tempfile::tempdir().unwrap();
+        let (pages, ram) = (64u64, 64 * PAGE as usize);
+        let base = d.path().join("base");
+        std::fs::write(&base, vec![7u8; ram]).unwrap();
+        let f = File::open(&base).unwrap();
+        // SAFETY: a fresh private mapping of an open file, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), ram, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        assert_ne!(p, libc::MAP_FAILED);
+        // SAFETY: offsets within the mapping. Page 3 changed to 9s, page 9 zeroed.
+        unsafe {
+            std::ptr::write_bytes((p as *mut u8).add(3 * 4096), 9, 4096);
+            std::ptr::write_bytes((p as *mut u8).add(9 * 4096), 0, 4096);
+        }
+        // What QEMU would write: every non-zero page (all but 9), then device state.
+        let mut image = Vec::new();
+        put_header(&mut image, 100, pages);
+        let m = find_header_in(&image, pages);
+        image.resize(m.pages_offset as usize + ram, 0);
+        let mut written = vec![0u64; 1];
+        for page in (0..pages).filter(|&pg| pg != 9) {
+            written[0] |= 1 << page;
+            let at = (m.pages_offset + page * PAGE) as usize;
+            image[at..at + 4096].fill(if page == 3 { 9 } else { 7 });
+        }
+        image[m.bitmap_offset as usize..m.bitmap_offset as usize + 8].copy_from_slice(&written[0].to_le_bytes());
+        image.extend(b"device state");
+        let state = d.path().join("state");
+        std::fs::write(&state, &image).unwrap();
+
+        let stats = trim(&state, std::process::id(), &base, ram as u64).unwrap();
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(p, ram) };
+        assert_eq!(stats, TrimStats { kept: 2, dropped: 62 });
+        let out = std::fs::read(&state).unwrap();
+        assert_eq!(out.len(), image.len());
+        assert!(out.ends_with(b"device state"));
+        let bitmap = u64::from_le_bytes(out[m.bitmap_offset as usize..m.bitmap_offset as usize + 8].try_into().unwrap());
+        assert_eq!(bitmap, (1 << 3) | (1 << 9));
+        let page = |n: u64| &out[(m.pages_offset + n * PAGE) as usize..(m.pages_offset + (n + 1) * PAGE) as usize];
+        assert!(page(3).iter().all(|&b| b == 9) && page(9).iter().all(|&b| b == 0) && page(4).iter().all(|&b| b == 0));
+        assert!(std::fs::metadata(&state).unwrap().blocks() * 512 < (m.pages_offset + 8 * PAGE), "dropped pages take no blocks");
+    }
+
+    fn find_header_in(image: &[u8], pages: u64) -> MappedRam {
+        let d = tempfile::tempdir().unwrap();
+        let mut bytes = image.to_vec();
+        bytes.resize(bytes.len().max(4096), 0);
+        std::fs::write(d.path().join("s"), &bytes).unwrap();
+        find_header(&File::open(d.path().join("s")).unwrap(), pages * PAGE).unwrap()
     }
 
     #[test]

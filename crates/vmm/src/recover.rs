@@ -151,7 +151,7 @@ pub fn settle_suspend(dest: &Path, run_dir: Option<&Path>) -> Result<Snapshot, S
         let _ = std::fs::remove_dir_all(st);
     }
     if in_place {
-        for f in [".state.tmp", "state", ".manifest.json.tmp", "manifest.json"] {
+        for f in [".state.tmp", ".state.tmp.trim", "state", ".manifest.json.tmp", "manifest.json"] {
             let _ = std::fs::remove_file(dest.join(f));
         }
         crate::snapshot::sync_dir(dest);

@@ -143,6 +143,12 @@ impl Vm {
         tracing::debug!(?args, "starting QEMU");
         tracing::debug!(elapsed = ?started.elapsed(), "prepared (overlay, network)");
         let netns = net.as_ref().map(NetNs::path);
+        if cfg.qemu_binary.is_absolute() && !cfg.qemu_binary.exists() {
+            // Said as a missing QEMU (with the set-up command), before a jail is prepared
+            // around it.
+            let source = std::io::Error::from(std::io::ErrorKind::NotFound);
+            return Err(BootError::Spawn { binary: cfg.qemu_binary.clone(), source });
+        }
         let (process, cgroup) = match &cfg.jail {
             None => (QemuProcess::spawn(&cfg.qemu_binary, &args, &paths.qemu_log, netns.as_deref(), cfg.detached), None),
             Some(j) => {
