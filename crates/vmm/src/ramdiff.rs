@@ -244,25 +244,18 @@ pub fn trim(state: &Path, pid: u32, base: &Path, ram_size: u64) -> Result<TrimSt
         let _ = std::fs::remove_file(&out_path);
         return Err(TrimError::Io { what: "write the trimmed state file".into(), source: e });
     }
+    // QEMU's file is unlinked now; closing its last descriptor drops its page cache, which
+    // for gigabytes is slow (with it on the path, trimming a 2.2 GB image took 0.6-1.8 s
+    // here): off the path.
+    std::thread::spawn(move || drop(src));
     Ok(stats)
 }
 
-/// Copies `len` bytes at `offset` of `from` to the same offset of `to`: in the kernel
-/// (`copy_file_range`, page cache to page cache), through `buf` where it is refused.
+/// Copies `len` bytes at `offset` of `from` to the same offset of `to`, through `buf`.
+/// (`copy_file_range` measured slower here: ~0.9 s instead of ~45 ms for an image with
+/// nothing changed, the source's page cache being dirty.)
 fn copy_range(from: &File, to: &File, offset: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     let mut done = 0u64;
-    while done < len {
-        let (mut off_in, mut off_out) = ((offset + done) as libc::loff_t, (offset + done) as libc::loff_t);
-        // SAFETY: both descriptors are open for the call; the offsets are locals the kernel
-        // updates; no other memory is involved.
-        let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), &mut off_out, (len - done) as usize, 0) };
-        match n {
-            n if n > 0 => done += n as u64,
-            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-            _ => break,
-        }
-    }
     while done < len {
         let n = (len - done).min(buf.len() as u64) as usize;
         from.read_exact_at(&mut buf[..n], offset + done)?;
@@ -369,13 +362,13 @@ mod tests {
         put_header(&mut image, 100, pages);
         let m = find_header_in(&image, pages);
         image.resize(m.pages_offset as usize + ram, 0);
-        let mut written = vec![0u64; 1];
+        let mut written = 0u64;
         for page in (0..pages).filter(|&pg| pg != 9) {
-            written[0] |= 1 << page;
+            written |= 1 << page;
             let at = (m.pages_offset + page * PAGE) as usize;
             image[at..at + 4096].fill(if page == 3 { 9 } else { 7 });
         }
-        image[m.bitmap_offset as usize..m.bitmap_offset as usize + 8].copy_from_slice(&written[0].to_le_bytes());
+        image[m.bitmap_offset as usize..m.bitmap_offset as usize + 8].copy_from_slice(&written.to_le_bytes());
         image.extend(b"device state");
         let state = d.path().join("state");
         std::fs::write(&state, &image).unwrap();
