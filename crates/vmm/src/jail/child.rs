@@ -169,7 +169,8 @@ unsafe fn fail(err: i32, step: usize) -> ! {
 }
 
 /// The child between clone and exec. Every call here is a system call on memory prepared
-/// before the clone.
+/// before the clone, and none may take a lock: glibc's locks are in the state the parent's
+/// other threads left them at the clone (its set*id wrappers are replaced by raw calls).
 unsafe fn child(x: &Exec<'_>, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> ! {
     // SAFETY: each block below is one raw system call (async-signal-safe) on values that
     // live in this process's copy of the parent's memory; on failure `fail` exits.
@@ -267,9 +268,15 @@ unsafe fn child(x: &Exec<'_>, argv: *const *const libc::c_char, envp: *const *co
             }
         }
         ck(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), 12);
-        ck(libc::setgroups(0, std::ptr::null()), 13);
-        ck(libc::setresgid(x.jail.uid, x.jail.uid, x.jail.uid), 13);
-        ck(libc::setresuid(x.jail.uid, x.jail.uid, x.jail.uid), 13);
+        // Raw system calls, not glibc's wrappers: in a multi-threaded process glibc makes
+        // these a broadcast to every thread (`__nptl_setxid`), taking its thread-list lock;
+        // this child came from a raw clone3 and has one thread, and a lock another thread
+        // of the parent held at the clone is never released here (seen: a child parked on
+        // that futex for ever, its parent waiting on `err`).
+        let id = libc::c_long::from(x.jail.uid);
+        ck(libc::syscall(libc::SYS_setgroups, 0 as libc::c_long, std::ptr::null::<libc::gid_t>()) as libc::c_int, 13);
+        ck(libc::syscall(libc::SYS_setresgid, id, id, id) as libc::c_int, 13);
+        ck(libc::syscall(libc::SYS_setresuid, id, id, id) as libc::c_int, 13);
         // After the uid change, which clears it. The parent is blocked reading `err`
         // until the exec, so it cannot have died before this.
         if !x.detached {
