@@ -50,8 +50,6 @@ pub fn boot() -> Result<Booted, BootError> {
     mount_fs("proc", "/proc", "proc", nosuid, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nosuid, None)?;
 
-    // First: every moment it runs is a host wake-up (see `pit`).
-    crate::pit::stop();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let arg = |key: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|v| v.strip_prefix('='))).map(str::to_owned);
 

@@ -19,7 +19,6 @@ mod files;
 mod hook;
 mod init;
 mod net;
-mod pit;
 mod port;
 mod pty;
 mod reaper;
