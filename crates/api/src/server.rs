@@ -116,37 +116,44 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         Ok(x) => x,
         Err(e) => return e.into_response(),
     };
-    let result = async {
-        crate::body::check_content_type(&parts.headers, &bytes)?;
-        let input = model().parse_input(op, &params, &query_pairs(parts.uri.query()), &bytes)?;
-        let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
-        let hash = {
-            let mut without = input.clone();
-            without.remove("clientToken");
-            format!("{:x}", Sha256::digest(Value::Object(without).to_string()))
-        };
-        if let Some(t) = &token {
-            // Claimed before the call runs, so two concurrent retries cannot both run it.
-            if let Some((h, resp)) = svc.claim(&account, &op.name, t, &hash).await? {
-                if h != hash {
-                    return Err(ApiError::conflict(&op.name, t, "clientToken was already used with different parameters"));
+    // The call runs as a task of its own: a client that goes away mid-call (its timeout, a
+    // dropped connection) does not cut an operation half-way (a resume, a launch); its
+    // retry finds the result through the clientToken, or the state the call left.
+    let task = {
+        let (svc, account, headers, query, bytes) =
+            (svc.clone(), account.clone(), parts.headers.clone(), parts.uri.query().map(str::to_owned), bytes.clone());
+        async move {
+            crate::body::check_content_type(&headers, &bytes)?;
+            let input = model().parse_input(op, &params, &query_pairs(query.as_deref()), &bytes)?;
+            let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
+            let hash = {
+                let mut without = input.clone();
+                without.remove("clientToken");
+                format!("{:x}", Sha256::digest(Value::Object(without).to_string()))
+            };
+            if let Some(t) = &token {
+                // Claimed before the call runs, so two concurrent retries cannot both run it.
+                if let Some((h, resp)) = svc.claim(&account, &op.name, t, &hash).await? {
+                    if h != hash {
+                        return Err(ApiError::conflict(&op.name, t, "clientToken was already used with different parameters"));
+                    }
+                    if resp.is_empty() {
+                        return Err(ApiError::conflict(&op.name, t, "a call with this clientToken is still in progress; retry shortly"));
+                    }
+                    return serde_json::from_str(&resp).map_err(ApiError::internal);
                 }
-                if resp.is_empty() {
-                    return Err(ApiError::conflict(&op.name, t, "a call with this clientToken is still in progress; retry shortly"));
+            }
+            let out = dispatch(&svc, &account, &op.name, &input).await.and_then(|v| checked_output(op, v));
+            if let Some(t) = &token {
+                match &out {
+                    Ok(v) => svc.remember(&account, &op.name, t, &hash, &v.to_string()).await?,
+                    Err(_) => svc.unclaim(&account, &op.name, t).await?,
                 }
-                return serde_json::from_str(&resp).map_err(ApiError::internal);
             }
+            out
         }
-        let out = dispatch(&svc, &account, &op.name, &input).await.and_then(|v| checked_output(op, v));
-        if let Some(t) = &token {
-            match &out {
-                Ok(v) => svc.remember(&account, &op.name, t, &hash, &v.to_string()).await?,
-                Err(_) => svc.unclaim(&account, &op.name, t).await?,
-            }
-        }
-        out
-    }
-    .await;
+    };
+    let result = tokio::spawn(task).await.unwrap_or_else(|e| Err(ApiError::internal(e)));
     let status = result.as_ref().map_or_else(ApiError::status, |_| op.status);
     svc.metrics.request(&op.name, status);
     tracing::info!(operation = %op.name, %account, status, ms = started.elapsed().as_secs_f64() * 1000.0, "api call");
