@@ -51,15 +51,7 @@ pub async fn receive(svc: Arc<Service>, parts: http::request::Parts, body: Body)
 }
 
 async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) -> Result<u64, ApiError> {
-    let key = svc.claimed_key(&parts.headers).await;
-    let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, crate::clock::system(), |k| {
-        key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
-    })?;
-    let account = key
-        .filter(|k| k.access_key == signed.access_key)
-        .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
-        .account;
-    svc.throttle(&account).await?;
+    let (account, claimed_hash) = svc.streamed_caller(parts).await?;
     let id = parts.uri.path().trim_start_matches("/hearth/v1/microvms/").trim_end_matches("/files");
     let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned();
     let path = crate::server::query_pairs(parts.uri.query())
@@ -103,7 +95,7 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
                 return Ok(None);
             }
         }
-        if format!("{:x}", hash.finalize()) != signed.payload_hash {
+        if format!("{:x}", hash.finalize()) != claimed_hash {
             return abort(tx, ApiError::new(Kind::InvalidSignature, "the body does not match its X-Amz-Content-Sha256")).await;
         }
         // Dropping the sender ends the stream: the agent renames the file into place.

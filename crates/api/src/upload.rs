@@ -58,15 +58,7 @@ pub async fn receive(svc: Arc<Service>, parts: http::request::Parts, body: Body)
 }
 
 async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) -> Result<Response, ApiError> {
-    let key = svc.claimed_key(&parts.headers).await;
-    let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, crate::clock::system(), |k| {
-        key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
-    })?;
-    let account = key
-        .filter(|k| k.access_key == signed.access_key)
-        .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?
-        .account;
-    svc.throttle(&account).await?;
+    let (account, claimed_hash) = svc.streamed_caller(parts).await?;
     // The account's quota on one artifact bounds the upload; the host keeps its disk reserve.
     let max = svc.artifact_limit(&account).await?;
     let too_large = |n: u64| svc.artifact_refusal(&account, n);
@@ -105,7 +97,7 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         file.write_all(&data).await.map_err(ApiError::internal)?;
     }
     let sha = format!("{:x}", hash.finalize());
-    if sha != signed.payload_hash {
+    if sha != claimed_hash {
         return Err(ApiError::new(Kind::InvalidSignature, "the upload's body does not match its X-Amz-Content-Sha256"));
     }
     // A zip starts with a local file header, or is empty (end of central directory).

@@ -7,27 +7,6 @@ mod daemon;
 
 use daemon::*;
 
-/// An app that records its lifecycle hook calls (and refuses a /run whose payload says so).
-const HOOKED_APP: &str = r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-    def do_POST(self):
-        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with open("/tmp/hooks.log", "a") as f:
-            f.write("%s %s\n" % (self.path, data.decode()))
-        self.send_response(500 if data == b"refuse" else 200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
-"#;
-
 #[test]
 fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     let tmp = tempfile::tempdir().unwrap();

@@ -8,27 +8,6 @@ mod daemon;
 
 use daemon::*;
 
-/// An app that records its lifecycle hook calls.
-const HOOKED_APP: &str = r#"
-import http.server
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
-    def do_POST(self):
-        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        with open("/tmp/hooks.log", "a") as f:
-            f.write("%s %s\n" % (self.path, data.decode()))
-        self.send_response(200)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-    def log_message(self, *a):
-        pass
-http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
-"#;
-
 #[test]
 fn a_pooled_claim_is_a_fresh_launch_and_pools_never_outlive_their_daemon() {
     let tmp = tempfile::tempdir().unwrap();

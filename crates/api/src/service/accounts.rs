@@ -14,6 +14,27 @@ impl Service {
         self.store.key(id).await.ok().flatten()
     }
 
+    /// The caller of a request whose body is streamed after its headers are checked (an
+    /// upload, a streamed file write): its SigV4 signature over the body hash it claims, its
+    /// account, and one call from that account's request bucket. Returns the account and
+    /// the claimed body hash, which the caller checks once the body has arrived.
+    ///
+    /// # Errors
+    ///
+    /// The signature's refusals, an unknown key, ThrottlingException.
+    pub async fn streamed_caller(&self, parts: &http::request::Parts) -> Result<(String, String), ApiError> {
+        let key = self.claimed_key(&parts.headers).await;
+        let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, crate::clock::system(), |k| {
+            key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
+        })?;
+        let account = key
+            .filter(|k| k.access_key == signed.access_key)
+            .ok_or_else(|| ApiError::new(crate::error::Kind::UnrecognizedClient, "unknown access key"))?
+            .account;
+        self.throttle(&account).await?;
+        Ok((account, signed.payload_hash))
+    }
+
     /// On the first start (no key at all): a new tenant and its access key, to be shown
     /// once.
     ///

@@ -137,3 +137,24 @@ pub fn run_script(name: &str, url: &str, keys: (&str, &str), ctx: &Path, state: 
     assert!(out.status.success(), "{name} {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
 }
+
+/// An app that records its lifecycle hook calls (and refuses a /run whose payload says so).
+pub const HOOKED_APP: &str = r#"
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with open("/tmp/hooks.log", "a") as f:
+            f.write("%s %s\n" % (self.path, data.decode()))
+        self.send_response(500 if data == b"refuse" else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
+"#;
