@@ -134,8 +134,21 @@ fn switch_root(device: &str, fstype: &str) -> Result<(), BootError> {
     }
     let new_root = "/newroot";
     std::fs::create_dir_all(new_root).map_err(|e| err("create /newroot", e))?;
-    mount(Some(device), new_root, Some(fstype), MsFlags::empty(), None::<&str>)
-        .map_err(|e| err(&format!("mount {device} ({fstype})"), e))?;
+    let ext4 = fstype == "ext4";
+    // A disk the host made larger than its filesystem (an image's bigger root disk): read
+    // before mounting, grown once mounted.
+    let grow_to = if ext4 { crate::growfs::plan(device) } else { None };
+    // `noinit_itable`: Hearth's disks are sparse files, whose unwritten inode tables read
+    // as zeros already; the kernel's background zeroing would only write them into every
+    // VM's overlay.
+    let data = ext4.then_some("noinit_itable");
+    mount(Some(device), new_root, Some(fstype), MsFlags::empty(), data).map_err(|e| err(&format!("mount {device} ({fstype})"), e))?;
+    if let Some(blocks) = grow_to {
+        // Not fatal: the VM works on the smaller filesystem; the console says why.
+        if let Err(e) = crate::growfs::grow(new_root, blocks) {
+            eprintln!("hearth-agent: cannot grow the root filesystem to fill {device}: {e}");
+        }
+    }
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{new_root}{m}");
         std::fs::create_dir_all(&target).map_err(|e| err(&format!("create {target}"), e))?;
@@ -184,11 +197,11 @@ fn loopback_up() -> std::io::Result<()> {
     // SAFETY: `req` is a valid, initialised ifreq that outlives both calls, and the socket
     // fd is open for their duration; SIOC[GS]IFFLAGS read and write only `ifr_flags`.
     unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as libc::Ioctl, &mut req) < 0 {
             return Err(std::io::Error::last_os_error());
         }
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as libc::Ioctl, &req) < 0 {
             return Err(std::io::Error::last_os_error());
         }
     }

@@ -16,6 +16,7 @@
 
 mod exec;
 mod files;
+mod growfs;
 mod hook;
 mod init;
 mod net;

@@ -60,6 +60,8 @@ fn ifreq(name: &str) -> libc::ifreq {
     req
 }
 
+// `libc::Ioctl` is `c_ulong` on glibc and `c_int` on musl (the ARM64 agent), while the
+// request constants are `c_ulong` on both: callers cast.
 fn ioctl<T>(fd: i32, req: libc::Ioctl, arg: &mut T, what: &str) -> std::io::Result<()> {
     // SAFETY: every call passes the argument type its request expects (`ifreq` for the
     // SIOC*IF* requests, `rtentry` for SIOCADDRT), valid for the call's duration.
@@ -100,22 +102,22 @@ pub fn configure(cfg: &NetConfig) -> std::io::Result<String> {
     let fd = sock.as_raw_fd();
     let mut req = ifreq(&name);
     req.ifr_ifru.ifru_addr = sockaddr(cfg.addr);
-    ioctl(fd, libc::SIOCSIFADDR, &mut req, "set address")?;
+    ioctl(fd, libc::SIOCSIFADDR as libc::Ioctl, &mut req, "set address")?;
     let mut req = ifreq(&name);
     req.ifr_ifru.ifru_netmask = sockaddr(cfg.netmask());
-    ioctl(fd, libc::SIOCSIFNETMASK, &mut req, "set netmask")?;
+    ioctl(fd, libc::SIOCSIFNETMASK as libc::Ioctl, &mut req, "set netmask")?;
     let mut req = ifreq(&name);
-    ioctl(fd, libc::SIOCGIFFLAGS, &mut req, "get flags")?;
+    ioctl(fd, libc::SIOCGIFFLAGS as libc::Ioctl, &mut req, "get flags")?;
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
-    ioctl(fd, libc::SIOCSIFFLAGS, &mut req, "bring the link up")?;
+    ioctl(fd, libc::SIOCSIFFLAGS as libc::Ioctl, &mut req, "bring the link up")?;
     // SAFETY: `rtentry` is plain old data; all-zero is a valid value.
     let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
     rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
     rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
     rt.rt_gateway = sockaddr(cfg.gateway);
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    match ioctl(fd, libc::SIOCADDRT, &mut rt, "add the default route") {
+    match ioctl(fd, libc::SIOCADDRT as libc::Ioctl, &mut rt, "add the default route") {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
         other => other?,
     }

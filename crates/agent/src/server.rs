@@ -128,6 +128,10 @@ pub fn error(status: StatusCode, code: ErrorCode, message: impl Into<String>) ->
     json(status, &ErrorBody { code, message: message.into() })
 }
 
+/// What to do about a full filesystem, said with every ENOSPC.
+pub const DISK_FULL: &str =
+    "the filesystem is full; remove files, or for the root disk give the image a bigger one (its tag hearth:disk-size-gib)";
+
 /// The response for an I/O error on `what`.
 pub fn io_error(what: &str, e: &std::io::Error) -> Response<Body> {
     use std::io::ErrorKind as K;
@@ -137,6 +141,10 @@ pub fn io_error(what: &str, e: &std::io::Error) -> Response<Body> {
         K::PermissionDenied => (StatusCode::FORBIDDEN, ErrorCode::PermissionDenied),
         K::InvalidInput | K::InvalidData => (StatusCode::BAD_REQUEST, ErrorCode::InvalidInput),
         K::IsADirectory | K::NotADirectory | K::DirectoryNotEmpty => (StatusCode::CONFLICT, ErrorCode::WrongKind),
+        // The tenant's disk is full: theirs to act on, so the message says how.
+        K::StorageFull | K::QuotaExceeded => {
+            return error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Io, format!("{what}: {e}: {DISK_FULL}"));
+        }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Io),
     };
     error(status, code, format!("{what}: {e}"))

@@ -416,6 +416,9 @@ pub struct ServeConfig {
     pub pools: crate::service::PoolSettings,
     /// The egress of a microvm whose run and image name no connector (`--default-egress`).
     pub default_egress: crate::service::DefaultEgress,
+    /// The architecture of image versions whose request names no `cpuConfigurations`
+    /// (`--default-architecture`; the host's by default).
+    pub default_arch: hearth_vmm::Arch,
 }
 
 /// What `serve` reports once it listens.
@@ -484,6 +487,7 @@ pub async fn serve(
     service.default_rate = cfg.rate_limit;
     service.pools = crate::service::Pools::new(cfg.pools);
     service.default_egress = cfg.default_egress;
+    service.default_arch = cfg.default_arch;
     tracing::info!(
         memory_mib = service.capacity.memory_mib,
         vcpus = service.capacity.vcpus,

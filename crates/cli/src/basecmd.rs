@@ -13,7 +13,8 @@ pub enum BaseCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Build a managed base image: busybox (alias minimal) or debian-bookworm.
+    /// Build a managed base image: minimal (alias busybox), debian-bookworm, python or
+    /// nodejs (the last two are otherwise built on their first use).
     Build {
         /// The base.
         name: Base,
@@ -39,9 +40,9 @@ pub async fn run(cmd: BaseCmd) -> anyhow::Result<i32> {
     match cmd {
         BaseCmd::Ls { json } => {
             let mut rows = Vec::new();
-            for (name, base) in [("busybox", Base::Busybox), ("debian-bookworm", Base::DebianBookworm)] {
+            for base in Base::ALL {
                 let p = base.path(&home);
-                rows.push((name.to_owned(), "managed", p.is_file().then_some(p)));
+                rows.push((base.name().to_owned(), "managed", p.is_file().then_some(p)));
             }
             for e in std::fs::read_dir(home.join("rootfs")).into_iter().flatten().flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();

@@ -48,9 +48,14 @@ pub struct BuildArgs {
     /// Image name.
     #[arg(long)]
     name: String,
-    /// Base image the build starts from: debian-bookworm or minimal.
+    /// Base image the build starts from: minimal, debian-bookworm, python or nodejs (built
+    /// on first use when `hearth setup` did not).
     #[arg(long, default_value = "debian-bookworm")]
     base: Base,
+    /// The root disk's size in GiB (8 to 256; default: the base's 8 GiB, or the parent
+    /// image's). Sparse: the host pays only for what the guest writes.
+    #[arg(long, value_parser = |s: &str| hearth_image::disk::parse_gib(s))]
+    disk_size_gib: Option<u64>,
     /// Environment variable for the build and the app (KEY=VALUE); repeatable.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -150,6 +155,12 @@ pub async fn run(cmd: LocalCmd) -> anyhow::Result<i32> {
                 ctx
             };
             anyhow::ensure!(context.join("Dockerfile").is_file(), "{} has no Dockerfile at its root", src.display());
+            // A managed base `hearth setup` did not build (python, nodejs) is built now.
+            if !a.base.path(&home).is_file() {
+                eprintln!("building the managed base {} on its first use (a few minutes, once for this host)", a.base);
+                let (base, h) = (a.base, home.clone());
+                tokio::task::spawn_blocking(move || base.ensure(&h, &|m| eprintln!("{m}"))).await??;
+            }
             let mut rec = store::begin(&home, &a.name, a.base)?;
             let vdir = store::version_dir(&home, &rec.name, rec.version);
             let req = BuildRequest {
@@ -164,6 +175,7 @@ pub async fn run(cmd: LocalCmd) -> anyhow::Result<i32> {
                 network,
                 cache: (!a.no_cache).then(|| hearth_image::layers::LayerCache::new(&home)),
                 images: std::sync::Arc::new(build::HostImages(home.clone())),
+                disk_gib: a.disk_size_gib,
             };
             rec.state = ImageVersionState::InProgress;
             store::save(&home, &rec)?;

@@ -108,6 +108,18 @@ pub struct ServeArgs {
     /// `internet` (INTERNET_EGRESS, as on the service) or `none`. A run naming `[]` has none.
     #[arg(long, value_name = "internet|none", default_value = "internet", env = "HEARTH_DEFAULT_EGRESS")]
     default_egress: hearth_api::service::DefaultEgress,
+    /// Pull a registry's images from a mirror instead, for Dockerfiles' `FROM <image>`:
+    /// `REGISTRY=URL`, e.g. `docker.io=http://127.0.0.1:5000` (repeatable; `http://` for a
+    /// mirror without TLS). Wins over `<state>/registries.json`, which also holds mirrors
+    /// and per-registry credentials (README: Dockerfile support).
+    #[arg(long, value_name = "REGISTRY=URL", env = "HEARTH_REGISTRY_MIRROR", value_delimiter = ',')]
+    registry_mirror: Vec<String>,
+    /// The architecture of image versions whose request names no cpuConfigurations:
+    /// `x86_64` or `arm64` (ARM_64, the service's only one; emulated, and so slower, on
+    /// an x86-64 host). Default: the host's. Each version records its own, so changing
+    /// this changes only new versions.
+    #[arg(long, value_name = "ARCH", env = "HEARTH_DEFAULT_ARCHITECTURE")]
+    default_architecture: Option<hearth_vmm::Arch>,
     /// Each microVM's root disk throughput, bytes per second, reads and writes together
     /// (QEMU block throttling; a guest over it waits). 0: unlimited, the default: the
     /// right number depends on this host's disks; set it where tenants share them.
@@ -139,6 +151,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         a.pool_size,
         hearth_api::service::MAX_POOL_SIZE
     );
+    hearth_image::registry::set_flag_mirrors(&a.registry_mirror).map_err(|e| anyhow::anyhow!(e))?;
     let endpoints = endpoint_config(&a)?;
     let home = hearth_vmm::home::hearth_home();
     restrict_home(&home);
@@ -202,6 +215,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
             cpu_budget: a.pool_cpu_budget,
         },
         default_egress: a.default_egress,
+        default_arch: a.default_architecture.unwrap_or_else(hearth_vmm::Arch::host),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");

@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Args;
 use hearth_image::base::Base;
+use hearth_vmm::Arch;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,6 +18,16 @@ pub struct SetupArgs {
     /// Also build the debian-bookworm base root filesystem (takes a minute or two).
     #[arg(long)]
     debian: bool,
+    /// Also build this managed base now (repeatable): python, nodejs, debian-bookworm.
+    /// Bases not built here are built on their first use (`hearth base build NAME`, or the
+    /// first image build on them).
+    #[arg(long = "base", value_name = "NAME")]
+    base: Vec<Base>,
+    /// The guest architecture to set up: `x86_64` (the default) or `arm64` (its kernel,
+    /// agent, initramfs and busybox base, in $HEARTH_HOME/arm64; the agent is
+    /// `scripts/build-agent.sh --arm64`'s). Run once per architecture.
+    #[arg(long, default_value = "x86_64")]
+    arch: Arch,
     /// Print what was set up as JSON.
     #[arg(long)]
     json: bool,
@@ -30,22 +41,22 @@ fn spinner(msg: &str) -> ProgressBar {
     pb
 }
 
-fn default_agent() -> Option<PathBuf> {
+fn default_agent(arch: Arch) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    // target/{debug,release}/hearth → target/x86_64-unknown-linux-gnu/agent/hearth-agent
+    // target/{debug,release}/hearth → target/<agent target>/agent/hearth-agent
     // Only the static build (scripts/build-agent.sh) is wanted; a plain `cargo build`
     // leaves a dynamically linked hearth-agent beside this binary.
-    [dir.join("../x86_64-unknown-linux-gnu/agent/hearth-agent"), dir.join("../../x86_64-unknown-linux-gnu/agent/hearth-agent")]
-        .into_iter()
-        .find(|p| p.is_file())
+    let rel = format!("{}/agent/hearth-agent", arch.agent_target());
+    [dir.join("..").join(&rel), dir.join("../..").join(&rel)].into_iter().find(|p| p.is_file())
 }
 
-fn check_qemu() -> anyhow::Result<String> {
-    let out = std::process::Command::new("qemu-system-x86_64")
+fn check_qemu(arch: Arch) -> anyhow::Result<String> {
+    let binary = arch.qemu_binary();
+    let out = std::process::Command::new(binary)
         .arg("--version")
         .output()
-        .with_context(|| format!("qemu-system-x86_64 not found; run `{}`", hearth_vmm::home::SETUP_COMMAND))?;
+        .with_context(|| format!("{binary} not found; run `{}`", hearth_vmm::home::SETUP_COMMAND))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let first = text.lines().next().unwrap_or_default().to_owned();
     let major: u32 = first.split("version ").nth(1).and_then(|v| v.split('.').next()).and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -57,34 +68,48 @@ fn check_qemu() -> anyhow::Result<String> {
 pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
     let home = hearth_vmm::home::hearth_home();
     std::fs::create_dir_all(&home).with_context(|| format!("create {}", home.display()))?;
-    let qemu = check_qemu()?;
+    let arch = args.arch;
+    anyhow::ensure!(!(args.debian && arch != Arch::X86_64), "the debian-bookworm base is x86_64 only; drop --debian for --arch {arch}");
+    let qemu = check_qemu(arch)?;
 
     let h = home.clone();
-    let pb = spinner("guest kernel");
-    let kernel = tokio::task::spawn_blocking(move || hearth_vmm::assets::fetch_kernel(&h, &|m| tracing::info!("{m}"))).await??;
-    pb.finish_with_message(format!("guest kernel {}", kernel.release));
+    let pb = spinner(&format!("{arch} guest kernel"));
+    let kernel = tokio::task::spawn_blocking(move || hearth_vmm::assets::fetch_kernel_for(&h, arch, &|m| tracing::info!("{m}"))).await??;
+    pb.finish_with_message(format!("{arch} guest kernel {}", kernel.release));
 
-    let installed = hearth_vmm::assets::agent_path(&home);
-    let agent = match args.agent.or_else(default_agent) {
-        Some(a) => hearth_vmm::assets::install_agent(&home, &a)?,
+    let arch_home = arch.home(&home);
+    let installed = hearth_vmm::assets::agent_path(&arch_home);
+    let agent = match args.agent.or_else(|| default_agent(arch)) {
+        Some(a) => hearth_vmm::assets::install_agent_for(&home, arch, &a)?,
         None if installed.is_file() => installed,
         None => anyhow::bail!(
-            "no agent binary found; build it with `scripts/build-agent.sh` or pass --agent (run `{}` to do everything)",
+            "no {arch} agent binary found; build it with `scripts/build-agent.sh{}` or pass --agent (run `{}` to do everything)",
+            if arch == Arch::Aarch64 { " --arm64" } else { "" },
             hearth_vmm::home::SETUP_COMMAND
         ),
     };
-    let initramfs = hearth_vmm::assets::ensure_initramfs(&home, &agent, &kernel)?;
+    let initramfs = hearth_vmm::assets::ensure_initramfs(&arch_home, &agent, &kernel)?;
 
     let mut bases = vec![Base::Busybox];
     if args.debian {
         bases.push(Base::DebianBookworm);
     }
+    anyhow::ensure!(args.base.is_empty() || arch == Arch::X86_64, "--base is for x86_64 guests; arm64 has the busybox base only");
+    for b in args.base {
+        if !bases.contains(&b) {
+            bases.push(b);
+        }
+    }
     let mut rootfs = Vec::new();
     for base in bases {
         let h = home.clone();
-        let pb = spinner(&format!("{base:?} root filesystem"));
+        let pb = spinner(&format!("{arch} {base:?} root filesystem"));
         let pbc = pb.clone();
-        let path = tokio::task::spawn_blocking(move || base.ensure(&h, &|m| pbc.set_message(m.to_owned()))).await??;
+        let path = tokio::task::spawn_blocking(move || match arch {
+            Arch::X86_64 => base.ensure(&h, &|m| pbc.set_message(m.to_owned())),
+            Arch::Aarch64 => hearth_image::base_arm64::ensure_busybox(&h, &|m| pbc.set_message(m.to_owned())),
+        })
+        .await??;
         pb.finish_with_message(format!("{} ready", path.display()));
         rootfs.push(path);
     }
@@ -92,7 +117,7 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "home": home, "qemu": qemu, "kernel": kernel.boot_image, "kernel_release": kernel.release,
+                "home": home, "arch": arch.as_str(), "qemu": qemu, "kernel": kernel.boot_image, "kernel_release": kernel.release,
                 "agent": agent, "initramfs": initramfs, "rootfs": rootfs,
             })
         );
@@ -104,7 +129,7 @@ pub async fn run(args: SetupArgs) -> anyhow::Result<()> {
         for r in rootfs {
             println!("  rootfs     {}", r.display());
         }
-        println!("Try: hearth vm run -- uname -a");
+        println!("Try: hearth vm run{} -- uname -a", if arch == Arch::X86_64 { "" } else { " --arch arm64" });
     }
     Ok(())
 }

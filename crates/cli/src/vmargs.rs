@@ -3,13 +3,14 @@
 use anyhow::Context;
 use clap::Args;
 use hearth_image::base::Base;
-use hearth_vmm::{Accel, Disk, DiskFormat, VmConfig};
+use hearth_vmm::{Accel, Arch, Disk, DiskFormat, VmConfig};
 use std::path::PathBuf;
 
 /// How to build a VM.
 #[derive(Args, Debug, Clone)]
 pub struct VmArgs {
-    /// Root filesystem: `busybox`, `debian-bookworm`, or a path to a raw/ext4 or qcow2 image
+    /// Root filesystem: a managed base (`busybox`, `debian-bookworm`, `python`, `nodejs`),
+    /// or a path to a raw/ext4 or qcow2 image
     /// (used as a read-only base; the VM writes to its own overlay).
     #[arg(long, default_value = "busybox")]
     pub rootfs: String,
@@ -19,6 +20,10 @@ pub struct VmArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
+    /// Guest architecture: x86_64 or arm64 (emulated on an x86-64 host; set up with
+    /// `hearth setup --arch arm64`).
+    #[arg(long, default_value = "x86_64", env = "HEARTH_ARCH")]
+    pub arch: Arch,
     /// Accelerator: auto (measure KVM, else TCG), kvm or tcg.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     pub accel: Accel,
@@ -95,11 +100,11 @@ impl VmArgs {
         let (kernel, initramfs) = match (&self.kernel, &self.initramfs) {
             (Some(k), Some(i)) => (k.clone(), i.clone()),
             (k, i) => {
-                let (dk, di) = hearth_vmm::assets::boot_files(&home)?;
+                let (dk, di) = hearth_vmm::assets::boot_files_for(&home, self.arch)?;
                 (k.clone().unwrap_or(dk), i.clone().unwrap_or(di))
             }
         };
-        let mut cfg = VmConfig::new(kernel, initramfs);
+        let mut cfg = VmConfig::for_arch(kernel, initramfs, self.arch);
         cfg.memory_mib = self.memory;
         cfg.vcpus = self.vcpus;
         cfg.accel = self.accel;
@@ -114,17 +119,22 @@ impl VmArgs {
 
     fn root_disk(&self, home: &std::path::Path) -> anyhow::Result<Disk> {
         if let Ok(base) = self.rootfs.parse::<Base>() {
-            let path = base.path(home);
+            let path = hearth_image::base_arm64::path_for(base, self.arch, home)?;
             anyhow::ensure!(
                 path.is_file(),
-                "base image {} is not built yet; run `hearth setup{}`",
+                "base image {} is not built yet; run `hearth {}{}`",
                 self.rootfs,
-                if base == Base::DebianBookworm { " --debian" } else { "" }
+                if base == Base::Busybox { "setup".to_owned() } else { format!("base build {base}") },
+                if self.arch == Arch::X86_64 { "" } else { " --arch arm64" }
             );
             return Ok(Disk::base(path, DiskFormat::Raw));
         }
         let path = PathBuf::from(&self.rootfs);
-        anyhow::ensure!(path.is_file(), "root filesystem {:?} is neither busybox, debian-bookworm nor an image file", self.rootfs);
+        anyhow::ensure!(
+            path.is_file(),
+            "root filesystem {:?} is neither a managed base (busybox, debian-bookworm, python, nodejs) nor an image file",
+            self.rootfs
+        );
         let format = if path.extension().is_some_and(|e| e == "qcow2") { DiskFormat::Qcow2 } else { DiskFormat::Raw };
         let path = std::fs::canonicalize(&path).with_context(|| format!("resolve {}", path.display()))?;
         Ok(Disk::base(path, format))

@@ -2,7 +2,10 @@
 //! its timeout (an image tag) ends the build FAILED with its builder stopped; a flood of
 //! output leaves a capped build.log; a delete cancels a running build and leaves nothing;
 //! with `--max-concurrent-builds 1` a second build waits, and a queued one deleted leaves
-//! the queue. Every build is FROM minimal (busybox): the fastest to boot.
+//! the queue. A step that fills the root disk fails naming the tag that grows it, and a
+//! bigger disk takes it, costing the host only what was written. Those builds are FROM
+//! minimal (busybox): the fastest to boot. The python and nodejs bases are built on their
+//! first use and run their runtimes' apps.
 
 mod daemon;
 
@@ -44,14 +47,19 @@ impl Env {
         Env { _tmp: tmp, state, ctx, log, account, c, _microvms: microvms, daemon }
     }
 
-    /// CreateMicrovmImage `name` from a context holding `dockerfile`, with `tags`.
+    /// CreateMicrovmImage `name` on minimal from a context holding `dockerfile`, with `tags`.
     async fn create(&self, name: &str, dockerfile: &str, tags: Value) -> Result<Value, ClientError> {
+        self.create_on("minimal", name, dockerfile, tags).await
+    }
+
+    /// CreateMicrovmImage `name` on the managed base `base`.
+    async fn create_on(&self, base: &str, name: &str, dockerfile: &str, tags: Value) -> Result<Value, ClientError> {
         let dir = self.ctx.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
         let mut body = json!({
             "name": name,
-            "baseImageArn": hearth_api::service::managed_arn("minimal"),
+            "baseImageArn": hearth_api::service::managed_arn(base),
             "buildRoleArn": "arn:aws:iam::000000000000:role/hearth-test",
             "codeArtifact": { "uri": format!("file://{}", dir.display()) },
         });
@@ -250,4 +258,73 @@ async fn a_delete_cancels_a_running_build_and_builds_queue_past_the_bound() {
     assert!(e.run_dirs().is_empty(), "{:?}", e.run_dirs());
     assert!(scratch_dirs(&e.state).is_empty(), "{:?}", scratch_dirs(&e.state));
     drop(e.daemon);
+}
+
+/// The root disk: a step that fills it ends FAILED saying the disk is full and naming the
+/// tag that grows it; with the tag, the disk is bigger (`df` in the builder), and the
+/// image's disk on the host holds only what was written. A bad size is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_naming_the_tag_and_a_bigger_disk_takes_the_step() {
+    let e = Env::new(&[]);
+    let tag = hearth_image::disk::TAG_DISK_SIZE;
+    validation(e.create("bad", "FROM minimal\n", json!({ tag: "4" })).await, tag);
+    validation(e.create("bad", "FROM minimal\n", json!({ tag: "lots" })).await, tag);
+    // fallocate allocates without writing: 12 GiB fills the 8 GiB default, not a 16 GiB disk.
+    let step = "FROM minimal\nRUN fallocate -l 12G /big && df -k / && rm /big\n";
+    e.create("full", step, Value::Null).await.unwrap();
+    e.create("roomy", step, json!({ tag: "16" })).await.unwrap();
+
+    let v = e.ended("full", Duration::from_secs(300)).await;
+    assert_eq!(v["state"], "FAILED", "{v}");
+    let why = v["stateReason"].as_str().unwrap();
+    assert!(why.contains("line 2") && why.contains("root disk (8 GiB) is full") && why.contains(tag), "{why}");
+
+    let v = e.ended("roomy", Duration::from_secs(300)).await;
+    assert_eq!(v["state"], "SUCCESSFUL", "{v}");
+    let log = std::fs::read_to_string(e.version_dir("roomy").join("build.log")).unwrap();
+    let total_kib: u64 = log
+        .lines()
+        .find_map(|l| l.strip_prefix("  | /dev/vda").and_then(|r| r.split_whitespace().next()).and_then(|k| k.parse().ok()))
+        .unwrap_or_else(|| panic!("no df line in the log:\n{log}"));
+    assert!(total_kib >= 15 << 20, "the 16 GiB disk's filesystem has {total_kib} KiB");
+    let disk = e.version_dir("roomy").join("snapshot/disk.qcow2");
+    let m = std::fs::metadata(&disk).unwrap();
+    let on_host = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+    assert!(on_host < 256 << 20, "12 GiB allocated and removed in the guest took {on_host} bytes on the host");
+    e.no_qemu(Duration::from_secs(10)).await;
+}
+
+/// The python and nodejs bases (built on their first use unless the set-up built them):
+/// venv, pip, node and npm run in the builder, and each image's app (a Python and a
+/// Node.js HTTP server) becomes ready in its microvm.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_nodejs_bases_build_images_whose_apps_run() {
+    let e = Env::new(&[]);
+    e.create_on(
+        "python",
+        "py",
+        // A venv without pip: seeding pip into it takes ~85 s under TCG.
+        "FROM python:3.11\nRUN python3 -m venv --without-pip /opt/venv && python3 -m pip --version && /opt/venv/bin/python -c 'import sys; print(\"py\", sys.version_info[:2])'\n\
+         CMD [\"python3\", \"-m\", \"http.server\", \"8080\"]\n",
+        Value::Null,
+    )
+    .await
+    .unwrap();
+    e.create_on(
+        "nodejs",
+        "node",
+        "FROM node:18\nRUN node -e 'console.log(\"node\", process.version)' && npm --version\n\
+         CMD [\"node\", \"-e\", \"require('http').createServer((q, s) => s.end('ok')).listen(8080)\"]\n",
+        Value::Null,
+    )
+    .await
+    .unwrap();
+    // Building a base takes minutes (mmdebstrap); the two may be built at once.
+    for (name, said) in [("py", "  | py (3, 11)"), ("node", "  | node v18.")] {
+        let v = e.ended(name, Duration::from_secs(1800)).await;
+        let log = std::fs::read_to_string(e.version_dir(name).join("build.log")).unwrap_or_default();
+        assert_eq!(v["state"], "SUCCESSFUL", "{v}\n{log}");
+        assert!(log.contains(said), "{log}");
+    }
+    e.no_qemu(Duration::from_secs(10)).await;
 }

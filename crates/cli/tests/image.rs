@@ -134,6 +134,7 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         network: Some(hearth_vmm::net::Egress::internet()),
         cache: Some(hearth_image::layers::LayerCache::new(&home)),
         images: std::sync::Arc::new(hearth_image::build::NoImages),
+        disk_gib: None,
     };
     let mut lines = Vec::new();
     let (snap, cfg) = hearth_image::build::build(
@@ -188,4 +189,38 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
     let msg = e.to_string();
     assert!(msg.contains("line 2") && msg.contains("exit code 3") && msg.contains("about to fail"), "{msg}");
     assert!(!tmp.path().join("image2").exists());
+}
+
+/// The minimal base is a full busybox (every applet of its default configuration, `wget`
+/// with `-T`, names resolved from `/etc/hosts`) on an 8 GiB root disk that costs the host
+/// a few MiB; a full disk is refused to a file write with the reason and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minimal_base_is_a_full_busybox_on_a_roomy_sparse_disk() {
+    let home = hearth_vmm::home::hearth_home();
+    let base = hearth_image::base::Base::Busybox.path(&home);
+    let m = std::fs::metadata(&base).unwrap();
+    assert!(m.len() >= 8 << 30, "the base is {} bytes long", m.len());
+    let on_host = std::os::unix::fs::MetadataExt::blocks(&m) * 512;
+    assert!(on_host < 64 << 20, "the 8 GiB base takes {on_host} bytes on the host");
+
+    let vm = Vm::boot(common::config(hearth_image::base::Base::Busybox)).await.unwrap();
+    let sh = |s: &str| ExecRequest::shell(s.to_owned());
+    let out = vm.exec(&sh("busybox --list | wc -l && nohup true && echo nohup"), None, 1 << 16).await.unwrap();
+    let lines: Vec<String> = out.stdout_str().lines().map(str::to_owned).collect();
+    assert!(lines.len() == 2 && lines[0].trim().parse::<u32>().unwrap() >= 390 && lines[1] == "nohup", "{lines:?} {}", out.stderr_str());
+    // `-T` crashed Debian's busybox-static; `localhost` comes from /etc/hosts (no network).
+    let out = vm.exec(&sh("wget -T 5 -q -O /dev/null http://localhost:9/"), None, 1 << 16).await.unwrap();
+    assert_eq!(out.exit.code, Some(1), "{out:?}");
+    assert!(out.stderr_str().contains("127.0.0.1"), "{}", out.stderr_str());
+    let out = vm.exec(&sh("df -k / | tail -1"), None, 1 << 16).await.unwrap();
+    let total_kib: u64 = out.stdout_str().split_whitespace().nth(1).and_then(|k| k.parse().ok()).unwrap_or(0);
+    assert!(total_kib >= 15 << 19, "df / says {}", out.stdout_str());
+
+    // Fill the disk: fallocate keeps what it could allocate (no data written by the host).
+    let out = vm.exec(&sh("fallocate -l 20G /fill"), None, 1 << 16).await.unwrap();
+    assert!(out.stderr_str().contains("No space left on device"), "{out:?}");
+    let e = vm.agent().write_file_bytes(&"/more".into(), None, bytes::Bytes::from(vec![7u8; 1 << 20])).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("No space left on device") && msg.contains("hearth:disk-size-gib"), "{msg}");
+    vm.kill().await;
 }

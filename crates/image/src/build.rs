@@ -61,52 +61,14 @@ pub struct BuildRequest {
     /// Where `FROM hearth/NAME[:vN]` looks: the host's image store for the operator's
     /// `hearth images local build`, only the tenant's own images for API builds.
     pub images: std::sync::Arc<dyn ImageResolver>,
+    /// The root disk's size in GiB ([`crate::disk`]; `None`: what the base or the parent
+    /// image has, [`crate::disk::DEFAULT_DISK_GIB`] at least). Never shrinks a disk.
+    pub disk_gib: Option<u64>,
 }
 
-/// An image a Dockerfile's `FROM hearth/NAME[:vN]` builds on: its disk, its configuration.
-#[derive(Debug, Clone)]
-pub struct FromImage {
-    /// The image version's root disk (qcow2), the build's backing file.
-    pub disk: PathBuf,
-    /// How the build log names it (`hearth/NAME:vN`).
-    pub label: String,
-    /// Its runtime configuration, inherited as Docker's FROM does.
-    pub config: Option<ImageConfig>,
-}
-
-/// Resolves `FROM hearth/<reference>` (`NAME` or `NAME:vN`) to an image to build on.
-pub trait ImageResolver: Send + Sync {
-    /// The image `reference` names, or why there is none (shown to whoever builds).
-    fn resolve(&self, reference: &str) -> Result<FromImage, String>;
-}
-
-impl std::fmt::Debug for dyn ImageResolver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ImageResolver")
-    }
-}
-
-/// The host's image store under `$HEARTH_HOME` (`hearth images local build`, the operator's).
-#[derive(Debug, Clone)]
-pub struct HostImages(pub PathBuf);
-
-impl ImageResolver for HostImages {
-    fn resolve(&self, r: &str) -> Result<FromImage, String> {
-        let rec = crate::store::resolve(&self.0, r).map_err(|e| e.to_string())?;
-        let disk = crate::store::version_dir(&self.0, &rec.name, rec.version).join("snapshot").join("disk.qcow2");
-        Ok(FromImage { disk, label: format!("hearth/{}:v{}", rec.name, rec.version), config: rec.config })
-    }
-}
-
-/// No images at all: `FROM hearth/…` is refused.
-#[derive(Debug, Clone)]
-pub struct NoImages;
-
-impl ImageResolver for NoImages {
-    fn resolve(&self, r: &str) -> Result<FromImage, String> {
-        Err(format!("no image {r} to build on"))
-    }
-}
+// What `FROM hearth/…` resolves to and where `FROM <OCI reference>` pulls from.
+mod images;
+pub use images::{FromImage, HostImages, ImageResolver, NoImages};
 
 /// The runtime configuration an image records (from ENV, WORKDIR, USER, …).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,6 +115,16 @@ pub enum BuildError {
         /// The app's output.
         app_log: String,
     },
+    /// A step filled the root disk.
+    #[error("Dockerfile line {line}: {hint}. The step failed: {detail}")]
+    DiskFull {
+        /// Line of the step.
+        line: usize,
+        /// What to do (grow the disk with the image's tag).
+        hint: String,
+        /// The step's failure as it was.
+        detail: String,
+    },
     /// The builder VM failed.
     #[error("builder VM: {0}")]
     Vm(String),
@@ -197,10 +169,11 @@ fn expand_step(
     let x = |w: &str| crate::expand::expand(w, &vars).map_err(|source| BuildError::Expand { line, source });
     let pairs = |v: &[(String, String)]| v.iter().map(|(k, v)| Ok((k.clone(), x(v)?))).collect::<Result<Vec<_>, BuildError>>();
     Ok(match kind {
-        StepKind::Copy { sources, dest, chown } => StepKind::Copy {
+        StepKind::Copy { sources, dest, chown, from } => StepKind::Copy {
             sources: sources.iter().map(|s| x(s)).collect::<Result<_, _>>()?,
             dest: x(dest)?,
             chown: chown.as_deref().map(x).transpose()?,
+            from: *from,
         },
         StepKind::Env(v) => StepKind::Env(pairs(v)?),
         StepKind::Label(v) => StepKind::Label(pairs(v)?),
@@ -210,6 +183,15 @@ fn expand_step(
         StepKind::Expose(p) => StepKind::Expose(p.iter().map(|s| x(s)).collect::<Result<_, _>>()?),
         other => other.clone(),
     })
+}
+
+/// A step's failure that shows the disk filled up, as [`BuildError::DiskFull`].
+fn disk_full(e: BuildError, line: usize, gib: u64) -> BuildError {
+    let detail = e.to_string();
+    match crate::disk::full_hint(&detail, gib) {
+        Some(hint) => BuildError::DiskFull { line, hint, detail },
+        None => e,
+    }
 }
 
 fn vm_err(e: impl std::fmt::Display) -> BuildError {
@@ -233,6 +215,11 @@ fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+// Where a stage starts: a managed base, a Hearth image, or a registry's image.
+mod from;
+// The stages before the last (multi-stage builds).
+mod stages;
 
 // COPY sources: resolved beneath the context root, never through a link.
 mod context;
@@ -313,6 +300,17 @@ pub async fn build_with(
     }
 }
 
+/// The architecture of the image whose snapshot holds `disk` (its manifest beside it),
+/// when there is one to read.
+fn from_arch(disk: &Path) -> Option<hearth_vmm::Arch> {
+    let manifest = disk.parent()?.join("manifest.json");
+    if std::fs::metadata(&manifest).ok()?.len() > hearth_vmm::snapshot::MAX_MANIFEST_BYTES {
+        return None;
+    }
+    let m: hearth_vmm::snapshot::Manifest = serde_json::from_slice(&std::fs::read(&manifest).ok()?).ok()?;
+    Some(m.arch)
+}
+
 async fn run_build(
     req: &BuildRequest,
     mut vm: VmConfig,
@@ -324,28 +322,10 @@ async fn run_build(
     let context = req.context.clone();
     let text = blocking(move || read_dockerfile(&context)).await?;
     let plan = dockerfile::parse(&text)?;
-    let base_name = match req.base {
-        Base::Busybox => "minimal",
-        Base::DebianBookworm => "debian-bookworm",
-    };
-    dockerfile::check_from(&plan, base_name, &text)?;
-    // `FROM hearth/NAME[:vN]` builds on another image: its disk, its configuration.
-    let (rootfs, rootfs_format, base_name, inherited) = match plan.from.as_deref().and_then(|f| f.strip_prefix("hearth/")) {
-        Some(r) => {
-            let from = req.images.resolve(r).map_err(|e| BuildError::Context(format!("FROM hearth/{r}: {e}")))?;
-            if !from.disk.is_file() {
-                return Err(BuildError::Context(format!("FROM hearth/{r}: image {} has no disk to build on", from.label)));
-            }
-            (from.disk, DiskFormat::Qcow2, from.label, from.config)
-        }
-        None => {
-            let rootfs = req.base.path(home);
-            if !rootfs.is_file() {
-                return Err(BuildError::Context(format!("base image {base_name} is not built; run `hearth base build {base_name}`")));
-            }
-            (rootfs, DiskFormat::Raw, base_name.to_owned(), None)
-        }
-    };
+    // The FROM rule ([`dockerfile::from_source`]): a managed base, a Hearth image, or an
+    // image pulled from its registry (see `build/from.rs`).
+    let start = from::start(req, plan.from.as_deref(), vm.arch, home, log).await?;
+    let (rootfs, rootfs_format, base_name, inherited) = (start.rootfs, start.format, start.label, start.config);
     // An image built on another starts from its configuration, as Docker's FROM does.
     let inherited_app = inherited.as_ref().and_then(|c| c.app.clone());
     let mut cfg = inherited.unwrap_or_else(|| ImageConfig { workdir: "/".into(), ..Default::default() });
@@ -369,13 +349,27 @@ async fn run_build(
         }
         out
     };
+    // The stages before the last that it copies from are built first (`build/stages.rs`).
+    let exports = stages::run_earlier(req, &plan, &kinds, &vm, home, log, step_timeout).await?;
     // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
     // is part of the first key.
-    let base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
+    let mut base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
+    // A bigger disk is another first layer (the agent grows the filesystem in it).
+    if let Some(g) = req.disk_gib {
+        base_key.push_str(&format!("|disk={g}GiB"));
+    }
     // Hashing reads every file COPY names: on the blocking pool.
     let keys = {
         let (context, env, kinds) = (req.context.clone(), cfg.env.clone(), kinds.clone());
-        let resolve = move |s: &str| context_path(s).ok().map(|rel| (context.clone(), rel));
+        let stage_dirs: BTreeMap<usize, PathBuf> =
+            (0..plan.stages.len()).filter_map(|i| exports.dir(i).map(|d| (i, d.to_path_buf()))).collect();
+        let resolve = move |stage: Option<usize>, s: &str| {
+            let root = match stage {
+                Some(i) => stage_dirs.get(&i)?.clone(),
+                None => context.clone(),
+            };
+            context_path(s).ok().map(|rel| (root, rel))
+        };
         blocking(move || layers::step_keys(&base_key, &env, &kinds, resolve)).await
     }
     .map_err(|e| BuildError::Context(format!("hash the build context: {e}")))?;
@@ -412,6 +406,19 @@ async fn run_build(
     })
     .await;
     made.map_err(BuildError::Vm)?;
+    // The root disk's size: the overlay grown before the builder boots (the agent grows
+    // the filesystem to fill it); what a full disk's error names.
+    let disk_gib = {
+        let (disk, want) = (work.clone(), req.disk_gib);
+        blocking(move || {
+            if let Some(g) = want {
+                crate::disk::grow_qcow2(&disk, g)?;
+            }
+            crate::disk::virtual_size(&disk).map(|b| b >> 30)
+        })
+        .await
+        .map_err(BuildError::Vm)?
+    };
     vm.root = Some(Disk::owned(&work, DiskFormat::Qcow2));
     vm.memory = Memory::SnapshotReady;
     vm.network = req.network.clone();
@@ -466,9 +473,16 @@ async fn run_build(
                 StepKind::Expose(p) => cfg.expose.extend(p.iter().cloned()),
                 StepKind::Entrypoint(c) => entrypoint = Some(c.clone()),
                 StepKind::Cmd(c) => cmd = Some(c.clone()),
-                StepKind::Copy { sources, dest: to, chown } => {
+                StepKind::Copy { sources, dest: to, chown, from } => {
+                    // `--from=<stage>`: that stage's exported files instead of the context.
+                    let context = match from {
+                        Some(i) => exports
+                            .dir(*i)
+                            .ok_or_else(|| BuildError::Context(format!("Dockerfile line {line}: stage {i} was not built")))?,
+                        None => req.context.as_path(),
+                    };
                     let c = copy::Copy { sources, to, chown: chown.as_deref(), workdir: &cfg.workdir, line };
-                    copy::copy(&builder, &req.context, c, log).await?;
+                    copy::copy(&builder, context, c, log).await?;
                 }
                 StepKind::Run(c) => {
                     let mut r = match c {
@@ -496,7 +510,7 @@ async fn run_build(
         })
         .await;
         match stepped {
-            Ok(r) => r?,
+            Ok(r) => r.map_err(|e| disk_full(e, line, disk_gib))?,
             Err(_) => return Err(BuildError::StepTimeout { line, timeout: step_timeout }),
         }
     }

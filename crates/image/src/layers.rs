@@ -130,13 +130,13 @@ fn hash_source(h: &mut Sha256, context: &Path, src: &Path) -> std::io::Result<()
 
 /// The key of every step (`kinds`, substitutions already made; see the module docs).
 /// `base_id` names the base image and `env` is the environment the build starts with.
-/// `resolve` gives a COPY source's context directory and its path relative to it (`None`
-/// when it would leave the context).
+/// `resolve` gives a COPY source's directory (the context, or for `COPY --from=<stage>` that
+/// stage's exported files) and its path relative to it (`None` when it would leave it).
 pub fn step_keys(
     base_id: &str,
     env: &std::collections::BTreeMap<String, String>,
     kinds: &[StepKind],
-    resolve: impl Fn(&str) -> Option<(PathBuf, PathBuf)>,
+    resolve: impl Fn(Option<usize>, &str) -> Option<(PathBuf, PathBuf)>,
 ) -> std::io::Result<Vec<String>> {
     let mut h = Sha256::new();
     h.update(KEY_VERSION);
@@ -150,12 +150,12 @@ pub fn step_keys(
         let mut h = Sha256::new();
         h.update(&prev);
         h.update(format!("{kind:?}"));
-        if let StepKind::Copy { sources, .. } = kind {
+        if let StepKind::Copy { sources, from, .. } = kind {
             for s in sources {
                 h.update(format!("\0src:{s}\0"));
                 // A source that cannot be read fails the build later with a clear error;
                 // its key just never matches.
-                match resolve(s) {
+                match resolve(*from, s) {
                     Some((context, src)) => hash_source(&mut h, &context, &src).unwrap_or_else(|_| h.update(b"\0unreadable")),
                     None => h.update(b"\0outside"),
                 }
@@ -243,7 +243,7 @@ mod tests {
         let ctx = tempfile::tempdir().unwrap();
         std::fs::write(ctx.path().join("app.py"), "v1").unwrap();
         let text = "FROM debian:bookworm\nRUN echo one\nCOPY app.py /app/\nRUN echo two\n";
-        let resolve = |s: &str| Some((ctx.path().to_path_buf(), PathBuf::from(s)));
+        let resolve = |_: Option<usize>, s: &str| Some((ctx.path().to_path_buf(), PathBuf::from(s)));
         let env = Default::default();
         let a = step_keys("base", &env, &plan(text), resolve).unwrap();
         let again = step_keys("base", &env, &plan(text), resolve).unwrap();

@@ -89,10 +89,7 @@ pub fn begin(home: &Path, name: &str, base: Base) -> Result<VersionRecord, Rootf
         name: name.to_owned(),
         version,
         state: ImageVersionState::Pending,
-        base: match base {
-            Base::Busybox => "minimal".into(),
-            Base::DebianBookworm => "debian-bookworm".into(),
-        },
+        base: base.name().into(),
         reason: None,
         config: None,
         created_unix_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),

@@ -347,6 +347,10 @@ pub async fn resolve_for(cfg: &crate::config::VmConfig) -> Accel {
     if cfg.accel != Accel::Auto {
         return cfg.accel;
     }
+    if cfg.arch != crate::arch::Arch::host() {
+        // KVM runs only the host's own architecture; another one is always emulated.
+        return Accel::Tcg;
+    }
     let spec = CanarySpec { qemu: cfg.qemu_binary.clone(), kernel: cfg.kernel.clone(), initramfs: cfg.initramfs.clone() };
     tokio::task::spawn_blocking(move || verdict(&spec, false).accel).await.unwrap_or(Accel::Tcg)
 }

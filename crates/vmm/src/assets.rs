@@ -2,13 +2,16 @@
 //!
 //! The kernel is Debian's `linux-image-cloud-amd64` from `bookworm-backports`, fetched with
 //! `apt-get download` and unpacked with `dpkg -x` into `$HEARTH_HOME/kernel/<release>/`;
-//! it is never installed on the host. Only the modules the guest needs are kept, already
+//! it is never installed on the host. ARM64 guests get `linux-image-cloud-arm64` the same
+//! way (apt needs the `arm64` architecture added: `dpkg --add-architecture arm64`), with
+//! their agent and initramfs, under `$HEARTH_HOME/arm64/` ([`crate::arch::Arch::home`]). Only the modules the guest needs are kept, already
 //! decompressed so the guest spends no time on xz under emulation.
 //!
 //! The initramfs is an uncompressed `newc` cpio (unpacking is cheaper than decompressing
 //! under TCG) holding `/init` (the agent), `/dev/console`, and the modules with their load
 //! order. It is content-addressed: its file name is a hash of everything in it.
 
+use crate::arch::Arch;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -106,10 +109,18 @@ pub fn installed_kernel(home: &Path) -> Result<Kernel, AssetError> {
     Ok(Kernel { release, boot_image, vmlinuz, modules })
 }
 
-/// Downloads and unpacks the guest kernel into `home` (no-op when present).
+/// Downloads and unpacks the x86-64 guest kernel into `home` (no-op when present).
 pub fn fetch_kernel(home: &Path, progress: &dyn Fn(&str)) -> Result<Kernel, AssetError> {
+    fetch_kernel_for(home, Arch::X86_64, progress)
+}
+
+/// Downloads and unpacks the guest kernel of `arch` into its directory of `home`
+/// ([`Arch::home`]; no-op when present).
+pub fn fetch_kernel_for(home: &Path, arch: Arch, progress: &dyn Fn(&str)) -> Result<Kernel, AssetError> {
+    let home = &arch.home(home);
     if let Ok(k) = installed_kernel(home) {
-        if k.boot_image != k.vmlinuz {
+        // An ARM64 `vmlinuz` is an uncompressed `Image`: nothing to extract.
+        if k.boot_image != k.vmlinuz && arch == Arch::X86_64 {
             return Ok(k);
         }
         // Installed by an older Hearth: add the uncompressed image if there is one.
@@ -122,23 +133,32 @@ pub fn fetch_kernel(home: &Path, progress: &dyn Fn(&str)) -> Result<Kernel, Asse
         }
         return installed_kernel(home);
     }
-    progress(&format!("resolving {KERNEL_PACKAGE} in {KERNEL_SUITE}"));
-    let show = run_tool(Command::new("apt-cache").args(["show", "--no-all-versions", &format!("{KERNEL_PACKAGE}/{KERNEL_SUITE}")]))?;
+    let meta = arch.kernel_package();
+    // A foreign architecture's packages are named with their architecture.
+    let qualify = |p: &str| if arch == Arch::host() { p.to_owned() } else { format!("{p}:{}", arch.debian()) };
+    progress(&format!("resolving {meta} in {KERNEL_SUITE}"));
+    let show = run_tool(Command::new("apt-cache").args(["show", "--no-all-versions", &format!("{}/{KERNEL_SUITE}", qualify(meta))]))
+        .map_err(|e| match arch {
+            Arch::X86_64 => e,
+            _ => AssetError::Missing(format!(
+                "apt does not know {meta} for {} ({e}); add the architecture with `dpkg --add-architecture {}` and `apt-get update`",
+                arch.debian(),
+                arch.debian()
+            )),
+        })?;
     let show = String::from_utf8_lossy(&show);
     let package = show
         .lines()
         .find_map(|l| l.strip_prefix("Depends:"))
         .and_then(|d| d.split(',').map(str::trim).find(|p| p.starts_with("linux-image-")))
         .and_then(|p| p.split_whitespace().next())
-        .ok_or_else(|| {
-            AssetError::Missing(format!("apt does not know {KERNEL_PACKAGE} in {KERNEL_SUITE} (is the suite in apt's sources?)"))
-        })?
+        .ok_or_else(|| AssetError::Missing(format!("apt does not know {meta} in {KERNEL_SUITE} (is the suite in apt's sources?)")))?
         .to_owned();
 
     std::fs::create_dir_all(home.join("kernel")).map_err(io("create kernel directory"))?;
     let work = tempfile::Builder::new().prefix(".fetch-").tempdir_in(home.join("kernel")).map_err(io("create temporary directory"))?;
     progress(&format!("downloading {package}"));
-    run_tool(Command::new("apt-get").arg("download").arg(&package).current_dir(work.path()))?;
+    run_tool(Command::new("apt-get").arg("download").arg(qualify(&package)).current_dir(work.path()))?;
     let deb = std::fs::read_dir(work.path())
         .map_err(io("list download"))?
         .flatten()
@@ -178,10 +198,12 @@ pub fn install_kernel_tree(home: &Path, root: &Path, wanted: &[&str]) -> Result<
     std::fs::copy(&vmlinuz_src, staging.join("vmlinuz")).map_err(io("copy vmlinuz"))?;
     // The uncompressed kernel boots through its PVH entry, skipping ~0.8 s of in-guest
     // decompression under TCG. Without it (another compression, no PVH note) the bzImage
-    // is booted instead.
+    // is booted instead. (An ARM64 `vmlinuz` is already an uncompressed `Image`.)
     let bz = std::fs::read(&vmlinuz_src).map_err(io("read vmlinuz"))?;
-    if let Some(elf) = extract_vmlinux(&bz).filter(|e| elf_has_pvh_note(e)) {
-        std::fs::write(staging.join("vmlinux"), elf).map_err(io("write vmlinux"))?;
+    if !is_arm64_image(&bz) {
+        if let Some(elf) = extract_vmlinux(&bz).filter(|e| elf_has_pvh_note(e)) {
+            std::fs::write(staging.join("vmlinux"), elf).map_err(io("write vmlinux"))?;
+        }
     }
 
     let index = index_modules(&mods_root);
@@ -202,6 +224,11 @@ pub fn install_kernel_tree(home: &Path, root: &Path, wanted: &[&str]) -> Result<
     std::fs::write(&cur_tmp, &release).map_err(io("write kernel/current"))?;
     std::fs::rename(&cur_tmp, home.join("kernel/current")).map_err(io("write kernel/current"))?;
     installed_kernel(home)
+}
+
+/// True for an ARM64 Linux `Image` (its header's magic `ARM\x64` at offset 56).
+fn is_arm64_image(image: &[u8]) -> bool {
+    image.get(56..60) == Some(b"ARM\x64")
 }
 
 /// Finds the zstd-compressed ELF kernel inside a bzImage and decompresses it.
@@ -400,7 +427,16 @@ mod tests {
 /// The kernel and initramfs installed in `home` (the initramfs is rebuilt if its inputs
 /// changed). Fails with a message naming the set-up command when anything is missing.
 pub fn boot_files(home: &Path) -> Result<(PathBuf, PathBuf), AssetError> {
-    let kernel = installed_kernel(home)?;
+    boot_files_for(home, Arch::X86_64)
+}
+
+/// [`boot_files`] of the guests of `arch` (from its directory of `home`, [`Arch::home`]).
+pub fn boot_files_for(home: &Path, arch: Arch) -> Result<(PathBuf, PathBuf), AssetError> {
+    let home = &arch.home(home);
+    let kernel = installed_kernel(home).map_err(|e| match (arch, e) {
+        (Arch::Aarch64, AssetError::Missing(m)) => AssetError::Missing(format!("{m} (ARM64 guests: `hearth setup --arch arm64`)")),
+        (_, e) => e,
+    })?;
     let initramfs = ensure_initramfs(home, &agent_path(home), &kernel)?;
     Ok((kernel.boot_image, initramfs))
 }
@@ -419,14 +455,32 @@ fn elf_has_interpreter(elf: &[u8]) -> bool {
     })
 }
 
-/// Installs the agent binary into `home` (atomically).
+/// The ELF `e_machine` of a binary.
+fn elf_machine(elf: &[u8]) -> Option<u16> {
+    elf.get(18..20).map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
+/// Installs the x86-64 agent binary into `home` (atomically).
 pub fn install_agent(home: &Path, agent: &Path) -> Result<PathBuf, AssetError> {
-    let dest = agent_path(home);
+    install_agent_for(home, Arch::X86_64, agent)
+}
+
+/// Installs the agent binary of `arch` guests into its directory of `home` (atomically),
+/// after checking that it is a static binary for that architecture.
+pub fn install_agent_for(home: &Path, arch: Arch, agent: &Path) -> Result<PathBuf, AssetError> {
+    let dest = agent_path(&arch.home(home));
     let dir = dest.parent().expect("agent path has a parent");
     std::fs::create_dir_all(dir).map_err(io("create agent directory"))?;
     let bytes = std::fs::read(agent).map_err(io(format!("read agent {}", agent.display())))?;
     if bytes.get(..4) != Some(b"\x7fELF") {
         return Err(AssetError::Missing(format!("{} is not an ELF binary", agent.display())));
+    }
+    if elf_machine(&bytes) != Some(arch.elf_machine()) {
+        return Err(AssetError::Missing(format!(
+            "{} is not a {arch} binary; build the {arch} agent with scripts/build-agent.sh{}",
+            agent.display(),
+            if arch == Arch::Aarch64 { " --arm64" } else { "" }
+        )));
     }
     if elf_has_interpreter(&bytes) {
         return Err(AssetError::Missing(format!(
@@ -448,5 +502,15 @@ mod elf_tests {
         let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(super::elf_has_interpreter(&me));
         assert!(!super::elf_has_interpreter(b"\x7fELF"));
+        assert_eq!(super::elf_machine(&me), Some(super::Arch::host().elf_machine()));
+    }
+
+    #[test]
+    fn an_agent_of_another_architecture_is_refused() {
+        let home = tempfile::tempdir().unwrap();
+        let me = std::env::current_exe().unwrap();
+        let other = super::Arch::ALL.into_iter().find(|a| *a != super::Arch::host()).unwrap();
+        let err = super::install_agent_for(home.path(), other, &me).unwrap_err().to_string();
+        assert!(err.contains("is not a"), "{err}");
     }
 }

@@ -142,6 +142,11 @@ pub struct VmConfig {
     /// ([`crate::limits::default_limits`]).
     #[serde(default)]
     pub limits: crate::limits::IoLimits,
+    /// The guest's architecture: the machine QEMU emulates and what kernel, initramfs and
+    /// disk must be built for. [`VmConfig::for_arch`] also sets the matching
+    /// [`VmConfig::qemu_binary`].
+    #[serde(default)]
+    pub arch: crate::arch::Arch,
 }
 
 /// A configuration that cannot work.
@@ -173,6 +178,14 @@ pub enum ConfigError {
     /// The VM's name is unusable in a process name.
     #[error("VM name {0:?} must be 1-63 characters of letters, digits, '-', '_' and '.'")]
     Name(String),
+    /// KVM asked for a guest of another architecture than the host's.
+    #[error("KVM runs {host} guests only on this host; a {arch} guest needs accel tcg (or auto)")]
+    ForeignKvm {
+        /// The guest's architecture.
+        arch: crate::arch::Arch,
+        /// The host's.
+        host: crate::arch::Arch,
+    },
 }
 
 impl VmConfig {
@@ -197,7 +210,16 @@ impl VmConfig {
             name: None,
             jail: crate::jail::default_jail(),
             limits: crate::limits::default_limits(),
+            arch: crate::arch::Arch::X86_64,
         }
+    }
+
+    /// [`VmConfig::new`] for a guest of `arch`, with that architecture's QEMU.
+    pub fn for_arch(kernel: impl Into<PathBuf>, initramfs: impl Into<PathBuf>, arch: crate::arch::Arch) -> Self {
+        let mut c = Self::new(kernel, initramfs);
+        c.arch = arch;
+        c.qemu_binary = PathBuf::from(arch.qemu_binary());
+        c
     }
 
     /// Checks every value; nothing is started when this fails.
@@ -219,6 +241,9 @@ impl VmConfig {
             }
         }
         self.limits.validate()?;
+        if self.accel == Accel::Kvm && self.arch != crate::arch::Arch::host() {
+            return Err(ConfigError::ForeignKvm { arch: self.arch, host: crate::arch::Arch::host() });
+        }
         if self.boot_timeout.is_zero() {
             return Err(ConfigError::BootTimeout);
         }
@@ -273,6 +298,10 @@ mod tests {
         c.name = Some("mvm-0123456789abcdef".into());
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(cfg().validate(), Ok(()));
+        let mut c = VmConfig::for_arch("/proc/self/exe", "/proc/self/exe", crate::arch::Arch::Aarch64);
+        assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-aarch64"));
+        c.accel = Accel::Kvm;
+        assert!(matches!(c.validate(), Err(ConfigError::ForeignKvm { .. })), "KVM cannot run a foreign guest");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //!   initramfs/<hash>.cpio                       built from the agent and the modules
 //!   rootfs/<name>-v<N>.ext4                     base root filesystems
 //!   run/<vm-id>/                                one running VM: sockets, console, overlay
+//!   arm64/{kernel,agent,initramfs,rootfs}/      the same for ARM64 guests ([`crate::arch`])
 //! ```
 
 use std::path::PathBuf;

@@ -1,6 +1,7 @@
 //! Hearth's VM driver: everything between "boot a VM" and a running QEMU with a ready agent.
 //!
-//! - [`config`]: what a VM is made of, validated before anything starts.
+//! - [`config`]: what a VM is made of, validated before anything starts; [`arch`]: what
+//!   differs between x86-64 and ARM64 guests.
 //! - [`accel`]: KVM or TCG; `auto` *measures* KVM with a tiny guest instead of trusting
 //!   that `/dev/kvm` exists.
 //! - [`assets`]: the guest kernel (Debian's cloud kernel, fetched with `apt-get download`)
@@ -32,6 +33,7 @@
 
 pub mod accel;
 pub mod agent;
+pub mod arch;
 pub mod assets;
 mod capture;
 pub mod config;
@@ -59,6 +61,7 @@ pub mod vm;
 
 pub use accel::Accel;
 pub use agent::{AgentClient, AgentError};
+pub use arch::Arch;
 pub use config::{ConfigError, Disk, DiskFormat, Memory, Start, VmConfig};
 pub use exit::{ExitReport, ExitWatch, QemuExit};
 pub use limits::IoLimits;

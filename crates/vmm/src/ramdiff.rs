@@ -251,15 +251,20 @@ pub fn trim(state: &Path, pid: u32, base: &Path, ram_size: u64) -> Result<TrimSt
     Ok(stats)
 }
 
-/// Copies `len` bytes at `offset` of `from` to the same offset of `to`, through `buf`.
-/// (`copy_file_range` measured slower here: ~0.9 s instead of ~45 ms for an image with
-/// nothing changed, the source's page cache being dirty.)
+/// Copies `len` bytes at `offset` of `from` to the same offset of `to` (a new file, all
+/// holes), through `buf`; chunks of zeros are left as holes. (`copy_file_range` measured
+/// slower here: ~0.9 s instead of ~45 ms for an image with nothing changed, the source's
+/// page cache being dirty.) The holes matter on ARM64's `virt`, whose two 64 MiB flash
+/// devices are RAM blocks after guest RAM in every image, all zero: written densely they
+/// made every suspended ARM64 VM 128 MiB bigger.
 fn copy_range(from: &File, to: &File, offset: u64, len: u64, buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0u64;
     while done < len {
         let n = (len - done).min(buf.len() as u64) as usize;
         from.read_exact_at(&mut buf[..n], offset + done)?;
-        to.write_all_at(&buf[..n], offset + done)?;
+        if buf[..n].iter().any(|b| *b != 0) {
+            to.write_all_at(&buf[..n], offset + done)?;
+        }
         done += n as u64;
     }
     Ok(())

@@ -182,6 +182,7 @@ mod tests {
             disk: Some("disk.qcow2".into()),
             hostname: "h".into(),
             network: None,
+            arch: Default::default(),
         }
     }
 

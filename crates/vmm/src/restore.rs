@@ -70,7 +70,7 @@ impl Default for RestoreOptions {
 
 fn base_config(snap: &Snapshot, opts: &RestoreOptions) -> VmConfig {
     let m = &snap.manifest;
-    let mut cfg = VmConfig::new(&m.kernel, &m.initramfs);
+    let mut cfg = VmConfig::for_arch(&m.kernel, &m.initramfs, m.arch);
     cfg.memory_mib = m.memory_mib;
     cfg.vcpus = m.vcpus;
     cfg.accel = m.accel.parse().unwrap_or(crate::Accel::Tcg);

@@ -103,6 +103,10 @@ pub struct Manifest {
     /// in a new namespace (the guest sees the same addresses).
     #[serde(default)]
     pub network: Option<crate::net::Egress>,
+    /// The guest's architecture. Left out for x86-64 (the only one before it was
+    /// recorded), so older Hearths, which refuse unknown fields, still read those.
+    #[serde(default, skip_serializing_if = "crate::arch::Arch::is_x86_64")]
+    pub arch: crate::arch::Arch,
 }
 
 /// Why a snapshot cannot be used or made.
@@ -372,6 +376,7 @@ mod tests {
             disk: None,
             hostname: "h".into(),
             network: None,
+            arch: Default::default(),
         }
     }
 
@@ -395,6 +400,18 @@ mod tests {
         std::fs::write(d.path().join("state"), b"device").unwrap();
         let e = Snapshot::open(d.path()).unwrap_err().to_string();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn the_architecture_is_recorded_only_when_not_x86_64() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = sample(d.path());
+        write_manifest(d.path(), &m).unwrap();
+        let text = std::fs::read_to_string(d.path().join("manifest.json")).unwrap();
+        assert!(!text.contains("arch"), "x86-64 manifests stay readable by older Hearths: {text}");
+        m.arch = crate::arch::Arch::Aarch64;
+        write_manifest(d.path(), &m).unwrap();
+        assert_eq!(Snapshot::open(d.path()).unwrap().manifest.arch, crate::arch::Arch::Aarch64);
     }
 
     #[test]

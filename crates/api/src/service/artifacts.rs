@@ -162,6 +162,24 @@ impl ImageResolver for TenantImages {
             config: v.config.clone(),
         })
     }
+
+    /// `FROM <OCI reference>` for an API build: the operator's `<state>/registries.json`
+    /// and `hearth serve --registry-mirror`; images pulled anonymously are cached for every
+    /// tenant (`<state>/oci/shared/`), those pulled with credentials only for this account
+    /// (`<state>/oci/accounts/<account>/`); registries the operator did not configure must
+    /// be on public addresses.
+    fn registry(&self) -> Result<hearth_image::registry::Source, String> {
+        let config = hearth_image::registry::RegistryConfig::load(&self.svc.state)
+            .map_err(|e| format!("the operator's registry settings are unusable ({e})"))?;
+        let oci = self.svc.state.join("oci");
+        Ok(hearth_image::registry::Source {
+            config: Arc::new(config),
+            shared: oci.join("shared"),
+            private: oci.join("accounts").join(&self.account),
+            arch: hearth_image::registry::Arch::host(),
+            operator: false,
+        })
+    }
 }
 
 #[cfg(test)]

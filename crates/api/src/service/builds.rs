@@ -28,22 +28,28 @@ pub const TAG_BUILD_TIMEOUT: &str = "hearth:build-timeout-seconds";
 /// The image tag that sets how many seconds each Dockerfile step of its builds may take.
 pub const TAG_STEP_TIMEOUT: &str = "hearth:run-step-timeout-seconds";
 
-/// A build's step and build timeouts.
+/// What an image's tags set for its builds: the step and build timeouts, and the root
+/// disk's size ([`hearth_image::disk::TAG_DISK_SIZE`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Timeouts {
     step: Duration,
     build: Duration,
+    disk_gib: Option<u64>,
 }
 
-/// The timeouts `tags` set (the defaults where they set none).
+/// The timeouts and disk size `tags` set (the defaults where they set none).
 ///
 /// # Errors
 ///
 /// A ValidationException naming the tag whose value is not a whole number of seconds
-/// from [`MIN_TIMEOUT_SECS`] to [`MAX_TIMEOUT_SECS`].
+/// from [`MIN_TIMEOUT_SECS`] to [`MAX_TIMEOUT_SECS`], or of GiB in the disk's range.
 pub(super) fn timeouts<'a>(tags: impl IntoIterator<Item = (&'a String, &'a String)>) -> Result<Timeouts, ApiError> {
-    let mut t = Timeouts { step: limits::DEFAULT_STEP_TIMEOUT, build: limits::DEFAULT_BUILD_TIMEOUT };
+    let mut t = Timeouts { step: limits::DEFAULT_STEP_TIMEOUT, build: limits::DEFAULT_BUILD_TIMEOUT, disk_gib: None };
     for (k, v) in tags {
+        if k == hearth_image::disk::TAG_DISK_SIZE {
+            t.disk_gib = Some(hearth_image::disk::parse_gib(v).map_err(|e| ApiError::validation(format!("tag {k}: {e}")))?);
+            continue;
+        }
         let slot = match k.as_str() {
             TAG_STEP_TIMEOUT => &mut t.step,
             TAG_BUILD_TIMEOUT => &mut t.build,
@@ -159,7 +165,7 @@ impl Service {
         hearth_vmm::crash::point("build.started");
         let dir = self.version_dir(&image.account, &image.name, rec.version);
         let ctl = Control { step_timeout: timeouts.step, build_timeout: timeouts.build, cancel: Some(ticket.cancel.clone()) };
-        let result = self.clone().build_version(&rec, base, &dir, ctl).await;
+        let result = self.clone().build_version(&rec, base, &dir, ctl, timeouts.disk_gib).await;
         let (version_state, reason, image_state) = match result {
             Ok(((mem, disk, code), config)) => {
                 rec.snapshot_bytes = Some((mem, disk));
@@ -203,6 +209,7 @@ impl Service {
         base: hearth_image::base::Base,
         dir: &std::path::Path,
         ctl: Control,
+        disk_gib: Option<u64>,
     ) -> Result<((u64, u64, u64), hearth_image::build::ImageConfig), String> {
         let scratch = {
             let dir = dir.to_path_buf();
@@ -271,12 +278,29 @@ impl Service {
             network: hearth_vmm::net::can_network().then(hearth_vmm::net::Egress::internet),
             cache: Some(self.layer_cache(&rec.account)),
             images: Arc::new(artifacts::TenantImages::load(self.clone(), &rec.account).await.map_err(|e| e.message)?),
+            disk_gib,
         };
-        let mut vm = self.vm_template.clone();
+        let arch = super::arch::requested(&rec.spec, self.default_arch).map_err(|e| e.message)?;
+        let mut vm = self.vm_for(arch)?;
         if let Some(m) = rec.spec.pointer("/resources/0/minimumMemoryInMiB").and_then(Value::as_u64) {
             vm.memory_mib = (m as u32).max(hearth_vmm::config::MIN_MEMORY_MIB);
         }
         let mut log = BuildLog::create(&dir.join("build.log")).await.map_err(|e| format!("create the build log: {e}"))?;
+        // A managed base not built yet (python, nodejs: not built by `hearth setup`) is
+        // built on first use, once for the host; a build that waits for it says so.
+        if !base.path(&self.home).is_file() {
+            log.line(&format!("building the managed base {base} on its first use (a few minutes, once for this host)"));
+            let home = self.home.clone();
+            let ensured = tokio::select! {
+                r = blocking(move || base.ensure(&home, &|_| {})) => r.map_err(|e| format!("build the managed base {base}: {e}")),
+                () = ctl.cancelled() => Err(reason(&BuildError::Cancelled)),
+            };
+            if let Err(e) = ensured {
+                log.line(&format!("build failed: {e}"));
+                let _ = log.finish().await;
+                return Err(e);
+            }
+        }
         let built = hearth_image::build::build_with(&req, vm, &self.home, &dir.join("snapshot"), &mut |l| log.line(l), &ctl).await;
         match &built {
             Ok(_) => log.line("built"),
@@ -304,14 +328,17 @@ impl Service {
     }
 
     pub(super) fn build_json(&self, image: &ImageRecord, v: &VersionRecord) -> Value {
+        // Versions recorded before architectures were are x86-64.
+        let arch = super::arch::requested(&v.spec, hearth_vmm::Arch::X86_64).unwrap_or_default();
+        let (chipset, generation) = super::arch::chipset(arch);
         let mut out = json!({
             "imageArn": image_arn(&image.account, &image.name),
             "imageVersion": v.version.to_string(),
             "buildId": v.build_id,
             "buildState": crate::lifecycle::build_state(v.state),
-            "architecture": "X86_64",
-            "chipset": "INTEL",
-            "chipsetGeneration": "x86-64",
+            "architecture": super::arch::api_name(arch),
+            "chipset": chipset,
+            "chipsetGeneration": generation,
             "createdAt": v.created_at,
         });
         if let Some(r) = &v.state_reason {

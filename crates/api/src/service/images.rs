@@ -17,9 +17,14 @@ use crate::store::{ImageRecord, VersionRecord};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
-/// The managed bases: API name and Hearth base.
-pub const MANAGED: &[(&str, hearth_image::base::Base)] =
-    &[("debian-bookworm", hearth_image::base::Base::DebianBookworm), ("minimal", hearth_image::base::Base::Busybox)];
+/// The managed bases: API name and Hearth base. `python` and `nodejs` are built on their
+/// first use when `hearth setup` did not build them.
+pub const MANAGED: &[(&str, hearth_image::base::Base)] = &[
+    ("debian-bookworm", hearth_image::base::Base::DebianBookworm),
+    ("minimal", hearth_image::base::Base::Busybox),
+    ("nodejs", hearth_image::base::Base::Node),
+    ("python", hearth_image::base::Base::Python),
+];
 
 impl VersionRecord {
     /// Built and ACTIVE: new microvms may run it.
@@ -112,6 +117,12 @@ impl Service {
                 MANAGED.iter().map(|(n, _)| managed_arn(n)).collect::<Vec<_>>().join(", ")
             )));
         };
+        // One architecture per version, recorded in its spec (the default written in when
+        // the request names none), so what it was built for never depends on the daemon's
+        // settings of the day.
+        let arch = super::arch::requested(&Value::Object(spec.clone()), self.default_arch)?;
+        self.check_arch(arch, *base_kind)?;
+        spec.insert("cpuConfigurations".into(), super::arch::configurations(arch));
         self.check_connectors(account, spec.get("egressNetworkConnectors")).await?;
         let uri = spec.get("codeArtifact").and_then(|c| c.get("uri")).and_then(Value::as_str).unwrap_or_default();
         // Opened now so a bad one is refused here; the build opens it again.
@@ -301,12 +312,18 @@ impl Service {
         let ident = input.image_identifier.as_str();
         let name = ident.rsplit(':').next().unwrap_or(ident);
         let (n, b) = MANAGED.iter().find(|(n, _)| *n == name).ok_or_else(|| ApiError::not_found("ManagedMicrovmImage", ident))?;
+        // The architectures this host has the base for (set up).
+        let supported: Vec<Value> = hearth_vmm::Arch::ALL
+            .into_iter()
+            .filter(|a| self.check_arch(*a, *b).is_ok())
+            .map(|a| json!({ "architecture": super::arch::api_name(a) }))
+            .collect();
         let items = vec![json!({
             "imageArn": managed_arn(n),
             "imageVersion": "1",
             // The model's ManagedMicrovmImageVersionStatus (AVAILABLE, DEPRECATED, RECALLED).
             "status": "AVAILABLE",
-            "supportedCpuConfigurations": [{ "architecture": "X86_64" }],
+            "supportedCpuConfigurations": supported,
             "createdAt": mtime(&b.path(&self.home)),
         })];
         page(items, input.max_results, input.next_token.as_deref())

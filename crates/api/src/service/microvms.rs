@@ -367,6 +367,7 @@ impl Service {
         let started = std::time::Instant::now();
         match vm.suspend(&dir).await {
             Ok(_) => {
+                tracing::debug!(microvm = %id, elapsed = ?started.elapsed(), "suspend: the VM is saved and gone");
                 crash::point("suspend.done");
                 self.transition(&mut m, MicrovmState::Suspended, Reason::Set(reason.map(str::to_owned).or(hook_error))).await?;
                 self.metrics.observe("suspend", started.elapsed());

@@ -8,8 +8,8 @@
 //! (images and their versions), `builds`, `tags`, `tokens` (endpoint and shell tokens),
 //! `policies` (idle, lifetime), `reconcile` (on start), `faults` (QEMU exits nobody asked
 //! for, failed suspends and resumes told as the model's errors), `extensions` (exec, files, egress,
-//! usage), `accounts` (access keys, idempotency claims, counts) and `artifacts` (code
-//! artifacts and `FROM` images of builds).
+//! usage), `accounts` (access keys, idempotency claims, counts), `artifacts` (code
+//! artifacts and `FROM` images of builds) and `arch` (the guest architecture of versions).
 //!
 //! Every microvm has a slot with an async lock; an operation on a microvm holds it from
 //! reading the record to writing the result, so calls on one microvm serialize and each
@@ -17,6 +17,7 @@
 //! is written before the action, the final one after it.
 
 mod accounts;
+mod arch;
 mod artifacts;
 mod build_queue;
 mod builds;
@@ -33,6 +34,7 @@ mod tags;
 mod tokens;
 mod transitions;
 
+pub use arch::api_name as architecture_name;
 pub use build_queue::default_max_concurrent_builds;
 pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
 pub use connectors::{connector_arn, connector_from, connector_json, Connectors, MAX_CIDRS, MAX_CONNECTORS};
@@ -94,6 +96,9 @@ pub struct Service {
     pub endpoints: crate::endpoint::Endpoints,
     /// Kernel, initramfs, accelerator, run directory of every VM.
     pub vm_template: VmConfig,
+    /// The architecture of image versions whose request names none (`arch`; the host's
+    /// by default, `hearth serve --default-architecture`).
+    pub default_arch: hearth_vmm::Arch,
     slots: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Slot>>>>,
     /// Counters and latency samples for /metrics.
     pub metrics: crate::metrics::Metrics,
@@ -152,6 +157,7 @@ impl Service {
             public_url: String::new(),
             endpoints: Default::default(),
             vm_template,
+            default_arch: hearth_vmm::Arch::host(),
             slots: Default::default(),
             metrics: Default::default(),
             token_key,

@@ -1,12 +1,14 @@
 //! `hearth-bench api`: the control plane measured through its HTTP API, in one run:
 //! RunMicrovm → RUNNING and → first exec result (via the exec extension), from the warm
 //! pool and with the pool disabled, against a cold boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
-//! first request to a suspended microvm); shells (open → first output, keystroke echo);
+//! first request to a suspended microvm); SuspendMicrovm and ResumeMicrovm with pages
+//! dirtied and of a large session (`api_snap`); shells (open → first output, keystroke echo);
 //! ListMicrovms latency with 1,000 microvms in the store.
 //!
 //! A daemon is started in this process on a loopback port with a scratch state directory;
 //! the image is a busybox httpd app built through CreateMicrovmImage.
 
+use crate::api_load::Goal;
 use crate::report::{self, ms, Row};
 use clap::Args;
 use hearth_api::client::Client;
@@ -41,6 +43,18 @@ pub struct BenchApiArgs {
     /// host's available memory would not hold them).
     #[arg(long, default_value_t = 50)]
     idle: usize,
+    /// SuspendMicrovm / ResumeMicrovm cycles of each suspend case (0 skips them).
+    #[arg(long, default_value_t = 3)]
+    cycles: usize,
+    /// MiB the guest writes between a resume and the next suspend.
+    #[arg(long, default_value_t = 200)]
+    dirty_mib: usize,
+    /// Guest memory of the large-session case (0 skips it).
+    #[arg(long, default_value_t = 4096)]
+    big_memory_mib: u32,
+    /// What the large session's app holds in memory, in MiB.
+    #[arg(long, default_value_t = 2048)]
+    big_state_mib: usize,
     /// Accelerator.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: hearth_vmm::Accel,
@@ -87,6 +101,37 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         }
     }
     d.set_pool_size(0).await?;
+    eprintln!("engine: launch from a template → first exec ×{} (baseline)", a.runs);
+    let engine = crate::api_snap::engine_launches(&d, a.runs).await?;
+    let p50 = crate::api_snap::p50;
+    let mut goals = vec![
+        Goal {
+            what: "RunMicrovm → first exec p50, from the warm pool".into(),
+            value: p50(&pooled_exec),
+            goal: 60.0,
+            lower_is_better: true,
+            unit: "ms",
+        },
+        Goal {
+            what: "RunMicrovm → first exec p50, pool disabled, vs the engine's unpooled launch + 20 ms in this run".into(),
+            value: p50(&first_exec),
+            goal: ((p50(&engine) + 20.0) * 10.0).round() / 10.0,
+            lower_is_better: true,
+            unit: "ms",
+        },
+    ];
+    let snap = crate::api_snap::run(
+        &d,
+        &crate::api_snap::SnapOptions {
+            cycles: a.cycles,
+            dirty_mib: a.dirty_mib,
+            big_memory_mib: a.big_memory_mib,
+            big_state_mib: a.big_state_mib,
+        },
+        p50(&first_exec),
+    )
+    .await?;
+    goals.extend(snap.goals);
     let load = crate::api_load::run(
         &d,
         &crate::api_load::LoadOptions { clients: a.clients, sustain_secs: a.sustain_secs, storm: a.storm, idle: a.idle },
@@ -218,12 +263,14 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         all.push(ms(t.elapsed()));
     }
     d.stop().await;
-    let goals: Vec<String> = load.goals.iter().map(crate::api_load::Goal::line).collect();
+    goals.extend(load.goals);
+    let goals: Vec<String> = goals.iter().map(Goal::line).collect();
     let mut rows = vec![
         Row { name: "RunMicrovm → RUNNING, from the warm pool (API, minimal image)".into(), samples: pooled_running, unit: "ms" },
         Row { name: "RunMicrovm → first exec result, from the warm pool (API)".into(), samples: pooled_exec, unit: "ms" },
         Row { name: "RunMicrovm → RUNNING, pool disabled (API)".into(), samples: running, unit: "ms" },
         Row { name: "RunMicrovm → first exec result, pool disabled (API)".into(), samples: first_exec, unit: "ms" },
+        Row { name: "baseline: engine launch from a template → first exec (unpooled)".into(), samples: engine, unit: "ms" },
         Row { name: "baseline: cold boot → first exec (busybox)".into(), samples: cold, unit: "ms" },
         Row { name: "GET through the endpoint (token, tunnel, app), sequential".into(), samples: through, unit: "ms" },
         Row { name: "GET through the endpoint, 8 concurrent clients".into(), samples: vec![rps], unit: "req/s" },
@@ -234,6 +281,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         Row { name: format!("ListMicrovms, one page of 50, {} in the store", a.records), samples: page, unit: "ms" },
         Row { name: format!("ListMicrovms, all {} pages of 50", a.records.div_ceil(50)), samples: all, unit: "ms" },
     ];
+    rows.extend(snap.rows);
     rows.extend(load.rows);
     report::print(rows, a.json, json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string(), "goals": goals }));
     if !a.json && !goals.is_empty() {

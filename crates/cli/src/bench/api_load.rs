@@ -141,12 +141,7 @@ pub async fn api_sustained(d: &BenchDaemon, clients: usize, secs: u64) -> anyhow
 /// The engine's own sustained rate, `clients` at a time, from a template of the same
 /// root filesystem: launch → exec → kill, per second, and CPU milliseconds per launch.
 pub async fn engine_sustained(d: &BenchDaemon, clients: usize, secs: u64) -> anyhow::Result<(f64, f64)> {
-    let mut cfg = d.vm.clone();
-    cfg.root = Some(hearth_vmm::Disk::base(hearth_image::base::Base::Busybox.path(&d.home), hearth_vmm::DiskFormat::Raw));
-    cfg.memory = hearth_vmm::Memory::SnapshotReady;
-    let vm = hearth_vmm::Vm::boot(cfg).await?;
-    vm.exec(&hearth_proto::exec::ExecRequest::argv(["true"]), None, 1 << 16).await?;
-    let snap = std::sync::Arc::new(vm.snapshot_template(&d.state.path().join("engine-template")).await?);
+    let snap = std::sync::Arc::new(engine_template(d).await?);
     let opts = hearth_vmm::RestoreOptions { run_root: d.vm.run_root.clone(), ..hearth_vmm::RestoreOptions::new() };
     let cpu = cpu_meter(d.vm.run_root.clone());
     let t = Instant::now();
@@ -172,6 +167,21 @@ pub async fn engine_sustained(d: &BenchDaemon, clients: usize, secs: u64) -> any
     }
     let (wall, spent) = (t.elapsed().as_secs_f64(), cpu());
     Ok((n as f64 / wall, spent * 1000.0 / n.max(1) as f64))
+}
+
+/// The engine's template of the busybox root filesystem (booted once, kept in the
+/// benchmark's state directory and reused).
+pub async fn engine_template(d: &BenchDaemon) -> anyhow::Result<hearth_vmm::Snapshot> {
+    let dir = d.state.path().join("engine-template");
+    if let Ok(s) = hearth_vmm::Snapshot::open(&dir) {
+        return Ok(s);
+    }
+    let mut cfg = d.vm.clone();
+    cfg.root = Some(hearth_vmm::Disk::base(hearth_image::base::Base::Busybox.path(&d.home), hearth_vmm::DiskFormat::Raw));
+    cfg.memory = hearth_vmm::Memory::SnapshotReady;
+    let vm = hearth_vmm::Vm::boot(cfg).await?;
+    vm.exec(&hearth_proto::exec::ExecRequest::argv(["true"]), None, 1 << 16).await?;
+    Ok(vm.snapshot_template(&dir).await?)
 }
 
 /// GetMicrovm latencies of one microvm, every 20 ms until `stop`.

@@ -68,6 +68,7 @@ pub async fn run(args: BenchBuildArgs) -> anyhow::Result<()> {
             network: args.vm.net.egress(crate::vmargs::EgressMode::Internet)?,
             cache: Some(hearth_image::layers::LayerCache::new(&home)),
             images: std::sync::Arc::new(hearth_image::build::NoImages),
+            disk_gib: None,
         };
         eprintln!("round {}: full build", round + 1);
         let t = Instant::now();

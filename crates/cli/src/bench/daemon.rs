@@ -86,6 +86,7 @@ impl BenchDaemon {
             rate_limit: Default::default(),
             pools: Default::default(),
             default_egress: Default::default(),
+            default_arch: hearth_vmm::Arch::host(),
             max_concurrent_builds: hearth_api::service::default_max_concurrent_builds(),
         };
         let task = tokio::spawn(hearth_api::server::serve(
@@ -136,8 +137,13 @@ impl BenchDaemon {
                 })),
             )
             .await?;
+        self.wait_built("bench").await
+    }
+
+    /// Waits until version 1 of image `name` is built.
+    pub async fn wait_built(&self, name: &str) -> anyhow::Result<()> {
         loop {
-            let v = self.client.call(http::Method::GET, "/2025-09-09/microvm-images/bench/versions/1", None).await?;
+            let v = self.client.call(http::Method::GET, &format!("/2025-09-09/microvm-images/{name}/versions/1"), None).await?;
             match v["state"].as_str() {
                 Some("SUCCESSFUL") => return Ok(()),
                 Some("FAILED") => anyhow::bail!("the image build failed: {}", v["stateReason"]),

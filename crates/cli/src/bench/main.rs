@@ -4,6 +4,7 @@
 
 mod api;
 mod api_load;
+mod api_snap;
 mod build;
 mod daemon;
 mod engine;

@@ -88,11 +88,11 @@ async fn large_session(args: &BenchSnapArgs, opts: &RestoreOptions, work: &std::
 }
 
 /// What a series of suspend/resume cycles measured.
-struct Cycles {
-    suspend: Vec<f64>,
-    on_disk: Vec<f64>,
-    resumed: Vec<f64>,
-    resumed_exec: Vec<f64>,
+pub(crate) struct Cycles {
+    pub(crate) suspend: Vec<f64>,
+    pub(crate) on_disk: Vec<f64>,
+    pub(crate) resumed: Vec<f64>,
+    pub(crate) resumed_exec: Vec<f64>,
 }
 
 impl Cycles {
@@ -108,7 +108,7 @@ impl Cycles {
 
 /// Launches a VM from `snap`, then `cycles` times: writes `dirty_mib` MiB into its tmpfs
 /// (new bytes each cycle), suspends it into `dir` and resumes it, up to a first exec.
-async fn suspend_cycles(
+pub(crate) async fn suspend_cycles(
     snap: &Snapshot,
     opts: &RestoreOptions,
     dir: &std::path::Path,

@@ -116,21 +116,28 @@ pub async fn fetch_with(uri: &str, work: &Path, limits: Limits, policy: FetchPol
     }
 }
 
-/// Which destinations a download may connect to.
+/// Which destinations a download (or a tenant's registry pull) may connect to.
 #[derive(Debug, Default)]
-struct Guard {
+pub(crate) struct Guard {
     /// Public addresses only (else anything: the operator's downloads).
     public_only: bool,
     /// The host's own addresses, refused whatever their range.
     host: Vec<IpAddr>,
     /// IP-literal destinations let through although not public (tests' loopback servers).
-    exempt: Vec<SocketAddr>,
+    pub(crate) exempt: Vec<SocketAddr>,
 }
 
 impl Guard {
     fn public_only() -> Result<Guard, ArtifactError> {
-        let host = net::host_addresses().map_err(io("list the host's addresses"))?;
-        Ok(Guard { public_only: true, host, exempt: Vec::new() })
+        Ok(Guard::tenant().map_err(io("list the host's addresses"))?)
+    }
+
+    /// Public addresses only, the host's own refused.
+    ///
+    /// # Errors
+    /// When the host's addresses cannot be listed.
+    pub(crate) fn tenant() -> std::io::Result<Guard> {
+        Ok(Guard { public_only: true, host: net::host_addresses()?, exempt: Vec::new() })
     }
 
     /// What `addr` is when the download may not reach it.
@@ -142,7 +149,7 @@ impl Guard {
     }
 
     /// Checks `url`'s host when it is an IP literal (names are checked as they resolve).
-    fn check(&self, url: &Url) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, url: &Url) -> Result<(), Refusal> {
         let host = url.host_str().unwrap_or_default();
         // The URL parser has already turned every IPv4 spelling (`2130706433`, `0x7f.1`)
         // into dotted quads and bracketed IPv6.
@@ -160,7 +167,7 @@ impl Guard {
 /// What `addr` is when it is not a public address: loopback, private, link-local, CGNAT,
 /// multicast, reserved (the guests' closed ranges), unique-local, unspecified, or an IPv6
 /// address carrying one of those in IPv4.
-fn non_public(addr: IpAddr) -> Option<String> {
+pub(crate) fn non_public(addr: IpAddr) -> Option<String> {
     let v6 = match addr {
         IpAddr::V4(a) => return net::closed_range(a).map(|(_, kind)| format!("a {kind} address")),
         IpAddr::V6(a) => a,
@@ -199,10 +206,10 @@ fn embedded_v4(a: Ipv6Addr) -> Option<Ipv4Addr> {
 /// redirect policy), it comes back as the source of the client's error.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{host} resolves to {addr}, {kind}")]
-struct Refusal {
-    host: String,
-    addr: IpAddr,
-    kind: String,
+pub(crate) struct Refusal {
+    pub(crate) host: String,
+    pub(crate) addr: IpAddr,
+    pub(crate) kind: String,
 }
 
 impl Refusal {
@@ -255,15 +262,41 @@ fn http_client(guard: &Arc<Guard>, lookups: Option<tokio::runtime::Handle>) -> R
     if !guard.public_only {
         return builder.redirect(Policy::limited(MAX_REDIRECTS)).build();
     }
+    guarded(builder, guard, lookups).build()
+}
+
+/// `builder` under `guard`: names resolved through [`PublicResolver`] (on `lookups` when
+/// given), every redirect's IP-literal host checked, at most [`MAX_REDIRECTS`], no proxy.
+/// A [`Refusal`] comes back as the source of the client's error.
+pub(crate) fn guarded(
+    builder: reqwest::ClientBuilder,
+    guard: &Arc<Guard>,
+    lookups: Option<tokio::runtime::Handle>,
+) -> reqwest::ClientBuilder {
     let check = guard.clone();
-    builder
-        .no_proxy()
-        .dns_resolver(Arc::new(PublicResolver { guard: guard.clone(), lookups }))
-        .redirect(Policy::custom(move |attempt| match check.check(attempt.url()) {
+    builder.no_proxy().dns_resolver(Arc::new(PublicResolver { guard: guard.clone(), lookups })).redirect(Policy::custom(move |attempt| {
+        match check.check(attempt.url()) {
             Err(r) => attempt.error(r),
             Ok(()) => Policy::limited(MAX_REDIRECTS).redirect(attempt),
-        }))
-        .build()
+        }
+    }))
+}
+
+/// Moves the calling thread (a thread of its own, never a runtime's worker) into a new
+/// network namespace with a guest's internet egress, whose name is removed at once: it
+/// lives exactly as long as the thread. `prefix` names it while it is made.
+///
+/// # Errors
+/// What could not be done, and why.
+pub(crate) fn enter_own_namespace(prefix: &str) -> Result<(), (&'static str, Box<dyn std::error::Error + Send + Sync>)> {
+    let mut rand = [0u8; 6];
+    getrandom::fill(&mut rand).map_err(|e| ("name a network namespace", e.to_string().into()))?;
+    let id: String = rand.iter().map(|b| format!("{b:02x}")).collect();
+    let ns = NetNs::create_local(&format!("{prefix}-{id}"), &Egress::internet())
+        .map_err(|e| ("set up a network namespace", Box::new(e) as Box<dyn std::error::Error + Send + Sync>))?;
+    let entered = ns.enter();
+    drop(ns);
+    entered.map_err(|e| ("enter a network namespace", Box::new(e) as Box<dyn std::error::Error + Send + Sync>))
 }
 
 /// Downloads `uri` into `work` under `guard`, from a network namespace of its own with
@@ -307,14 +340,7 @@ fn isolated(
         what: format!("could not {what} for the download (tenants' downloads run in one)"),
         source,
     };
-    let mut rand = [0u8; 6];
-    getrandom::fill(&mut rand).map_err(|e| fail("name a network namespace", e.to_string().into()))?;
-    let id: String = rand.iter().map(|b| format!("{b:02x}")).collect();
-    let ns =
-        NetNs::create_local(&format!("fetch-{id}"), &Egress::internet()).map_err(|e| fail("set up a network namespace", Box::new(e)))?;
-    let entered = ns.enter();
-    drop(ns);
-    entered.map_err(|e| fail("enter a network namespace", Box::new(e)))?;
+    enter_own_namespace("fetch").map_err(|(what, e)| fail(what, e))?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("start the download's runtime"))?;
     rt.block_on(async {
         let client = http_client(guard, Some(lookups)).map_err(|e| fetch_error(shown, e))?;

@@ -146,3 +146,5 @@ mod extract;
 mod fetch;
 pub use extract::extract_zip;
 pub use fetch::{fetch, fetch_with, FetchPolicy};
+// The registry pulls' address rule is the artifact downloads'.
+pub(crate) use fetch::{enter_own_namespace, guarded, non_public, Guard, Refusal};

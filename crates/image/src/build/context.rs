@@ -234,7 +234,7 @@ mod tests {
             .into_iter()
             .map(|s| s.kind)
             .collect::<Vec<StepKind>>();
-        let resolve = |s: &str| context_path(s).ok().map(|rel| (ctx.clone(), rel));
+        let resolve = |_: Option<usize>, s: &str| context_path(s).ok().map(|rel| (ctx.clone(), rel));
         let keys = || crate::layers::step_keys("base", &Default::default(), &kinds, resolve).unwrap();
         let before = keys();
         std::fs::write(t.path().join("outside/secret"), "changed").unwrap();

@@ -6,6 +6,7 @@
 //! terminal's Ctrl-C reaches Hearth (which shuts the VM down) rather than QEMU directly.
 
 use crate::accel::Accel;
+use crate::arch::Arch;
 use crate::config::{Memory, Start, VmConfig};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -101,21 +102,28 @@ pub const IDLE_CMDLINE: &[&str] = &["nowatchdog", "sysctl.vm.compaction_proactiv
 
 /// The kernel command line for a VM.
 pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
-    let mut c = vec![
-        "console=ttyS0".to_owned(),
-        "quiet".into(),
-        "loglevel=3".into(),
-        // A panic reboots at once; with -no-reboot QEMU then exits, so the host notices.
-        "panic=-1".into(),
-        "reboot=t".into(),
-        "i8042.noaux".into(),
-        "8250.nr_uarts=1".into(),
+    let mut c = match cfg.arch {
+        Arch::X86_64 => vec![
+            "console=ttyS0".to_owned(),
+            "quiet".into(),
+            "loglevel=3".into(),
+            // A panic reboots at once; with -no-reboot QEMU then exits, so the host notices.
+            "panic=-1".into(),
+            "reboot=t".into(),
+            "i8042.noaux".into(),
+            "8250.nr_uarts=1".into(),
+        ],
+        // `virt`'s console is its PL011 UART; a panic's reboot is a PSCI call, after which
+        // QEMU (-no-reboot) exits.
+        Arch::Aarch64 => vec!["console=ttyAMA0".to_owned(), "quiet".into(), "loglevel=3".into(), "panic=-1".into()],
+    };
+    c.extend([
         "cryptomgr.notests".into(),
         // Debian enables zero-on-allocation hardening; in a single-tenant guest it only
         // costs boot time under emulation (~0.2 s here).
         "init_on_alloc=0".into(),
         "random.trust_cpu=on".into(),
-    ];
+    ]);
     // What an idle guest wakes for, and so wakes QEMU for (traced with ftrace in a guest
     // and strace on its QEMU, docs/ARCHITECTURE.md "Idle cost"): the soft-lockup watchdog
     // (every 4 s), kcompactd's proactive compaction check (every 0.5 s) and the per-CPU
@@ -132,7 +140,7 @@ pub fn kernel_cmdline(cfg: &VmConfig, accel: Accel) -> String {
     }
     // Only a booting kernel calibrates; a restored one already knows (and measuring costs
     // 20 ms).
-    if accel != Accel::Kvm && cfg.start == Start::Boot {
+    if accel != Accel::Kvm && cfg.start == Start::Boot && cfg.arch == Arch::X86_64 {
         if let Some(khz) = host_tsc_khz() {
             c.push(format!("tsc_early_khz={khz}"));
             c.push("tsc=reliable".into());
@@ -194,6 +202,13 @@ pub(crate) fn is_vm_process(pid: u32, id: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| cmdline_names_vm(&c, id))
 }
 
+/// The ARM64 machine: `virt` (there is no ARM64 `microvm`) with a GICv3, which unlike
+/// the default GICv2 serves more than 8 vCPUs. Its virtio devices are PCIe ones, as on
+/// x86-64, so the agent and the device names are the same on both.
+pub const AARCH64_MACHINE: &str = "virt,gic-version=3";
+/// The emulated ARM64 CPU under TCG (docs/ARCHITECTURE.md "ARM64 guests" for the choice).
+pub const AARCH64_TCG_CPU: &str = "max,pauth-impdef=on";
+
 /// `-accel` of a jailed TCG VM.
 const TCG_JAILED: &str = "tcg,tb-size=256";
 const _: () = assert!(crate::jail::cgroup::TCG_TB_MIB == 256);
@@ -209,11 +224,15 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
         _ if cfg.jail.is_some() => (TCG_JAILED, "max"),
         _ => ("tcg", "max"),
     };
+    let (machine, cpu) = match cfg.arch {
+        Arch::X86_64 => ("microvm,pcie=on,rtc=on", cpu),
+        Arch::Aarch64 => (AARCH64_MACHINE, if accel == Accel::Kvm { cpu } else { AARCH64_TCG_CPU }),
+    };
     let mut a: Vec<String> = vec![
         "-name".into(),
         name_arg(id, cfg.name.as_deref()),
         "-machine".into(),
-        "microvm,pcie=on,rtc=on".into(),
+        machine.into(),
         "-accel".into(),
         accel_name.into(),
         "-cpu".into(),
@@ -226,10 +245,14 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
         "memory-backend=mem".into(),
         "-smp".into(),
         cfg.vcpus.to_string(),
+    ];
+    if cfg.arch == Arch::X86_64 {
         // qboot: a minimal firmware that jumps straight to the kernel (SeaBIOS costs
-        // time under TCG and cannot start a PVH kernel).
-        "-bios".into(),
-        "qboot.rom".into(),
+        // time under TCG and cannot start a PVH kernel). `virt` loads an ARM64 kernel
+        // itself, with no firmware.
+        a.extend(["-bios".into(), "qboot.rom".into()]);
+    }
+    a.extend([
         "-nodefaults".into(),
         "-no-user-config".into(),
         "-nographic".into(),
@@ -252,14 +275,20 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
         format!("socket,id=agent,path={},server=on,wait=off", p(&paths.agent)),
         "-device".into(),
         format!("virtserialport,bus=vser0.0,chardev=agent,name={}", hearth_proto::AGENT_PORT_NAME),
-        "-device".into(),
-        "vmgenid".into(),
+    ]);
+    if cfg.arch == Arch::X86_64 {
+        // qemu-system-aarch64 has no vmgenid device (an ACPI device; a `virt` guest booted
+        // without firmware reads a device tree): an ARM64 guest's RNG is reseeded by the
+        // agent on every restore only (docs/ARCHITECTURE.md "ARM64 guests").
+        a.extend(["-device".into(), "vmgenid".into()]);
+    }
+    a.extend([
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", p(&paths.qmp)),
         // QEMU's seccomp filter: no spawning, no privilege changes, no obsolete syscalls.
         "-sandbox".into(),
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into(),
-    ];
+    ]);
     if let Start::Incoming { .. } = cfg.start {
         a.push("-incoming".into());
         a.push("defer".into());
@@ -351,6 +380,23 @@ mod tests {
         cfg.limits = crate::limits::IoLimits { disk_bps: 1000, disk_iops: 0, net_mbit: 0 };
         let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
         assert!(args.contains("discard=unmap,throttling.bps-total=1000 "), "{args}");
+    }
+
+    #[test]
+    fn arm64_guests_get_virt_without_x86_parts() {
+        let mut cfg = VmConfig::for_arch("/k", "/i", Arch::Aarch64);
+        cfg.root = Some(Disk::base("/base.ext4", DiskFormat::Raw));
+        let paths = RunPaths::new(Path::new("/run/x"));
+        let args = qemu_args(&cfg, Accel::Tcg, "vm-1", &paths).join(" ");
+        assert!(args.contains(&format!("-machine {AARCH64_MACHINE} ")), "{args}");
+        assert!(args.contains(&format!("-cpu {AARCH64_TCG_CPU} ")), "{args}");
+        assert!(args.contains("console=ttyAMA0") && args.contains("virtio-blk-pci"), "{args}");
+        for x86 in ["qboot", "vmgenid", "ttyS0", "tsc", "i8042", "microvm"] {
+            assert!(!args.contains(x86), "{x86} in an ARM64 command line: {args}");
+        }
+        // The x86-64 line keeps what it had.
+        let x86 = qemu_args(&VmConfig::new("/k", "/i"), Accel::Tcg, "vm-1", &paths).join(" ");
+        assert!(x86.contains("-machine microvm,pcie=on,rtc=on") && x86.contains("-bios qboot.rom") && x86.contains("vmgenid"), "{x86}");
     }
 
     #[test]

@@ -237,10 +237,15 @@ impl QemuProcess {
 
     /// Kills QEMU (SIGKILL) and waits for it to be reaped.
     pub async fn kill(&mut self) -> ExitStatus {
+        self.start_kill();
+        self.exit_status().await
+    }
+
+    /// Kills QEMU (SIGKILL) without waiting: [`Self::exit_status`] says when it is reaped.
+    pub fn start_kill(&mut self) {
         if let Some(k) = self.kill.take() {
             let _ = k.send(true);
         }
-        self.exit_status().await
     }
 }
 
