@@ -33,6 +33,9 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// The request cannot be signed with these credentials.
+    #[error(transparent)]
+    Sign(#[from] crate::sigv4::SignError),
     /// No answer.
     #[error("cannot reach the Hearth API at {url}: {source}")]
     Transport {
@@ -68,7 +71,7 @@ impl Client {
         let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
         let mut headers = http::HeaderMap::new();
         headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
-        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", crate::clock::system());
+        crate::sigv4::sign(&method, &uri, &mut headers, &body, &self.access_key, &self.secret, "us-east-1", crate::clock::system())?;
         let mut req = self.http.request(method, &url).body(body);
         for (k, v) in &headers {
             if k != "host" {
@@ -201,7 +204,7 @@ impl Client {
             &self.secret,
             "us-east-1",
             crate::clock::system(),
-        );
+        )?;
         let mut req = self
             .http
             .request(method, &url)

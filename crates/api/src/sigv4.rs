@@ -337,6 +337,23 @@ fn amz_date(t: SystemTime) -> String {
 
 /// Signs a request as the SDKs do (for Hearth's own clients: the CLI, benchmarks): sets
 /// `x-amz-date` and `authorization` in `headers`, which must already hold `host`.
+/// A request that cannot be signed: a credential or value that no HTTP header can carry.
+#[derive(Debug, thiserror::Error)]
+#[error("the {what} holds a character a request header cannot carry (a newline or another control character, often from a file or a paste); remove it and try again")]
+pub struct SignError {
+    /// What held it: "access key id", "payload hash", "region".
+    pub what: &'static str,
+}
+
+fn header(value: &str, what: &'static str) -> Result<http::HeaderValue, SignError> {
+    http::HeaderValue::from_str(value).map_err(|_| SignError { what })
+}
+
+/// Signs a request: adds `x-amz-date` and `authorization` to `headers`.
+///
+/// # Errors
+///
+/// [`SignError`] when the access key id, region or hash cannot go in a header.
 #[allow(clippy::too_many_arguments)] // SigV4's inputs, one by one, as the SDKs name them
 pub fn sign(
     method: &http::Method,
@@ -347,12 +364,16 @@ pub fn sign(
     secret: &str,
     region: &str,
     now: SystemTime,
-) {
-    sign_with(method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now);
+) -> Result<(), SignError> {
+    sign_with(method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now)
 }
 
 /// Signs a request whose body is streamed (an upload): as [`sign`], over `payload_hash`
 /// (the body's SHA-256, hex), which is also sent and signed as `x-amz-content-sha256`.
+///
+/// # Errors
+///
+/// As [`sign`].
 #[allow(clippy::too_many_arguments)] // as `sign`
 pub fn sign_streamed(
     method: &http::Method,
@@ -363,9 +384,9 @@ pub fn sign_streamed(
     secret: &str,
     region: &str,
     now: SystemTime,
-) {
-    headers.insert("x-amz-content-sha256", http::HeaderValue::from_str(payload_hash).expect("hex"));
-    sign_with(method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now);
+) -> Result<(), SignError> {
+    headers.insert("x-amz-content-sha256", header(payload_hash, "payload hash")?);
+    sign_with(method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now)
 }
 
 #[allow(clippy::too_many_arguments)] // as `sign`
@@ -379,9 +400,9 @@ fn sign_with(
     secret: &str,
     region: &str,
     now: SystemTime,
-) {
+) -> Result<(), SignError> {
     let date = amz_date(now);
-    headers.insert("x-amz-date", http::HeaderValue::from_str(&date).expect("ascii"));
+    headers.insert("x-amz-date", header(&date, "date")?);
     let canon_headers: String = signed_headers
         .iter()
         .map(|n| format!("{n}:{}\n", headers.get(*n).and_then(|v| v.to_str().ok()).unwrap_or_default().trim()))
@@ -391,7 +412,12 @@ fn sign_with(
     let key = aws_sigv4::sign::v4::generate_signing_key(secret, now, region, SERVICE);
     let sig = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     let auth = format!("AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={}, Signature={sig}", signed_headers.join(";"));
-    headers.insert(http::header::AUTHORIZATION, http::HeaderValue::from_str(&auth).expect("ascii"));
+    // The signature is hex and the scope's parts are checked above or fixed: only the
+    // access key id and the region can hold what a header cannot.
+    header(access_key, "access key id")?;
+    header(region, "region")?;
+    headers.insert(http::header::AUTHORIZATION, header(&auth, "access key id")?);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -443,11 +469,28 @@ mod tests {
         let uri: http::Uri = "http://127.0.0.1:1/2017-03-31/tags/arn%3Ax?b=2&a=1".parse().unwrap();
         let mut h = http::HeaderMap::new();
         h.insert("host", "127.0.0.1:1".parse().unwrap());
-        sign(&http::Method::POST, &uri, &mut h, b"{}", "AKIDHEARTHTEST", SECRET, "us-east-1", now);
+        sign(&http::Method::POST, &uri, &mut h, b"{}", "AKIDHEARTHTEST", SECRET, "us-east-1", now).unwrap();
         let ok = verify(&http::Method::POST, &uri, &h, b"{}", now, |_| Some(SECRET.to_owned())).unwrap();
         assert_eq!(ok.region, "us-east-1");
         assert!(verify(&http::Method::POST, &uri, &h, b"{ }", now, |_| Some(SECRET.to_owned())).is_err());
         assert_eq!(amz_date(UNIX_EPOCH + Duration::from_secs(951868800 + 3723)), "20000301T010203Z");
+    }
+
+    #[test]
+    fn credentials_no_header_can_carry_are_refused_not_panicked_on() {
+        let now = crate::clock::system();
+        let uri: http::Uri = "http://127.0.0.1:1/".parse().unwrap();
+        for (ak, region, what) in [("AKID\nX", "us-east-1", "access key id"), ("AKID\u{7f}", "us-east-1", "access key id"), ("AKID", "us\r\n", "region")]
+        {
+            let mut h = http::HeaderMap::new();
+            let e = sign(&http::Method::GET, &uri, &mut h, b"", ak, SECRET, region, now).unwrap_err();
+            assert_eq!(e.what, what);
+            assert!(e.to_string().contains("newline"), "{e}");
+            let e = sign_streamed(&http::Method::PUT, &uri, &mut h, "ab\n", "AKID", SECRET, "us-east-1", now).unwrap_err();
+            assert_eq!(e.what, "payload hash");
+        }
+        // A secret is only hashed: any bytes sign.
+        sign(&http::Method::GET, &uri, &mut http::HeaderMap::new(), b"", "AKID", "se\ncret", "us-east-1", now).unwrap();
     }
 
     #[test]

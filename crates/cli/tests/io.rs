@@ -66,7 +66,8 @@ fn put_claiming(d: &Daemon, key: &str, id: &str, path: &str, body: Vec<u8>, clai
         key["secretAccessKey"].as_str().unwrap(),
         "us-east-1",
         std::time::SystemTime::now(),
-    );
+    )
+    .unwrap();
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
         let mut req = reqwest::Client::new().put(&url).body(body);
         for (k, v) in &headers {
