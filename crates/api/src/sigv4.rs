@@ -480,7 +480,8 @@ mod tests {
     fn credentials_no_header_can_carry_are_refused_not_panicked_on() {
         let now = crate::clock::system();
         let uri: http::Uri = "http://127.0.0.1:1/".parse().unwrap();
-        for (ak, region, what) in [("AKID\nX", "us-east-1", "access key id"), ("AKID\u{7f}", "us-east-1", "access key id"), ("AKID", "us\r\n", "region")]
+        for (ak, region, what) in
+            [("AKID\nX", "us-east-1", "access key id"), ("AKID\u{7f}", "us-east-1", "access key id"), ("AKID", "us\r\n", "region")]
         {
             let mut h = http::HeaderMap::new();
             let e = sign(&http::Method::GET, &uri, &mut h, b"", ak, SECRET, region, now).unwrap_err();
