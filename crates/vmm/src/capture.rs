@@ -288,25 +288,17 @@ impl Vm {
         match committed {
             Ok(snap) => {
                 crate::crash::point("suspend.committed");
-                // The saved state is the VM now: QEMU is killed at once. Its exit (the
-                // kernel freeing its memory: up to hundreds of ms for a resumed guest on a
-                // busy host, measured) and then the removal of its cgroup, namespace and
-                // run directory (in that order, as the Vm drops) finish after the caller
-                // has its answer. A crash before then leaves a killed QEMU and a run
-                // directory that the next start sweeps like any other.
-                // SIGKILL now (through the pidfd a daemon's detached QEMU has), not when
-                // the watcher task next runs: SUSPENDED is recorded right after this.
+                // The saved state is the VM now: QEMU goes, SIGKILLed at once (through the
+                // pidfd a daemon's detached QEMU has), and reaped before the answer, so that
+                // a suspended VM has no process, namespace or cgroup left when it returns.
+                // (Reaping a resumed guest's QEMU took up to ~450 ms on a busy host,
+                // measured; answering before it left namespaces behind the answer.)
                 self.process.kill_now();
-                self.process.start_kill();
+                self.process.kill().await;
+                vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: QEMU gone");
                 if let Some(from) = disk_from.filter(|f| f.exists() && f.parent() != Some(dest)) {
                     let _ = std::fs::remove_file(from);
                 }
-                vm_event!(self, debug, elapsed = ?t.elapsed(), "suspend: QEMU killed");
-                tokio::spawn(async move {
-                    self.process.exit_status().await;
-                    // The cgroup's removal may wait a little for the group to empty.
-                    let _ = tokio::task::spawn_blocking(move || drop(self)).await;
-                });
                 Ok(snap)
             }
             Err(e) => {
