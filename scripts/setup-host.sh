@@ -2,9 +2,10 @@
 # Installs what Hearth needs on a Debian 12 host: QEMU 10 (x86-64 and ARM64 system
 # emulators) and qemu-utils from bookworm-backports, plus the tools used to build root
 # filesystems. The arm64 architecture is added to dpkg so apt can download the ARM64
-# guests' kernel and busybox (downloaded and unpacked, never installed).
+# guests' kernel (downloaded and unpacked, never installed).
 # The minimal base's busybox is compiled from Debian's source package: a bookworm deb-src
-# entry and gcc/make/libc6-dev/dpkg-dev are added for it.
+# entry and gcc/make/libc6-dev/dpkg-dev are added for it, and the arm64 cross toolchain
+# (gcc-aarch64-linux-gnu, libc6-dev-arm64-cross) for the ARM64 guests' minimal base.
 # The backports and deb-src entries are derived from the machine's existing Debian apt
 # source, so whatever mirror the machine already uses is the one we use.
 set -euo pipefail
@@ -39,6 +40,7 @@ all_ok() {
         && command -v chromium >/dev/null && command -v certutil >/dev/null \
         && command -v gcc >/dev/null && command -v make >/dev/null \
         && command -v dpkg-source >/dev/null && [ -f /usr/lib/x86_64-linux-gnu/libc.a ] \
+        && command -v aarch64-linux-gnu-gcc >/dev/null && [ -f /usr/aarch64-linux-gnu/lib/libc.a ] \
         && python3 -c 'import ensurepip' 2>/dev/null
 }
 
@@ -117,8 +119,10 @@ if ! all_ok; then
     # certutil to trust the daemon's CA in the test's own NSS database. Recommends (sandbox
     # helper, desktop services) are not needed headless.
     apt-get install -y -qq --no-install-recommends chromium libnss3-tools >/dev/null
-    # The minimal base: busybox compiled static from Debian's source (base/busybox.rs).
-    apt-get install -y -qq --no-install-recommends gcc make libc6-dev dpkg-dev >/dev/null
+    # The minimal base: busybox compiled static from Debian's source (base/busybox.rs),
+    # natively and, for ARM64 guests, with the cross toolchain (base_arm64.rs).
+    apt-get install -y -qq --no-install-recommends gcc make libc6-dev dpkg-dev \
+        gcc-aarch64-linux-gnu libc6-dev-arm64-cross >/dev/null
 fi
 source_known || { echo "apt has no source for busybox: add a deb-src entry for bookworm" >&2; exit 1; }
 qemu_ok || { echo "QEMU 10 did not install" >&2; exit 1; }

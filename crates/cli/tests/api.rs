@@ -30,8 +30,13 @@ fn the_api_through_boto3_and_the_aws_cli_survives_a_daemon_kill() {
     // may name no host path at all.
     allow_artifacts(&state, &a, &ctx);
     let _microvms = Microvms(state.clone());
-    let mut daemon = Daemon::start(&state);
-    let out = run_py(&daemon.1, (&a, &b), &ctx, &state, &[]);
+    // The ARM64 pool's state is read from /metrics (a port picked here, then given to the
+    // daemon), as tests/pools.rs does.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::start_args(&state, &["--metrics-listen", &metrics]);
+    let env = [("HEARTH_METRICS", format!("http://{metrics}"))];
+    let out = run_script("test_api.py", &daemon.1, (&a, &b), &ctx, &state, &[], &env);
     assert!(out.contains("\"suspended\"") && out.contains("\"running\""), "{out}");
 
     // The `hearth` CLI as a client of the same daemon.

@@ -1,7 +1,8 @@
 //! ARM64 guests end to end, on real QEMU (`qemu-system-aarch64 -M virt`, emulated by TCG
-//! on an x86-64 host): a cold boot and an exec, then a template snapshot and a clone
-//! launched from it, suspended and resumed. One VM boots (ARM64 cold boots under TCG take tens of seconds), so
-//! the suite stays short. Needs `hearth setup --arch arm64` (done by `scripts/setup.sh`).
+//! on an x86-64 host): a cold boot and an exec (the cross-compiled busybox's applets),
+//! then a template snapshot and a clone launched from it, suspended and resumed. One VM
+//! boots (ARM64 cold boots under TCG take tens of seconds), so the suite stays short.
+//! Needs `hearth setup --arch arm64` (done by `scripts/setup.sh`).
 
 use hearth_image::base::Base;
 use hearth_proto::exec::ExecRequest;
@@ -39,6 +40,13 @@ async fn an_arm64_guest_boots_clones_suspends_and_resumes() {
     let vm = Vm::boot(cfg).await.unwrap();
     assert_eq!(vm.accel(), hearth_vmm::Accel::Tcg, "an ARM64 guest is emulated on this host");
     assert_eq!(sh(&vm, "uname -m").await.trim(), "aarch64");
+    // The cross-compiled busybox has every applet, as the x86-64 one (Debian's
+    // `busybox-static:arm64` had no `nohup` and its `wget -T` crashed); `localhost` comes
+    // from /etc/hosts.
+    let applets = sh(&vm, "busybox --list | wc -l; nohup true && echo nohup; wget -T 5 -q -O- http://localhost:9/ 2>&1; echo $?").await;
+    let lines: Vec<&str> = applets.lines().collect();
+    assert!(lines[0].trim().parse::<u32>().unwrap() >= 390 && lines[1] == "nohup", "{applets}");
+    assert!(applets.contains("127.0.0.1") && lines.last() == Some(&"1"), "wget -T: {applets}");
     sh(&vm, "echo from-template > /workspace/seed; (sleep 100000 &); true").await;
     let template_host = sh(&vm, "hostname").await;
 

@@ -20,7 +20,9 @@ fn bad_client_input_is_an_error_never_a_panic() {
     // A closed port: nothing answers there.
     let endpoint = "http://127.0.0.1:1";
     let key = [("AWS_SECRET_ACCESS_KEY", "secret"), ("HEARTH_ENDPOINT", endpoint)];
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    // (arguments, environment, what stderr must say)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (vec!["ls"], vec![("AWS_ACCESS_KEY_ID", "AKIDHEARTH\n")], "access key id holds a character"),
         (vec!["get", "mvm-x"], vec![("AWS_ACCESS_KEY_ID", "AK\rID")], "access key id holds a character"),
         (vec!["ls"], vec![("AWS_ACCESS_KEY_ID", "AKID\u{7f}")], "access key id holds a character"),

@@ -109,7 +109,7 @@ impl Base {
             return Ok(out);
         }
         match self {
-            Base::Busybox => busybox::build(home, &out, progress)?,
+            Base::Busybox => busybox::build(home, hearth_vmm::arch::Arch::X86_64, &out, progress)?,
             Base::DebianBookworm => debian::build(home, &out, DEBIAN_PACKAGES, progress)?,
             Base::Python => debian::build(home, &out, &[DEBIAN_PACKAGES, PYTHON_PACKAGES].concat(), progress)?,
             Base::Node => debian::build(home, &out, &[DEBIAN_PACKAGES, NODE_PACKAGES].concat(), progress)?,
@@ -135,7 +135,7 @@ impl std::fmt::Display for Base {
 }
 
 /// An exclusive `flock` on `path`, held until dropped (the file descriptor closes).
-fn lock(path: &Path, waiting: &dyn Fn()) -> Result<std::fs::File, RootfsError> {
+pub(crate) fn lock(path: &Path, waiting: &dyn Fn()) -> Result<std::fs::File, RootfsError> {
     use rustix::fs::{flock, FlockOperation};
     let f =
         std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).map_err(io(format!("open {}", path.display())))?;

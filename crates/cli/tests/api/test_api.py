@@ -2,18 +2,21 @@
 
 Run by crates/cli/tests/api.rs, which starts the daemon and passes, in the environment:
 HEARTH_URL, HEARTH_KEY_A / HEARTH_KEY_B (JSON access keys of two tenants), HEARTH_CTX
-(a build context directory), HEARTH_STATE (the daemon's state directory).
+(a build context directory), HEARTH_STATE (the daemon's state directory), HEARTH_METRICS
+(its /metrics listener). Its helpers serve test_ingress.py and test_pools.py too.
 """
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 
 import boto3
 import modelcheck  # noqa: F401 - checks every answer against the service model
 import botocore
+import websocket
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
@@ -24,6 +27,9 @@ KEY_A = json.loads(os.environ["HEARTH_KEY_A"])
 KEY_B = json.loads(os.environ["HEARTH_KEY_B"])
 CTX = os.environ["HEARTH_CTX"]
 CTX_HOOKS = os.environ["HEARTH_CTX_HOOKS"]
+STATE = os.environ["HEARTH_STATE"]
+# The daemon's /metrics (`hearth serve --metrics-listen`), where a test reads its pools.
+METRICS = os.environ.get("HEARTH_METRICS")
 # An app that listens on 8080 but has no /ready (busybox httpd over an empty directory).
 CTX_LISTENS = os.path.join(os.path.dirname(CTX), "listens")
 DEBIAN = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:debian-bookworm"
@@ -107,6 +113,90 @@ def aws(key, *args):
     return out.returncode, out.stdout, out.stderr
 
 
+def qemus():
+    """Microvm ids of this daemon's QEMUs (their process name), found by its state directory."""
+    out = set()
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if STATE + "/run/" in cmd and "process=hearth-vm-" in cmd:
+            name = cmd.split("process=hearth-vm-", 1)[1].split("\0")[0].split(",")[0]
+            out.add("mvm-" + name.rsplit("-mvm-", 1)[-1])
+    return out
+
+
+def pool_ready(image):
+    """The pool of `image` holds a VM ready to claim (the daemon's /metrics says so)."""
+    with urllib.request.urlopen(METRICS + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return any(l.startswith("hearth_pool_ready{") and f'image="{image}"' in l and l.endswith(" 1") for l in text.splitlines())
+
+
+def read_until(ws, needle, timeout=60):
+    """Terminal output of a shell WebSocket until `needle` (bytes) appears."""
+    seen = b""
+    deadline = time.time() + timeout
+    ws.settimeout(timeout)
+    while needle not in seen:
+        assert time.time() < deadline, f"{needle!r} never came; got {seen!r}"
+        op, data = ws.recv_data()
+        if op == websocket.ABNF.OPCODE_BINARY:
+            seen += data
+        elif op == websocket.ABNF.OPCODE_TEXT:
+            raise AssertionError(f"unexpected control message {data!r} after {seen!r}")
+    return seen
+
+
+def arm64(a):
+    """ARM_64 (emulated here, ~1.5x slower than x86-64; built alone, after the others): the
+    version records it, a request naming both architectures is refused, the microvm is an
+    aarch64 one, the second run is the pool's warm VM, and its endpoint reaches the app, a
+    shell opens and a suspend/resume keeps its files."""
+    arm = dict(name="arm", baseImageArn=MINIMAL, buildRoleArn=ROLE, codeArtifact={"uri": "file://" + CTX})
+    expect_error("ValidationException", 400, a.create_microvm_image,
+                 **dict(arm, cpuConfigurations=[{"architecture": "ARM_64"}, {"architecture": "X86_64"}]))
+    created_arm = a.create_microvm_image(**dict(arm, cpuConfigurations=[{"architecture": "ARM_64"}]))
+    assert created_arm["cpuConfigurations"] == [{"architecture": "ARM_64"}], created_arm
+    v = wait_version(a, "arm", "1", timeout=480)
+    assert v["state"] == "SUCCESSFUL" and v["cpuConfigurations"] == [{"architecture": "ARM_64"}], v
+    arm_build = a.list_microvm_image_builds(imageIdentifier="arm", imageVersion="1")["items"][0]
+    assert arm_build["architecture"] == "ARM_64" and arm_build["chipset"] == "GRAVITON", arm_build
+    first = a.run_microvm(imageIdentifier="arm")["microvmId"]
+    out = exec_in(KEY_A, first, "uname -m")
+    assert out["stdout"] == "aarch64\n", out
+    # The first run made the version's pool (the daemon's default size, 1): the next run
+    # is its warm VM, seen on the host before the call.
+    assert METRICS, "HEARTH_METRICS names the daemon's metrics listener"
+    deadline = time.time() + 300
+    while not pool_ready("arm"):
+        assert time.time() < deadline, "the arm64 pool never filled"
+        time.sleep(0.5)
+    spare = qemus() - {m["microvmId"] for m in a.list_microvms()["items"] if m["state"] != "TERMINATED"}
+    assert len(spare) == 1, spare
+    second = a.run_microvm(imageIdentifier="arm", ingressNetworkConnectors=["SHELL_INGRESS"])
+    mid = second["microvmId"]
+    assert second["state"] == "RUNNING" and mid == spare.pop(), (second, spare)
+    token = a.create_microvm_auth_token(microvmIdentifier=mid, expirationInMinutes=5, allowedPorts=[{"port": 8080}])["authToken"]["X-aws-proxy-auth"]
+    assert http_get(f"{URL}/microvms/{mid}/ready", {"X-aws-proxy-auth": token}) == (200, b"ok\n")
+    shell_token = a.create_microvm_shell_auth_token(microvmIdentifier=mid, expirationInMinutes=5)["authToken"]["X-aws-proxy-auth"]
+    ws = websocket.create_connection(f"ws://{urllib.parse.urlsplit(URL).netloc}/shell/{mid}", header=[f"X-aws-proxy-auth: {shell_token}"], timeout=120)
+    ws.send_binary(b"uname -m; echo kept > /workspace/k; echo s$((1+1))\n")
+    assert b"aarch64\r\n" in read_until(ws, b"s2\r\n", timeout=120)
+    ws.close()
+    a.suspend_microvm(microvmIdentifier=mid)
+    assert a.get_microvm(microvmIdentifier=mid)["state"] == "SUSPENDED"
+    a.resume_microvm(microvmIdentifier=mid)
+    assert exec_in(KEY_A, mid, "cat /workspace/k; uname -m")["stdout"] == "kept\naarch64\n"
+    for m in (first, mid):
+        a.terminate_microvm(microvmIdentifier=m)
+        wait_state(a, m, "TERMINATED")
+    a.delete_microvm_image(imageIdentifier="arm")
+
+
 def main():
     a, b = client(KEY_A), client(KEY_B)
 
@@ -156,23 +246,7 @@ def main():
     assert v["state"] == "FAILED" and "/ready answered 404" in v.get("stateReason", ""), v
     a.delete_microvm_image(imageIdentifier="listens")
     a.delete_microvm_image(imageIdentifier="readyhook")
-    # ARM_64 (emulated here; built alone, after the others): the version records it, a
-    # request naming both architectures is refused, and the microvm is an aarch64 one.
-    arm = dict(name="arm", baseImageArn=MINIMAL, buildRoleArn=ROLE, codeArtifact={"uri": "file://" + CTX_LISTENS})
-    expect_error("ValidationException", 400, a.create_microvm_image,
-                 **dict(arm, cpuConfigurations=[{"architecture": "ARM_64"}, {"architecture": "X86_64"}]))
-    created_arm = a.create_microvm_image(**dict(arm, cpuConfigurations=[{"architecture": "ARM_64"}]))
-    assert created_arm["cpuConfigurations"] == [{"architecture": "ARM_64"}], created_arm
-    v = wait_version(a, "arm", "1", timeout=480)
-    assert v["state"] == "SUCCESSFUL" and v["cpuConfigurations"] == [{"architecture": "ARM_64"}], v
-    arm_build = a.list_microvm_image_builds(imageIdentifier="arm", imageVersion="1")["items"][0]
-    assert arm_build["architecture"] == "ARM_64" and arm_build["chipset"] == "GRAVITON", arm_build
-    arm_mid = a.run_microvm(imageIdentifier="arm")["microvmId"]
-    out = exec_in(KEY_A, arm_mid, "uname -m")
-    assert out["stdout"] == "aarch64\n", out
-    a.terminate_microvm(microvmIdentifier=arm_mid)
-    wait_state(a, arm_mid, "TERMINATED")
-    a.delete_microvm_image(imageIdentifier="arm")
+    arm64(a)
     image = a.get_microvm_image(imageIdentifier=created["imageArn"])
     assert image["state"] == "CREATED" and image["latestActiveImageVersion"] == "1", image
 
@@ -192,10 +266,13 @@ def main():
         assert a.get_microvm(microvmIdentifier=mid)["state"] == "RUNNING"
     # A run naming no egress connector (and an image naming none) gets INTERNET_EGRESS, as on the service.
     assert a.get_microvm(microvmIdentifier=first["microvmId"])["egressNetworkConnectors"] == ["INTERNET_EGRESS"]
-    page1 = a.list_microvms(maxResults=2)
-    assert len(page1["items"]) == 2 and "nextToken" in page1
-    page2 = a.list_microvms(maxResults=2, nextToken=page1["nextToken"])
-    listed = {m["microvmId"] for m in page1["items"] + page2["items"]}
+    page = a.list_microvms(maxResults=2)
+    assert len(page["items"]) == 2 and "nextToken" in page
+    listed = {m["microvmId"] for m in page["items"]}
+    while "nextToken" in page:
+        page = a.list_microvms(maxResults=2, nextToken=page["nextToken"])
+        assert len(page["items"]) <= 2, page
+        listed |= {m["microvmId"] for m in page["items"]}
     assert ids <= listed, (ids, listed)
     paged = {m["microvmId"] for p in a.get_paginator("list_microvms").paginate(PaginationConfig={"PageSize": 1}) for m in p["items"]}
     assert ids <= paged

@@ -26,7 +26,7 @@ import websocket
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from test_api import DEBIAN, KEY_A, ROLE, URL, client, expect_error, http_get, wait_version
+from test_api import DEBIAN, KEY_A, ROLE, URL, client, expect_error, http_get, read_until, wait_version
 
 CTX = os.environ["HEARTH_CTX_NET"]
 DAEMON = int(os.environ["HEARTH_DAEMON_PID"])
@@ -68,21 +68,6 @@ async def one_request(host, port, path, token):
 
 async def flood(host, port, path, token, n):
     return await asyncio.gather(*[one_request(host, port, path, token) for _ in range(n)])
-
-
-def read_until(ws, needle, timeout=60):
-    """Terminal output of a shell WebSocket until `needle` (bytes) appears."""
-    seen = b""
-    deadline = time.time() + timeout
-    ws.settimeout(timeout)
-    while needle not in seen:
-        assert time.time() < deadline, f"{needle!r} never came; got {seen!r}"
-        op, data = ws.recv_data()
-        if op == websocket.ABNF.OPCODE_BINARY:
-            seen += data
-        elif op == websocket.ABNF.OPCODE_TEXT:
-            raise AssertionError(f"unexpected control message {data!r} after {seen!r}")
-    return seen
 
 
 def main():

@@ -24,11 +24,11 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
+from test_api import pool_ready, qemus
+
 URL = os.environ["HEARTH_URL"]
 KEY_A = json.loads(os.environ["HEARTH_KEY_A"])
 CTX = os.environ["HEARTH_CTX_HOOKS"]
-STATE = os.environ["HEARTH_STATE"]
-METRICS = os.environ.get("HEARTH_METRICS")
 DEBIAN = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:debian-bookworm"
 ROLE = "arn:aws:iam::123456789012:role/hearth-build"
 A = boto3.client(
@@ -57,32 +57,9 @@ def sh(mid, cmd):
     return json.loads(body)["stdout"]
 
 
-def qemus():
-    """Microvm ids of this test's QEMUs (their process name), by the state directory."""
-    out = set()
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if STATE + "/run/" in cmd and "process=hearth-vm-" in cmd:
-            name = cmd.split("process=hearth-vm-", 1)[1].split("\0")[0].split(",")[0]
-            out.add("mvm-" + name.rsplit("-mvm-", 1)[-1])
-    return out
-
-
-def pool_ready():
-    """The pool of `pooled` holds a VM ready to claim (the daemon's /metrics says so)."""
-    with urllib.request.urlopen(METRICS + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return any(l.startswith("hearth_pool_ready{") and 'image="pooled"' in l and l.endswith(" 1") for l in text.splitlines())
-
-
 def spare():
     """The pooled VM, once the pool says it is ready."""
-    wait(pool_ready, "the pool to fill")
+    wait(lambda: pool_ready("pooled"), "the pool to fill")
     ids = pooled()
     assert len(ids) == 1, ids
     return ids.pop()
