@@ -6,12 +6,12 @@
 //! loop hardware runs in ~50 µs). `auto` therefore decides in stages, each cheaper than
 //! the next and each able to say no:
 //!
-//! 1. **Timing** ([`probe`]): a real-mode guest runs a 100,000-iteration loop through the
-//!    KVM API, and the host runs the same two instructions. KVM passes only under
-//!    [`KVM_LIMIT`] (5 ms) *and* under [`ENTRY_ALLOWANCE`] + [`HOST_FACTOR`] × the host's
-//!    time. The absolute limit is 8× below the fastest emulation seen; the relative one
-//!    keeps a fast emulator on a fast host from passing (hardware runs guest code at host
-//!    speed, an emulator cannot).
+//! 1. **Timing** ([`probe`]): a real-mode guest (on ARM64, an EL1 one) runs a
+//!    100,000-iteration loop through the KVM API, and the host runs the same two
+//!    instructions. KVM passes only under [`KVM_LIMIT`] (5 ms) *and* under
+//!    [`ENTRY_ALLOWANCE`] + [`HOST_FACTOR`] × the host's time. The absolute limit is 8×
+//!    below the fastest emulation seen; the relative one keeps a fast emulator on a fast
+//!    host from passing (hardware runs guest code at host speed, an emulator cannot).
 //! 2. **Boot canary** ([`canary`]): the guest kernel and initramfs under `-accel kvm` must
 //!    reach `/init` within 15 s. Only then is KVM trusted.
 //! 3. **Verdict cache**: the answer is kept in `$HEARTH_HOME/accel.json`, keyed by the
@@ -297,13 +297,15 @@ impl Host for RealHost<'_> {
 /// The verdict this process uses (one decision at a time: a canary is not run twice).
 static CURRENT: Mutex<Option<Verdict>> = Mutex::new(None);
 
-/// The canary for the default set-up: `qemu-system-x86_64` and the kernel and initramfs
-/// installed in `$HEARTH_HOME` (paths that do not exist make the canary, if reached, fail).
+/// The canary for the default set-up: the host architecture's QEMU (KVM runs only that
+/// one) and its kernel and initramfs installed in `$HEARTH_HOME` (paths that do not exist
+/// make the canary, if reached, fail).
 pub fn default_canary() -> CanarySpec {
     let home = crate::home::hearth_home();
+    let arch = crate::arch::Arch::host();
     let (kernel, initramfs) =
-        crate::assets::boot_files(&home).unwrap_or_else(|_| (home.join("kernel/missing"), home.join("initramfs/missing")));
-    CanarySpec { qemu: "qemu-system-x86_64".into(), kernel, initramfs }
+        crate::assets::boot_files_for(&home, arch).unwrap_or_else(|_| (home.join("kernel/missing"), home.join("initramfs/missing")));
+    CanarySpec { qemu: arch.qemu_binary().into(), kernel, initramfs }
 }
 
 /// The verdict for `spec`'s host: this process's, else `accel.json`'s when its key

@@ -298,8 +298,11 @@ mod tests {
         c.name = Some("mvm-0123456789abcdef".into());
         assert_eq!(c.validate(), Ok(()));
         assert_eq!(cfg().validate(), Ok(()));
-        let mut c = VmConfig::for_arch("/proc/self/exe", "/proc/self/exe", crate::arch::Arch::Aarch64);
+        let c = VmConfig::for_arch("/proc/self/exe", "/proc/self/exe", crate::arch::Arch::Aarch64);
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-aarch64"));
+        // The architecture that is foreign to this host (ARM64 here, x86-64 on an ARM64 host).
+        let foreign = crate::arch::Arch::ALL.into_iter().find(|a| *a != crate::arch::Arch::host()).unwrap();
+        let mut c = VmConfig::for_arch(&c.kernel, &c.initramfs, foreign);
         c.accel = Accel::Kvm;
         assert!(matches!(c.validate(), Err(ConfigError::ForeignKvm { .. })), "KVM cannot run a foreign guest");
     }

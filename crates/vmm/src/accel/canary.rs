@@ -7,6 +7,7 @@
 //! `/init` in well under a second; TCG needs ~4 s here with full console output; an
 //! emulating `/dev/kvm` prints nothing for minutes.
 
+use crate::arch::Arch;
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -50,11 +51,19 @@ pub fn line_progress(line: &str) -> Progress {
 }
 
 /// The QEMU arguments of the canary: the VM's machine and CPU, no devices but the serial
-/// console, full kernel logging (no `quiet`) so progress is visible.
+/// console, full kernel logging (no `quiet`) so progress is visible. KVM runs only the
+/// host's own architecture, so the canary is the host's: on an ARM64 host a `virt` machine
+/// with the host's GIC (untested: the project has no ARM64 host).
 pub fn args(spec: &CanarySpec) -> Vec<String> {
-    [
-        "-machine",
-        "microvm,pcie=on,rtc=on",
+    let machine: &[&str] = match Arch::host() {
+        Arch::X86_64 => &["-machine", "microvm,pcie=on,rtc=on", "-bios", "qboot.rom"],
+        Arch::Aarch64 => &["-machine", crate::qemu::AARCH64_KVM_MACHINE],
+    };
+    let console = match Arch::host() {
+        Arch::X86_64 => "console=ttyS0 panic=-1 reboot=t 8250.nr_uarts=1 i8042.noaux",
+        Arch::Aarch64 => "console=ttyAMA0 panic=-1",
+    };
+    let rest = [
         "-accel",
         "kvm",
         "-cpu",
@@ -63,8 +72,6 @@ pub fn args(spec: &CanarySpec) -> Vec<String> {
         "256M",
         "-smp",
         "1",
-        "-bios",
-        "qboot.rom",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -73,13 +80,15 @@ pub fn args(spec: &CanarySpec) -> Vec<String> {
         "-serial",
         "stdio",
         "-append",
-        "console=ttyS0 panic=-1 reboot=t 8250.nr_uarts=1 i8042.noaux",
+        console,
         "-kernel",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .chain([spec.kernel.display().to_string(), "-initrd".into(), spec.initramfs.display().to_string()])
-    .collect()
+    ];
+    machine
+        .iter()
+        .chain(rest.iter())
+        .map(|s| (*s).to_owned())
+        .chain([spec.kernel.display().to_string(), "-initrd".into(), spec.initramfs.display().to_string()])
+        .collect()
 }
 
 /// Kills and reaps the canary on every path.
@@ -168,7 +177,8 @@ mod tests {
         let a = args(&spec).join(" ");
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
         assert!(a.contains("-kernel /k/vmlinuz -initrd /i.cpio"), "{a}");
-        assert!(!a.contains("quiet") && a.contains("console=ttyS0"), "{a}");
+        let console = if Arch::host() == Arch::X86_64 { "console=ttyS0" } else { "console=ttyAMA0" };
+        assert!(!a.contains("quiet") && a.contains(console), "{a}");
     }
 
     #[test]

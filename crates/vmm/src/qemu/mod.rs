@@ -206,6 +206,10 @@ pub(crate) fn is_vm_process(pid: u32, id: &str) -> bool {
 /// the default GICv2 serves more than 8 vCPUs. Its virtio devices are PCIe ones, as on
 /// x86-64, so the agent and the device names are the same on both.
 pub const AARCH64_MACHINE: &str = "virt,gic-version=3";
+/// The ARM64 machine under KVM (an ARM64 host): the host's own GIC, which KVM can
+/// virtualize only as the version the hardware has (GICv2-only hosts exist). Untested: the
+/// project has no ARM64 host.
+pub const AARCH64_KVM_MACHINE: &str = "virt,gic-version=host";
 /// The emulated ARM64 CPU under TCG (docs/ARCHITECTURE.md "ARM64 guests" for the choice).
 pub const AARCH64_TCG_CPU: &str = "max,pauth-impdef=on";
 
@@ -226,7 +230,8 @@ pub fn qemu_args(cfg: &VmConfig, accel: Accel, id: &str, paths: &RunPaths) -> Ve
     };
     let (machine, cpu) = match cfg.arch {
         Arch::X86_64 => ("microvm,pcie=on,rtc=on", cpu),
-        Arch::Aarch64 => (AARCH64_MACHINE, if accel == Accel::Kvm { cpu } else { AARCH64_TCG_CPU }),
+        Arch::Aarch64 if accel == Accel::Kvm => (AARCH64_KVM_MACHINE, cpu),
+        Arch::Aarch64 => (AARCH64_MACHINE, AARCH64_TCG_CPU),
     };
     let mut a: Vec<String> = vec![
         "-name".into(),
@@ -394,6 +399,9 @@ mod tests {
         for x86 in ["qboot", "vmgenid", "ttyS0", "tsc", "i8042", "microvm"] {
             assert!(!args.contains(x86), "{x86} in an ARM64 command line: {args}");
         }
+        // Under KVM (an ARM64 host): the host's CPU and GIC.
+        let args = qemu_args(&cfg, Accel::Kvm, "vm-1", &paths).join(" ");
+        assert!(args.contains(&format!("-machine {AARCH64_KVM_MACHINE} ")) && args.contains("-cpu host "), "{args}");
         // The x86-64 line keeps what it had.
         let x86 = qemu_args(&VmConfig::new("/k", "/i"), Accel::Tcg, "vm-1", &paths).join(" ");
         assert!(x86.contains("-machine microvm,pcie=on,rtc=on") && x86.contains("-bios qboot.rom") && x86.contains("vmgenid"), "{x86}");
