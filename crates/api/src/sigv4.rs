@@ -335,13 +335,11 @@ fn amz_date(t: SystemTime) -> String {
     format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// Signs a request as the SDKs do (for Hearth's own clients: the CLI, benchmarks): sets
-/// `x-amz-date` and `authorization` in `headers`, which must already hold `host`.
 /// A request that cannot be signed: a credential or value that no HTTP header can carry.
 #[derive(Debug, thiserror::Error)]
-#[error("the {what} holds a character a request header cannot carry (a newline or another control character, often from a file or a paste); remove it and try again")]
+#[error("the {what} holds a character a request header cannot carry (a newline, another control character or one outside printable ASCII, often from a file or a paste); remove it and try again")]
 pub struct SignError {
-    /// What held it: "access key id", "payload hash", "region".
+    /// What held it: "access key id", "payload hash", "region" or "date".
     pub what: &'static str,
 }
 
@@ -349,7 +347,8 @@ fn header(value: &str, what: &'static str) -> Result<http::HeaderValue, SignErro
     http::HeaderValue::from_str(value).map_err(|_| SignError { what })
 }
 
-/// Signs a request: adds `x-amz-date` and `authorization` to `headers`.
+/// Signs a request as the SDKs do (for Hearth's own clients: the CLI, benchmarks): sets
+/// `x-amz-date` and `authorization` in `headers`, which must already hold `host`.
 ///
 /// # Errors
 ///

@@ -299,6 +299,10 @@ impl Vm {
                 if let Some(from) = disk_from.filter(|f| f.exists() && f.parent() != Some(dest)) {
                     let _ = std::fs::remove_file(from);
                 }
+                // The rest goes before the answer too, off the async workers: `ip netns
+                // del`, the cgroup's removal (which may wait for the group to empty), the
+                // run directory.
+                let _ = tokio::task::spawn_blocking(move || drop(self)).await;
                 Ok(snap)
             }
             Err(e) => {

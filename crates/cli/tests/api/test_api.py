@@ -175,6 +175,8 @@ def arm64(a):
     while not pool_ready("arm"):
         assert time.time() < deadline, "the arm64 pool never filled"
         time.sleep(0.5)
+    # The one QEMU no microvm owns is arm's pooled VM: no other image has been run before
+    # this in main(), so no other image has a pool (keep it so when adding steps above).
     spare = qemus() - {m["microvmId"] for m in a.list_microvms()["items"] if m["state"] != "TERMINATED"}
     assert len(spare) == 1, spare
     second = a.run_microvm(imageIdentifier="arm", ingressNetworkConnectors=["SHELL_INGRESS"])

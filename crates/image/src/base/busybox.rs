@@ -27,6 +27,9 @@ use std::process::Command;
 /// every applet, `/etc/hosts` and `/etc/nsswitch.conf`, an 8 GiB disk.
 pub const BUSYBOX_VERSION: u32 = 2;
 
+/// Fewest applets a complete build lists (`make defconfig` gives ~400).
+const MIN_APPLETS: usize = 300;
+
 /// Files of the image besides busybox and its links.
 const FILES: &[(&str, &str)] = &[
     ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
@@ -83,6 +86,15 @@ pub(crate) fn build(home: &Path, arch: Arch, out: &Path, progress: &dyn Fn(&str)
         return Err(RootfsError::Invalid(format!("the busybox built for {arch} is not an {arch} binary")));
     }
     let list = std::fs::read(tree.join("busybox.links")).map_err(io("read busybox.links"))?;
+    // The cross-built binary cannot be run to check it: a short list (busybox's Makefile
+    // does not stop on an error in that rule) would make a base without a shell.
+    let text = String::from_utf8_lossy(&list);
+    let n = text.lines().filter(|l| !l.trim().is_empty()).count();
+    if n < MIN_APPLETS || !text.lines().any(|l| l.trim().trim_start_matches('/') == "bin/sh") {
+        return Err(RootfsError::Invalid(format!(
+            "busybox's build listed {n} applets in busybox.links (at least {MIN_APPLETS} and /bin/sh expected): the build is incomplete"
+        )));
+    }
     let name = match arch {
         Arch::X86_64 => "Hearth minimal (busybox)",
         Arch::Aarch64 => "Hearth minimal (busybox, arm64)",
