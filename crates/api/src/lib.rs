@@ -10,10 +10,15 @@
 //! - [`quota`], [`capacity`], [`ratelimit`]: what one tenant may hold, what the host can
 //!   hold, how fast a tenant may call.
 //! - [`service`]: the operations and the microvm lifecycle, idle and lifetime policies.
+//! - [`auth`]: who calls ([`auth::Caller`]: an account's root key or a role's session) and
+//!   the one permission check.
+//! - [`aws`]: IAM, STS, Secrets Manager and KMS subsets at `POST /`.
 //! - [`server`]: HTTP: authentication, dispatch, idempotency, Hearth's extensions.
 
 #![deny(missing_docs)]
 
+pub mod auth;
+pub mod aws;
 pub mod body;
 pub mod capacity;
 pub mod client;

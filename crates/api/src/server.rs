@@ -92,18 +92,45 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     let signed = crate::sigv4::verify(&parts.method, &parts.uri, &parts.headers, &bytes, crate::clock::system(), |k| {
         key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
     });
-    let account = match signed.and_then(|s| {
-        key.filter(|k| k.access_key == s.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))
-    }) {
-        Ok(k) => k.account,
-        Err(e) => {
-            svc.metrics.request("auth", e.status());
-            return e.into_response();
+    // IAM, STS, Secrets Manager and KMS are served at `POST /`, in their own protocols.
+    let aws = parts.method == http::Method::POST && path == "/";
+    let refuse = |e: ApiError| {
+        if aws {
+            crate::aws::error_response(crate::aws::protocol_of(&parts.headers), &e.into())
+        } else {
+            e.into_response()
         }
     };
+    let caller = match signed.and_then(|s| {
+        let k =
+            key.filter(|k| k.access_key == s.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?;
+        Ok((crate::auth::Caller::root(&k.account, &k.access_key), s.service))
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            svc.metrics.request("auth", e.status());
+            return refuse(e);
+        }
+    };
+    let (caller, service) = caller;
+    let account = caller.account.clone();
     // The account's request rate, before anything of the call runs.
     if let Err(e) = svc.throttle(&account).await {
         svc.metrics.request("throttled", e.status());
+        return refuse(e);
+    }
+    if aws && crate::aws::is_aws_service(&service) {
+        let r = crate::aws::dispatch(&svc, &caller, &service, &parts.headers, bytes).await;
+        svc.metrics.request(&service, r.status().as_u16());
+        tracing::info!(%service, %account, status = r.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1000.0, "aws call");
+        return r;
+    }
+    if service != crate::sigv4::SERVICE {
+        let e = ApiError::new(
+            Kind::InvalidSignature,
+            format!("credential scope names service {service:?}; the Lambda MicroVMs API and Hearth's extensions sign as \"lambda\""),
+        );
+        svc.metrics.request("auth", e.status());
         return e.into_response();
     }
     if let Some(rest) = path.strip_prefix("/hearth/v1/") {

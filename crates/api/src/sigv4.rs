@@ -15,6 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The signing name clients use for this API.
 pub const SERVICE: &str = "lambda";
+/// Every signing name the daemon answers: the Lambda MicroVMs API and Hearth's extensions
+/// (`lambda`), and the AWS-compatible subsets served at `POST /` ([`crate::aws`]).
+pub const SERVICES: [&str; 5] = [SERVICE, "iam", "sts", "secretsmanager", "kms"];
 /// How far a request's time may be from ours.
 pub const MAX_SKEW: Duration = Duration::from_secs(15 * 60);
 
@@ -27,6 +30,8 @@ pub struct Signed {
     pub region: String,
     /// The body's SHA-256 (hex) the signature covers.
     pub payload_hash: String,
+    /// The signing name in the credential scope (one of [`SERVICES`]).
+    pub service: String,
 }
 
 fn denied(msg: impl Into<String>) -> ApiError {
@@ -269,8 +274,8 @@ fn verify_hash(
         .to_str()
         .map_err(|_| denied("Authorization header is not text"))?;
     let a = parse_authorization(authz)?;
-    if a.service != SERVICE {
-        return Err(denied(format!("credential scope names service {:?}; this API signs as {SERVICE:?}", a.service)));
+    if !SERVICES.contains(&a.service) {
+        return Err(denied(format!("credential scope names service {:?}; this server signs as one of {SERVICES:?}", a.service)));
     }
     let amz_date = headers.get("x-amz-date").and_then(|v| v.to_str().ok()).ok_or_else(|| denied("missing X-Amz-Date header"))?;
     let when = parse_amz_date(amz_date).ok_or_else(|| denied(format!("malformed X-Amz-Date {amz_date:?}")))?;
@@ -315,7 +320,12 @@ fn verify_hash(
     if !same {
         return Err(denied("the request signature does not match (check the secret access key and signing method)"));
     }
-    Ok(Signed { access_key: a.access_key.to_owned(), region: a.region.to_owned(), payload_hash: payload_hash.to_owned() })
+    Ok(Signed {
+        access_key: a.access_key.to_owned(),
+        region: a.region.to_owned(),
+        payload_hash: payload_hash.to_owned(),
+        service: a.service.to_owned(),
+    })
 }
 
 /// Formats a time as `YYYYMMDDTHHMMSSZ`.

@@ -22,6 +22,7 @@ mod accounts;
 pub use accounts::AccountSettings;
 
 mod connectors;
+mod docs;
 pub use connectors::{ConnectorRecord, OPERATOR};
 mod idempotency;
 pub use idempotency::IDEMPOTENCY_TTL;
@@ -168,6 +169,15 @@ pub struct Usage {
 pub trait MetadataStore: Send + Sync {
     /// The access key `access_key` with its secret opened (`None` also when it does not open).
     fn key<'a>(&'a self, access_key: &'a str) -> StoreFuture<'a, Option<AccessKey>>;
+    /// Writes document `kind`/`account`/`name` (JSON); with `create_only`, only
+    /// when there is none yet, saying whether it did.
+    fn put_doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str, doc: &'a str, create_only: bool) -> StoreFuture<'a, bool>;
+    /// Document `kind`/`account`/`name`.
+    fn doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str) -> StoreFuture<'a, Option<String>>;
+    /// `account`'s documents of `kind` whose name starts with `prefix`, by name.
+    fn docs<'a>(&'a self, kind: &'a str, account: &'a str, prefix: &'a str) -> StoreFuture<'a, Vec<(String, String)>>;
+    /// Deletes document `kind`/`account`/`name`; false when there was none.
+    fn delete_doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str) -> StoreFuture<'a, bool>;
     /// True when any access key exists (usable or not).
     fn has_keys(&self) -> StoreFuture<'_, bool>;
     /// Adds a key (its secret sealed at rest).

@@ -27,6 +27,9 @@ impl Service {
         let signed = crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, crate::clock::system(), |k| {
             key.as_ref().filter(|x| x.access_key == k).map(|x| x.secret.clone())
         })?;
+        if signed.service != crate::sigv4::SERVICE {
+            return Err(ApiError::new(crate::error::Kind::InvalidSignature, "uploads and file writes sign as \"lambda\""));
+        }
         let account = key
             .filter(|k| k.access_key == signed.access_key)
             .ok_or_else(|| ApiError::new(crate::error::Kind::UnrecognizedClient, "unknown access key"))?

@@ -24,6 +24,7 @@ mod builds;
 mod connectors;
 mod extensions;
 mod faults;
+mod iam;
 mod images;
 mod microvms;
 mod policies;

@@ -153,6 +153,7 @@ impl Store {
         )?;
         conn.execute_batch(super::accounts::SCHEMA)?;
         conn.execute_batch(super::connectors::SCHEMA)?;
+        conn.execute_batch(super::docs::SCHEMA)?;
         migrate(&mut conn)?;
         let sealing = super::sealing::sealing_key(&mut conn, dir)?;
         let read = Connection::open(path)?;
@@ -420,6 +421,18 @@ fn done<'a, T: Send + 'a>(call: impl FnOnce() -> DbResult<T>) -> StoreFuture<'a,
 impl MetadataStore for Store {
     fn key<'a>(&'a self, access_key: &'a str) -> StoreFuture<'a, Option<AccessKey>> {
         done(|| Store::key(self, access_key))
+    }
+    fn put_doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str, doc: &'a str, create_only: bool) -> StoreFuture<'a, bool> {
+        done(|| Store::put_doc(self, kind, account, name, doc, create_only))
+    }
+    fn doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str) -> StoreFuture<'a, Option<String>> {
+        done(|| Store::doc(self, kind, account, name))
+    }
+    fn docs<'a>(&'a self, kind: &'a str, account: &'a str, prefix: &'a str) -> StoreFuture<'a, Vec<(String, String)>> {
+        done(|| Store::docs(self, kind, account, prefix))
+    }
+    fn delete_doc<'a>(&'a self, kind: &'a str, account: &'a str, name: &'a str) -> StoreFuture<'a, bool> {
+        done(|| Store::delete_doc(self, kind, account, name))
     }
     fn has_keys(&self) -> StoreFuture<'_, bool> {
         done(|| Store::has_keys(self))
