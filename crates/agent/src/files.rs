@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 const CHUNK: usize = 256 << 10;
 
-fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+pub(crate) fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
     req.uri()
         .query()
         .unwrap_or("")
@@ -33,15 +33,15 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(crate) fn param<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
     q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
 
-fn bad(msg: impl Into<String>) -> Response<Body> {
+pub(crate) fn bad(msg: impl Into<String>) -> Response<Body> {
     server::error(StatusCode::BAD_REQUEST, ErrorCode::InvalidInput, msg)
 }
 
-fn path_param(q: &[(String, String)]) -> Result<PathBuf, Response<Body>> {
+pub(crate) fn path_param(q: &[(String, String)]) -> Result<PathBuf, Response<Body>> {
     let raw = param(q, "path").ok_or_else(|| bad("missing path"))?;
     let p = BinPath::from_query(raw).map_err(|e| bad(e.to_string()))?;
     to_path(&p)
@@ -127,12 +127,34 @@ impl Drop for TempGuard {
     }
 }
 
-/// `PUT /v1/files?path=&mode=`: streams the body into the file, atomically.
+/// Refuses `size` bytes more on the filesystem of `dir` when its free space (for an
+/// unprivileged user: what is left once root's reserve is set aside) is smaller.
+pub(crate) fn check_space(dir: &Path, size: u64) -> std::io::Result<()> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    // Their C types differ between targets (u64 on some, c_ulong on others).
+    #[allow(clippy::unnecessary_cast)]
+    let free = (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64);
+    if size > free {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            format!("{size} bytes do not fit: {} has {free} bytes free", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// `PUT /v1/files?path=&mode=&size=`: streams the body into the file, atomically. `size`,
+/// when given, is checked against the free space before anything is written.
 pub async fn write(req: Request<Incoming>) -> Response<Body> {
     let q = query(&req);
     let path = match path_param(&q) {
         Ok(p) => p,
         Err(r) => return r,
+    };
+    let size = match param(&q, "size").map(str::parse::<u64>) {
+        None => None,
+        Some(Ok(n)) => Some(n),
+        Some(Err(_)) => return bad("size must be a number of bytes"),
     };
     let mode = match param(&q, "mode").map(|m| u32::from_str_radix(m, 8)) {
         None => 0o644,
@@ -148,9 +170,12 @@ pub async fn write(req: Request<Incoming>) -> Response<Body> {
     // drops this future, maybe while the file is being created; the guard then comes back
     // to a dropped join handle and is dropped there, so the file never outlives the request
     // (creating it in a future that can be dropped mid-open left it behind).
-    let (dir, tmp2) = (dir.to_path_buf(), tmp.clone());
+    let (dir, tmp2, path2) = (dir.to_path_buf(), tmp.clone(), path.clone());
     let created = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir).map_err(|e| (format!("create {}", dir.display()), e))?;
+        if let Some(n) = size {
+            check_space(&dir, n).map_err(|e| (format!("write {}", path2.display()), e))?;
+        }
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -194,7 +219,7 @@ pub async fn write(req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-fn rand_suffix() -> u64 {
+pub(crate) fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());

@@ -14,11 +14,13 @@
 
 #![deny(missing_docs)]
 
+mod archive;
 mod exec;
 mod files;
 mod growfs;
 mod hook;
 mod init;
+mod metadata;
 mod net;
 mod port;
 mod pty;
@@ -56,6 +58,18 @@ fn main() {
     // hop between worker threads costs far more than the work it hands over.
     let rt = tokio::runtime::Builder::new_current_thread().max_blocking_threads(64).enable_all().build().expect("tokio runtime");
     rt.block_on(async move {
+        // The metadata service (169.254.169.254:80 on lo); as a test process, where
+        // HEARTH_AGENT_METADATA_LISTEN names a loopback address instead.
+        let metadata = if is_init {
+            Some((std::net::SocketAddr::from((metadata::ADDRESS, 80)), true))
+        } else {
+            std::env::var("HEARTH_AGENT_METADATA_LISTEN").ok().and_then(|a| a.parse().ok()).map(|a| (a, false))
+        };
+        if let Some((addr, add)) = metadata {
+            if let Err(e) = metadata::start(addr, add) {
+                eprintln!("hearth-agent: no metadata service: {e}");
+            }
+        }
         let reaper = reaper::Reaper::start();
         let state = Arc::new(server::State::new(reaper, is_init));
         let result = match boot {

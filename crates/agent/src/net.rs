@@ -39,7 +39,7 @@ impl NetConfig {
     }
 }
 
-fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
+pub(crate) fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
@@ -51,7 +51,7 @@ fn sockaddr(a: Ipv4Addr) -> libc::sockaddr {
     unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
-fn ifreq(name: &str) -> libc::ifreq {
+pub(crate) fn ifreq(name: &str) -> libc::ifreq {
     // SAFETY: `ifreq` is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in req.ifr_name.iter_mut().zip(name.bytes().take(libc::IFNAMSIZ - 1)) {
@@ -62,7 +62,7 @@ fn ifreq(name: &str) -> libc::ifreq {
 
 // `libc::Ioctl` is `c_ulong` on glibc and `c_int` on musl (the ARM64 agent), while the
 // request constants are `c_ulong` on both: callers cast.
-fn ioctl<T>(fd: i32, req: libc::Ioctl, arg: &mut T, what: &str) -> std::io::Result<()> {
+pub(crate) fn ioctl<T>(fd: i32, req: libc::Ioctl, arg: &mut T, what: &str) -> std::io::Result<()> {
     // SAFETY: every call passes the argument type its request expects (`ifreq` for the
     // SIOC*IF* requests, `rtentry` for SIOCADDRT), valid for the call's duration.
     if unsafe { libc::ioctl(fd, req, arg as *mut T) } < 0 {

@@ -73,12 +73,15 @@ async fn route(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
         (Method::POST, "/v1/exec") => exec::handle(state, req).await,
         (Method::GET, "/v1/files") => files::read(req).await,
         (Method::PUT, "/v1/files") => files::write(req).await,
+        (Method::GET, "/v1/archive") => crate::archive::read(req).await,
+        (Method::PUT, "/v1/archive") => crate::archive::write(req).await,
         (Method::POST, p) if p.starts_with("/v1/fs/") => files::fs_op(req).await,
         (Method::POST, "/v1/shutdown") => shutdown(&state),
         (Method::POST, "/v1/restore") => crate::restore::restore(req).await,
         (Method::POST, "/v1/sync") => crate::restore::sync().await,
         (Method::GET | Method::POST, "/v1/hook") => crate::hook::call(req).await,
         (Method::POST, "/v1/connect") => crate::tunnel::connect(req).await,
+        (Method::POST, "/v1/metadata/accept") => crate::metadata::accept(req).await,
         _ => error(StatusCode::NOT_FOUND, ErrorCode::InvalidInput, format!("no route for {path}")),
     }
 }
@@ -143,7 +146,7 @@ pub fn io_error(what: &str, e: &std::io::Error) -> Response<Body> {
         K::IsADirectory | K::NotADirectory | K::DirectoryNotEmpty => (StatusCode::CONFLICT, ErrorCode::WrongKind),
         // The tenant's disk is full: theirs to act on, so the message says how.
         K::StorageFull | K::QuotaExceeded => {
-            return error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Io, format!("{what}: {e}: {DISK_FULL}"));
+            return error(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::StorageFull, format!("{what}: {e}: {DISK_FULL}"));
         }
         _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Io),
     };

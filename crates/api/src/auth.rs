@@ -64,8 +64,8 @@ impl Caller {
 pub async fn authorize(svc: &crate::service::Service, caller: &Caller, action: &str, resource: &str) -> Result<(), ApiError> {
     match &caller.principal {
         Principal::Root => Ok(()),
-        Principal::Role { role_arn, .. } => {
-            if svc.role_allows(&caller.account, role_arn, action, resource).await? {
+        Principal::Role { .. } => {
+            if svc.caller_allowed(caller, action, resource).await? {
                 Ok(())
             } else {
                 Err(ApiError::new(
@@ -73,6 +73,92 @@ pub async fn authorize(svc: &crate::service::Service, caller: &Caller, action: &
                     format!("{} is not authorized to perform: {action} on resource: {resource}", caller.arn()),
                 ))
             }
+        }
+    }
+}
+
+/// The IAM action (`lambda:…`) and resource of a call to Hearth's extensions
+/// (`/hearth/v1/…`, `method` and the whole `path`) by `account`: a microvm's ARN for calls on
+/// one microvm, else `*`. A path this table does not know is `lambda:InvokeHearthExtension`
+/// (which only `lambda:*` or that name grants).
+pub fn extension_action(method: &http::Method, path: &str, account: &str) -> (String, String) {
+    use crate::service::{PARTITION, REGION};
+    let rest = path.strip_prefix("/hearth/v1/").unwrap_or(path);
+    let parts: Vec<&str> = rest.split('/').collect();
+    let microvm = |id: &str| {
+        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned();
+        let prefix = format!("arn:{PARTITION}:lambda:{REGION}:{account}:microvm:");
+        if id.starts_with(&prefix) {
+            id
+        } else {
+            format!("{prefix}{id}")
+        }
+    };
+    let (action, resource) = match (method.as_str(), parts.as_slice()) {
+        ("POST", ["microvms", id, "exec"]) => ("ExecuteMicrovmCommand", microvm(id)),
+        ("GET", ["microvms", id, "files"]) => ("ReadMicrovmFile", microvm(id)),
+        ("PUT", ["microvms", id, "files"]) => ("WriteMicrovmFile", microvm(id)),
+        ("GET", ["microvms", id, "files", "list"]) => ("ListMicrovmFiles", microvm(id)),
+        // A tree as a tar archive: the same permissions as its files.
+        ("GET", ["microvms", id, "files", "archive"]) => ("ReadMicrovmFile", microvm(id)),
+        ("PUT", ["microvms", id, "files", "archive"]) => ("WriteMicrovmFile", microvm(id)),
+        ("POST", ["microvms", id, "link"]) => ("CreateMicrovmLink", microvm(id)),
+        ("POST", ["microvms", id, "fork"]) => ("ForkMicrovm", microvm(id)),
+        ("GET", ["microvms", id, "egress"]) => ("GetMicrovmEgress", microvm(id)),
+        ("PUT", ["microvms", id, "egress"]) => ("PutMicrovmEgress", microvm(id)),
+        ("GET", ["egress-connectors"]) => ("ListEgressConnectors", "*".to_owned()),
+        ("GET", ["egress-connectors", _]) => ("GetEgressConnector", "*".to_owned()),
+        ("PUT", ["egress-connectors", _]) => ("PutEgressConnector", "*".to_owned()),
+        ("DELETE", ["egress-connectors", _]) => ("DeleteEgressConnector", "*".to_owned()),
+        ("POST", ["artifacts"]) => ("UploadCodeArtifact", "*".to_owned()),
+        ("GET", ["usage"]) => ("GetUsage", "*".to_owned()),
+        _ => ("InvokeHearthExtension", "*".to_owned()),
+    };
+    (format!("lambda:{action}"), resource)
+}
+
+/// The resource of Lambda MicroVMs operation `input` names: the microvm's ARN for calls on
+/// one microvm (`microvmIdentifier`), the image's for calls on one image
+/// (`imageIdentifier`), else `*`.
+pub fn operation_resource(input: &serde_json::Map<String, serde_json::Value>, account: &str) -> String {
+    use crate::service::{image_arn, PARTITION, REGION};
+    let s = |k: &str| input.get(k).and_then(serde_json::Value::as_str);
+    if let Some(id) = s("microvmIdentifier") {
+        let prefix = format!("arn:{PARTITION}:lambda:{REGION}:{account}:microvm:");
+        return if id.starts_with("arn:") { id.to_owned() } else { format!("{prefix}{id}") };
+    }
+    if let Some(id) = s("imageIdentifier") {
+        return if id.starts_with("arn:") { id.to_owned() } else { image_arn(account, id) };
+    }
+    "*".to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extensions_are_authorized_as_lambda_actions_on_the_microvm() {
+        let a = "123456789012";
+        let arn = "arn:aws-hearth:lambda:hh-local-1:123456789012:microvm:mvm-1";
+        let rows: &[(&str, &str, &str, &str)] = &[
+            ("POST", "/hearth/v1/microvms/mvm-1/exec", "lambda:ExecuteMicrovmCommand", arn),
+            ("PUT", "/hearth/v1/microvms/mvm-1/files", "lambda:WriteMicrovmFile", arn),
+            ("PUT", "/hearth/v1/microvms/mvm-1/files/archive", "lambda:WriteMicrovmFile", arn),
+            (
+                "GET",
+                "/hearth/v1/microvms/arn%3Aaws-hearth%3Alambda%3Ahh-local-1%3A123456789012%3Amicrovm%3Amvm-1/files",
+                "lambda:ReadMicrovmFile",
+                arn,
+            ),
+            ("POST", "/hearth/v1/artifacts", "lambda:UploadCodeArtifact", "*"),
+            ("GET", "/hearth/v1/somewhere-new", "lambda:InvokeHearthExtension", "*"),
+        ];
+        for (m, p, action, resource) in rows {
+            let got = extension_action(&m.parse().unwrap(), p, a);
+            assert_eq!((got.0.as_str(), got.1.as_str()), (*action, *resource), "{m} {p}");
+            let name = action.trim_start_matches("lambda:");
+            assert!(crate::aws::policy::is_known_action("lambda", name), "{action} must be a policy action");
         }
     }
 }

@@ -82,9 +82,10 @@ async fn authenticate(svc: &Service, parts: &http::request::Parts, hash: Option<
         Some(h) => crate::sigv4::verify_payload_hash(&parts.method, &parts.uri, &parts.headers, h, now, secret_of),
         None => crate::sigv4::verify_streamed(&parts.method, &parts.uri, &parts.headers, now, secret_of),
     }?;
-    key.filter(|k| k.access_key == signed.access_key)
-        .map(|_| ())
-        .ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))
+    let key =
+        key.filter(|k| k.access_key == signed.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?;
+    // Temporary credentials count only with their session token.
+    svc.caller_of(&parts.headers, &key).await.map(|_| ()).map_err(crate::service::SessionRefusal::into_api)
 }
 
 /// Checks a model operation's media type: `application/json` (with any parameters), or

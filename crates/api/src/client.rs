@@ -2,6 +2,11 @@
 
 use serde_json::Value;
 
+mod aws;
+mod transfer;
+pub use aws::xml_text;
+pub use transfer::{Incoming, Outgoing, Progress};
+
 /// An API endpoint and the key to sign with.
 #[derive(Clone)]
 pub struct Client {
@@ -159,13 +164,18 @@ impl Client {
     /// POSTs the file at `path` as the body, streamed (any size), signed over its SHA-256
     /// (read once before sending); returns the JSON answer.
     pub async fn upload_file(&self, path_and_query: &str, path: &std::path::Path) -> Result<Value, ClientError> {
-        self.stream_file(http::Method::POST, path_and_query, path, "application/zip").await
+        self.stream_file(http::Method::POST, path_and_query, path, "application/zip", None).await
     }
 
     /// PUTs the file at `path` as the body, streamed as [`Client::upload_file`] does (a
     /// file write into a microvm); returns the JSON answer.
     pub async fn put_file(&self, path_and_query: &str, path: &std::path::Path) -> Result<Value, ClientError> {
-        self.stream_file(http::Method::PUT, path_and_query, path, "application/octet-stream").await
+        self.stream_file(http::Method::PUT, path_and_query, path, "application/octet-stream", None).await
+    }
+
+    /// [`Client::put_file`], `progress` seeing the bytes sent.
+    pub async fn put_file_progress(&self, path_and_query: &str, path: &std::path::Path, progress: Progress) -> Result<Value, ClientError> {
+        self.stream_file(http::Method::PUT, path_and_query, path, "application/octet-stream", Some(progress)).await
     }
 
     async fn stream_file(
@@ -173,7 +183,8 @@ impl Client {
         method: http::Method,
         path_and_query: &str,
         path: &std::path::Path,
-        content_type: &str,
+        content_type: &'static str,
+        progress: Option<Progress>,
     ) -> Result<Value, ClientError> {
         let file_err = |source| ClientError::File { path: path.to_path_buf(), source };
         let hash = {
@@ -190,62 +201,56 @@ impl Client {
         };
         let file = tokio::fs::File::open(path).await.map_err(file_err)?;
         let len = file.metadata().await.map_err(file_err)?.len();
-        let url = format!("{}{path_and_query}", self.base);
-        let bad_url = || ClientError::Api { status: 0, code: "InvalidUrl".into(), message: url.clone() };
-        let uri: http::Uri = url.parse().map_err(|_| bad_url())?;
-        let mut headers = http::HeaderMap::new();
-        headers.insert("host", http::HeaderValue::from_str(uri.authority().map_or("", |a| a.as_str())).map_err(|_| bad_url())?);
-        crate::sigv4::sign_streamed(
-            &method,
-            &uri,
-            &mut headers,
-            &hash,
-            &self.access_key,
-            &self.secret,
-            "us-east-1",
-            crate::clock::system(),
-        )?;
-        let mut req = self
-            .http
-            .request(method, &url)
-            .header("content-type", content_type)
-            .header("content-length", len)
-            .body(reqwest::Body::from(file));
-        for (k, v) in &headers {
-            if k != "host" {
-                req = req.header(k, v);
-            }
-        }
-        let resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
-        let status = resp.status().as_u16();
-        let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let text = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
-        if status >= 400 {
-            return Err(Self::error(status, code, &text));
-        }
-        Ok(serde_json::from_slice(&text).unwrap_or(Value::Null))
+        let body = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+        self.put_stream(method, path_and_query, Outgoing { stream: body, len, sha256: hash, content_type }, progress).await
     }
 
     /// GETs raw bytes into the file at `dest` as they come (any size); returns how many.
-    /// A transfer that breaks off is an error, with `dest` holding what arrived.
+    /// They go to a temporary file beside `dest`, renamed into place once the transfer
+    /// is whole: a transfer that breaks off is an error, and leaves `dest` as it was.
     pub async fn get_to_file(&self, path_and_query: &str, dest: &std::path::Path) -> Result<u64, ClientError> {
+        self.get_to_file_progress(path_and_query, dest, None, None).await
+    }
+
+    /// [`Client::get_to_file`], `size` seeing the transfer's size once known and
+    /// `progress` the bytes received.
+    pub async fn get_to_file_progress(
+        &self,
+        path_and_query: &str,
+        dest: &std::path::Path,
+        size: Option<Progress>,
+        progress: Option<Progress>,
+    ) -> Result<u64, ClientError> {
         use tokio::io::AsyncWriteExt;
         let file_err = |source| ClientError::File { path: dest.to_path_buf(), source };
-        let (url, req) = self.signed(http::Method::GET, path_and_query, Vec::new(), None)?;
-        let mut resp = req.send().await.map_err(|source| ClientError::Transport { url: url.clone(), source })?;
-        if resp.status().as_u16() >= 400 {
-            let status = resp.status().as_u16();
-            let code = resp.headers().get("x-amzn-errortype").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            let text = resp.bytes().await.map_err(|source| ClientError::Transport { url, source })?;
-            return Err(Self::error(status, code, &text));
+        let mut incoming = self.get_stream(path_and_query).await?;
+        if let (Some(f), Some(n)) = (&size, incoming.size) {
+            f(n);
         }
-        let mut file = tokio::fs::File::create(dest).await.map_err(file_err)?;
+        let dir = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        // Created as a new file is (0666 less the umask), not tempfile's 0600.
+        let tmp = tempfile::Builder::new()
+            .prefix(".hearth-part-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .tempfile_in(dir)
+            .map_err(file_err)?;
+        let (std_file, tmp_path) = tmp.into_parts();
+        let mut file = tokio::fs::File::from_std(std_file);
         let mut n = 0u64;
-        while let Some(chunk) = resp.chunk().await.map_err(|source| ClientError::Transport { url: url.clone(), source })? {
+        while let Some(chunk) = incoming.chunk().await? {
             file.write_all(&chunk).await.map_err(file_err)?;
             n += chunk.len() as u64;
+            if let Some(p) = &progress {
+                p(n);
+            }
+        }
+        if incoming.size.is_some_and(|want| want != n) {
+            return Err(file_err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the transfer ended early")));
         }
         file.flush().await.map_err(file_err)?;
+        file.sync_all().await.map_err(file_err)?;
+        drop(file);
+        tmp_path.persist(dest).map_err(|e| file_err(e.error))?;
         Ok(n)
     }
 

@@ -189,6 +189,10 @@ pub async fn serve(svc: Arc<Service>, req: axum::extract::Request, id: String) -
             return crate::shell::serve(svc, req, id).await;
         }
     }
+    // A link a browser opened: exchanged for the host's cookie (`crate::links`).
+    if req.method() == http::Method::GET && crate::links::link_token(req.uri()).is_some() {
+        return crate::links::exchange(&svc, &req, &id);
+    }
     let rest = req.uri().path().trim_start_matches('/').to_owned();
     crate::ingress::proxy(svc, req, id, rest, Form::Host).await
 }

@@ -188,11 +188,17 @@ impl From<crate::store::StoreError> for ApiError {
 }
 
 impl From<hearth_vmm::AgentError> for ApiError {
-    /// The agent's refusals are the caller's (a missing file: 404; anything else it refused:
-    /// 400); a failure to reach or understand it is Hearth's (500).
+    /// The agent's refusals are the caller's (a missing file: 404; a full guest disk: 413,
+    /// its message saying how to grow it; a path that already exists: 409; anything else it
+    /// refused: 400); a failure to reach or understand it is Hearth's (500).
     fn from(e: hearth_vmm::AgentError) -> Self {
+        use hearth_proto::ErrorCode as C;
         match e {
-            hearth_vmm::AgentError::Remote(b) if b.code == hearth_proto::ErrorCode::NotFound => ApiError::new(Kind::NotFound, b.message),
+            hearth_vmm::AgentError::Remote(b) if b.code == C::NotFound => ApiError::new(Kind::NotFound, b.message),
+            hearth_vmm::AgentError::Remote(b) if b.code == C::StorageFull => {
+                ApiError::new(Kind::PayloadTooLarge, format!("the microvm's disk is full: {}", b.message))
+            }
+            hearth_vmm::AgentError::Remote(b) if b.code == C::AlreadyExists => ApiError::new(Kind::Conflict, b.message),
             hearth_vmm::AgentError::Remote(b) => ApiError::validation(b.message),
             other => ApiError::internal(other),
         }

@@ -1,20 +1,27 @@
-//! File writes into a microvm (`PUT /hearth/v1/microvms/<id>/files?path=`), streamed:
-//! the body goes to the guest's agent as it arrives, never whole in the daemon.
+//! File and directory writes into a microvm, streamed: `PUT
+//! /hearth/v1/microvms/<id>/files?path=` (a file) and `PUT …/files/archive?path=` (a tar
+//! archive unpacked into a new directory, [`hearth_proto::archive`]). The body goes to the
+//! guest's agent as it arrives, never whole in the daemon, at any size up to the guest's
+//! free disk (the agent checks the declared `Content-Length` against it first: a body that
+//! cannot fit is refused before it is read).
 //!
 //! Like a code artifact upload ([`crate::upload`]), the request is authenticated before a
 //! byte is read, with SigV4 over the body's SHA-256 as `X-Amz-Content-Sha256` claims it.
-//! What arrives is hashed on its way to the agent; the agent writes a temporary file and
-//! renames it into place only when the body ends cleanly, so the daemon ends the body in an
-//! error when it turns out over [`MAX_FILE_BYTES`], broken off, or not what was signed: the
-//! guest's file is then untouched. A request without the header (any SigV4 client that
-//! signs its body) takes the API's buffered path, bounded by [`crate::model::MAX_BODY`].
+//! What arrives is hashed on its way to the agent; the agent writes a temporary file (or
+//! directory) beside the target and renames it into place only when the body ends cleanly,
+//! so the daemon ends the body in an error when it turns out broken off, stalled or not
+//! what was signed: the guest's path is then untouched. `UNSIGNED-PAYLOAD` is refused:
+//! the API may be served over plain HTTP, where an unsigned body could be replaced on its
+//! way, and the client can always hash what it sends (`hearth cp -r` hashes its archive
+//! in a first pass). A request without the header (any SigV4 client that signs its body)
+//! takes the API's buffered path, bounded by [`crate::model::MAX_BODY`].
 //!
-//! Reads are streamed by [`Service::read_file`]; both directions keep at most a few MiB of
-//! a transfer in the daemon ([`crate::service`]'s `TRANSFER_CHUNKS` and the agent's
-//! flow-control window).
+//! Reads are streamed by [`Service::read_file`] and [`Service::read_archive`]; both
+//! directions keep at most a few MiB of a transfer in the daemon
+//! ([`crate::service::TRANSFER_CHUNKS`] and the agent's flow-control window).
 
 use crate::error::{ApiError, Kind};
-use crate::service::{Service, MAX_FILE_BYTES};
+use crate::service::Service;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -26,44 +33,65 @@ use std::time::Duration;
 /// How long the client may leave the body silent before the write is abandoned.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// True for a request this module serves: a file write that claims its body's hash.
-pub fn is_streamed_write(method: &http::Method, path: &str, headers: &http::HeaderMap) -> bool {
-    method == http::Method::PUT
-        && headers.contains_key("x-amz-content-sha256")
-        && path
-            .strip_prefix("/hearth/v1/microvms/")
-            .and_then(|r| r.split_once('/'))
-            .is_some_and(|(id, rest)| !id.is_empty() && rest == "files")
+/// Most of a refused body read (and dropped) before the refusal is sent, and how long
+/// each part of it may take: a client that is still sending reads the answer then,
+/// instead of a connection reset under its feet ("Broken pipe").
+const LINGER_BYTES: u64 = 64 << 20;
+const LINGER_IDLE: Duration = Duration::from_secs(2);
+
+/// What a streamed write writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A file (`…/files`).
+    File,
+    /// A directory from a tar archive (`…/files/archive`).
+    Archive,
 }
 
-/// Serves a streamed file write.
-pub async fn receive(svc: Arc<Service>, parts: http::request::Parts, body: Body) -> Response {
-    match receive_inner(&svc, &parts, body).await {
-        Ok(size) => {
-            svc.metrics.request("WriteFile", 200);
-            (http::StatusCode::OK, [("content-type", "application/json")], serde_json::json!({ "size": size }).to_string()).into_response()
+/// What a request this module serves writes: a file or archive write that claims its
+/// body's hash; `None` for any other request.
+pub fn streamed_write(method: &http::Method, path: &str, headers: &http::HeaderMap) -> Option<Target> {
+    if method != http::Method::PUT || !headers.contains_key("x-amz-content-sha256") {
+        return None;
+    }
+    let (id, rest) = path.strip_prefix("/hearth/v1/microvms/")?.split_once('/')?;
+    match rest {
+        _ if id.is_empty() => None,
+        "files" => Some(Target::File),
+        "files/archive" => Some(Target::Archive),
+        _ => None,
+    }
+}
+
+/// Serves a streamed file or archive write.
+pub async fn receive(svc: Arc<Service>, parts: http::request::Parts, body: Body, target: Target) -> Response {
+    let op = match target {
+        Target::File => "WriteFile",
+        Target::Archive => "WriteArchive",
+    };
+    match receive_inner(&svc, &parts, body, target).await {
+        Ok(answer) => {
+            svc.metrics.request(op, 200);
+            (http::StatusCode::OK, [("content-type", "application/json")], answer.to_string()).into_response()
         }
         Err(e) => {
-            svc.metrics.request("WriteFile", e.status());
+            svc.metrics.request(op, e.status());
             e.into_response()
         }
     }
 }
 
-async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) -> Result<u64, ApiError> {
+async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body, target: Target) -> Result<serde_json::Value, ApiError> {
     let (account, claimed_hash) = svc.streamed_caller(parts).await?;
-    let id = parts.uri.path().trim_start_matches("/hearth/v1/microvms/").trim_end_matches("/files");
+    let id = parts.uri.path().trim_start_matches("/hearth/v1/microvms/").trim_end_matches("/files/archive").trim_end_matches("/files");
     let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned();
     let path = crate::server::query_pairs(parts.uri.query())
         .into_iter()
         .find(|(k, _)| k == "path")
         .map(|(_, v)| v)
         .ok_or_else(|| ApiError::validation("missing ?path="))?;
-    let too_large = || ApiError::validation(format!("the file is over the {MAX_FILE_BYTES}-byte limit on file transfers"));
+    // Checked by the agent against the guest's free space before the body is read.
     let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_FILE_BYTES) {
-        return Err(too_large());
-    }
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(crate::service::TRANSFER_CHUNKS);
     // Feeds the agent; `Ok(None)` when the agent stopped taking the body (its answer says why).
     let pump = async move {
@@ -76,22 +104,29 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         let mut hash = Sha256::new();
         let mut size = 0u64;
         loop {
-            let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
-                Err(_) => {
+            let next = tokio::select! {
+                n = tokio::time::timeout(IDLE_TIMEOUT, body.frame()) => Some(n),
+                // The agent refused (a full disk, a bad path) and took no more.
+                () = tx.closed() => None,
+            };
+            let frame = match next {
+                None => {
+                    linger(&mut body).await;
+                    return Ok(None);
+                }
+                Some(Err(_)) => {
                     let why = format!("the upload stalled: nothing arrived for {} s", IDLE_TIMEOUT.as_secs());
                     return abort(tx, ApiError::validation(why)).await;
                 }
-                Ok(None) => break,
-                Ok(Some(Err(_))) => return abort(tx, ApiError::validation("the upload broke off before its end")).await,
-                Ok(Some(Ok(f))) => f,
+                Some(Ok(None)) => break,
+                Some(Ok(Some(Err(_)))) => return abort(tx, ApiError::validation("the upload broke off before its end")).await,
+                Some(Ok(Some(Ok(f)))) => f,
             };
             let Ok(data) = frame.into_data() else { continue };
             size += data.len() as u64;
-            if size > MAX_FILE_BYTES {
-                return abort(tx, too_large()).await;
-            }
             hash.update(&data);
             if tx.send(Ok(data)).await.is_err() {
+                linger(&mut body).await;
                 return Ok(None);
             }
         }
@@ -103,11 +138,33 @@ async fn receive_inner(svc: &Service, parts: &http::request::Parts, body: Body) 
         Ok(Some(size))
     };
     let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
-    let write = svc.write_file(&account, &id, path, chunks);
-    let (pumped, written) = tokio::join!(pump, write);
     // The body's own fault first: the agent's failure is then only its consequence.
-    let size = pumped?;
-    let info = written??;
-    tracing::info!(%account, microvm = %id, bytes = info.size, "file written");
-    Ok(size.unwrap_or(info.size))
+    match target {
+        Target::File => {
+            let (pumped, written) = tokio::join!(pump, svc.write_file(&account, &id, path, declared, chunks));
+            let size = pumped?;
+            let info = written??;
+            tracing::info!(%account, microvm = %id, bytes = info.size, "file written");
+            Ok(serde_json::json!({ "size": size.unwrap_or(info.size) }))
+        }
+        Target::Archive => {
+            let (pumped, written) = tokio::join!(pump, svc.write_archive(&account, &id, path, declared, chunks));
+            let size = pumped?;
+            let stats = written??;
+            tracing::info!(%account, microvm = %id, entries = stats.entries, bytes = stats.bytes, "archive unpacked");
+            Ok(serde_json::json!({ "size": size.unwrap_or(0), "entries": stats.entries, "bytes": stats.bytes }))
+        }
+    }
+}
+
+/// Reads on a little (and drops) what a client still sends after the agent refused its
+/// body, so that it gets the refusal (its answer says why) rather than a reset.
+async fn linger(body: &mut Body) {
+    let mut left = LINGER_BYTES;
+    while let Ok(Some(Ok(f))) = tokio::time::timeout(LINGER_IDLE, body.frame()).await {
+        left = left.saturating_sub(f.data_ref().map_or(0, |d| d.len() as u64));
+        if left == 0 {
+            break;
+        }
+    }
 }

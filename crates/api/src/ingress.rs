@@ -178,7 +178,12 @@ pub async fn proxy(svc: Arc<Service>, mut req: axum::extract::Request, id: Strin
     // Browsers give the token and the port as subprotocols (`lambda-microvms.…`).
     let lambda_offered = crate::endpoint::take_subprotocols(req.headers_mut());
     let via_tls = req.extensions().get::<crate::endpoint::ViaTls>().is_some();
-    let claims = match authorize(&svc, req.headers(), &id, None) {
+    // A browser opened a link (`crate::links`): its cookie, on the microvm's own host only.
+    let from_cookie = match form {
+        Form::Host => crate::links::cookie_claims(&svc, req.headers_mut(), &id),
+        Form::Path => None,
+    };
+    let claims = match from_cookie.unwrap_or_else(|| authorize(&svc, req.headers(), &id, None)) {
         Ok(c) => c,
         Err(refused) => return refused,
     };

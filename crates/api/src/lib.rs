@@ -13,10 +13,12 @@
 //! - [`auth`]: who calls ([`auth::Caller`]: an account's root key or a role's session) and
 //!   the one permission check.
 //! - [`aws`]: IAM, STS, Secrets Manager and KMS subsets at `POST /`.
+//! - [`imds`]: the metadata service (IMDSv2) of microvms, relayed over their agent channel.
 //! - [`server`]: HTTP: authentication, dispatch, idempotency, Hearth's extensions.
 
 #![deny(missing_docs)]
 
+pub mod at_rest;
 pub mod auth;
 pub mod aws;
 pub mod body;
@@ -25,12 +27,16 @@ pub mod client;
 pub mod clock;
 pub mod endpoint;
 pub mod error;
+pub mod extensions;
 pub mod files;
 pub mod framing;
+pub mod imds;
 pub mod ingress;
 pub mod inputs;
 pub mod keys;
 pub mod lifecycle;
+pub mod links;
+pub mod mcp_route;
 pub mod metrics;
 pub mod model;
 pub mod quota;

@@ -11,12 +11,10 @@
 
 use crate::error::{ApiError, Kind};
 use crate::model::model;
-use crate::service::{egress_from, unknown_operation, ExecLine, Service};
+use crate::service::{unknown_operation, Service};
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
-use hearth_proto::exec::ExecRequest;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,7 +36,7 @@ pub(crate) fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
         .collect()
 }
 
-fn json_response(status: u16, v: &Value) -> Response {
+pub(crate) fn json_response(status: u16, v: &Value) -> Response {
     let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
     if status == http::StatusCode::NO_CONTENT {
         return status.into_response();
@@ -57,8 +55,12 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     let path = parts.uri.path().to_owned();
     match (parts.method.as_str(), path.as_str()) {
         ("GET", "/health") => return (http::StatusCode::OK, "ok\n").into_response(),
-        ("GET", "/hearth/v1/openapi.json") => return json_response(200, &openapi()),
+        ("GET", "/hearth/v1/openapi.json") => return json_response(200, &crate::extensions::openapi()),
         _ => {}
+    }
+    // The daemon's MCP server: bearer-token authenticated (crate::mcp_route).
+    if crate::mcp_route::is_mcp_path(&path) {
+        return crate::mcp_route::serve(svc, Request::from_parts(parts, body)).await;
     }
     // Shells: token-authenticated WebSockets to a terminal in the microvm.
     if let Some(id) = path.strip_prefix("/shell/") {
@@ -70,8 +72,8 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         return crate::upload::receive(svc, parts, body).await;
     }
     // File writes that claim their body's hash: authenticated first, then streamed to the agent.
-    if crate::files::is_streamed_write(&parts.method, &path, &parts.headers) {
-        return crate::files::receive(svc, parts, body).await;
+    if let Some(target) = crate::files::streamed_write(&parts.method, &path, &parts.headers) {
+        return crate::files::receive(svc, parts, body, target).await;
     }
     // Microvm endpoints: token-authenticated, proxied to the app.
     if let Some(rest) = path.strip_prefix("/microvms/") {
@@ -94,17 +96,17 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
     });
     // IAM, STS, Secrets Manager and KMS are served at `POST /`, in their own protocols.
     let aws = parts.method == http::Method::POST && path == "/";
-    let refuse = |e: ApiError| {
-        if aws {
-            crate::aws::error_response(crate::aws::protocol_of(&parts.headers), &e.into())
-        } else {
-            e.into_response()
-        }
+    let protocol = crate::aws::protocol_of(&parts.headers);
+    // Refusals at `POST /` in the protocol's shape (the query services' own codes).
+    let refuse_aws = |e: crate::aws::AwsError| {
+        let e = if protocol == crate::aws::Protocol::Query { crate::aws::query::to_query(e) } else { e };
+        crate::aws::error_response(protocol, &e)
     };
-    let caller = match signed.and_then(|s| {
+    let refuse = |e: ApiError| if aws { refuse_aws(e.into()) } else { e.into_response() };
+    let (key, service) = match signed.and_then(|s| {
         let k =
             key.filter(|k| k.access_key == s.access_key).ok_or_else(|| ApiError::new(Kind::UnrecognizedClient, "unknown access key"))?;
-        Ok((crate::auth::Caller::root(&k.account, &k.access_key), s.service))
+        Ok((k, s.service))
     }) {
         Ok(c) => c,
         Err(e) => {
@@ -112,7 +114,15 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
             return refuse(e);
         }
     };
-    let (caller, service) = caller;
+    // The account's root, or a role session once its token checks out.
+    let caller = match svc.caller_of(&parts.headers, &key).await {
+        Ok(c) => c,
+        Err(r) => {
+            let r = if aws { refuse_aws(r.into_aws(protocol == crate::aws::Protocol::Json)) } else { r.into_api().into_response() };
+            svc.metrics.request("auth", r.status().as_u16());
+            return r;
+        }
+    };
     let account = caller.account.clone();
     // The account's request rate, before anything of the call runs.
     if let Err(e) = svc.throttle(&account).await {
@@ -133,8 +143,15 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         svc.metrics.request("auth", e.status());
         return e.into_response();
     }
+    if path == "/hearth/v1/mcp-tokens" {
+        return crate::mcp_route::mint(&svc, &caller, &parts.method, &bytes);
+    }
     if let Some(rest) = path.strip_prefix("/hearth/v1/") {
-        return match extension(&svc, &account, &parts.method, rest, parts.uri.query(), bytes).await {
+        let (action, resource) = crate::auth::extension_action(&parts.method, &path, &account);
+        if let Err(e) = crate::auth::authorize(&svc, &caller, &action, &resource).await {
+            return e.into_response();
+        }
+        return match crate::extensions::extension(&svc, &account, &parts.method, rest, parts.uri.query(), bytes).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -152,6 +169,8 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
         async move {
             crate::body::check_content_type(&headers, &bytes)?;
             let input = model().parse_input(op, &params, &query_pairs(query.as_deref()), &bytes)?;
+            let action = format!("lambda:{}", op.name);
+            crate::auth::authorize(&svc, &caller, &action, &crate::auth::operation_resource(&input, &account)).await?;
             let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
             let hash = {
                 let mut without = input.clone();
@@ -236,162 +255,6 @@ async fn dispatch(svc: &Arc<Service>, account: &str, op: &str, input: &Map<Strin
     }
 }
 
-async fn extension(
-    svc: &Arc<Service>,
-    account: &str,
-    method: &http::Method,
-    rest: &str,
-    query: Option<&str>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let q = query_pairs(query);
-    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let decoded: Vec<String> = rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
-    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    match (method.as_str(), parts.as_slice()) {
-        ("POST", ["microvms", id, "exec"]) => {
-            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("exec body is not JSON: {e}")))?;
-            let mut req = exec_request(&v)?;
-            // The image's WORKDIR, ENV and USER apply unless the call says otherwise.
-            svc.apply_image_config(account, id, &mut req).await;
-            let stdin = v.get("stdin").and_then(Value::as_str).map(|s| Bytes::from(s.to_owned()));
-            if param("stream").as_deref() == Some("true") {
-                return stream_exec(svc.clone(), account.to_owned(), id.to_string(), req, stdin).await;
-            }
-            let out = svc.exec(account, id, req, stdin).await?;
-            Ok(json_response(
-                200,
-                &json!({ "exitCode": out.exit.code, "signal": out.exit.signal, "stdout": out.stdout_str(), "stderr": out.stderr_str() }),
-            ))
-        }
-        ("GET", ["microvms", id, "files"]) => {
-            let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            let rx = svc.read_file(account, id, path).await?;
-            let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
-            Ok(([("content-type", "application/octet-stream")], axum::body::Body::from_stream(chunks)).into_response())
-        }
-        ("PUT", ["microvms", id, "files"]) => {
-            let path = param("path").ok_or_else(|| ApiError::validation("missing ?path="))?;
-            // A body signed without X-Amz-Content-Sha256 (streamed writes carry it: crate::files).
-            let info = svc.write_file(account, id, path, futures_util::stream::iter([Ok(body)])).await??;
-            Ok(json_response(200, &json!({ "size": info.size })))
-        }
-        ("GET", ["microvms", id, "files", "list"]) => {
-            let path = param("path").unwrap_or_else(|| "/".into());
-            let entries = svc.list_dir(account, id, path).await?;
-            Ok(json_response(200, &json!({ "entries": serde_json::to_value(entries).map_err(ApiError::internal)? })))
-        }
-        ("PUT", ["microvms", id, "egress"]) => {
-            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("egress body is not JSON: {e}")))?;
-            let egress = svc.set_egress(account, id, egress_from(&v)?).await?;
-            Ok(json_response(200, &json!({ "egress": egress })))
-        }
-        ("GET", ["microvms", id, "egress"]) => {
-            let e = svc.egress(account, id).await?;
-            Ok(json_response(200, &json!({ "egress": e })))
-        }
-        ("GET", ["egress-connectors"]) => Ok(json_response(200, &svc.list_connectors(account).await?)),
-        ("PUT", ["egress-connectors", name]) => {
-            let v: Value = serde_json::from_slice(&body).map_err(|e| ApiError::validation(format!("connector body is not JSON: {e}")))?;
-            Ok(json_response(200, &svc.put_connector(account, name, &v).await?))
-        }
-        ("GET", ["egress-connectors", name]) => Ok(json_response(200, &svc.get_connector(account, name).await?)),
-        ("DELETE", ["egress-connectors", name]) => {
-            svc.delete_connector(account, name).await?;
-            Ok(json_response(200, &json!({})))
-        }
-        ("GET", ["usage"]) => {
-            let num = |k: &str| {
-                param(k)
-                    .map(|v| v.parse::<f64>().map_err(|_| ApiError::validation(format!("{k} must be seconds since the epoch"))))
-                    .transpose()
-            };
-            let (from, to, u) = svc.usage(account, num("from")?.unwrap_or(0.0), num("to")?).await?;
-            Ok(json_response(200, &json!({ "account": account, "from": from, "to": to, "usage": u })))
-        }
-        _ => Err(ApiError::new(
-            Kind::UnknownOperation,
-            format!("no Hearth extension at {method} /hearth/v1/{rest} (see /hearth/v1/openapi.json)"),
-        )),
-    }
-}
-
-/// `exec?stream=true`: the command's output as it comes, one JSON object per line
-/// (`{"stdout": "…"}`, `{"stderr": "…"}`, finally `{"exit": {"code": …, "signal": …}}`
-/// or `{"error": "…"}`), over a chunked response.
-async fn stream_exec(svc: Arc<Service>, account: String, id: String, req: ExecRequest, stdin: Option<Bytes>) -> Result<Response, ApiError> {
-    let rx = svc.exec_stream(account, id, req, stdin).await?;
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let line = match rx.recv().await? {
-            ExecLine::Stdout(b) => json!({ "stdout": String::from_utf8_lossy(&b) }),
-            ExecLine::Stderr(b) => json!({ "stderr": String::from_utf8_lossy(&b) }),
-            ExecLine::Exit(x) => json!({ "exit": { "code": x.code, "signal": x.signal } }),
-            ExecLine::Error(e) => json!({ "error": e }),
-        };
-        Some((Ok::<_, std::io::Error>(Bytes::from(format!("{line}\n"))), rx))
-    });
-    Ok(([("content-type", "application/x-ndjson")], axum::body::Body::from_stream(body)).into_response())
-}
-
-fn exec_request(v: &Value) -> Result<ExecRequest, ApiError> {
-    let mut r = match (v.get("command"), v.get("shell")) {
-        (Some(Value::Array(a)), None) if !a.is_empty() => {
-            let argv: Option<Vec<String>> = a.iter().map(|x| x.as_str().map(str::to_owned)).collect();
-            ExecRequest::argv(argv.ok_or_else(|| ApiError::validation("command must be a list of strings"))?)
-        }
-        (None, Some(Value::String(s))) => ExecRequest::shell(s.clone()),
-        _ => return Err(ApiError::validation("give either \"command\": [argv…] or \"shell\": \"…\"")),
-    };
-    if let Some(env) = v.get("env").and_then(Value::as_object) {
-        for (k, x) in env {
-            r.env.insert(k.clone(), x.as_str().ok_or_else(|| ApiError::validation("env values must be strings"))?.to_owned());
-        }
-    }
-    r.cwd = v.get("cwd").and_then(Value::as_str).map(str::to_owned);
-    r.user = v.get("user").and_then(Value::as_str).map(str::to_owned);
-    r.timeout_ms = v.get("timeoutSeconds").and_then(Value::as_f64).map(|s| (s * 1000.0) as u64);
-    r.stdin = v.get("stdin").is_some();
-    Ok(r)
-}
-
-/// The OpenAPI document of Hearth's extensions.
-pub fn openapi() -> Value {
-    json!({
-        "openapi": "3.0.3",
-        "info": { "title": "Hearth extensions to the Lambda MicroVMs API", "version": "1" },
-        "components": { "securitySchemes": { "sigv4": { "type": "apiKey", "name": "Authorization", "in": "header", "description": "AWS SigV4, signing name `lambda`" } } },
-        "security": [{ "sigv4": [] }],
-        "paths": {
-            "/hearth/v1/microvms/{microvmId}/exec": { "post": {
-                "summary": "Run a command to completion (resumes a SUSPENDED microvm when its idle policy allows; counts as activity)",
-                "requestBody": { "content": { "application/json": { "schema": { "type": "object", "properties": {
-                    "command": { "type": "array", "items": { "type": "string" } }, "shell": { "type": "string" },
-                    "env": { "type": "object", "additionalProperties": { "type": "string" } }, "cwd": { "type": "string" },
-                    "user": { "type": "string" }, "timeoutSeconds": { "type": "number" }, "stdin": { "type": "string" } } } } } },
-                "parameters": [{ "name": "stream", "in": "query", "schema": { "type": "boolean" }, "description": "stream the output as NDJSON lines ({stdout}, {stderr}, then {exit} or {error}) over a chunked response" }],
-                "responses": { "200": { "description": "exitCode, signal, stdout, stderr (UTF-8, lossy; at most 8 MiB each), or with ?stream=true the NDJSON lines" } } } },
-            "/hearth/v1/microvms/{microvmId}/files": {
-                "get": { "summary": "Read a file (?path=; at most 256 MiB, streamed)", "responses": { "200": { "description": "the bytes" } } },
-                "put": { "summary": "Write a file atomically (?path=), body = bytes (at most 256 MiB, streamed when X-Amz-Content-Sha256 is signed; else at most 1 MiB)", "responses": { "200": { "description": "size" } } } },
-            "/hearth/v1/microvms/{microvmId}/files/list": { "get": { "summary": "List a directory (?path=)", "responses": { "200": { "description": "entries" } } } },
-            "/hearth/v1/egress-connectors": {
-                "get": { "summary": "The egress connectors the account may name: its own, then the operator's", "responses": { "200": { "description": "{connectors: [connector]}" } } } },
-            "/hearth/v1/egress-connectors/{name}": {
-                "put": { "summary": "Create or replace a named egress connector: {allowCidrs: [CIDR[:PORT[-PORT]][/tcp|/udp]], allowDomains: [example.com, *.example.org]}; microvms name it by its connectorArn in egressNetworkConnectors, and running ones follow a change at once", "responses": { "200": { "description": "{connectorArn, name, owner, allowCidrs, allowDomains, createdAt, updatedAt}" } } },
-                "get": { "summary": "One connector (the account's, else the operator's of that name)", "responses": { "200": { "description": "connector" } } },
-                "delete": { "summary": "Delete a connector no live microvm names", "responses": { "200": { "description": "{}" } } } },
-            "/hearth/v1/microvms/{microvmId}/egress": {
-                "get": { "summary": "The microvm's egress policy", "responses": { "200": { "description": "{egress}" } } },
-                "put": { "summary": "Replace the egress policy while it runs: {internet: bool, allow: [rule], deny: [rule]}, rules CIDR[:PORT[-PORT]][/tcp|/udp]; kept across suspend/resume", "responses": { "200": { "description": "{egress}" } } } },
-            "/hearth/v1/artifacts": { "post": {
-                "summary": "Upload a code artifact (a zip with a Dockerfile at its root, streamed, at most 1 GiB). Sign X-Amz-Content-Sha256 with the body's SHA-256; name the result in CreateMicrovmImage's codeArtifact.uri. Kept 24 hours.",
-                "requestBody": { "content": { "application/zip": { "schema": { "type": "string", "format": "binary" } } } },
-                "responses": { "201": { "description": "{uri: \"hearth://artifacts/<sha256>\", sha256, size}" } } } },
-            "/hearth/v1/usage": { "get": { "summary": "Metered usage of the caller's account between ?from= and ?to= (seconds since the epoch): vCPU-seconds and GiB-seconds while RUNNING, snapshot GiB-hours while SUSPENDED", "responses": { "200": { "description": "usage" } } } }
-        }
-    })
-}
-
 /// Raises the soft limit on open files to the hard one: every client connection is a
 /// descriptor, and the default soft limit (often 1024) is below what one busy microvm's
 /// endpoint may see (each microvm takes [`crate::service::MAX_INGRESS_CONNECTIONS`]).
@@ -446,6 +309,9 @@ pub struct ServeConfig {
     /// The architecture of image versions whose request names no `cpuConfigurations`
     /// (`--default-architecture`; the host's by default).
     pub default_arch: hearth_vmm::Arch,
+    /// The MCP server served at `/mcp` on the API listener ([`crate::mcp_route`]); none
+    /// serves none.
+    pub mcp: Option<crate::mcp_route::McpHook>,
 }
 
 /// What `serve` reports once it listens.
@@ -569,7 +435,11 @@ pub async fn serve(
     });
     // hyper's own answers to requests it cannot parse get the service's error form.
     let listener = crate::framing::GuardedListener(listener);
-    let r = axum::serve(listener, router(svc.clone())).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+    let app = match cfg.mcp {
+        Some(hook) => router(svc.clone()).layer(axum::Extension(crate::mcp_route::McpRoute::new(hook, addr))),
+        None => router(svc.clone()),
+    };
+    let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
     let _ = stop_tx.send(true);
     if let Some(e) = endpoints {
         let _ = e.await;

@@ -330,19 +330,8 @@ fn verify_hash(
 
 /// Formats a time as `YYYYMMDDTHHMMSSZ`.
 fn amz_date(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // Civil from days (the inverse of days_from_civil).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let (y, m, d, hh, mm, ss) = crate::clock::civil(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64);
+    format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
 }
 
 /// A request that cannot be signed: a credential or value that no HTTP header can carry.
@@ -374,7 +363,27 @@ pub fn sign(
     region: &str,
     now: SystemTime,
 ) -> Result<(), SignError> {
-    sign_with(method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now)
+    sign_with(SERVICE, method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now)
+}
+
+/// Like [`sign`], for signing name `service` (one of [`SERVICES`]: `iam`, `sts`, …).
+///
+/// # Errors
+///
+/// As [`sign`].
+#[allow(clippy::too_many_arguments)] // as `sign`
+pub fn sign_for(
+    service: &str,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &mut http::HeaderMap,
+    body: &[u8],
+    access_key: &str,
+    secret: &str,
+    region: &str,
+    now: SystemTime,
+) -> Result<(), SignError> {
+    sign_with(service, method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now)
 }
 
 /// Signs a request whose body is streamed (an upload): as [`sign`], over `payload_hash`
@@ -395,11 +404,12 @@ pub fn sign_streamed(
     now: SystemTime,
 ) -> Result<(), SignError> {
     headers.insert("x-amz-content-sha256", header(payload_hash, "payload hash")?);
-    sign_with(method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now)
+    sign_with(SERVICE, method, uri, headers, payload_hash, &["host", "x-amz-content-sha256", "x-amz-date"], access_key, secret, region, now)
 }
 
 #[allow(clippy::too_many_arguments)] // as `sign`
 fn sign_with(
+    service: &str,
     method: &http::Method,
     uri: &http::Uri,
     headers: &mut http::HeaderMap,
@@ -416,9 +426,9 @@ fn sign_with(
         .iter()
         .map(|n| format!("{n}:{}\n", headers.get(*n).and_then(|v| v.to_str().ok()).unwrap_or_default().trim()))
         .collect();
-    let scope = format!("{}/{region}/{SERVICE}/aws4_request", &date[..8]);
+    let scope = format!("{}/{region}/{service}/aws4_request", &date[..8]);
     let to_sign = string_to_sign(method, uri, &canon_headers, &signed_headers.join(";"), payload_hash, &date, &scope);
-    let key = aws_sigv4::sign::v4::generate_signing_key(secret, now, region, SERVICE);
+    let key = aws_sigv4::sign::v4::generate_signing_key(secret, now, region, service);
     let sig = aws_sigv4::sign::v4::calculate_signature(key, to_sign.as_bytes());
     let auth = format!("AWS4-HMAC-SHA256 Credential={access_key}/{scope}, SignedHeaders={}, Signature={sig}", signed_headers.join(";"));
     // The signature is hex and the scope's parts are checked above or fixed: only the

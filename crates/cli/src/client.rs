@@ -6,14 +6,13 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use hearth_api::client::Client;
 use serde_json::{json, Value};
-use std::path::Path;
 
 /// Where the API is and who calls it.
 #[derive(Args, Debug, Clone)]
 pub struct Conn {
     /// The API's URL.
     #[arg(long, global = true, env = "HEARTH_ENDPOINT", default_value = "http://127.0.0.1:8377")]
-    endpoint: String,
+    pub(crate) endpoint: String,
     /// Access key id (from `hearth keys create`, or the first start's output).
     #[arg(long, global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
     access_key: Option<String>,
@@ -110,12 +109,33 @@ pub enum ClientCmd {
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
     },
-    /// Copy a file into (`LOCAL ID:PATH`) or out of (`ID:PATH LOCAL`) a microvm.
+    /// Copy a file into (`LOCAL ID:PATH`) or out of (`ID:PATH LOCAL`) a microvm, at any
+    /// size (streamed, with progress on a terminal). With -r, a directory: its contents
+    /// become the new directory the destination names.
     Cp {
-        /// Source.
+        /// Source: a local path or mvm-ID:/absolute/path.
         from: String,
-        /// Destination.
+        /// Destination: a local path or mvm-ID:/absolute/path.
         to: String,
+        /// Copy a directory (as a tar stream; symbolic links are kept as links).
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A link to a microvm's app that a browser can open: the endpoint's URL with a link
+    /// token valid for 5 minutes, which the endpoint exchanges for an HttpOnly cookie of
+    /// the microvm's own host (lasting --minutes). Anyone holding the link until then can
+    /// use it: share it like a password.
+    Url {
+        /// Microvm id.
+        id: String,
+        /// The app's port the link opens.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// How long the browser's cookie lasts, in minutes (1-1440).
+        #[arg(long, default_value_t = 60)]
+        minutes: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -219,6 +239,12 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             });
             Ok(if v["state"] == "RUNNING" { 0 } else { 1 })
         }
+        ClientCmd::Url { id, port, minutes, conn } => {
+            let body = json!({ "port": port, "expirationInMinutes": minutes });
+            let v = conn.client()?.call(http::Method::POST, &format!("/hearth/v1/microvms/{}/link", enc(&id)), Some(&body)).await?;
+            print(&conn, &v, |v| println!("{}", v["url"].as_str().unwrap_or("?")));
+            Ok(0)
+        }
         ClientCmd::Ls { conn } => {
             let items = all_pages(&conn.client()?, "/2025-09-09/microvms").await?;
             print(&conn, &Value::Array(items.clone()), |_| {
@@ -295,23 +321,12 @@ pub async fn run(cmd: ClientCmd) -> anyhow::Result<i32> {
             let command = (!command.is_empty()).then(|| command.join(" "));
             crate::shell::run(&conn.client()?, &conn.endpoint, &id, command, tty).await
         }
-        ClientCmd::Cp { from, to, conn } => {
-            let c = conn.client()?;
-            let remote = |s: &str| {
-                s.split_once(':').filter(|(id, p)| id.starts_with("mvm-") && p.starts_with('/')).map(|(a, b)| (a.to_owned(), b.to_owned()))
-            };
-            match (remote(&from), remote(&to)) {
-                (None, Some((id, path))) => {
-                    // Files go as raw bytes, not JSON: a signed PUT, streamed from the file.
-                    let v = c.put_file(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), Path::new(&from)).await?;
-                    print(&conn, &v, |v| println!("{} bytes → {id}:{path}", v["size"]));
-                }
-                (Some((id, path)), None) => {
-                    let n = c.get_to_file(&format!("/hearth/v1/microvms/{}/files?path={}", enc(&id), enc(&path)), Path::new(&to)).await?;
-                    print(&conn, &json!({ "size": n }), |_| println!("{n} bytes → {to}"));
-                }
-                _ => anyhow::bail!("give one local path and one mvm-ID:/absolute/path"),
-            }
+        ClientCmd::Cp { from, to, recursive, conn } => {
+            let v = crate::cp::run(&conn.client()?, conn.json, recursive, &from, &to).await?;
+            print(&conn, &v, |v| match v.get("entries") {
+                Some(n) => println!("{n} entries, {} bytes: {from} → {to}", v["size"]),
+                None => println!("{} bytes: {from} → {to}", v["size"]),
+            });
             Ok(0)
         }
         ClientCmd::Suspend { id, conn } => {

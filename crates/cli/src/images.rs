@@ -27,6 +27,10 @@ pub enum ImagesCmd {
         /// The app's hooks port.
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// The build's role (`buildRoleArn`): a role of your account. Default: the role
+        /// `hearth-build`, created through the daemon's IAM when missing.
+        #[arg(long)]
+        build_role_arn: Option<String>,
         /// Return at once instead of waiting for the build.
         #[arg(long)]
         no_wait: bool,
@@ -58,16 +62,54 @@ pub enum ImagesCmd {
     Local(LocalCmd),
 }
 
+/// The role builds run with when none is named: `hearth-build` of the caller's account,
+/// created through the daemon's IAM (trusting the account) when it does not exist yet.
+async fn build_role(c: &hearth_api::client::Client, quiet: bool) -> anyhow::Result<String> {
+    use hearth_api::client::{xml_text, ClientError};
+    const ROLE: &str = "hearth-build";
+    match c.aws_query("iam", "GetRole", &[("RoleName", ROLE)]).await {
+        Ok(xml) => return xml_text(&xml, "Arn").ok_or_else(|| anyhow::anyhow!("GetRole answered no Arn")),
+        Err(ClientError::Api { code, .. }) if code == "NoSuchEntity" => {}
+        Err(e) => return Err(e.into()),
+    }
+    let me = c.aws_query("sts", "GetCallerIdentity", &[]).await?;
+    let account = xml_text(&me, "Account").ok_or_else(|| anyhow::anyhow!("GetCallerIdentity answered no Account"))?;
+    let trust = json!({ "Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Principal": { "AWS": format!("arn:aws:iam::{account}:root") }, "Action": "sts:AssumeRole" }] });
+    let made = match c
+        .aws_query(
+            "iam",
+            "CreateRole",
+            &[("RoleName", ROLE), ("AssumeRolePolicyDocument", &trust.to_string()), ("Description", "builds of `hearth images create`")],
+        )
+        .await
+    {
+        Ok(xml) => xml,
+        // Made meanwhile by another `hearth images create`.
+        Err(ClientError::Api { code, .. }) if code == "EntityAlreadyExists" => c.aws_query("iam", "GetRole", &[("RoleName", ROLE)]).await?,
+        Err(e) => return Err(e.into()),
+    };
+    let arn = xml_text(&made, "Arn").ok_or_else(|| anyhow::anyhow!("CreateRole answered no Arn"))?;
+    if !quiet {
+        eprintln!("created role {arn} for builds (`aws iam put-role-policy --role-name {ROLE} …` gives it permissions)");
+    }
+    Ok(arn)
+}
+
 /// Runs an images command; returns the exit code.
 pub async fn run(cmd: ImagesCmd) -> anyhow::Result<i32> {
     match cmd {
-        ImagesCmd::Create { name, artifact, base, port, no_wait, conn } => {
+        ImagesCmd::Create { name, artifact, base, port, build_role_arn, no_wait, conn } => {
             let c = conn.client()?;
+            let role = match build_role_arn {
+                Some(r) => r,
+                None => build_role(&c, conn.json).await?,
+            };
             let uri = crate::upload::artifact_uri(&c, &artifact, conn.json).await?;
             let base_arn = if base.starts_with("arn:") { base } else { hearth_api::service::managed_arn(&base) };
             let mut body = json!({
                 "baseImageArn": base_arn,
-                "buildRoleArn": "arn:aws:iam::000000000000:role/hearth-cli",
+                "buildRoleArn": role,
                 "codeArtifact": { "uri": uri },
                 "hooks": { "port": port },
             });

@@ -4,8 +4,10 @@ mod accounts;
 mod basecmd;
 mod client;
 mod connectors;
+mod cp;
 mod imagecmd;
 mod images;
+mod mcp;
 mod serve;
 mod setup;
 mod shell;
@@ -91,6 +93,9 @@ enum Cmd {
     /// The operator's named egress connectors (CIDR and domain allow lists every account may name).
     #[command(subcommand)]
     Connectors(connectors::ConnectorsCmd),
+    /// A Model Context Protocol server for agents: sandboxes as tools (bash, files,
+    /// processes, ports, suspend/resume/fork), on stdio or Streamable HTTP.
+    Mcp(mcp::McpArgs),
 }
 
 /// The arguments of a command that moved to another binary: taken whole, so the user
@@ -145,6 +150,7 @@ fn main() {
             Cmd::Keys(c) => serve::keys(c).map(|()| 0),
             Cmd::Accounts(c) => accounts::run(c).map(|()| 0),
             Cmd::Connectors(c) => connectors::run(c).map(|()| 0),
+            Cmd::Mcp(a) => mcp::run(a).await,
         };
         match result {
             Ok(code) => code,

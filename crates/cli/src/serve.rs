@@ -133,6 +133,25 @@ pub struct ServeArgs {
     /// namespace; a guest over it sees its TCP slow down). 0: unlimited (the default).
     #[arg(long, value_name = "MBIT", default_value_t = 0, env = "HEARTH_NET_RATE")]
     net_rate: u32,
+    /// Serve no MCP server at /mcp (by default tenants reach one there with a token from
+    /// `hearth mcp token`).
+    #[arg(long, env = "HEARTH_NO_MCP")]
+    no_mcp: bool,
+    /// What the sandboxes of an MCP session at /mcp become when the session ends (its
+    /// token expired, or it sat idle for --mcp-idle-minutes).
+    #[arg(long, value_enum, default_value_t = crate::mcp::hub::OnExit::Suspend, env = "HEARTH_MCP_ON_EXIT")]
+    mcp_on_exit: crate::mcp::hub::OnExit,
+    /// An MCP session at /mcp unused this many minutes ends.
+    #[arg(long, value_name = "MINUTES", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=1440), env = "HEARTH_MCP_IDLE_MINUTES")]
+    mcp_idle_minutes: u64,
+    /// MCP sessions (one per token) live at once, all tenants together (each tenant at most
+    /// 8); over it, the least recently used idle one ends, else new ones are refused (503).
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096), env = "HEARTH_MCP_MAX_SESSIONS")]
+    mcp_max_sessions: u64,
+    /// The managed base of the MCP server's default sandbox image (`hearth-mcp-<BASE>`,
+    /// built in each tenant's account on first use).
+    #[arg(long, value_name = "BASE", default_value = "python", env = "HEARTH_MCP_BASE")]
+    mcp_base: String,
 }
 
 /// Runs the daemon until SIGINT/SIGTERM.
@@ -216,6 +235,14 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         },
         default_egress: a.default_egress,
         default_arch: a.default_architecture.unwrap_or_else(hearth_vmm::Arch::host),
+        mcp: (!a.no_mcp).then(|| {
+            crate::mcp::daemon::DaemonMcp::hook(crate::mcp::daemon::Limits {
+                max_sessions: a.mcp_max_sessions as usize,
+                idle: std::time::Duration::from_secs(a.mcp_idle_minutes * 60),
+                on_exit: a.mcp_on_exit,
+                base: a.mcp_base.clone(),
+            })
+        }),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
@@ -241,6 +268,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 );
             }
             println!("listening {url}");
+            if !a.no_mcp {
+                eprintln!("hearth serve: MCP server at {url}/mcp (tokens: `hearth mcp token`)");
+            }
             if let Some(e) = s.endpoint_addr {
                 println!("endpoints https://<microvm id>.{}:{} (TLS on {e})", domain, e.port());
             }

@@ -5,6 +5,8 @@
 //! is on the microvm's devices.
 
 mod daemon;
+#[path = "io/files.rs"]
+mod files;
 
 use daemon::*;
 use serde_json::Value;
@@ -52,8 +54,14 @@ fn sha256(path: &Path) -> String {
 
 /// A signed streamed PUT whose X-Amz-Content-Sha256 claims `claimed` for `body`.
 fn put_claiming(d: &Daemon, key: &str, id: &str, path: &str, body: Vec<u8>, claimed: &str) -> (u16, String) {
+    put_signed(d, key, &format!("/hearth/v1/microvms/{id}/files?path={path}"), reqwest::Body::from(body), claimed)
+}
+
+/// A signed streamed PUT of `body` (chunked when it is a stream) to `path_and_query`,
+/// claiming `claimed` as its SHA-256.
+fn put_signed(d: &Daemon, key: &str, path_and_query: &str, body: reqwest::Body, claimed: &str) -> (u16, String) {
     let key: Value = serde_json::from_str(key).unwrap();
-    let url = format!("{}/hearth/v1/microvms/{id}/files?path={path}", d.1);
+    let url = format!("{}{path_and_query}", d.1);
     let uri: http::Uri = url.parse().unwrap();
     let mut headers = http::HeaderMap::new();
     headers.insert("host", uri.authority().unwrap().as_str().parse().unwrap());

@@ -1,4 +1,5 @@
-//! Types that cross a Hearth boundary. No I/O lives here.
+//! Types that cross a Hearth boundary. No I/O lives here, but for [`archive`]: the tar
+//! format of directory transfers, packed and unpacked alike by both ends.
 //!
 //! # The host–agent protocol (version [`PROTOCOL_VERSION`])
 //!
@@ -15,11 +16,14 @@
 //! | `GET /v1/hello` | header [`PROTOCOL_HEADER`] | [`Hello`] (JSON) |
 //! | `POST /v1/exec` | [`exec`] frames: one `Spec`, then `Stdin`… | [`exec`] frames: `Stdout`, `Stderr`, then `Exit` or `Error` |
 //! | `GET /v1/files?path=P&offset=O&length=L` | — | the file's bytes, streamed |
-//! | `PUT /v1/files?path=P&mode=M` | the file's bytes, streamed | [`files::FileInfo`] |
+//! | `PUT /v1/files?path=P&mode=M&size=N` | the file's bytes, streamed (`size`: what the host expects, checked against the free space first) | [`files::FileInfo`] |
+//! | `GET /v1/archive?path=D` | — | directory D's contents as an [`archive`] (tar), streamed |
+//! | `PUT /v1/archive?path=D&size=N` | an [`archive`], streamed | [`archive::Stats`] as JSON, once unpacked into D (new) |
 //! | `POST /v1/fs/{stat,list,mkdir,remove,rename}` | [`files::FsRequest`] | [`files::FsResponse`] |
 //! | `GET /v1/hook?port=P&path=/p&timeout_ms=T` | — | [`HookResponse`] |
 //! | `POST /v1/hook?port=P&path=/p&timeout_ms=T` | the body to POST (≤ [`MAX_HOOK_REQUEST`]) | [`HookResponse`] |
 //! | `POST /v1/connect?port=P` | bytes to the app (streamed) | bytes from the app (streamed): a TCP connection to 127.0.0.1:P in the guest |
+//! | `POST /v1/metadata/accept` | [`METADATA_MARK`], then bytes to the guest's client (streamed) | once a guest process connects to 169.254.169.254:80: [`METADATA_MARK`], then the bytes it sends (streamed); the host's mark confirms it takes the connection |
 //! | `POST /v1/restore` | [`RestoreInfo`] | `{}` once clock, RNG and identity are fixed |
 //! | `POST /v1/sync` | — | `{}` once the guest's filesystems are flushed |
 //! | `POST /v1/detach` | — | `{}`; the agent then closes this connection and waits for a new one |
@@ -33,6 +37,7 @@
 
 #![deny(missing_docs)]
 
+pub mod archive;
 pub mod binpath;
 pub mod exec;
 pub mod files;
@@ -91,6 +96,8 @@ pub enum ErrorCode {
     WrongKind,
     /// Any other I/O failure inside the guest.
     Io,
+    /// The guest's filesystem is full (or would be: a declared size over its free space).
+    StorageFull,
     /// The protocol versions of host and agent differ.
     VersionMismatch,
 }
@@ -209,3 +216,8 @@ pub struct HookResponse {
 pub const MAX_HOOK_BODY: usize = 64 << 10;
 /// Most body bytes a POSTed hook call carries (the API's `runHookPayload` is ≤ 16 KiB).
 pub const MAX_HOOK_REQUEST: usize = 64 << 10;
+
+/// The byte that opens the answer to `POST /v1/metadata/accept` once a guest connection is
+/// taken, and that the host sends back to confirm it carries it (an accept the host
+/// withdrew just then never confirms, and the connection goes to the next accept).
+pub const METADATA_MARK: u8 = 1;

@@ -390,6 +390,7 @@ impl Vm {
         // The copies wake mid-connection and resynchronise when their host probes (the
         // probe breaks the stale HTTP/2 connection in the copy; the next one is answered).
         self.qmp("stop", None).await.map_err(|e| SnapshotError::Qemu(e.to_string()))?;
+        crate::crash::point("fork.stopped");
         let saved = async {
             let _writing = reserved.release();
             // Stopped means drained and flushed: the overlay is consistent with RAM.

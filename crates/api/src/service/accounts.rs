@@ -9,14 +9,30 @@ impl Service {
     /// The access key a request's signature names, with its secret opened; `None` when the
     /// request names none, or one that is unknown or unusable (the store failing included:
     /// the request is then refused).
+    /// Role sessions' temporary credentials (`HSIA…`) included: their token is checked
+    /// after the signature ([`Service::caller_of`]).
     pub async fn claimed_key(&self, headers: &http::HeaderMap) -> Option<AccessKey> {
         let id = crate::sigv4::claimed_access_key(headers)?;
+        if id.starts_with(super::SESSION_PREFIX) {
+            return self.session_key(id).await;
+        }
+        self.store.key(id).await.ok().flatten()
+    }
+
+    /// A tenant's own access key `id` (never a role session's), with its secret opened;
+    /// `None` when there is none (or the store fails). For the MCP route
+    /// ([`crate::mcp_route`]), whose hubs sign with the key a token was minted with.
+    pub async fn access_key(&self, id: &str) -> Option<AccessKey> {
+        if id.starts_with(super::SESSION_PREFIX) {
+            return None;
+        }
         self.store.key(id).await.ok().flatten()
     }
 
     /// The caller of a request whose body is streamed after its headers are checked (an
     /// upload, a streamed file write): its SigV4 signature over the body hash it claims, its
-    /// account, and one call from that account's request bucket. Returns the account and
+    /// account (a role session's authorized for the call, [`crate::auth::extension_action`]),
+    /// and one call from that account's request bucket. Returns the account and
     /// the claimed body hash, which the caller checks once the body has arrived.
     ///
     /// # Errors
@@ -30,12 +46,15 @@ impl Service {
         if signed.service != crate::sigv4::SERVICE {
             return Err(ApiError::new(crate::error::Kind::InvalidSignature, "uploads and file writes sign as \"lambda\""));
         }
-        let account = key
+        let key = key
             .filter(|k| k.access_key == signed.access_key)
-            .ok_or_else(|| ApiError::new(crate::error::Kind::UnrecognizedClient, "unknown access key"))?
-            .account;
-        self.throttle(&account).await?;
-        Ok((account, signed.payload_hash))
+            .ok_or_else(|| ApiError::new(crate::error::Kind::UnrecognizedClient, "unknown access key"))?;
+        let caller = self.caller_of(&parts.headers, &key).await.map_err(super::SessionRefusal::into_api)?;
+        self.throttle(&caller.account).await?;
+        // A role session may only do what its role allows.
+        let (action, resource) = crate::auth::extension_action(&parts.method, parts.uri.path(), &caller.account);
+        crate::auth::authorize(self, &caller, &action, &resource).await?;
+        Ok((caller.account, signed.payload_hash))
     }
 
     /// On the first start (no key at all): a new tenant and its access key, to be shown

@@ -1,5 +1,6 @@
-//! Hearth's extensions on a microvm: exec, files and egress run on its VM through
-//! [`Service::with_vm`] (which resumes and counts activity); usage reads the meter.
+//! Hearth's extensions on a microvm: exec and egress run on its VM through
+//! [`Service::with_vm`] (which resumes and counts activity); usage reads the meter. Files
+//! are `transfer.rs`'s.
 
 use super::Service;
 use crate::clock::now;
@@ -7,10 +8,8 @@ use crate::error::ApiError;
 use crate::lifecycle::MicrovmState;
 use crate::store::Usage;
 use bytes::Bytes;
-use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::{ExecExit, ExecRequest};
-use hearth_proto::files::{FileInfo, FileKind};
-use hearth_vmm::agent::{AgentError, ExecEvent, ExecOutput};
+use hearth_vmm::agent::{ExecEvent, ExecOutput};
 use hearth_vmm::net::{Egress, Rule};
 use hearth_vmm::Vm;
 use serde_json::Value;
@@ -19,14 +18,6 @@ use std::time::Duration;
 
 /// Most bytes of output an API exec returns per stream.
 const MAX_EXEC_OUTPUT: usize = 8 << 20;
-
-/// Most bytes of a file read or written through the API.
-pub const MAX_FILE_BYTES: u64 = 256 << 20;
-
-/// Chunks of a file transfer queued between the agent and the client (each at most the
-/// agent's frame, 1 MiB): with the agent's 4 MiB stream window, what one transfer holds
-/// in the daemon, whatever the file's size.
-pub const TRANSFER_CHUNKS: usize = 4;
 
 /// How long a streamed exec waits for its client to take the next line: a client that
 /// went away, or stopped reading, ends it (and lets go of the VM).
@@ -181,85 +172,6 @@ impl Service {
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ApiError::internal("the exec stream ended before it started")),
         }
-    }
-
-    /// Streams file `path` of microvm `ident` (at most [`MAX_FILE_BYTES`]): `Ok` once
-    /// the agent has opened it, then its chunks as they come. The daemon holds at most the
-    /// agent's stream window and [`TRANSFER_CHUNKS`] chunks of it at a time, whatever the
-    /// file's size. The VM counts as busy until the stream ends; a client that stops
-    /// reading for [`STREAM_STALL`] ends it.
-    ///
-    /// # Errors
-    ///
-    /// As [`Service::with_vm`]; a missing file is a ResourceNotFoundException, one over the
-    /// limit or not a regular file a ValidationException.
-    pub async fn read_file(
-        self: &Arc<Self>,
-        account: &str,
-        ident: &str,
-        path: String,
-    ) -> Result<tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>, ApiError> {
-        let vm = self.vm_handle(account, ident).await?;
-        let path = BinPath::from(path.as_str());
-        let info = vm.agent().stat(&path).await?;
-        if info.kind != FileKind::File {
-            return Err(ApiError::validation(format!("{} is not a regular file", path.display())));
-        }
-        if info.size > MAX_FILE_BYTES {
-            return Err(ApiError::validation(format!(
-                "{} is {} bytes, over the {MAX_FILE_BYTES}-byte limit on file transfers: split it in the microvm (exec split) and copy the parts",
-                path.display(),
-                info.size
-            )));
-        }
-        // A file that grew since the stat is cut at the limit.
-        let mut chunks = vm.agent().read_file(&path, 0, Some(MAX_FILE_BYTES)).await?;
-        let (tx, rx) = tokio::sync::mpsc::channel(TRANSFER_CHUNKS);
-        let (svc, id) = (self.clone(), Self::microvm_id(account, ident));
-        tokio::spawn(async move {
-            use futures_util::StreamExt;
-            while let Some(chunk) = chunks.next().await {
-                let item = chunk.map_err(std::io::Error::other);
-                let last = item.is_err();
-                match tokio::time::timeout(STREAM_STALL, tx.send(item)).await {
-                    Ok(Ok(())) if !last => {}
-                    _ => break,
-                }
-            }
-            // The handle goes with the stream: the VM is idle again.
-            drop(vm);
-            let _ = svc.store.touch(&id, now()).await;
-        });
-        Ok(rx)
-    }
-
-    /// Writes file `path` in microvm `ident` from `data`, atomically: the agent renames
-    /// the file into place only when `data` ends cleanly, so a stream that ends in an
-    /// error (the caller's refusal: too large, a bad hash) leaves nothing behind. `data`
-    /// is pulled as the agent takes it: the daemon holds a bounded part of it at a time.
-    /// The agent's answer comes back as it is: a caller that ended `data` in an error
-    /// knows why the agent failed, and one that did not converts it (`ApiError::from`).
-    ///
-    /// # Errors
-    ///
-    /// As [`Service::with_vm`].
-    pub async fn write_file<S>(&self, account: &str, ident: &str, path: String, data: S) -> Result<Result<FileInfo, AgentError>, ApiError>
-    where
-        S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
-    {
-        self.with_vm(account, ident, move |vm| {
-            Box::pin(async move { Ok(vm.agent().write_file(&BinPath::from(path.as_str()), None, data).await) })
-        })
-        .await
-    }
-
-    /// The entries of directory `path` in microvm `ident`.
-    ///
-    /// # Errors
-    ///
-    /// As [`Service::read_file`].
-    pub async fn list_dir(&self, account: &str, ident: &str, path: String) -> Result<Vec<FileInfo>, ApiError> {
-        self.with_vm(account, ident, move |vm| Box::pin(async move { Ok(vm.agent().list(&BinPath::from(path.as_str())).await?) })).await
     }
 
     /// Replaces microvm `ident`'s egress policy while it runs, and records it so resumes

@@ -139,6 +139,7 @@ impl Service {
     pub(super) fn hold(&self, guard: &mut Slot, vm: Vm, m: &MicrovmRecord) {
         let watch = vm.exit_watch();
         let vm_id = vm.id().to_owned();
+        self.imds_start(guard, &vm, m);
         guard.vm = Some(Arc::new(vm));
         let (me, slot) = (self.me.clone(), self.slot(&m.microvm_id));
         let (account, id) = (m.account.clone(), m.microvm_id.clone());
@@ -170,6 +171,8 @@ impl Service {
         if sole(&mut guard, CRASH_DRAIN, true).await.is_none() {
             drop(guard.vm.take());
         }
+        // The microvm ends: so do its relay and its credentials.
+        self.imds_end(&mut guard, id).await;
         guard.cpu = None;
         match self.store.microvm(account, id).await {
             Ok(Some(mut m)) if m.state.valid_transition(MicrovmState::Terminated) => {
@@ -192,6 +195,9 @@ impl Service {
         let id = m.microvm_id.clone();
         if vm.is_running() {
             let (reason, err) = suspend_error(&id, &e);
+            // Its relay was stopped before the snapshot: the VM runs on, so does it.
+            guard.imds = None;
+            self.imds_start(guard, &vm, m);
             guard.vm = Some(Arc::new(vm));
             if let Err(t) = self.transition(m, MicrovmState::Running, Reason::Set(Some(reason))).await {
                 return t;

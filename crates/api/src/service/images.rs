@@ -109,6 +109,11 @@ impl Service {
         tags: Option<&std::collections::BTreeMap<String, String>>,
     ) -> Result<Value, ApiError> {
         let name = image.name.clone();
+        if let Some(role) = spec.get("buildRoleArn").and_then(Value::as_str) {
+            self.check_build_role(account, role).await?;
+        }
+        // A kmsKeyIdentifier must name a key of the account (its microvms are encrypted under it).
+        self.microvm_key(account, spec.get("kmsKeyIdentifier"), None).await?;
         let base = spec.get("baseImageArn").and_then(Value::as_str).unwrap_or_default();
         let base_name = base.rsplit(':').next().unwrap_or(base);
         let Some((_, base_kind)) = MANAGED.iter().find(|(n, _)| *n == base_name) else {

@@ -22,6 +22,8 @@ pub struct Slot {
     pub vm: Option<Arc<Vm>>,
     /// QEMU CPU ticks and when they were read (guest activity).
     pub cpu: Option<(u64, f64)>,
+    /// The VM's metadata relay ([`crate::imds`]) while it runs.
+    pub imds: Option<crate::imds::Relay>,
 }
 
 /// The egress a microvm gets when neither its run nor its image names a connector.
@@ -146,6 +148,10 @@ impl Service {
 
     /// RunMicrovm.
     pub async fn run_microvm(&self, account: &str, input: &RunMicrovmRequest) -> Result<Value, ApiError> {
+        // One of the account's roles (ValidationException otherwise), before anything else.
+        if let Some(role) = input.execution_role_arn.as_deref() {
+            self.check_role(account, role).await?;
+        }
         let image = self.image(account, &input.image_identifier).await?;
         let versions = self.store.versions(account, &image.name).await?;
         let version = match input.image_version.as_deref() {
@@ -177,6 +183,10 @@ impl Service {
             if let Some(v) = given.get(k) {
                 spec.insert(k.into(), v.clone());
             }
+        }
+        // Encryption at rest: the run's key, else the image's (crate::service::suspend_crypt).
+        if let Some(arn) = self.microvm_key(account, given.get("kmsKeyIdentifier"), version.spec.get("kmsKeyIdentifier")).await? {
+            spec.insert(super::suspend_crypt::KEY_FIELD.into(), arn.into());
         }
         // Egress: the run's connectors (an empty list: none), else the image's, else the
         // daemon's default; recorded, so a resume or a pooled claim applies the same.
@@ -243,9 +253,12 @@ impl Service {
                 // Recorded before the hook: a crash from here on still finds the VM.
                 self.put(&m).await?;
                 crash::point("run.vm-recorded");
+                // The run hook already finds the metadata service (its role's credentials).
+                self.imds_start(&mut guard, &vm, &m);
                 let payload = input.run_hook_payload.as_deref().unwrap_or_default();
                 if let Err(e) = self.call_hook(&vm, &m, "run", payload).await {
                     // The app refused to start this microvm: it is not handed out.
+                    self.imds_end(&mut guard, &id).await;
                     vm.kill().await;
                     self.transition(&mut m, MicrovmState::Terminated, Reason::Set(Some(e))).await?;
                     self.metrics.error("run-hook");
@@ -362,6 +375,9 @@ impl Service {
         crash::point("suspend.recorded");
         // The app hears of it first; a failing hook does not stop the suspend.
         let hook_error = self.call_hook(&vm, &m, "suspend", "").await.err();
+        // No metadata stream may be open on the agent channel when it is detached; the
+        // guest's tokens and credentials go with the relay (fresh ones after the resume).
+        self.imds_stop(&mut guard).await;
         let dir = self.microvm_dir(&id).join("suspended");
         let _ = std::fs::create_dir_all(self.microvm_dir(&id));
         let started = std::time::Instant::now();
@@ -369,7 +385,9 @@ impl Service {
             Ok(_) => {
                 tracing::debug!(microvm = %id, elapsed = ?started.elapsed(), "suspend: the VM is saved and gone");
                 crash::point("suspend.done");
-                self.transition(&mut m, MicrovmState::Suspended, Reason::Set(reason.map(str::to_owned).or(hook_error))).await?;
+                let unsealed = self.seal_suspended(&m, &dir).await.err();
+                let why = unsealed.or(reason.map(str::to_owned)).or(hook_error);
+                self.transition(&mut m, MicrovmState::Suspended, Reason::Set(why)).await?;
                 self.metrics.observe("suspend", started.elapsed());
                 Ok(json!({}))
             }
@@ -395,9 +413,14 @@ impl Service {
         // Quotas and the host's room, held until the resume ends.
         let _admitted = self.admit_resume(&m).await?;
         let dir = self.microvm_dir(&id).join("suspended");
+        self.unseal_suspended(&m, &dir).await?;
         let snap = match Snapshot::open(&dir) {
             Ok(s) => s,
-            Err(e) => return Err(self.resume_failed(&mut m, ResumeFailure::Open(e)).await),
+            Err(e) => {
+                let err = self.resume_failed(&mut m, ResumeFailure::Open(e)).await;
+                self.reseal_if_suspended(&m, &dir).await;
+                return Err(err);
+            }
         };
         let started = std::time::Instant::now();
         match Vm::resume(&snap, &self.restore_options(&m, snap.manifest.network.is_some())).await {
@@ -409,6 +432,7 @@ impl Service {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
                 self.put(&m).await?;
                 crash::point("resume.vm-recorded");
+                self.imds_start(guard, &vm, &m);
                 let hook_error = self.call_hook(&vm, &m, "resume", "").await.err();
                 self.hold(guard, vm, &m);
                 guard.cpu = None;
@@ -420,7 +444,9 @@ impl Service {
             }
             Err(e) => {
                 self.metrics.error("resume");
-                Err(self.resume_failed(&mut m, ResumeFailure::Start(e)).await)
+                let err = self.resume_failed(&mut m, ResumeFailure::Start(e)).await;
+                self.reseal_if_suspended(&m, &dir).await;
+                Err(err)
             }
         }
     }
@@ -449,6 +475,7 @@ impl Service {
             }
         }
         crash::point("terminate.killed");
+        self.imds_end(&mut guard, &id).await;
         let _ = std::fs::remove_dir_all(self.microvm_dir(&id));
         self.transition(&mut m, MicrovmState::Terminated, reason.map_or(Reason::Keep, |r| Reason::Set(Some(r.to_owned())))).await?;
         drop(guard);
@@ -464,6 +491,8 @@ impl Service {
         let slots: Vec<_> = self.slots.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         for s in slots {
             let mut guard = s.lock().await;
+            // The relay goes with the daemon; the next start's reattach starts a new one.
+            drop(guard.imds.take());
             if guard.vm.is_none() {
                 continue;
             }

@@ -9,7 +9,8 @@
 //! `policies` (idle, lifetime), `reconcile` (on start), `faults` (QEMU exits nobody asked
 //! for, failed suspends and resumes told as the model's errors), `extensions` (exec, files, egress,
 //! usage), `accounts` (access keys, idempotency claims, counts), `artifacts` (code
-//! artifacts and `FROM` images of builds) and `arch` (the guest architecture of versions).
+//! artifacts and `FROM` images of builds), `arch` (the guest architecture of versions) and
+//! `forks` (a running microvm copied into a new one).
 //!
 //! Every microvm has a slot with an async lock; an operation on a microvm holds it from
 //! reading the record to writing the result, so calls on one microvm serialize and each
@@ -24,26 +25,39 @@ mod builds;
 mod connectors;
 mod extensions;
 mod faults;
+mod forks;
 mod iam;
 mod images;
+mod imds;
+mod kms;
 mod microvms;
 mod policies;
 mod pools;
 mod quotas;
 mod reconcile;
+mod secrets;
+mod secrets_doc;
+#[cfg(test)]
+mod secrets_tests;
+mod sessions;
+mod suspend_crypt;
 mod tags;
 mod tokens;
+mod transfer;
 mod transitions;
 
 pub use arch::api_name as architecture_name;
 pub use build_queue::default_max_concurrent_builds;
 pub use builds::{TAG_BUILD_TIMEOUT, TAG_STEP_TIMEOUT};
 pub use connectors::{connector_arn, connector_from, connector_json, Connectors, MAX_CIDRS, MAX_CONNECTORS};
-pub use extensions::{egress_from, set_egress_ceiling, ExecLine, MAX_FILE_BYTES, TRANSFER_CHUNKS};
+pub use extensions::{egress_from, set_egress_ceiling, ExecLine};
+pub use iam::{parse_role_arn, NewRole, Role, SessionCredentials, MAX_TAGS as MAX_ROLE_TAGS};
 pub use images::MANAGED;
 pub use microvms::{DefaultEgress, Slot};
 pub use pools::{PoolSettings, Pools, MAX_POOL_SIZE, POOL_SIZE_TAG};
+pub use sessions::{SessionRefusal, SESSION_PREFIX};
 pub use tokens::{MAX_INGRESS_CONNECTIONS, SHELL_INGRESS};
+pub use transfer::{Download, TRANSFER_CHUNKS};
 
 use crate::error::{ApiError, Kind};
 use crate::store::{ImageRecord, MetadataStore, MicrovmRecord, VersionRecord};

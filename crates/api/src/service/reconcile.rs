@@ -9,8 +9,9 @@
 //!
 //! Each operation leaves records in the order it acts (docs/RELIABILITY.md), and each
 //! state is settled from them:
-//! - RUNNING: reattached; a resume that had recorded RUNNING but not yet deleted the
-//!   saved state has it deleted now. A VM that cannot be reattached: TERMINATED.
+//! - RUNNING: reattached (its vCPUs continued: a fork's source may have been stopped
+//!   mid-copy); a resume that had recorded RUNNING but not yet deleted the saved state has
+//!   it deleted now. A VM that cannot be reattached: TERMINATED.
 //! - SUSPENDING: forward to SUSPENDED when a complete, verified snapshot exists (QEMU
 //!   killed), else back to RUNNING (disk put back, partial files removed, QEMU's vCPUs
 //!   continued, reattached); TERMINATED only when QEMU is gone too.
@@ -70,9 +71,13 @@ impl Service {
             let id = m.microvm_id.clone();
             let slot = self.slot(&id);
             let mut guard = slot.lock().await;
+            let account = m.account.clone();
+            // Encrypted suspended files are settled in plain form, then encrypted again.
+            self.unseal_for_recovery(&m).await;
             if let Err(e) = self.settle(&mut guard, m).await {
                 tracing::warn!(microvm = %id, error = %e.message, "could not settle a microvm after the restart");
             }
+            self.reseal_after_recovery(&account, &id).await;
             self.recovering.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }))
         .await;
@@ -106,7 +111,9 @@ impl Service {
         }
         let lost = match m.state {
             MicrovmState::Running => match &vm_dir {
-                Some(d) => match Vm::reattach(d).await {
+                // Continuing: a fork cut off by the crash leaves its source RUNNING but
+                // stopped mid-copy (`cont` is a no-op for a VM that runs).
+                Some(d) => match Vm::reattach_continuing(d).await {
                     Ok(vm) => {
                         self.hold(guard, vm, &m);
                         if recover::resume_under_way(&suspended) {

@@ -72,4 +72,46 @@ impl Service {
             crate::ingress::Claims { a: account.to_owned(), m: m.microvm_id.clone(), e: now() as u64 + minutes * 60, p: ports, k: scope };
         Ok(json!({ "authToken": { "X-aws-proxy-auth": self.token_key.issue(&claims) } }))
     }
+
+    /// A link a browser can open (`POST /hearth/v1/microvms/{id}/link`): the endpoint's URL
+    /// with a short-lived link token that the endpoint exchanges for an
+    /// HttpOnly cookie of that microvm's own host ([`crate::links`]), opening `port` for
+    /// `minutes`.
+    ///
+    /// # Errors
+    ///
+    /// NotFound for an unknown microvm, Conflict for an ending one, Validation for a port or
+    /// duration out of range.
+    pub async fn link(&self, account: &str, ident: &str, port: u16, minutes: u64) -> Result<Value, ApiError> {
+        if port == 0 {
+            return Err(ApiError::validation("port must be 1-65535"));
+        }
+        if !(1..=crate::ingress::MAX_TOKEN_MINUTES).contains(&minutes) {
+            return Err(ApiError::validation(format!("expirationInMinutes must be 1-{}", crate::ingress::MAX_TOKEN_MINUTES)));
+        }
+        let m = self.load(account, ident).await?;
+        if m.state.is_ending() {
+            return Err(ApiError::conflict("Microvm", &m.microvm_id, format!("microvm {} is {}", m.microvm_id, m.state)));
+        }
+        let t = now() as u64;
+        let link_life = crate::links::LINK_SECONDS.min(minutes * 60);
+        // The link token's scope carries the cookie's lifetime: the cookie issued for it
+        // lasts `minutes` from the exchange.
+        let claims = crate::ingress::Claims {
+            a: account.to_owned(),
+            m: m.microvm_id.clone(),
+            e: t + link_life,
+            p: vec![(port, port)],
+            k: Some(format!("{}{minutes}", crate::links::LINK_SCOPE_PREFIX)),
+        };
+        let token = self.token_key.issue(&claims);
+        // Endpoints are HTTPS as on the service (`"https://" + endpoint`): Hearth's TLS
+        // listener, or a TLS-terminating proxy in front of the plain one.
+        Ok(json!({
+            "url": format!("https://{}/?{}={token}", self.endpoints.host_of(&m.microvm_id), crate::links::LINK_PARAM),
+            "port": port,
+            "linkExpiresAt": t + link_life,
+            "cookieMinutes": minutes,
+        }))
+    }
 }

@@ -3,7 +3,8 @@
 //! pool and with the pool disabled, against a cold boot of the same root filesystem; the endpoint (through the proxy vs inside the VM, the
 //! first request to a suspended microvm); SuspendMicrovm and ResumeMicrovm with pages
 //! dirtied and of a large session (`api_snap`); shells (open → first output, keystroke echo);
-//! ListMicrovms latency with 1,000 microvms in the store.
+//! ListMicrovms latency with 1,000 microvms in the store; file transfers both ways against
+//! the engine's agent (`api_files`).
 //!
 //! A daemon is started in this process on a loopback port with a scratch state directory;
 //! the image is a busybox httpd app built through CreateMicrovmImage.
@@ -58,6 +59,13 @@ pub struct BenchApiArgs {
     /// Accelerator.
     #[arg(long, default_value = "auto", env = "HEARTH_ACCEL")]
     accel: hearth_vmm::Accel,
+    /// Sizes (MiB) of the files item: uploads and downloads through the API against the
+    /// engine's agent (empty skips it).
+    #[arg(long, value_delimiter = ',', default_value = "100,1024")]
+    files_mib: Vec<usize>,
+    /// Only the files item.
+    #[arg(long)]
+    only_files: bool,
     /// Print JSON instead of a Markdown table.
     #[arg(long)]
     json: bool,
@@ -66,6 +74,12 @@ pub struct BenchApiArgs {
 /// Runs the benchmark.
 pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     let d = crate::daemon::BenchDaemon::start(a.accel, "bench-api-").await?;
+    if a.only_files {
+        let rows = crate::api_files::files(&d, &a.files_mib).await?;
+        d.stop().await;
+        report::print(rows, a.json, json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string() }));
+        return Ok(());
+    }
     let (c, addr, home, vm) = (d.client.clone(), d.addr, d.home.clone(), d.vm.clone());
 
     let mut cold = Vec::new();
@@ -262,6 +276,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
         anyhow::ensure!(n >= a.records, "listed {n} of {} microvms", a.records);
         all.push(ms(t.elapsed()));
     }
+    let files = crate::api_files::files(&d, &a.files_mib).await?;
     d.stop().await;
     goals.extend(load.goals);
     let goals: Vec<String> = goals.iter().map(Goal::line).collect();
@@ -283,6 +298,7 @@ pub async fn run(a: BenchApiArgs) -> anyhow::Result<()> {
     ];
     rows.extend(snap.rows);
     rows.extend(load.rows);
+    rows.extend(files);
     report::print(rows, a.json, json!({ "accel": hearth_vmm::accel::resolve(a.accel).to_string(), "goals": goals }));
     if !a.json && !goals.is_empty() {
         println!("\nGoals (issue 16):\n{}", goals.join("\n"));

@@ -87,6 +87,7 @@ impl BenchDaemon {
             pools: Default::default(),
             default_egress: Default::default(),
             default_arch: hearth_vmm::Arch::host(),
+            mcp: None,
             max_concurrent_builds: hearth_api::service::default_max_concurrent_builds(),
         };
         let task = tokio::spawn(hearth_api::server::serve(

@@ -3,6 +3,7 @@
 //! figures and how they were taken are in docs/BENCHMARKS.md.
 
 mod api;
+mod api_files;
 mod api_load;
 mod api_snap;
 mod build;

@@ -26,7 +26,7 @@ import websocket
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from test_api import DEBIAN, KEY_A, ROLE, URL, client, expect_error, http_get, read_until, wait_version
+from test_api import DEBIAN, KEY_A, ROLE, URL, client, expect_error, http_get, read_until, signed, wait_version
 
 CTX = os.environ["HEARTH_CTX_NET"]
 DAEMON = int(os.environ["HEARTH_DAEMON_PID"])
@@ -230,6 +230,7 @@ def main():
     shell_token = a.create_microvm_shell_auth_token(microvmIdentifier=mid, expirationInMinutes=10)["authToken"]["X-aws-proxy-auth"]
     published_clients(a, mid, token, shell_token)
     origin_rule(a, mid, token)
+    browser_links(a, mid)
 
     hanging.join()
     assert hang["status"] == 504 and 55 <= hang["secs"] < 90, hang
@@ -342,6 +343,63 @@ def origin_rule(a, mid, token):
     r = requests.get(page + "/cookie", headers={"X-aws-proxy-auth": token, "Cookie": "app=0"}, timeout=60)
     assert (r.status_code, r.text) == (200, "app=0") and r.headers.get("Set-Cookie") == "app=1; Path=/", (r.text, dict(r.headers))
     print("origin rule: ok", flush=True)
+
+
+def browser_links(a, mid):
+    """`hearth url`: a link a browser can open, exchanged on the microvm's own host for an
+    HttpOnly, host-only cookie that the app never sees, refused everywhere else."""
+    def link(port=8080, minutes=5, of=mid):
+        status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{of}/link",
+                              json.dumps({"port": port, "expirationInMinutes": minutes}).encode())
+        assert status == 200, (status, body)
+        return json.loads(body)
+    v = link()
+    url = urllib.parse.urlsplit(v["url"])
+    assert url.scheme == "https" and url.hostname == f"{mid}.localhost" and url.path == "/", v
+    token = urllib.parse.parse_qs(url.query)["hearth-link"][0]
+    # Opening it: 303 to the same place without the token, with the cookie.
+    r = requests.get(v["url"].replace("/?", "/cookie?keep=1&"), allow_redirects=False, timeout=60)
+    assert r.status_code == 303 and r.headers["Location"] == "/cookie?keep=1", (r.status_code, dict(r.headers))
+    set_cookie = r.headers["Set-Cookie"]
+    name, value = set_cookie.split(";", 1)[0].split("=", 1)
+    attrs = [x.strip().lower() for x in set_cookie.split(";")[1:]]
+    assert name == "__Host-hearth-auth", set_cookie
+    for want in ("httponly", "secure", "path=/", "samesite=lax"):
+        assert want in attrs, (want, set_cookie)
+    assert not any(x.startswith("domain") for x in attrs), set_cookie  # host-only
+    # With the cookie (as the browser sends it back), the app answers and never sees it.
+    base = f"https://{url.netloc}"
+    r = requests.get(base + "/cookie", headers={"Cookie": f"app=0; {name}={value}"}, timeout=60)
+    assert (r.status_code, r.text) == (200, "app=0"), (r.status_code, r.text)
+    r = requests.get(base + "/cookie", headers={"Cookie": f"{name}={value}"}, timeout=60)
+    assert (r.status_code, r.text) == (200, ""), (r.status_code, r.text)
+    # Refused: no cookie; the cookie on the path form (the daemon's origin) and as a header
+    # token; the link token as a header token or on the path form; a garbage link; another
+    # microvm's link on this host; port 0.
+    assert requests.get(base + "/cookie", timeout=60).status_code == 403
+    r = requests.get(f"{URL}/microvms/{mid}/cookie", headers={"Cookie": f"hearth-auth={value}"}, timeout=60)
+    assert r.status_code == 403, r.status_code
+    for t in (value, token):
+        assert requests.get(base + "/cookie", headers={"X-aws-proxy-auth": t}, timeout=60).status_code == 403
+    r = requests.get(f"{URL}/microvms/{mid}/cookie?hearth-link={token}", allow_redirects=False, timeout=60)
+    assert r.status_code == 403 and "Set-Cookie" not in r.headers, (r.status_code, dict(r.headers))
+    r = requests.get(base + "/?hearth-link=forged.0000", allow_redirects=False, timeout=60)
+    assert r.status_code == 403 and "Set-Cookie" not in r.headers, r.status_code
+    other = a.run_microvm(imageIdentifier="net")["microvmId"]
+    try:
+        theirs = urllib.parse.urlsplit(link(of=other)["url"])
+        r = requests.get(f"{base}/?{theirs.query}", allow_redirects=False, timeout=60)
+        assert r.status_code == 403 and "Set-Cookie" not in r.headers, r.status_code
+        # This microvm's cookie does not open the other's host.
+        r = requests.get(f"https://{theirs.netloc}/cookie", headers={"Cookie": f"{name}={value}"}, timeout=60)
+        assert r.status_code == 403, r.status_code
+    finally:
+        a.terminate_microvm(microvmIdentifier=other)
+    status, body = signed(KEY_A, "POST", f"/hearth/v1/microvms/{mid}/link", b'{"port": 0}')
+    assert status == 400, (status, body)
+    status, body = signed(KEY_A, "POST", "/hearth/v1/microvms/mvm-nope/link", b"{}")
+    assert status == 404, (status, body)
+    print("browser links: ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 mod exec;
+mod transfer;
 pub use exec::{ExecEvent, ExecInput, ExecOutput, ExecStream};
 
 type ReqBody = BoxBody<Bytes, std::io::Error>;
@@ -348,11 +349,16 @@ impl AgentClient {
     where
         S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
     {
+        self.write_file_sized(path, mode, None, data).await
+    }
+
+    /// `PUT uri` with `data` as the streamed body; the agent's JSON answer.
+    pub(crate) async fn put_stream<S, T>(&self, uri: String, data: S) -> Result<T, AgentError>
+    where
+        S: Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static,
+        T: serde::de::DeserializeOwned,
+    {
         use futures_util::StreamExt;
-        let mut uri = format!("/v1/files?path={}", path.to_query());
-        if let Some(m) = mode {
-            uri.push_str(&format!("&mode={m:o}"));
-        }
         let body = BodyExt::boxed(StreamBody::new(data.map(|r| r.map(hyper::body::Frame::data))));
         let req = Request::put(uri).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         Self::json_response(self.send(req).await?).await
@@ -408,14 +414,55 @@ impl AgentClient {
     /// Opens a TCP connection to `port` on the guest's loopback through the agent channel
     /// (one HTTP/2 stream each way); the returned stream is the host's end.
     pub async fn connect_port(&self, port: u16) -> Result<tokio::io::DuplexStream, AgentError> {
+        self.duplex(&format!("/v1/connect?port={port}"), false).await
+    }
+
+    /// Waits for the next connection a guest process makes to the metadata address
+    /// (`169.254.169.254:80`, the agent's `POST /v1/metadata/accept`) and returns the host's
+    /// end of it: what is read is what the guest sent, what is written reaches it. Cancel
+    /// safe: dropped while waiting, it resets its HTTP/2 stream and takes no connection.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Remote`] (NotFound) from an agent without a metadata listener; a
+    /// broken connection.
+    pub async fn accept_metadata(&self) -> Result<tokio::io::DuplexStream, AgentError> {
+        self.duplex("/v1/metadata/accept", true).await
+    }
+
+    /// One HTTP/2 stream as a byte stream: the request body carries what is written to the
+    /// returned end, the response body what is read from it. With `confirm`, the response
+    /// opens with [`hearth_proto::METADATA_MARK`], which is answered before anything else
+    /// (with no await in between, so a caller that is cancelled never confirms).
+    async fn duplex(&self, uri: &str, confirm: bool) -> Result<tokio::io::DuplexStream, AgentError> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (tx, rx) = mpsc::channel::<Bytes>(8);
         let body = StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|b| (Ok(hyper::body::Frame::data(b)), rx))
         }))
         .boxed();
-        let req = Request::post(format!("/v1/connect?port={port}")).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
+        let req = Request::post(uri).body(body).map_err(|e| AgentError::Protocol(e.to_string()))?;
         let resp = Self::check_status(self.send(req).await?).await?;
+        let mut body = resp.into_body();
+        let mut rest = Bytes::new();
+        if confirm {
+            let first = loop {
+                match body.frame().await {
+                    Some(Ok(f)) => match f.into_data() {
+                        Ok(d) if !d.is_empty() => break d,
+                        _ => continue,
+                    },
+                    Some(Err(e)) => return Err(conn_err(e)),
+                    None => return Err(AgentError::Protocol("the accept ended before its mark".into())),
+                }
+            };
+            if first[0] != hearth_proto::METADATA_MARK {
+                return Err(AgentError::Protocol("the accept did not open with its mark".into()));
+            }
+            rest = first.slice(1..);
+            tx.try_send(Bytes::from_static(&[hearth_proto::METADATA_MARK]))
+                .map_err(|_| AgentError::Connection("the accept's stream ended".into()))?;
+        }
         let (ours, theirs) = tokio::io::duplex(256 << 10);
         let (mut r, mut w) = tokio::io::split(theirs);
         tokio::spawn(async move {
@@ -431,8 +478,10 @@ impl AgentClient {
                 }
             }
         });
-        let mut body = resp.into_body();
         tokio::spawn(async move {
+            if !rest.is_empty() && w.write_all(&rest).await.is_err() {
+                return;
+            }
             while let Some(Ok(f)) = body.frame().await {
                 if let Ok(d) = f.into_data() {
                     if w.write_all(&d).await.is_err() {

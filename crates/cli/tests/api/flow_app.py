@@ -1,0 +1,45 @@
+"""The reference flow's app (copied into the image by test_flow.py): at `/run` it reads the
+secret whose ARN is the run hook's payload with boto3, through the microvm's execution role
+(credentials from IMDSv2, Secrets Manager at the endpoint the guest's environment names),
+and keeps the value in memory only. `GET /secret` answers the value's SHA-256 (or the
+error code), never the value.
+"""
+import hashlib
+import http.server
+import sys
+
+sys.path.insert(0, "/app/lib")
+import boto3  # noqa: E402 - from /app/lib, copied in with the app
+import botocore.exceptions  # noqa: E402
+
+HELD = {"value": None, "result": "none"}
+
+
+class H(http.server.BaseHTTPRequestHandler):
+    def answer(self, code, body):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self.answer(200, HELD["result"].encode())
+
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        if self.path == "/run" and data.startswith("arn:"):
+            try:
+                value = boto3.client("secretsmanager").get_secret_value(SecretId=data)["SecretString"]
+                HELD["value"] = value
+                HELD["result"] = "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+            except botocore.exceptions.ClientError as e:
+                HELD["result"] = "error:" + e.response["Error"]["Code"]
+            except Exception as e:  # noqa: BLE001 - the kind of failure is the result
+                HELD["result"] = "error:" + type(e).__name__ + ":" + str(e)[:200]
+        self.answer(200, b"")
+
+    def log_message(self, *a):
+        pass
+
+
+http.server.HTTPServer(("127.0.0.1", 8080), H).serve_forever()
