@@ -84,9 +84,12 @@ pub async fn authorize(svc: &crate::service::Service, caller: &Caller, action: &
 pub fn extension_action(method: &http::Method, path: &str, account: &str) -> (String, String) {
     use crate::service::{PARTITION, REGION};
     let rest = path.strip_prefix("/hearth/v1/").unwrap_or(path);
-    let parts: Vec<&str> = rest.split('/').collect();
+    // Decoded segment by segment exactly as `crate::extensions::extension` routes them: a
+    // percent-encoded name (`%65xec`) must meet the same action it runs as.
+    let decoded = crate::extensions::segments(rest);
+    let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let microvm = |id: &str| {
-        let id = percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned();
+        let id = id.to_owned();
         let prefix = format!("arn:{PARTITION}:lambda:{REGION}:{account}:microvm:");
         if id.starts_with(&prefix) {
             id
@@ -130,6 +133,10 @@ pub fn operation_resource(input: &serde_json::Map<String, serde_json::Value>, ac
     if let Some(id) = s("imageIdentifier") {
         return if id.starts_with("arn:") { id.to_owned() } else { image_arn(account, id) };
     }
+    // TagResource, UntagResource, ListTags: the resource's ARN as given.
+    if let Some(arn) = s("Resource") {
+        return arn.to_owned();
+    }
     "*".to_owned()
 }
 
@@ -151,6 +158,9 @@ mod tests {
                 "lambda:ReadMicrovmFile",
                 arn,
             ),
+            // Percent-encoded names are the extension they route to.
+            ("POST", "/hearth/v1/microvms/mvm-1/%65xec", "lambda:ExecuteMicrovmCommand", arn),
+            ("PUT", "/hearth/v1/%6dicrovms/mvm-1/%66iles", "lambda:WriteMicrovmFile", arn),
             ("POST", "/hearth/v1/artifacts", "lambda:UploadCodeArtifact", "*"),
             ("GET", "/hearth/v1/somewhere-new", "lambda:InvokeHearthExtension", "*"),
         ];
@@ -160,5 +170,19 @@ mod tests {
             let name = action.trim_start_matches("lambda:");
             assert!(crate::aws::policy::is_known_action("lambda", name), "{action} must be a policy action");
         }
+    }
+
+    #[test]
+    fn operations_name_their_resource() {
+        let a = "123456789012";
+        let input = |k: &str, v: &str| serde_json::json!({ k: v }).as_object().unwrap().clone();
+        let image = "arn:aws-hearth:lambda:hh-local-1:123456789012:microvm-image:web";
+        assert_eq!(operation_resource(&input("imageIdentifier", "web"), a), image);
+        assert_eq!(operation_resource(&input("Resource", image), a), image, "tags are on the resource they name");
+        assert_eq!(
+            operation_resource(&input("microvmIdentifier", "mvm-1"), a),
+            "arn:aws-hearth:lambda:hh-local-1:123456789012:microvm:mvm-1"
+        );
+        assert_eq!(operation_resource(&serde_json::Map::new(), a), "*");
     }
 }

@@ -11,6 +11,12 @@ use hearth_proto::exec::ExecRequest;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
+/// The segments of an extension's path (after `/hearth/v1/`), each percent-decoded: the
+/// one split both routing and authorization ([`crate::auth::extension_action`]) use.
+pub fn segments(rest: &str) -> Vec<String> {
+    rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect()
+}
+
 pub(crate) async fn extension(
     svc: &Arc<Service>,
     account: &str,
@@ -21,7 +27,7 @@ pub(crate) async fn extension(
 ) -> Result<Response, ApiError> {
     let q = query_pairs(query);
     let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let decoded: Vec<String> = rest.split('/').map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()).collect();
+    let decoded = segments(rest);
     let parts: Vec<&str> = decoded.iter().map(String::as_str).collect();
     match (method.as_str(), parts.as_slice()) {
         ("POST", ["microvms", id, "exec"]) => {

@@ -14,7 +14,9 @@
 //!   routes here;
 //! - taken out of the `Cookie` header before the request reaches the app, so the app (and
 //!   its scripts: HttpOnly) never see it; a link token or a cookie token opens nothing
-//!   but this microvm's endpoint at that port (not the shell, not the API).
+//!   but this microvm's endpoint at that port (not the shell, not the API);
+//! - a link makes one cookie: opened again, it only redirects a browser that already holds
+//!   this host's cookie.
 
 use crate::ingress::Claims;
 use crate::service::Service;
@@ -61,6 +63,23 @@ pub fn exchange(svc: &Arc<Service>, req: &axum::extract::Request, id: &str) -> R
     if claims.m != id {
         return refused("the link is for another microvm");
     }
+    let rest: Vec<String> = crate::server::query_pairs(req.uri().query())
+        .into_iter()
+        .filter(|(k, _)| k != LINK_PARAM)
+        .map(|(k, v)| format!("{}={}", enc(&k), enc(&v)))
+        .collect();
+    // One leading slash: `//host` (or `/\host`) would send the browser to another site.
+    let path = format!("/{}", req.uri().path().trim_start_matches(['/', '\\']));
+    let location = if rest.is_empty() { path } else { format!("{path}?{}", rest.join("&")) };
+    if !first_use(&token, claims.e) {
+        // Used before: a browser that holds this host's cookie (opening the link again)
+        // goes on to the page; anyone else needs a new link.
+        let mut h = req.headers().clone();
+        return match cookie_claims(svc, &mut h, id) {
+            Some(Ok(_)) => redirect(&location, None),
+            _ => refused("this link was already used: ask for a new one (`hearth url`)"),
+        };
+    }
     let cookie = Claims { e: now + minutes * 60, k: Some(COOKIE_SCOPE.to_owned()), ..claims };
     let value = svc.token_key.issue(&cookie);
     let tls = req.extensions().get::<crate::endpoint::ViaTls>().is_some();
@@ -69,19 +88,33 @@ pub fn exchange(svc: &Arc<Service>, req: &axum::extract::Request, id: &str) -> R
     } else {
         format!("{PLAIN_COOKIE}={value}; Path=/; Max-Age={}; HttpOnly; SameSite=Lax", minutes * 60)
     };
-    let rest: Vec<String> = crate::server::query_pairs(req.uri().query())
-        .into_iter()
-        .filter(|(k, _)| k != LINK_PARAM)
-        .map(|(k, v)| format!("{}={}", enc(&k), enc(&v)))
-        .collect();
-    let path = req.uri().path();
-    let location = if rest.is_empty() { path.to_owned() } else { format!("{path}?{}", rest.join("&")) };
+    redirect(&location, Some(&set))
+}
+
+/// `303 See Other` to `location`, setting `cookie` if given.
+fn redirect(location: &str, cookie: Option<&str>) -> Response {
     let mut r = (http::StatusCode::SEE_OTHER, [("cache-control", "no-store"), ("referrer-policy", "no-referrer")]).into_response();
-    if let (Ok(l), Ok(c)) = (http::HeaderValue::from_str(&location), http::HeaderValue::from_str(&set)) {
+    if let Ok(l) = http::HeaderValue::from_str(location) {
         r.headers_mut().insert(http::header::LOCATION, l);
+    }
+    if let Some(c) = cookie.and_then(|c| http::HeaderValue::from_str(c).ok()) {
         r.headers_mut().insert(http::header::SET_COOKIE, c);
     }
     r
+}
+
+/// Whether this is the first exchange of link `token` (valid until `expires`): a link
+/// makes one cookie. Kept in this process's memory, expired entries dropped on each call
+/// (a link lives [`LINK_SECONDS`], and minting is throttled per account, so the set stays
+/// small); a daemon restarted within a link's life would accept it once more.
+fn first_use(token: &str, expires: u64) -> bool {
+    use sha2::Digest;
+    static USED: std::sync::Mutex<Option<std::collections::HashMap<[u8; 32], u64>>> = std::sync::Mutex::new(None);
+    let now = crate::clock::now() as u64;
+    let mut used = USED.lock().unwrap_or_else(|p| p.into_inner());
+    let used = used.get_or_insert_with(Default::default);
+    used.retain(|_, e| *e > now);
+    used.insert(sha2::Sha256::digest(token.as_bytes()).into(), expires).is_none()
 }
 
 fn enc(s: &str) -> String {
@@ -181,6 +214,51 @@ mod tests {
         h.insert(http::header::COOKIE, "hearth-auth=t; y=2".parse().unwrap());
         assert!(cookie_claims(&svc, &mut h, "mvm-a").is_none());
         assert_eq!(h[http::header::COOKIE], "y=2");
+    }
+
+    #[test]
+    fn a_link_makes_one_cookie_and_redirects_only_to_its_own_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = crate::ingress::TokenKey::load_or_create(dir.path()).unwrap();
+        let vm = hearth_vmm::VmConfig::new("/nonexistent/vmlinuz", "/nonexistent/initramfs");
+        let svc = Arc::new(Service::new(
+            crate::store::Store::open(&dir.path().join("db")).unwrap(),
+            dir.path().into(),
+            dir.path().into(),
+            vm,
+            key,
+        ));
+        let claims = Claims {
+            a: "111111111111".into(),
+            m: "mvm-a".into(),
+            e: u64::MAX / 2,
+            p: vec![(8080, 8080)],
+            k: Some(format!("{LINK_SCOPE_PREFIX}5")),
+        };
+        let token = svc.token_key.issue(&claims);
+        let get = |uri: String, cookie: Option<&str>| {
+            let mut b = http::Request::get(uri);
+            if let Some(c) = cookie {
+                b = b.header(http::header::COOKIE, c);
+            }
+            exchange(&svc, &b.body(axum::body::Body::empty()).unwrap(), "mvm-a")
+        };
+        let r = get(format!("//evil.example/x?a=1&{LINK_PARAM}={token}"), None);
+        assert_eq!(r.status(), http::StatusCode::SEE_OTHER);
+        assert_eq!(r.headers()[http::header::LOCATION], "/evil.example/x?a=1", "one path on this host");
+        let set = r.headers()[http::header::SET_COOKIE].to_str().unwrap().to_owned();
+        assert!(set.starts_with(&format!("{PLAIN_COOKIE}=")) && set.contains("HttpOnly"), "{set}");
+        // Again: refused without the cookie; with it, on to the page with no new cookie.
+        assert_eq!(get(format!("/?{LINK_PARAM}={token}"), None).status(), http::StatusCode::FORBIDDEN);
+        let cookie = set.split(';').next().unwrap();
+        let r = get(format!("/?{LINK_PARAM}={token}"), Some(cookie));
+        assert_eq!(r.status(), http::StatusCode::SEE_OTHER);
+        assert!(!r.headers().contains_key(http::header::SET_COOKIE));
+        // Another microvm's link on this host, and an endpoint token as a link: refused.
+        let theirs = svc.token_key.issue(&Claims { m: "mvm-b".into(), ..claims.clone() });
+        assert_eq!(get(format!("/?{LINK_PARAM}={theirs}"), None).status(), http::StatusCode::FORBIDDEN);
+        let endpoint = svc.token_key.issue(&Claims { k: None, ..claims });
+        assert_eq!(get(format!("/?{LINK_PARAM}={endpoint}"), None).status(), http::StatusCode::FORBIDDEN);
     }
 
     #[test]

@@ -114,7 +114,11 @@ async fn worker(
                     drop(permit);
                 });
             }
-            Err(AgentError::Remote(b)) if b.code == hearth_proto::ErrorCode::NotFound => {
+            // Agents answer an unknown route with 404 InvalidInput "no route for …".
+            Err(AgentError::Remote(b))
+                if b.code == hearth_proto::ErrorCode::NotFound
+                    || (b.code == hearth_proto::ErrorCode::InvalidInput && b.message.starts_with("no route for")) =>
+            {
                 // An agent from before the metadata service: the guest has none.
                 tracing::debug!(microvm = %inst.microvm, "the guest's agent has no metadata listener");
                 return;

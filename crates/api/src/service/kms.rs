@@ -398,9 +398,10 @@ fn page(input: &Input<'_>, items: Vec<Value>, member: &str) -> Result<Value, Aws
             .ok_or_else(|| AwsError::bad("InvalidMarkerException", "Marker is not one this service returned"))?,
     };
     let total = items.len();
-    let mut out = json!({ member: items.into_iter().skip(start).take(limit).collect::<Vec<_>>(), "Truncated": start + limit < total });
-    if start + limit < total {
-        out["NextMarker"] = format!("m{}", start + limit).into();
+    let mut out =
+        json!({ member: items.into_iter().skip(start).take(limit).collect::<Vec<_>>(), "Truncated": start.saturating_add(limit) < total });
+    if start.saturating_add(limit) < total {
+        out["NextMarker"] = format!("m{}", start.saturating_add(limit)).into();
     }
     Ok(out)
 }

@@ -374,8 +374,15 @@ impl Service {
                 d.description = Some(x.to_owned());
             }
             if let Some(kid) = input.str("KmsKeyId")? {
-                // Every version is sealed again under the new key.
-                let (_, old) = self.secret_key(account, Some(&d.key_arn)).await?;
+                // Every version is opened under the old key and sealed again under the new
+                // one: a role needs kms:Decrypt on the old key (unless it is the managed
+                // one, as for GetSecretValue), or moving a secret to the managed key would
+                // read it without.
+                let old_key = self.find_key(account, &d.key_arn).await?;
+                if !old_key.managed {
+                    authorize(self, caller, "kms:Decrypt", &old_key.arn).await?;
+                }
+                let old = self.key_material(&old_key)?;
                 let (arn, new) = self.secret_key(account, Some(kid)).await?;
                 authorize(self, caller, "kms:GenerateDataKey", &arn).await?;
                 let mut versions = std::mem::take(&mut d.versions);
@@ -390,7 +397,13 @@ impl Service {
         }
         if let Some((binary, plain)) = value {
             let vid = version_id(input)?;
-            let key = self.secret_key(account, Some(&d.key_arn)).await?.1;
+            // A new value is sealed under the secret's key: a customer key needs
+            // kms:GenerateDataKey, as CreateSecret checks.
+            let k = self.find_key(account, &d.key_arn).await?;
+            if !k.managed {
+                authorize(self, caller, "kms:GenerateDataKey", &k.arn).await?;
+            }
+            let key = self.key_material(&k)?;
             if let Some(v) = d.version(&vid) {
                 // A retry of the same request is answered again; another value under its id is not.
                 if v.binary == binary && d.open(&key, v)? == plain {
@@ -466,8 +479,8 @@ impl Service {
         let total = all.len();
         let list: Vec<Value> = all.iter().skip(start).take(limit).map(Self::describe).collect();
         let mut out = json!({ "SecretList": list });
-        if start + limit < total {
-            out["NextToken"] = format!("n{}", start + limit).into();
+        if start.saturating_add(limit) < total {
+            out["NextToken"] = format!("n{}", start.saturating_add(limit)).into();
         }
         Ok(out)
     }

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 pub const CURRENT: &str = "AWSCURRENT";
 /// The stage of the version that was current before.
 pub const PREVIOUS: &str = "AWSPREVIOUS";
+/// Most versions a secret keeps.
+pub const MAX_VERSIONS: usize = 100;
 /// The most stages on one version (as AWS).
 const MAX_STAGES: usize = 20;
 
@@ -109,7 +111,7 @@ impl SecretDoc {
     /// InvalidParameterException for a bad stage list.
     pub fn add_version(&mut self, mut v: VersionDoc, stages: Option<Vec<String>>) -> Result<(), AwsError> {
         let stages = stages.unwrap_or_else(|| vec![CURRENT.to_owned()]);
-        if stages.len() > MAX_STAGES || stages.iter().any(|s| s.is_empty() || s.len() > 256) {
+        if stages.is_empty() || stages.len() > MAX_STAGES || stages.iter().any(|s| s.is_empty() || s.len() > 256) {
             return Err(AwsError::bad(
                 "InvalidParameterException",
                 format!("VersionStages takes 1 to {MAX_STAGES} stages of 1 to 256 characters"),
@@ -132,6 +134,14 @@ impl SecretDoc {
         }
         v.stages = stages;
         v.stages.dedup();
+        // At most MAX_VERSIONS kept (AWS keeps about 100): past it a new version is
+        // refused, so custom stages cannot grow one secret without bound.
+        if self.versions.len() >= MAX_VERSIONS {
+            return Err(AwsError::bad(
+                "LimitExceededException",
+                format!("a secret keeps at most {MAX_VERSIONS} versions that hold a stage; move or remove stages of older versions first"),
+            ));
+        }
         self.versions.push(v);
         self.versions.retain(|x| !x.stages.is_empty());
         Ok(())

@@ -46,7 +46,16 @@ impl Service {
             m.state_reason = r;
         }
         m.state = to;
-        Ok(self.store.put_microvm_metered(m, meter, t).await?)
+        self.store.put_microvm_metered(m, meter, t).await?;
+        if to == Terminated {
+            // Every way a microvm ends (terminate, a QEMU exit, a failed resume or suspend,
+            // the start-up reconcile) ends the role credentials issued to it, which its
+            // guest may have fetched and copied out.
+            if let Err(e) = self.revoke_sessions(&m.microvm_id).await {
+                tracing::error!(microvm = %m.microvm_id, error = %e, "could not revoke the role sessions of a terminated microvm");
+            }
+        }
+        Ok(())
     }
 
     /// Moves version `v` to `to` (checked against [`VersionState`]'s table) and writes it;

@@ -85,7 +85,7 @@ def roles_and_policies():
     # Inline policies.
     doc = policy(
         {"Sid": "Read", "Effect": "Allow", "Action": ["iam:GetRole", "iam:List*"], "Resource": "*"},
-        {"Effect": "Allow", "Action": "lambda:ListMicrovms", "Resource": "*"},
+        {"Effect": "Allow", "Action": ["lambda:ListMicrovms", "lambda:RunMicrovm"], "Resource": "*"},
         {"Effect": "Deny", "Action": "iam:ListRolePolicies", "Resource": f"arn:aws:iam::{A}:role/app"},
     )
     iam.put_role_policy(RoleName="app", PolicyName="read", PolicyDocument=doc)
@@ -139,6 +139,11 @@ def sessions():
     lam = client("lambda-microvms", creds=creds)
     lam.list_microvms()
     expect_error("AccessDeniedException", 403, lam.list_microvm_images)
+    # Running a microvm under a role needs iam:PassRole on it (else a narrow session could
+    # run one under a broader role and read its credentials from inside).
+    msg = expect_error("AccessDeniedException", 403, lam.run_microvm, imageIdentifier="nope", executionRoleArn=arn)
+    assert "iam:PassRole" in msg, msg
+    expect_error("ResourceNotFoundException", 404, lam.run_microvm, imageIdentifier="nope")
     # A role may not assume another without its own policy allowing it (and the trust).
     expect_error("AccessDenied", 403, client("sts", creds=creds).assume_role, RoleArn=arn, RoleSessionName="again")
     # Forged, missing and another session's tokens: 403.

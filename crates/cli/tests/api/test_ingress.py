@@ -373,6 +373,11 @@ def browser_links(a, mid):
     assert (r.status_code, r.text) == (200, "app=0"), (r.status_code, r.text)
     r = requests.get(base + "/cookie", headers={"Cookie": f"{name}={value}"}, timeout=60)
     assert (r.status_code, r.text) == (200, ""), (r.status_code, r.text)
+    # A link makes one cookie: opened again it only lets a browser holding it through.
+    r = requests.get(v["url"], allow_redirects=False, timeout=60)
+    assert r.status_code == 403 and "Set-Cookie" not in r.headers, (r.status_code, dict(r.headers))
+    r = requests.get(v["url"], headers={"Cookie": f"{name}={value}"}, allow_redirects=False, timeout=60)
+    assert r.status_code == 303 and "Set-Cookie" not in r.headers, (r.status_code, dict(r.headers))
     # Refused: no cookie; the cookie on the path form (the daemon's origin) and as a header
     # token; the link token as a header token or on the path form; a garbage link; another
     # microvm's link on this host; port 0.

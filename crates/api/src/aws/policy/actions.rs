@@ -6,8 +6,17 @@
 pub const SERVICES: [&str; 5] = ["iam", "sts", "secretsmanager", "kms", "lambda"];
 
 /// IAM's actions served here.
-const IAM: &[&str] =
-    &["CreateRole", "GetRole", "ListRoles", "DeleteRole", "PutRolePolicy", "GetRolePolicy", "DeleteRolePolicy", "ListRolePolicies"];
+const IAM: &[&str] = &[
+    "CreateRole",
+    "GetRole",
+    "ListRoles",
+    "DeleteRole",
+    "PutRolePolicy",
+    "GetRolePolicy",
+    "DeleteRolePolicy",
+    "ListRolePolicies",
+    "PassRole",
+];
 
 /// STS's.
 const STS: &[&str] = &["AssumeRole", "GetCallerIdentity"];
