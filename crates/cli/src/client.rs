@@ -125,8 +125,8 @@ pub enum ClientCmd {
     },
     /// A link to a microvm's app that a browser can open: the endpoint's URL with a link
     /// token valid for 5 minutes, which the endpoint exchanges for an HttpOnly cookie of
-    /// the microvm's own host (lasting --minutes). Anyone holding the link until then can
-    /// use it: share it like a password.
+    /// the microvm's own host (lasting --minutes). A link makes one cookie; until it is
+    /// opened, whoever holds it can open it: share it like a password.
     Url {
         /// Microvm id.
         id: String,
