@@ -363,7 +363,7 @@ pub fn sign(
     region: &str,
     now: SystemTime,
 ) -> Result<(), SignError> {
-    sign_with(SERVICE, method, uri, headers, &hex_sha256(body), &["host", "x-amz-date"], access_key, secret, region, now)
+    sign_for(SERVICE, method, uri, headers, body, access_key, secret, region, now)
 }
 
 /// Like [`sign`], for signing name `service` (one of [`SERVICES`]: `iam`, `sts`, …).

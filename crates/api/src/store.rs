@@ -29,6 +29,7 @@ pub use idempotency::IDEMPOTENCY_TTL;
 
 mod sealing;
 pub mod sqlite;
+mod sqlite_trait;
 pub use sqlite::{create_state_dir, DbResult, OpenError, Store, SCHEMA_VERSION};
 
 /// A failure of the store's back end (an internal error to clients).

@@ -136,7 +136,7 @@ def climbing_links(levels=24):
 def signed_raw(key, method, path, body=b"", headers=None):
     """A SigV4-signed request with the headers given (none added); (status, error code, JSON body)."""
     req = AWSRequest(method=method, url=URL + path, data=body, headers=headers or {})
-    SigV4Auth(Credentials(key["accessKeyId"], key["secretAccessKey"]), "lambda", "us-east-1").add_auth(req)
+    SigV4Auth(Credentials(key["accessKeyId"], key["secretAccessKey"], key.get("sessionToken")), "lambda", "us-east-1").add_auth(req)
     p = req.prepare()
     u = urllib.parse.urlsplit(URL)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
@@ -211,9 +211,56 @@ def wire(a):
         assert got == status and code and isinstance(doc.get("message"), str), (status, got, code, doc)
 
 
+def aws_surfaces():
+    """The AWS-compatible services and the newer extensions, attacked without a VM: a role
+    session slipping past a Deny by percent-encoding a path, another tenant's secret and
+    role, an oversized secret, forged MCP and link tokens."""
+    def aws(name, key, token=None):
+        return boto3.client(name, endpoint_url=URL, region_name="hh-local-1", aws_access_key_id=key["accessKeyId"],
+                            aws_secret_access_key=key["secretAccessKey"], aws_session_token=token,
+                            config=Config(retries={"max_attempts": 1}))
+    account_a = KEY_A["account"]
+    trust = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": account_a}, "Action": "sts:AssumeRole"}]})
+    iam = aws("iam", KEY_A)
+    role = iam.create_role(RoleName="hostile-narrow", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+    iam.put_role_policy(RoleName="hostile-narrow", PolicyName="p", PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "lambda:*", "Resource": "*"},
+        {"Effect": "Deny", "Action": ["lambda:ExecuteMicrovmCommand", "lambda:WriteMicrovmFile"], "Resource": "*"}]}))
+    c = aws("sts", KEY_A).assume_role(RoleArn=role, RoleSessionName="hostile")["Credentials"]
+    session = {"accessKeyId": c["AccessKeyId"], "secretAccessKey": c["SecretAccessKey"], "sessionToken": c["SessionToken"]}
+    body = json.dumps({"command": ["true"]}).encode()
+    for path in ["/hearth/v1/microvms/mvm-0000000000000000/exec", "/hearth/v1/microvms/mvm-0000000000000000/%65xec",
+                 "/hearth/v1/%6dicrovms/mvm-0000000000000000/%65%78%65%63"]:
+        status, code, _ = signed_raw(session, "POST", path, body, {"Content-Type": "application/json"})
+        assert (status, code) == (403, "AccessDeniedException"), (path, status, code)
+    # Without the session token, or with another's: refused.
+    forged = dict(session, sessionToken=c["SessionToken"][:-4] + "AAAA")
+    assert signed_raw(forged, "GET", "/2025-09-09/microvms")[0] == 403
+    # Secrets: B never reaches A's by ARN; an oversized value is a 400.
+    sm_a, sm_b = aws("secretsmanager", KEY_A), aws("secretsmanager", KEY_B)
+    arn = sm_a.create_secret(Name="hostile/s", SecretString="v")["ARN"]
+    expect_error("ResourceNotFoundException", 400, sm_b.get_secret_value, SecretId=arn)
+    expect_error("InvalidParameterException", 400, sm_a.put_secret_value, SecretId=arn, SecretString="x" * 65537)
+    # B may not run or assume A's role.
+    expect_error("AccessDenied", 403, aws("sts", KEY_B).assume_role, RoleArn=role, RoleSessionName="steal")
+    # Forged bearer tokens on the daemon's MCP path, a forged link on the API's host.
+    for auth in ["Bearer forged.0000", "Bearer ", "Basic eDp5"]:
+        r = urllib.request.Request(URL + "/mcp", data=b"{}", method="POST", headers={"Authorization": auth, "Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(r, timeout=60)
+            raise AssertionError("the MCP path answered a forged token")
+        except urllib.error.HTTPError as e:
+            assert e.code == 401, (auth, e.code)
+    status, _, _ = signed_raw(KEY_B, "POST", "/hearth/v1/microvms/mvm-0000000000000000/link", b"{}")
+    assert status == 404, status
+    print("aws surfaces: ok", flush=True)
+
+
 def main():
     a, b = client(KEY_A), client(KEY_B)
     wire(a)
+    aws_surfaces()
 
     # --- file:// names no host path the operator did not give ---------------------------
     def refusal(c, uri):
