@@ -11,6 +11,9 @@ export HEARTH_HOME="${HEARTH_HOME:-$PWD/target/hearth-test-home}"
 # (test daemons' state directories, their VMs' run directories): the leak check looks there
 # only, and kills by PID only what it finds there, never an operator's own VMs or daemons.
 export TMPDIR="/tmp/hearth-test-$$"
+# No incremental data in the suite's builds: a clean clone never reuses it, and it doubles
+# what the workspace's crates leave in target/ (the suite shares its disk with its VMs).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$TMPDIR"
 # PIDs of processes matching $1 whose command line names one of this run's directories.
 ours() {

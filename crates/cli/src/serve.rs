@@ -82,7 +82,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB", env = "HEARTH_RESERVE_MEMORY_MIB")]
     reserve_memory_mib: Option<u64>,
     /// Disk (MiB) kept free on the state directory's filesystem: runs, builds and uploads
-    /// that would eat into it are refused. Default: 5% of it, at least 2 GiB.
+    /// that would eat into it are refused. Default: 2% of it, between 1 and 4 GiB.
     #[arg(long, value_name = "MIB", env = "HEARTH_RESERVE_DISK_MIB")]
     reserve_disk_mib: Option<u64>,
     /// When the host is full, suspend the longest-idle running microVMs (any tenant's,

@@ -57,7 +57,14 @@ impl Daemon {
     /// Starts `cmd` and waits for the line that names its address.
     fn spawn(cmd: &mut Command) -> Daemon {
         // Endpoints over TLS on a port of their own (a flag given by the test wins).
-        let mut child = cmd.env("HEARTH_ENDPOINT_LISTEN", "127.0.0.1:0").stdout(Stdio::piped()).spawn().expect("start hearth serve");
+        cmd.env("HEARTH_ENDPOINT_LISTEN", "127.0.0.1:0");
+        // A test host shares its disk with the build: the default reserve (2% of the disk,
+        // up to 4 GiB) would refuse builds on a CI machine with a few GiB free, so test
+        // daemons keep 1 GiB (one given by the test wins).
+        if !cmd.get_envs().any(|(k, _)| k == "HEARTH_RESERVE_DISK_MIB") {
+            cmd.env("HEARTH_RESERVE_DISK_MIB", "1024");
+        }
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("start hearth serve");
         let mut line = String::new();
         let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut line).unwrap();
