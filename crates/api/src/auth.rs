@@ -77,6 +77,45 @@ pub async fn authorize(svc: &crate::service::Service, caller: &Caller, action: &
     }
 }
 
+/// What a Lambda MicroVMs call hands to the service on the caller's behalf, checked for a
+/// role session as AWS checks it: a role it names (`executionRoleArn`, `buildRoleArn`)
+/// needs `iam:PassRole` on that role, so a narrow session cannot run a microvm under a
+/// broader role and read its credentials from inside; a KMS key it names
+/// (`kmsKeyIdentifier`: key id, key ARN, alias name or alias ARN, resolved to the key's
+/// ARN) needs `kms:GenerateDataKey` and `kms:Decrypt` on that key, as a service using a
+/// customer managed key for its caller needs the caller's own permission on it. A key
+/// that names nothing of the account is left to the operation (ValidationException). The
+/// account's root may hand over anything of its account.
+///
+/// # Errors
+///
+/// AccessDeniedException (403) naming the action and the role's or key's ARN; the store's.
+pub async fn authorize_handed_over(
+    svc: &crate::service::Service,
+    caller: &Caller,
+    input: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    if caller.principal == Principal::Root {
+        return Ok(());
+    }
+    for k in ["executionRoleArn", "buildRoleArn"] {
+        if let Some(role) = input.get(k).and_then(serde_json::Value::as_str) {
+            authorize(svc, caller, "iam:PassRole", role).await?;
+        }
+    }
+    if let Some(ident) = input.get("kmsKeyIdentifier").and_then(serde_json::Value::as_str) {
+        let arn = match svc.kms_key_material(&caller.account, ident).await {
+            Ok((arn, _)) => arn,
+            Err(e) if e.kind == Kind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for action in ["kms:GenerateDataKey", "kms:Decrypt"] {
+            authorize(svc, caller, action, &arn).await?;
+        }
+    }
+    Ok(())
+}
+
 /// The IAM action (`lambda:…`) and resource of a call to Hearth's extensions
 /// (`/hearth/v1/…`, `method` and the whole `path`) by `account`: a microvm's ARN for calls on
 /// one microvm, else `*`. A path this table does not know is `lambda:InvokeHearthExtension`

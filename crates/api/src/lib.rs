@@ -18,7 +18,7 @@
 
 #![deny(missing_docs)]
 
-pub mod at_rest;
+pub use hearth_seal as at_rest;
 pub mod auth;
 pub mod aws;
 pub mod body;

@@ -171,13 +171,9 @@ async fn handle(State(svc): State<Arc<Service>>, req: Request) -> Response {
             let input = model().parse_input(op, &params, &query_pairs(query.as_deref()), &bytes)?;
             let action = format!("lambda:{}", op.name);
             crate::auth::authorize(&svc, &caller, &action, &crate::auth::operation_resource(&input, &account)).await?;
-            // Handing a role to a microvm or a build is passing it, as on AWS: a role session
-            // may not run a microvm under a role its own policies do not let it pass.
-            for k in ["executionRoleArn", "buildRoleArn"] {
-                if let Some(role) = input.get(k).and_then(Value::as_str) {
-                    crate::auth::authorize(&svc, &caller, "iam:PassRole", role).await?;
-                }
-            }
+            // Handing a role or a KMS key to a microvm or a build needs the caller's own
+            // permission on it, as on AWS (iam:PassRole; kms:GenerateDataKey and kms:Decrypt).
+            crate::auth::authorize_handed_over(&svc, &caller, &input).await?;
             let token = input.get("clientToken").and_then(Value::as_str).map(str::to_owned);
             let hash = {
                 let mut without = input.clone();

@@ -136,6 +136,29 @@ fn normalize_path(path: &str) -> String {
     format!("{first}{}{last}", out.join("/"))
 }
 
+/// The canonical URI of the path as it arrived (still percent-encoded): dot segments
+/// resolved, then URI-encoded once more, as every AWS SDK signs it for a service other
+/// than S3 (botocore's `quote(path, safe='/~')`, aws-sigv4's double encoding): a
+/// segment sent as `%66iles` is signed as `%2566iles`, never decoded first.
+fn canonical_uri(path: &str) -> String {
+    uri_encode(normalize_path(path).as_bytes(), true)
+}
+
+/// Why a query's signature may not match although the key is right: SigV4 signs each
+/// query name and value URI-encoded (only `A-Za-z0-9-_.~` as they are), whatever the
+/// request line carried. The SDKs send the query so encoded; a hand-signed request whose
+/// query holds `/`, `:`, `+` or the like as they are (botocore's `SigV4Auth` on a raw URL
+/// signs the query as given) does not match, here as on AWS.
+fn query_hint(query: Option<&str>) -> &'static str {
+    let raw = query.unwrap_or("").bytes().any(|b| !(b.is_ascii_alphanumeric() || b"-_.~%=&".contains(&b)));
+    if raw {
+        "; note that the query is signed with each name and value URI-encoded (SigV4: '/' as %2F, ':' as %3A, ' ' as %20), \
+         so send it encoded as the AWS SDKs do"
+    } else {
+        ""
+    }
+}
+
 /// The canonical query string of a raw query.
 fn canonical_query(raw: &str) -> String {
     let mut pairs: Vec<(String, String)> = raw
@@ -163,11 +186,10 @@ fn string_to_sign(
     amz_date: &str,
     scope: &str,
 ) -> String {
-    let path = if uri.path().is_empty() { "/" } else { uri.path() };
     let canonical = format!(
         "{}\n{}\n{}\n{canon_headers}\n{signed_headers}\n{payload_hash}",
         method.as_str(),
-        uri_encode(normalize_path(path).as_bytes(), true),
+        canonical_uri(uri.path()),
         canonical_query(uri.query().unwrap_or("")),
     );
     format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex_sha256(canonical.as_bytes()))
@@ -318,7 +340,10 @@ fn verify_hash(
     let same = expected.len() == a.signature.len()
         && expected.bytes().zip(a.signature.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y.to_ascii_lowercase())) == 0;
     if !same {
-        return Err(denied("the request signature does not match (check the secret access key and signing method)"));
+        return Err(denied(format!(
+            "the request signature does not match (check the secret access key and signing method){}",
+            query_hint(uri.query())
+        )));
     }
     Ok(Signed {
         access_key: a.access_key.to_owned(),
@@ -529,6 +554,33 @@ mod tests {
         assert_eq!(normalize_path("/a/b/../c/./d//e/"), "/a/c/d/e/");
         assert_eq!(normalize_path("/.."), "/");
         assert_eq!(normalize_path(""), "/");
+    }
+
+    #[test]
+    fn canonical_uris_encode_the_sent_path_once_more() {
+        for (sent, signed) in [
+            // A name percent-encoded on the wire: signed as sent, encoded again (not decoded).
+            ("/hearth/v1/microvms/mvm-1/%66iles", "/hearth/v1/microvms/mvm-1/%2566iles"),
+            ("/hearth/v1/%6dicrovms/mvm-1/%65%78%65%63", "/hearth/v1/%256dicrovms/mvm-1/%2565%2578%2565%2563"),
+            ("/hearth/v1/microvms/arn%3Aaws%3Alambda/files", "/hearth/v1/microvms/arn%253Aaws%253Alambda/files"),
+            // An encoded slash is a character of its segment, not a separator.
+            ("/a/%2F/b", "/a/%252F/b"),
+            ("/caf%C3%A9", "/caf%25C3%25A9"),
+            // Dot segments and empty segments go before the encoding (encoded dots stay).
+            ("/a/./b/../c//d/", "/a/c/d/"),
+            ("/a/%2E%2E/b", "/a/%252E%252E/b"),
+            ("", "/"),
+            ("/", "/"),
+        ] {
+            assert_eq!(canonical_uri(sent), signed, "{sent}");
+        }
+        // Characters a request line may carry as they are: encoded once.
+        assert_eq!(canonical_uri("/a:b@c!$'()*+,;="), "/a%3Ab%40c%21%24%27%28%29%2A%2B%2C%3B%3D");
+        assert_eq!(canonical_query("path=/x&b=a:b"), "b=a%3Ab&path=%2Fx");
+        assert_eq!(canonical_query("path=%2Fx"), "path=%2Fx");
+        assert!(query_hint(Some("path=/x")).contains("%2F"));
+        assert_eq!(query_hint(Some("path=%2Fx&a=b")), "");
+        assert_eq!(query_hint(None), "");
     }
 
     include!("sigv4_vectors.rs");

@@ -2,7 +2,8 @@
 //! (`tests/api/test_iam.py`): roles and inline policies, malformed policies and unknown
 //! actions refused with IAM's codes, AssumeRole and calls with the temporary credentials
 //! (allowed, denied, explicitly denied) on IAM, STS and the Lambda API, expired, forged,
-//! swapped and revoked session tokens, another tenant's roles refused as executionRoleArn;
+//! swapped and revoked session tokens, another tenant's roles refused as executionRoleArn,
+//! a KMS key named as kmsKeyIdentifier without kms:GenerateDataKey and kms:Decrypt on it;
 //! `hearth images create` making its build role. No microvm is started.
 
 mod daemon;

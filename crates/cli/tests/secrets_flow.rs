@@ -2,7 +2,10 @@
 //! (`tests/api/test_flow.py`): a secret under a KMS key, read at `/run` by an app with
 //! boto3 through its execution role (IMDSv2 over the agent channel, no network), refused
 //! to another role, and absent from the image, the suspended microvm's files, the guest's
-//! environment, the daemon's store and its log.
+//! environment, the daemon's store and its log. Its build runs with the build role: a RUN
+//! step and the `/validate` hook read a build secret through IMDSv2 (and are refused one the
+//! role may not read), the credentials they used are refused once the build is done, and a
+//! build whose role may not read the secret fails.
 
 mod daemon;
 
@@ -53,8 +56,14 @@ fn an_agents_secret_reaches_only_the_role_that_may_read_it_and_never_the_disk() 
     let ctx = tmp.path().join("ctx");
     let web = ctx.join("web");
     std::fs::create_dir_all(web.join("lib")).unwrap();
-    std::fs::write(web.join("Dockerfile"), "FROM debian:bookworm\nCOPY . /app/\nCMD [\"python3\", \"/app/flow_app.py\"]\n").unwrap();
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api/flow_app.py"), web.join("flow_app.py")).unwrap();
+    std::fs::write(
+        web.join("Dockerfile"),
+        "FROM debian:bookworm\nCOPY . /app/\nRUN python3 /app/flow_build.py\nCMD [\"python3\", \"/app/flow_app.py\"]\n",
+    )
+    .unwrap();
+    for f in ["flow_app.py", "flow_build.py"] {
+        std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/api").join(f), web.join(f)).unwrap();
+    }
     copy_boto3(&web.join("lib"));
     allow_artifacts(&state, &a, &ctx);
     let log = tmp.path().join("daemon.log");

@@ -28,6 +28,10 @@ use exec::{run, wait_ready};
 pub mod limits;
 pub use limits::Control;
 
+// What the daemon attaches to each builder VM (its metadata relay).
+pub mod attach;
+pub use attach::{Attached, BuilderHook};
+
 // The bounded build log.
 pub mod log;
 pub use log::BuildLog;
@@ -294,7 +298,7 @@ pub async fn build_with(
     ctl: &Control,
 ) -> Result<(Snapshot, ImageConfig), BuildError> {
     tokio::select! {
-        r = run_build(req, vm, home, dest, log, ctl.step_timeout) => r,
+        r = run_build(req, vm, home, dest, log, ctl) => r,
         () = tokio::time::sleep(ctl.build_timeout) => Err(BuildError::BuildTimeout { timeout: ctl.build_timeout }),
         () = ctl.cancelled() => Err(BuildError::Cancelled),
     }
@@ -317,8 +321,9 @@ async fn run_build(
     home: &Path,
     dest: &Path,
     log: &mut (dyn FnMut(&str) + Send),
-    step_timeout: Duration,
+    ctl: &Control,
 ) -> Result<(Snapshot, ImageConfig), BuildError> {
+    let step_timeout = ctl.step_timeout;
     let context = req.context.clone();
     let text = blocking(move || read_dockerfile(&context)).await?;
     let plan = dockerfile::parse(&text)?;
@@ -350,7 +355,7 @@ async fn run_build(
         out
     };
     // The stages before the last that it copies from are built first (`build/stages.rs`).
-    let exports = stages::run_earlier(req, &plan, &kinds, &vm, home, log, step_timeout).await?;
+    let exports = stages::run_earlier(req, &plan, &kinds, &vm, home, log, ctl).await?;
     // The builder's network shows in its disk (the agent writes /etc/resolv.conf), so it
     // is part of the first key.
     let mut base_key = format!("{}|network={}", layers::base_id(&rootfs), req.network.is_some());
@@ -427,6 +432,9 @@ async fn run_build(
         if req.network.is_some() { " (network: internet egress)" } else { " (no network)" }
     ));
     let mut builder = Vm::boot(vm).await.map_err(vm_err)?;
+    // The daemon's metadata relay, before any step runs: RUN steps and the image's hooks
+    // get the build role's credentials. Dropped with the builder if the build fails.
+    let attached = attach::Attachment::to(ctl.builder_hook.as_ref(), &builder);
 
     let mut args: BTreeMap<String, String> = BTreeMap::new();
     let (mut entrypoint, mut cmd) = (None, None);
@@ -531,6 +539,10 @@ async fn run_build(
         run(&builder, &r, 0, log).await?;
         wait_ready(&builder, req, log).await?;
     }
+    // Stopped (and what it issued revoked) before the template is saved: no relay stream
+    // is pending on the agent channel at the snapshot, and credentials the guest's RAM
+    // still holds are dead.
+    attached.stop().await;
     log("saving the template snapshot");
     let snap = builder.snapshot_template(dest).await.map_err(vm_err)?;
     // The active layer moved into the snapshot as its disk.

@@ -16,12 +16,16 @@
 //! every `GET` needs one (IMDSv1 is refused with 401, as on an instance that requires
 //! IMDSv2). Credentials are issued on demand, when the guest asks, for the role the
 //! microvm's record names now ([`Service::issue_session`], session name
-//! `hearth-<microvm id>`), reused until a quarter hour before they expire; a template
-//! snapshot or a suspended microvm's files therefore never hold any.
+//! `hearth-<microvm id>`), reused until a quarter hour before they expire; a suspended
+//! microvm's files therefore hold only what its guest fetched.
+//!
+//! Image builds' builder VMs are served alike ([`relay::Build`]): the version's
+//! `buildRoleArn`, 15-minute sessions issued to the build id, all revoked before the
+//! template snapshot and at the build's end, so what a template's RAM holds is dead.
 
 pub mod relay;
 
-pub use relay::Relay;
+pub use relay::{Build, Relay};
 
 use crate::service::{SessionCredentials, REGION};
 use http::{HeaderMap, Method, StatusCode};

@@ -1,6 +1,12 @@
-//! The relay of one running microvm: keeps [`PENDING`] metadata accepts open on its agent
-//! channel and serves each guest connection they bring with HTTP/1.1 ([`super::route`]
-//! for `/latest/…`, the daemon's API for the rest).
+//! The relay of one running microvm, or of one image build's builder VM: keeps
+//! [`PENDING`] metadata accepts open on its agent channel and serves each guest connection
+//! they bring with HTTP/1.1 ([`super::route`] for `/latest/…`, the daemon's API for the
+//! rest).
+//!
+//! A microvm's credentials are its record's `executionRoleArn` (read at each request);
+//! a build's are its version's `buildRoleArn`, issued for [`BUILD_CREDENTIALS_TTL`] to the
+//! build's subject ([`Build::subject`]) so that revoking that subject's sessions ends them
+//! all (before the template snapshot and at the end of the build).
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections served at once per microvm (more wait
 //! in the agent's queue, then the guest kernel's backlog), headers read within
@@ -29,11 +35,41 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// The longest a guest connection is kept.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(600);
 
-/// What the relay of one microvm knows: who it is (from the channel) and its tokens and
+/// How long a build's credentials live: short, since a builder's RAM becomes a template
+/// (they are revoked before that anyway, and refreshed as a microvm's are).
+pub const BUILD_CREDENTIALS_TTL: u64 = 900;
+
+/// The image build a builder VM's relay serves.
+#[derive(Debug, Clone)]
+pub struct Build {
+    /// The build's subject: what its sessions are issued to (their `hearth:SourceMicrovm`)
+    /// and revoked by ([`Service::revoke_sessions`]); the version's build id.
+    pub subject: String,
+    /// The image's ARN.
+    pub image_arn: String,
+    /// The version built.
+    pub version: u32,
+    /// The version's `buildRoleArn` (`None`: no credentials, as a microvm without a role).
+    pub role: Option<String>,
+    /// When the build started (seconds since the epoch).
+    pub started_at: f64,
+}
+
+/// Whose VM a relay serves.
+enum Subject {
+    /// A microvm, by id: its record says its role and lifetime.
+    Microvm(String),
+    /// An image build.
+    Build(Build),
+}
+
+/// What the relay of one VM knows: who it is (from the channel) and its tokens and
 /// credentials.
 struct Instance {
     account: String,
-    microvm: String,
+    /// The microvm's id or the build's subject: sessions are issued to it.
+    id: String,
+    subject: Subject,
     tokens: std::sync::Mutex<Tokens>,
     /// The last credentials: role, credentials, when issued.
     creds: tokio::sync::Mutex<Option<(String, SessionCredentials, f64)>>,
@@ -49,12 +85,21 @@ pub struct Relay {
 impl Relay {
     /// Starts relaying microvm `microvm` (of `account`), whose VM `vm_id` answers on `agent`.
     pub fn start(svc: Arc<Service>, agent: AgentClient, account: &str, microvm: &str, vm_id: &str) -> Relay {
-        let inst = Arc::new(Instance {
-            account: account.to_owned(),
-            microvm: microvm.to_owned(),
-            tokens: Default::default(),
-            creds: Default::default(),
-        });
+        Relay::begin(svc, agent, account, Subject::Microvm(microvm.to_owned()), vm_id)
+    }
+
+    /// Starts relaying for image build `build` (of `account`), whose builder VM `vm_id`
+    /// answers on `agent`.
+    pub fn start_build(svc: Arc<Service>, agent: AgentClient, account: &str, build: Build, vm_id: &str) -> Relay {
+        Relay::begin(svc, agent, account, Subject::Build(build), vm_id)
+    }
+
+    fn begin(svc: Arc<Service>, agent: AgentClient, account: &str, subject: Subject, vm_id: &str) -> Relay {
+        let id = match &subject {
+            Subject::Microvm(m) => m.clone(),
+            Subject::Build(b) => b.subject.clone(),
+        };
+        let inst = Arc::new(Instance { account: account.to_owned(), id, subject, tokens: Default::default(), creds: Default::default() });
         let (tx, rx) = watch::channel(());
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let workers =
@@ -120,12 +165,12 @@ async fn worker(
                     || (b.code == hearth_proto::ErrorCode::InvalidInput && b.message.starts_with("no route for")) =>
             {
                 // An agent from before the metadata service: the guest has none.
-                tracing::debug!(microvm = %inst.microvm, "the guest's agent has no metadata listener");
+                tracing::debug!(subject = %inst.id, "the guest's agent has no metadata listener");
                 return;
             }
             Err(e) if e.is_disconnect() => return,
             Err(e) => {
-                tracing::warn!(microvm = %inst.microvm, error = %e, "metadata accept failed");
+                tracing::warn!(subject = %inst.id, error = %e, "metadata accept failed");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stop.changed() => return,
@@ -195,7 +240,7 @@ async fn metadata(svc: &Service, inst: &Instance, req: &Request<Incoming>, path:
     let t = now();
     let r = {
         let tokens = inst.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        route(req.method(), path, req.headers(), &tokens, t, &inst.microvm)
+        route(req.method(), path, req.headers(), &tokens, t, &inst.id)
     };
     match r {
         Route::Token(ttl) => {
@@ -207,19 +252,32 @@ async fn metadata(svc: &Service, inst: &Instance, req: &Request<Incoming>, path:
         }
         Route::Refuse(status, msg) => text(status, msg),
         Route::Text(body) => text(StatusCode::OK, body),
-        Route::Identity => match svc.imds_record(&inst.account, &inst.microvm).await {
-            Ok(Some(m)) => json(&identity_json(&inst.account, &inst.microvm, m.started_at, arch())),
-            Ok(None) => text(StatusCode::NOT_FOUND, "Not Found"),
-            Err(e) => internal(inst, &e),
+        Route::Identity => match &inst.subject {
+            Subject::Build(b) => {
+                let mut doc = identity_json(&inst.account, &inst.id, b.started_at, arch());
+                doc["imageId"] = b.image_arn.clone().into();
+                doc["imageVersion"] = b.version.to_string().into();
+                doc["instanceType"] = "microvm-image-build".into();
+                json(&doc)
+            }
+            Subject::Microvm(id) => match svc.imds_record(&inst.account, id).await {
+                Ok(Some(m)) => json(&identity_json(&inst.account, id, m.started_at, arch())),
+                Ok(None) => text(StatusCode::NOT_FOUND, "Not Found"),
+                Err(e) => internal(inst, &e),
+            },
         },
         Route::RoleName | Route::IamInfo | Route::Credentials(_) => {
-            let (role, end) = match svc.imds_record(&inst.account, &inst.microvm).await {
-                Ok(Some(m)) => (
-                    m.spec.get("executionRoleArn").and_then(|v| v.as_str()).map(str::to_owned),
-                    m.started_at + m.maximum_duration_in_seconds as f64,
-                ),
-                Ok(None) => (None, 0.0),
-                Err(e) => return internal(inst, &e),
+            // The role, and how long its credentials live if issued now.
+            let (role, ttl) = match &inst.subject {
+                Subject::Build(b) => (b.role.clone(), BUILD_CREDENTIALS_TTL),
+                Subject::Microvm(id) => match svc.imds_record(&inst.account, id).await {
+                    Ok(Some(m)) => (
+                        m.spec.get("executionRoleArn").and_then(|v| v.as_str()).map(str::to_owned),
+                        credentials_ttl(t, m.started_at + m.maximum_duration_in_seconds as f64),
+                    ),
+                    Ok(None) => (None, 0),
+                    Err(e) => return internal(inst, &e),
+                },
             };
             // No execution role: no credentials, as an instance without a profile.
             let Some(role) = role else { return text(StatusCode::NOT_FOUND, "Not Found") };
@@ -229,12 +287,12 @@ async fn metadata(svc: &Service, inst: &Instance, req: &Request<Incoming>, path:
                     "Code": "Success",
                     "LastUpdated": super::rfc3339(t),
                     "InstanceProfileArn": role,
-                    "InstanceProfileId": inst.microvm,
+                    "InstanceProfileId": inst.id,
                 })),
-                Route::Credentials(name) if name == role_name(&role) => match credentials(svc, inst, &role, t, end).await {
+                Route::Credentials(name) if name == role_name(&role) => match credentials(svc, inst, &role, t, ttl).await {
                     Ok((c, issued)) => json(&credentials_json(&c, issued)),
                     Err(e) if e.status() < 500 => {
-                        tracing::info!(microvm = %inst.microvm, error = %e, "no credentials for the guest");
+                        tracing::info!(subject = %inst.id, error = %e, "no credentials for the guest");
                         text(StatusCode::NOT_FOUND, format!("the role's credentials cannot be issued: {}", e.message))
                     }
                     Err(e) => internal(inst, &e),
@@ -245,13 +303,14 @@ async fn metadata(svc: &Service, inst: &Instance, req: &Request<Incoming>, path:
     }
 }
 
-/// The microvm's credentials for `role`: the last ones while fresh, else new ones.
+/// The VM's credentials for `role`: the last ones while fresh, else new ones living `ttl`
+/// seconds.
 async fn credentials(
     svc: &Service,
     inst: &Instance,
     role: &str,
     t: f64,
-    end: f64,
+    ttl: u64,
 ) -> Result<(SessionCredentials, f64), crate::error::ApiError> {
     let mut cached = inst.creds.lock().await;
     if let Some((r, c, issued)) = cached.as_ref() {
@@ -259,14 +318,14 @@ async fn credentials(
             return Ok((c.clone(), *issued));
         }
     }
-    let session = format!("hearth-{}", inst.microvm);
-    let c = svc.issue_session(&inst.account, role, &session, Some(&inst.microvm), credentials_ttl(t, end)).await?;
+    let session = format!("hearth-{}", inst.id);
+    let c = svc.issue_session(&inst.account, role, &session, Some(&inst.id), ttl).await?;
     *cached = Some((role.to_owned(), c.clone(), t));
     Ok((c, t))
 }
 
 fn internal(inst: &Instance, e: &dyn std::fmt::Display) -> Response<Body> {
-    tracing::error!(microvm = %inst.microvm, error = %e, "metadata request failed");
+    tracing::error!(subject = %inst.id, error = %e, "metadata request failed");
     text(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
 }
 

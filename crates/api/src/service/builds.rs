@@ -164,8 +164,21 @@ impl Service {
         }
         hearth_vmm::crash::point("build.started");
         let dir = self.version_dir(&image.account, &image.name, rec.version);
-        let ctl = Control { step_timeout: timeouts.step, build_timeout: timeouts.build, cancel: Some(ticket.cancel.clone()) };
+        // Each builder VM relays metadata: RUN steps and image hooks run with the build role.
+        let ctl = Control {
+            step_timeout: timeouts.step,
+            build_timeout: timeouts.build,
+            cancel: Some(ticket.cancel.clone()),
+            builder_hook: Some(self.build_relays(&rec)),
+        };
         let result = self.clone().build_version(&rec, base, &dir, ctl, timeouts.disk_gib).await;
+        // A keyed image's template is encrypted at rest before the version is SUCCESSFUL.
+        let result = match result {
+            Ok(r) => self.seal_template(&rec, &dir.join("snapshot")).await.map(|()| r),
+            e => e,
+        };
+        // Whatever the outcome, no credential issued to the build outlives it.
+        self.end_build_sessions(super::imds::build_subject(&rec)).await;
         let (version_state, reason, image_state) = match result {
             Ok(((mem, disk, code), config)) => {
                 rec.snapshot_bytes = Some((mem, disk));

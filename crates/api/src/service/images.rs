@@ -242,6 +242,7 @@ impl Service {
         self.store.untag(&arn, &keys).await?;
         let dir = self.state.join("images").join(account).join(&image.name);
         super::builds::blocking(move || std::fs::remove_dir_all(dir)).await.ok();
+        self.drop_template_views(account, &image.name, None).await;
         Ok(json!({ "imageIdentifier": ident, "state": "DELETED" }))
     }
 
@@ -303,6 +304,7 @@ impl Service {
         self.store.delete_version(account, &image.name, v.version).await?;
         let dir = self.version_dir(account, &image.name, v.version);
         super::builds::blocking(move || std::fs::remove_dir_all(dir)).await.ok();
+        self.drop_template_views(account, &image.name, Some(v.version)).await;
         Ok(json!({ "imageIdentifier": ident, "imageVersion": v.version.to_string(), "state": "DELETED" }))
     }
 

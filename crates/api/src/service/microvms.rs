@@ -174,7 +174,8 @@ impl Service {
                 ),
             ));
         }
-        let snap = Snapshot::open(&self.version_dir(account, &image.name, version.version).join("snapshot")).map_err(ApiError::internal)?;
+        // A keyed image's template is decrypted into memory on its first use (template_crypt).
+        let snap = self.template(account, &image.name, version.version).await?;
         // The settings it runs with, kept as given.
         let given = to_map(input);
         self.check_connectors(account, given.get("egressNetworkConnectors")).await?;
@@ -510,5 +511,8 @@ impl Service {
                 }
             }
         }
+        // Keyed templates' plain RAM leaves memory with the daemon (running VMs keep
+        // their mappings); the next start decrypts again on first use.
+        self.drop_all_template_views();
     }
 }

@@ -42,6 +42,7 @@ mod secrets_tests;
 mod sessions;
 mod suspend_crypt;
 mod tags;
+mod template_crypt;
 mod tokens;
 mod transfer;
 mod transitions;

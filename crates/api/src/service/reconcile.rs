@@ -44,9 +44,13 @@ impl Service {
     /// files removed), and every live microvm is marked as being recovered. Returns them,
     /// for [`Service::recover`].
     pub async fn prepare_recovery(&self) -> Result<Vec<MicrovmRecord>, ApiError> {
+        // Plain views of keyed templates a crash left (template_crypt): made again on use.
+        self.drop_all_template_views();
         for mut v in self.store.unfinished_versions().await? {
             let _ = std::fs::remove_dir_all(self.version_dir(&v.account, &v.name, v.version));
             let why = "the build was interrupted by a daemon restart; UpdateMicrovmImage builds again";
+            // Credentials its builder was issued end with it.
+            self.end_build_sessions(super::imds::build_subject(&v)).await;
             self.version_transition(&mut v, VersionState::Failed, Reason::Set(Some(why.into()))).await?;
             if let Some(mut i) = self.store.image(&v.account, &v.name).await? {
                 match i.state {

@@ -169,3 +169,27 @@ async fn assume_role_follows_the_trust_policy_and_bounds() {
     // Chained sessions last at most an hour.
     assert_eq!(svc.assume_role(&session, &only, "chain", Some(7200)).await.unwrap_err().code, "ValidationError");
 }
+
+#[tokio::test]
+async fn a_builds_sessions_are_revoked_by_its_build_id_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let svc = service(dir.path());
+    let arn = role(&svc, A, "builder").await;
+    let policy = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"kms:ListKeys","Resource":"*","Condition":{"StringLike":{"hearth:SourceMicrovm":"build-*"}}}]}"#;
+    svc.put_role_policy(A, "builder", "builds-only", policy).await.unwrap();
+    // As the relay of a builder issues them: to the build id, session hearth-<build id>.
+    let b = svc.issue_session(A, &arn, "hearth-build-0a1b", Some("build-0a1b"), 900).await.unwrap();
+    let longer = svc.issue_session(A, &arn, "hearth-build-0a1b2", Some("build-0a1b2"), 900).await.unwrap();
+    let m = svc.issue_session(A, &arn, "hearth-mvm-1", Some("mvm-1"), 900).await.unwrap();
+    let caller = |c: SessionCredentials| {
+        let svc = &svc;
+        async move { svc.caller_of(&token(&c.session_token), &key(svc, &c).await).await }
+    };
+    // hearth:SourceMicrovm is the build id: a policy tells a build's session from a microvm's.
+    assert!(svc.caller_allowed(&caller(b.clone()).await.unwrap(), "kms:ListKeys", "*").await.unwrap());
+    assert!(!svc.caller_allowed(&caller(m.clone()).await.unwrap(), "kms:ListKeys", "*").await.unwrap());
+    svc.revoke_sessions("build-0a1b").await.unwrap();
+    assert!(svc.session_key(&b.access_key_id).await.is_none(), "the build's session is revoked");
+    assert!(caller(longer).await.is_ok(), "another build's (whose id it prefixes) stays");
+    assert!(caller(m).await.is_ok(), "a microvm's stays");
+}

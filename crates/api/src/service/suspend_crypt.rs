@@ -37,18 +37,23 @@ fn data_files(dir: &Path) -> Vec<String> {
     names
 }
 
-fn enc(dir: &Path, f: &str) -> std::path::PathBuf {
+pub(super) fn enc(dir: &Path, f: &str) -> std::path::PathBuf {
     dir.join(format!("{f}{SUFFIX}"))
 }
 
 /// Settles every data file of `dir` toward encrypted (`true`) or plain: temporary files
 /// go; where both forms exist (both complete and equal) the unwanted one goes.
 pub(super) fn normalize(dir: &Path, encrypted: bool) {
-    for f in data_files(dir) {
+    normalize_names(dir, &data_files(dir), encrypted);
+}
+
+/// [`normalize`] for the files `names` of `dir`.
+pub(super) fn normalize_names(dir: &Path, names: &[String], encrypted: bool) {
+    for f in names {
         let _ = std::fs::remove_file(dir.join(format!("{f}{SUFFIX}.tmp")));
         let _ = std::fs::remove_file(dir.join(format!("{f}.dec.tmp")));
-        if dir.join(&f).exists() && enc(dir, &f).exists() {
-            let _ = std::fs::remove_file(if encrypted { dir.join(&f) } else { enc(dir, &f) });
+        if dir.join(f).exists() && enc(dir, f).exists() {
+            let _ = std::fs::remove_file(if encrypted { dir.join(f) } else { enc(dir, f) });
         }
     }
     sync_dir(dir);
@@ -61,18 +66,26 @@ pub(super) fn has_encrypted(dir: &Path) -> bool {
 
 /// Encrypts every plain data file of `dir`; bytes written.
 pub(super) fn encrypt_dir(key: &[u8; 32], dir: &Path) -> Result<u64, AtRestError> {
-    normalize(dir, true);
+    encrypt_names(key, dir, &data_files(dir), "suspend.encrypted-one")
+}
+
+/// Encrypts the plain files `names` of `dir`, each `f` → `f.enc.tmp` → `f.enc` → `f`
+/// removed (`crash_point` between the last two); bytes written. Run again, it goes on from
+/// wherever a crash stopped it.
+pub(super) fn encrypt_names(key: &[u8; 32], dir: &Path, names: &[String], crash_point: &str) -> Result<u64, AtRestError> {
+    normalize_names(dir, names, true);
     let mut n = 0;
-    for f in data_files(dir) {
-        let plain = dir.join(&f);
+    for f in names {
+        let f = f.as_str();
+        let plain = dir.join(f);
         if !plain.exists() {
             continue;
         }
         let tmp = dir.join(format!("{f}{SUFFIX}.tmp"));
-        n += encrypt_file(key, &f, &plain, &tmp)?;
-        std::fs::rename(&tmp, enc(dir, &f)).map_err(|source| AtRestError::Io { what: format!("install {f}{SUFFIX}"), source })?;
+        n += encrypt_file(key, f, &plain, &tmp)?;
+        std::fs::rename(&tmp, enc(dir, f)).map_err(|source| AtRestError::Io { what: format!("install {f}{SUFFIX}"), source })?;
         sync_dir(dir);
-        hearth_vmm::crash::point("suspend.encrypted-one");
+        hearth_vmm::crash::point(crash_point);
         std::fs::remove_file(&plain).map_err(|source| AtRestError::Io { what: format!("remove the plain {f}"), source })?;
         sync_dir(dir);
     }

@@ -3,16 +3,24 @@ secret whose ARN is the run hook's payload with boto3, through the microvm's exe
 (credentials from IMDSv2, Secrets Manager at the endpoint the guest's environment names),
 and keeps the value in memory only. `GET /secret` answers the value's SHA-256 (or the
 error code), never the value.
+
+At its build, `/validate` runs flow_build.py's proof with the build role's credentials and
+keeps it (in the template's memory: `GET /build` answers it); it answers 500 when the build
+secret could not be read, so a build whose role may not read it fails.
 """
 import hashlib
 import http.server
+import json
 import sys
 
 sys.path.insert(0, "/app/lib")
 import boto3  # noqa: E402 - from /app/lib, copied in with the app
 import botocore.exceptions  # noqa: E402
 
-HELD = {"value": None, "result": "none"}
+sys.path.insert(0, "/app")
+import flow_build  # noqa: E402
+
+HELD = {"value": None, "result": "none", "build": None}
 
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -23,6 +31,16 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
+        # The image hook (a GET): at the build, with the build role's credentials.
+        if self.path == "/validate":
+            p = flow_build.proof()
+            HELD["build"] = p
+            print("validate: build secret", p["build_secret"], "as", p["arn"], file=sys.stderr, flush=True)
+            self.answer(200 if p["build_secret"].startswith("sha256:") else 500, b"")
+            return
+        if self.path == "/build":
+            self.answer(200, json.dumps(HELD["build"]).encode())
+            return
         self.answer(200, HELD["result"].encode())
 
     def do_POST(self):

@@ -6,6 +6,11 @@ channel, no network at all). Then the value is looked for where it must not be: 
 the suspended microvm's files (encrypted under the key), the guest's environment, the
 daemon's database and log.
 
+The image's build runs with its build role (the reader): its RUN step and its `/validate`
+hook (flow_build.py) read a build secret through IMDSv2 and are refused one the role may
+not read; the credentials they used are refused once the build is done; a build whose
+role may not read the build secret fails with AccessDenied.
+
 Run by crates/cli/tests/secrets_flow.rs with HEARTH_URL, HEARTH_KEY_A, HEARTH_CTX (the
 image's context, boto3 included), HEARTH_STATE and HEARTH_DAEMON_LOG.
 """
@@ -16,6 +21,7 @@ import secrets
 import time
 
 import boto3
+import botocore
 
 from test_api import KEY_A, URL, client, exec_in, wait_state, wait_version
 
@@ -51,6 +57,32 @@ def files_holding(root, needle):
     return found
 
 
+def sts_with(creds):
+    return boto3.client(
+        "sts", endpoint_url=URL, region_name="hh-local-1",
+        aws_access_key_id=creds["AccessKeyId"], aws_secret_access_key=creds["SecretAccessKey"],
+        aws_session_token=creds["Token"], config=botocore.config.Config(retries={"max_attempts": 1}),
+    )
+
+
+def check_build_proof(p, build_want, what):
+    """What flow_build.py saw in the builder: the build secret read, the forbidden one
+    refused, as a session of the build role issued to the build, whose credentials are
+    dead now that the build is done."""
+    assert p["build_secret"] == build_want, (what, p)
+    assert p["forbidden"] == "error:AccessDeniedException", (what, p)
+    assert "assumed-role/agent-reader/hearth-build-" in p["arn"], (what, p["arn"])
+    ident = p["identity"]
+    assert ident["instanceId"].startswith("build-") and ident["imageId"].endswith(":microvm-image:agent"), (what, ident)
+    assert ident["accountId"] == KEY_A["account"], (what, ident)
+    try:
+        sts_with(p["creds"]).get_caller_identity()
+        raise AssertionError(f"the {what}'s build credentials still work after the build")
+    except botocore.exceptions.ClientError as e:
+        assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 403, e.response
+        assert e.response["Error"]["Code"] == "InvalidClientTokenId", e.response
+
+
 def app_result(mid):
     out = exec_in(KEY_A, mid, "python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8080/secret').read().decode())\"")
     return out["stdout"].strip()
@@ -65,22 +97,30 @@ def main():
     key = kms.create_key(Description="the agent's sandboxes")["KeyMetadata"]
     kms.create_alias(AliasName="alias/agent", TargetKeyId=key["KeyId"])
     arn = sm.create_secret(Name="agent/model-api-key", SecretString=value, KmsKeyId="alias/agent")["ARN"]
+    # What the build reads with its role, and one secret its role may not read.
+    build_value = "build-" + secrets.token_hex(16)
+    build_arn = sm.create_secret(Name="agent/build-token", SecretString=build_value, KmsKeyId="alias/agent")["ARN"]
+    sm.create_secret(Name="agent/not-for-builds", SecretString="x", KmsKeyId="alias/agent")
 
     trust = json.dumps({"Version": "2012-10-17", "Statement": [
         {"Effect": "Allow", "Principal": {"Service": "lambda.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
     reader = iam.create_role(RoleName="agent-reader", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
     iam.put_role_policy(RoleName="agent-reader", PolicyName="read-the-key", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": arn},
+            {"Effect": "Allow", "Action": "secretsmanager:GetSecretValue", "Resource": [arn, build_arn]},
             {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": key["Arn"]}]}))
     other = iam.create_role(RoleName="agent-other", AssumeRolePolicyDocument=trust)["Role"]["Arn"]
     iam.put_role_policy(RoleName="agent-other", PolicyName="nothing-secret", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}]}))
 
-    hooks = {"port": 8080, "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 60}}
+    hooks = {"port": 8080, "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 60},
+             "microvmImageHooks": {"validate": "ENABLED", "validateTimeoutInSeconds": 300}}
     a.create_microvm_image(name="agent", baseImageArn=DEBIAN, buildRoleArn=reader, codeArtifact={"uri": "file://" + CTX}, hooks=hooks)
     v = wait_version(a, "agent", "1", timeout=900)
     assert v["state"] == "SUCCESSFUL", v
+    # The same image built with a role that may not read the build secret: its /validate
+    # is refused and the build fails (it reuses the layers above, so only the app runs).
+    a.create_microvm_image(name="agent-denied", baseImageArn=DEBIAN, buildRoleArn=other, codeArtifact={"uri": "file://" + CTX}, hooks=hooks)
 
     # No egress at all: the metadata service and Secrets Manager come over the agent channel.
     run = dict(imageIdentifier="agent", egressNetworkConnectors=[], runHookPayload=arn)
@@ -96,6 +136,15 @@ def main():
         assert app_result(m1) == want, app_result(m1)
         assert app_result(m2) == "error:AccessDeniedException", app_result(m2)
         print("the role that may read it did; the other got AccessDenied", flush=True)
+
+        # The build ran with the build role (RUN step and /validate), and what it was
+        # given no longer works.
+        build_want = "sha256:" + hashlib.sha256(build_value.encode()).hexdigest()
+        run_step = json.loads(exec_in(KEY_A, m1, "cat /app/build-proof.json")["stdout"])
+        check_build_proof(run_step, build_want, "RUN step")
+        validated = json.loads(exec_in(KEY_A, m1, "python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8080/build').read().decode())\"")["stdout"])
+        check_build_proof(validated, build_want, "/validate hook")
+        print("the build read its secret with the build role; its credentials are refused after it", flush=True)
 
         # Not in the guest's environment (any process's). (The value itself is never sent
         # into the guest by the test: the daemon's log is checked below.)
@@ -135,6 +184,9 @@ def main():
                 a.terminate_microvm(microvmIdentifier=m)
             except Exception:  # noqa: BLE001 - best effort; the Rust side kills what is left
                 pass
+    denied = wait_version(a, "agent-denied", "1", timeout=900)
+    assert denied["state"] == "FAILED" and "AccessDeniedException" in denied.get("stateReason", ""), denied
+    print("a build whose role may not read the build secret failed", flush=True)
     # Every file under the state directory, running microvms' included, once they are gone.
     assert files_holding(STATE, needle) == []
     print("flow: ok", flush=True)

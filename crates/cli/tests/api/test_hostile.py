@@ -234,6 +234,22 @@ def aws_surfaces():
                  "/hearth/v1/%6dicrovms/mvm-0000000000000000/%65%78%65%63"]:
         status, code, _ = signed_raw(session, "POST", path, body, {"Content-Type": "application/json"})
         assert (status, code) == (403, "AccessDeniedException"), (path, status, code)
+    # File writes too, the name encoded or not, whole or streamed (a signed
+    # X-Amz-Content-Sha256 takes the literal `files` to the streamed path): the Deny on
+    # lambda:WriteMicrovmFile holds. The query is sent encoded, as the SDKs send it.
+    data = b"written"
+    streamed = {"X-Amz-Content-Sha256": hashlib.sha256(data).hexdigest()}
+    for path in ["/hearth/v1/microvms/mvm-0000000000000000/files", "/hearth/v1/microvms/mvm-0000000000000000/%66iles",
+                 "/hearth/v1/%6dicrovms/mvm-0000000000000000/%66%69%6c%65%73",
+                 "/hearth/v1/microvms/mvm-0000000000000000/%66iles/%61rchive"]:
+        for headers in [{}, streamed]:
+            status, code, out = signed_raw(session, "PUT", path + "?path=%2Fx", data, dict(headers))
+            assert (status, code) == (403, "AccessDeniedException"), (path, headers, status, code, out)
+            assert "lambda:WriteMicrovmFile" in out.get("message", ""), (path, out)
+    # botocore's SigV4Auth on a raw URL signs the query as given (`path=/x`), SigV4 (and
+    # AWS) encoded: refused as a bad signature that says so, whatever the path.
+    status, code, out = signed_raw(session, "PUT", "/hearth/v1/microvms/mvm-0000000000000000/%66iles?path=/x", data)
+    assert (status, code) == (403, "InvalidSignatureException") and "%2F" in out.get("message", ""), (status, code, out)
     # Without the session token, or with another's: refused.
     forged = dict(session, sessionToken=c["SessionToken"][:-4] + "AAAA")
     assert signed_raw(forged, "GET", "/2025-09-09/microvms")[0] == 403

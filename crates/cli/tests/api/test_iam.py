@@ -1,7 +1,7 @@
 """IAM roles and STS sessions of a running `hearth serve`, through boto3's `iam` and `sts`
 clients and the AWS CLI: roles and inline policies, refusals with IAM's codes, AssumeRole,
 calls with the temporary credentials allowed and denied by the role's policies, and
-expired, forged and revoked session tokens.
+expired, forged and revoked session tokens, KMS keys handed over without permission on them.
 
 Run by crates/cli/tests/iam.rs. Environment: HEARTH_URL, HEARTH_KEY_A / HEARTH_KEY_B (two
 tenants), HEARTH_STATE (the daemon's state directory: the test ages a session there, as
@@ -180,6 +180,61 @@ def sessions():
     print("sessions: ok")
 
 
+def kms_keys():
+    """Naming a KMS key (kmsKeyIdentifier) hands it to the service: a role session needs
+    kms:GenerateDataKey and kms:Decrypt on the key itself, as on AWS, however it names it."""
+    iam, kms = client("iam", KEY_A), client("kms", KEY_A)
+    key = kms.create_key(Description="microvms")["KeyMetadata"]
+    kms.create_alias(AliasName="alias/mvm", TargetKeyId=key["KeyId"])
+    alias_arn = next(a["AliasArn"] for a in kms.list_aliases()["Aliases"] if a["AliasName"] == "alias/mvm")
+    role = iam.create_role(RoleName="keyless", AssumeRolePolicyDocument=trust(A))["Role"]["Arn"]
+    iam.put_role_policy(RoleName="keyless", PolicyName="run", PolicyDocument=policy(
+        {"Effect": "Allow", "Action": ["lambda:*", "iam:PassRole"], "Resource": "*"}))
+    creds = client("sts", KEY_A).assume_role(RoleArn=role, RoleSessionName="keyed")["Credentials"]
+    lam = client("lambda-microvms", creds=creds)
+    image = dict(name="keyed", baseImageArn="arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:minimal",
+                 buildRoleArn=role, codeArtifact={"uri": "hearth://artifacts/" + "0" * 64})
+    update = {k: v for k, v in image.items() if k != "name"}
+    calls = [(lam.run_microvm, dict(imageIdentifier="nope")), (lam.create_microvm_image, image),
+             (lam.update_microvm_image, dict(update, imageIdentifier="keyed"))]
+
+    def refused(action):
+        for ident in (key["KeyId"], key["Arn"], "alias/mvm", alias_arn):
+            for fn, kw in calls:
+                msg = expect_error("AccessDeniedException", 403, fn, kmsKeyIdentifier=ident, **kw)
+                assert action in msg and key["Arn"] in msg, (ident, msg)
+
+    def passes(fn, **kw):
+        try:
+            fn(**kw)
+        except botocore.exceptions.ClientError as e:
+            err = e.response["Error"]
+            assert not (err["Code"] == "AccessDeniedException" and "kms:" in err.get("Message", "")), err
+    refused("kms:GenerateDataKey")
+    # One of the two is not enough; another key's permission is not this one's.
+    iam.put_role_policy(RoleName="keyless", PolicyName="key", PolicyDocument=policy(
+        {"Effect": "Allow", "Action": "kms:GenerateDataKey", "Resource": key["Arn"]},
+        {"Effect": "Allow", "Action": "kms:Decrypt", "Resource": key["Arn"] + "-other"}))
+    refused("kms:Decrypt")
+    # Both: past the check (the calls then fail for what they name: no such image, artifact).
+    iam.put_role_policy(RoleName="keyless", PolicyName="key", PolicyDocument=policy(
+        {"Effect": "Allow", "Action": ["kms:GenerateDataKey", "kms:Decrypt"], "Resource": key["Arn"]}))
+    for ident in (key["KeyId"], "alias/mvm", alias_arn):
+        for fn, kw in calls:
+            passes(fn, kmsKeyIdentifier=ident, **kw)
+    # An explicit Deny wins; a key that does not exist is the operation's to refuse.
+    iam.put_role_policy(RoleName="keyless", PolicyName="deny", PolicyDocument=policy(
+        {"Effect": "Deny", "Action": "kms:Decrypt", "Resource": "*"}))
+    refused("kms:Decrypt")
+    passes(lam.run_microvm, imageIdentifier="nope", kmsKeyIdentifier="alias/missing")
+    # The account's own key may hand over any of its keys.
+    passes(client("lambda-microvms", KEY_A).run_microvm, imageIdentifier="nope", kmsKeyIdentifier=key["Arn"])
+    for name in ("run", "key", "deny"):
+        iam.delete_role_policy(RoleName="keyless", PolicyName=name)
+    iam.delete_role(RoleName="keyless")
+    print("kms keys: ok")
+
+
 def tenants():
     """Another tenant's roles are not the caller's: not found, not assumable, not usable."""
     arn_a = roles.ensure_role(KEY_A, URL, "shared-name")
@@ -267,6 +322,7 @@ def cli():
 
 roles_and_policies()
 sessions()
+kms_keys()
 tenants()
 hostile_queries()
 cli()

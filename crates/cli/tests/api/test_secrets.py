@@ -1,11 +1,20 @@
 """Secrets Manager and KMS of a running `hearth serve`, through boto3, and encryption at rest
 of a suspended microvm under its kmsKeyIdentifier.
 
+And encryption at rest of a keyed image's template: the image at HEARTH_CTX starts an app
+that holds HEARTH_TMPL_MARKER in its memory (built from two halves, so the context's files
+do not hold it); the keyed image's files must not hold it, the unkeyed one's template RAM
+does (the control), and its microvms still see it. With the argument `after-restart` (the
+daemon was SIGKILLed and started again), the microvm HEARTH_KEYED_MICROVM left running is
+checked, another is launched, and deleting the version removes the decrypted copy.
+
 Run by crates/cli/tests/secrets.rs. Environment: HEARTH_URL, HEARTH_KEY_A (may name
 file:// artifacts beneath HEARTH_CTX), HEARTH_KEY_B (another tenant), HEARTH_STATE (the
 daemon's state directory), HEARTH_SECRET (the value to store: it must appear nowhere on
 disk in plain text).
 """
+import glob
+import sys
 import base64
 import json
 import os
@@ -25,6 +34,7 @@ KEY_B = json.loads(os.environ["HEARTH_KEY_B"])
 STATE = os.environ["HEARTH_STATE"]
 CTX = os.environ["HEARTH_CTX"]
 SECRET = os.environ["HEARTH_SECRET"]
+TMPL_MARKER = os.environ["HEARTH_TMPL_MARKER"].encode()
 MINIMAL = "arn:aws-hearth:lambda:hh-local-1:hearth:microvm-image:minimal"
 ROLE = "arn:aws:iam::123456789012:role/hearth-build"
 CFG = Config(retries={"max_attempts": 1, "mode": "standard"})
@@ -258,13 +268,127 @@ def microvm_part(key):
         a.terminate_microvm(microvmIdentifier=mid)
 
 
+def lambda_client():
+    return boto3.client("lambda-microvms", endpoint_url=URL, region_name="us-east-1", config=CFG,
+                        aws_access_key_id=KEY_A["accessKeyId"], aws_secret_access_key=KEY_A["secretAccessKey"])
+
+
+def wait_built(a, name, version="1"):
+    deadline = time.time() + 900
+    while True:
+        v = a.get_microvm_image_version(imageIdentifier=name, imageVersion=version)
+        if v["state"] == "SUCCESSFUL":
+            return v
+        assert v["state"] != "FAILED" and time.time() < deadline, f"{name} did not build: {v}"
+        time.sleep(1)
+
+
+def plain_views():
+    """Decrypted template RAM files (in /dev/shm) that hold the marker."""
+    found = []
+    for p in glob.glob("/dev/shm/hearth-templates-*/*/memory"):
+        try:
+            if contains(p, TMPL_MARKER):
+                found.append(p)
+        except OSError:
+            pass
+    return found
+
+
+def sees_marker(mid):
+    out = exec_in(mid, "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+    return TMPL_MARKER.decode() in out["stdout"]
+
+
+def files_holding_marker(*skip):
+    """Files under the state directory that hold the template marker, but for those of the
+    unkeyed control image and its microvms."""
+    dirs = [os.path.join(STATE, "images", KEY_A["account"], "sealed")] + [os.path.join(STATE, "microvms", m) for m in skip]
+    return [p for p in files_under(STATE) if not any(p.startswith(d + os.sep) for d in dirs) and contains(p, TMPL_MARKER)]
+
+
+def allocated(d):
+    return sum(os.stat(p).st_blocks * 512 for p in files_under(d) if os.path.basename(p) != "memory")
+
+
+def template_part():
+    """A keyed image's template is encrypted at rest; its microvms launch, suspend and
+    resume from a copy decrypted into memory. Returns the microvm left running."""
+    a = lambda_client()
+    a.create_microvm_image(name="keyed", baseImageArn=MINIMAL, buildRoleArn=ROLE,
+                           codeArtifact={"uri": "file://" + CTX}, kmsKeyIdentifier="alias/app")
+    wait_built(a, "keyed")
+    snap = os.path.join(STATE, "images", KEY_A["account"], "keyed", "1", "snapshot")
+    names = sorted(os.listdir(snap))
+    assert "memory.enc" in names and "state.enc" in names and "memory" not in names and "state" not in names, names
+    # The control: the unkeyed image built from the same context holds the marker in RAM.
+    control = os.path.join(STATE, "images", KEY_A["account"], "sealed", "1", "snapshot", "memory")
+    assert contains(control, TMPL_MARKER), "control: the unkeyed template's RAM should hold the marker"
+    leaked = files_holding_marker()
+    assert not leaked, f"the keyed template's marker is readable in {leaked}"
+    assert not plain_views(), "decrypted before its first use"
+    k1 = a.run_microvm(imageIdentifier="keyed")["microvmId"]
+    u1 = a.run_microvm(imageIdentifier="sealed")["microvmId"]
+    for mid in (k1, u1):
+        wait_state(a, mid, "RUNNING")
+        assert sees_marker(mid), f"{mid} does not see the app's marker"
+    assert plain_views(), "the decrypted copy is in /dev/shm"
+    took = {}
+    for mid in (u1, k1):
+        t0 = time.time()
+        a.suspend_microvm(microvmIdentifier=mid)
+        took[("suspend", mid)] = time.time() - t0
+    leaked = files_holding_marker(u1)
+    assert not leaked, f"the keyed microvm's marker is readable in {leaked}"
+    kdir, udir = (os.path.join(STATE, "microvms", m, "suspended") for m in (k1, u1))
+    sizes = (allocated(kdir) / 2**20, allocated(udir) / 2**20)
+    for mid in (k1, u1):
+        t0 = time.time()
+        a.resume_microvm(microvmIdentifier=mid)
+        took[("resume", mid)] = time.time() - t0
+        assert sees_marker(mid), f"{mid} lost the marker over suspend and resume"
+    print(f"timing: keyed image's clone / unkeyed image's clone: suspended size {sizes[0]:.1f} / {sizes[1]:.1f} MiB; "
+          f"suspend {took[('suspend', k1)]:.2f} / {took[('suspend', u1)]:.2f} s; "
+          f"resume {took[('resume', k1)]:.2f} / {took[('resume', u1)]:.2f} s")
+    a.terminate_microvm(microvmIdentifier=u1)
+    return k1
+
+
+def after_restart():
+    a = lambda_client()
+    k1 = os.environ["HEARTH_KEYED_MICROVM"]
+    assert not plain_views(), "a stale decrypted copy survived the restart"
+    wait_state(a, k1, "RUNNING")
+    assert sees_marker(k1), "the reattached microvm lost the marker"
+    k2 = a.run_microvm(imageIdentifier="keyed")["microvmId"]
+    wait_state(a, k2, "RUNNING")
+    assert sees_marker(k2) and plain_views()
+    for mid in (k1, k2):
+        a.terminate_microvm(microvmIdentifier=mid)
+    deadline = time.time() + 120
+    while True:
+        try:
+            a.delete_microvm_image_version(imageIdentifier="keyed", imageVersion="1")
+            break
+        except botocore.exceptions.ClientError as e:
+            # A microvm still being terminated: a moment.
+            assert e.response["Error"]["Code"] == "ConflictException" and time.time() < deadline, e
+            time.sleep(1)
+    assert not plain_views(), "the decrypted copy outlived its version"
+    print("after-restart: ok")
+
+
 def main():
+    if sys.argv[1:] == ["after-restart"]:
+        after_restart()
+        return
     kms, kms_b = client("kms", KEY_A), client("kms", KEY_B)
     sm, sm_b = client("secretsmanager", KEY_A), client("secretsmanager", KEY_B)
     key = kms_part(kms, kms_b)
     secrets_part(sm, sm_b)
     no_plain_value_in_state()
     microvm_part(key)
+    print(f"keyed-microvm: {template_part()}")
     print("secrets: ok")
 
 

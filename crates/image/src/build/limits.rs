@@ -7,8 +7,11 @@
 //! build where it stands: the builder VM is killed (its QEMU guard sends SIGKILL, its run
 //! directory goes with it), the unrecorded layer file and the staging snapshot are removed.
 //! A step's output is kept in memory only as a bounded tail ([`OutputTail`]): what the
-//! error quotes, never the whole flood.
+//! error quotes, never the whole flood. The daemon's hook on each builder VM (its metadata
+//! relay: [`super::attach`]) travels with the limits.
 
+use super::attach::BuilderHook;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -29,8 +32,9 @@ pub const MAX_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 /// Most bytes of a step's output kept in memory (the tail the error quotes).
 pub const MAX_OUTPUT_TAIL: usize = 64 << 10;
 
-/// The limits a build runs under and the signal that cancels it.
-#[derive(Debug, Clone)]
+/// The limits a build runs under, the signal that cancels it, and what is attached to
+/// each of its builder VMs.
+#[derive(Clone)]
 pub struct Control {
     /// How long each Dockerfile step may take.
     pub step_timeout: Duration,
@@ -38,11 +42,24 @@ pub struct Control {
     pub build_timeout: Duration,
     /// Cancels the build when it turns `true` (`None`: never cancelled).
     pub cancel: Option<watch::Receiver<bool>>,
+    /// Called once each builder VM has booted (`None`: nothing attached).
+    pub builder_hook: Option<Arc<dyn BuilderHook>>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("step_timeout", &self.step_timeout)
+            .field("build_timeout", &self.build_timeout)
+            .field("cancel", &self.cancel)
+            .field("builder_hook", &self.builder_hook.is_some())
+            .finish()
+    }
 }
 
 impl Default for Control {
     fn default() -> Self {
-        Control { step_timeout: DEFAULT_STEP_TIMEOUT, build_timeout: DEFAULT_BUILD_TIMEOUT, cancel: None }
+        Control { step_timeout: DEFAULT_STEP_TIMEOUT, build_timeout: DEFAULT_BUILD_TIMEOUT, cancel: None, builder_hook: None }
     }
 }
 

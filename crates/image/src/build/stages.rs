@@ -16,14 +16,13 @@
 //! copies from that directory exactly as a COPY from the build context does (files through
 //! the agent, links recreated by the guest), and its cache key hashes what it copies.
 
-use super::{blocking, copy, expand_step, from, run, vm_err, BuildError, BuildRequest, ImageConfig};
+use super::{attach, blocking, copy, expand_step, from, run, vm_err, BuildError, BuildRequest, Control, ImageConfig};
 use crate::dockerfile::{Plan, StepKind};
 use hearth_proto::binpath::BinPath;
 use hearth_proto::exec::ExecRequest;
 use hearth_vmm::{Disk, DiskFormat, Vm, VmConfig};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::Duration;
 
 /// Most bytes a stage's exported files may pack to.
 pub const MAX_EXPORT_BYTES: u64 = 8 << 30;
@@ -60,7 +59,7 @@ pub(super) async fn run_earlier(
     vm: &VmConfig,
     home: &Path,
     log: &mut (dyn FnMut(&str) + Send),
-    step_timeout: Duration,
+    ctl: &Control,
 ) -> Result<Exports, BuildError> {
     let mut exports = Exports::default();
     if plan.stages.is_empty() {
@@ -90,7 +89,7 @@ pub(super) async fn run_earlier(
         let steps = kinds[*i].take().expect("substituted above");
         log(&format!("stage {label} (line {}): FROM {}", stage.line, stage.from));
         let s = Stage { index: *i, stage, kinds: &steps, paths };
-        let dir = build_stage(req, s, &exports, &mut budget, vm, home, log, step_timeout).await?;
+        let dir = build_stage(req, s, &exports, &mut budget, vm, home, log, ctl).await?;
         let files = dir.path().join("files");
         exports.dirs.insert(*i, (dir, files));
     }
@@ -133,8 +132,9 @@ async fn build_stage(
     vm: &VmConfig,
     home: &Path,
     log: &mut (dyn FnMut(&str) + Send),
-    step_timeout: Duration,
+    ctl: &Control,
 ) -> Result<tempfile::TempDir, BuildError> {
+    let step_timeout = ctl.step_timeout;
     let cache = req.cache.clone().unwrap_or_else(|| crate::layers::LayerCache::new(home));
     let short = |e: String| BuildError::Context(format!("stage {}: {e}", stage.label(index)));
     crate::registry::check_free(cache.dir(), 0).map_err(short)?;
@@ -162,6 +162,8 @@ async fn build_stage(
     cfg_vm.network = req.network.clone();
     log(&format!("stage {}: booting a builder VM on {}", stage.label(index), start.label));
     let builder = Vm::boot(cfg_vm).await.map_err(vm_err)?;
+    // The daemon's metadata relay, as for the last stage's builder.
+    let attached = attach::Attachment::to(ctl.builder_hook.as_ref(), &builder);
     let mut args: BTreeMap<String, String> = BTreeMap::new();
     for (step, kind) in stage.steps.iter().zip(kinds) {
         let line = step.line;
@@ -221,6 +223,7 @@ async fn build_stage(
     let tar = scratch.path().join("export.tar");
     crate::registry::check_free(scratch.path(), 0).map_err(short)?;
     read_guest_file(&builder, EXPORT_TAR, &tar).await?;
+    attached.stop().await;
     drop(builder);
     let out = scratch.path().join("files");
     let unpacked = {

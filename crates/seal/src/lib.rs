@@ -16,12 +16,29 @@
 //! Layout: `MAGIC`, prefix (16), plain size (u64 LE), then records: offset (u64 LE),
 //! plain length (u32 LE), last (u8), ciphertext (length + 16). An empty or all-hole file
 //! is one empty last record.
+//!
+//! A crate of its own so that its debug build is optimized (`[profile.dev.package]` in the
+//! workspace's Cargo.toml): unoptimized, the cipher runs some 200 times slower, and the
+//! test suite encrypts templates and suspended microvms of tens of MiB.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+
+/// `n` bytes from the OS's random number generator.
+///
+/// # Panics
+///
+/// When the OS gives none: nonces made from anything else could repeat.
+fn random(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    if let Err(e) = getrandom::fill(&mut b) {
+        panic!("the OS random number generator failed ({e}); refusing to make nonces from predictable bytes");
+    }
+    b
+}
 
 /// Magic at the start of an encrypted file.
 const MAGIC: &[u8; 8] = b"HHENC01\n";
@@ -56,7 +73,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> AtRestError {
 
 /// Seals `plain` under `key` with `aad` bound: nonce (24) then ciphertext.
 pub fn seal(key: &[u8; 32], aad: &[u8], plain: &[u8]) -> Vec<u8> {
-    let nonce = crate::keys::random(24);
+    let nonce = random(24);
     let ct = XChaCha20Poly1305::new(&(*key).into())
         .encrypt(&XNonce::try_from(&nonce[..]).expect("24 bytes"), Payload { msg: plain, aad })
         .expect("values are far below XChaCha20's message limit");
@@ -128,7 +145,7 @@ pub fn encrypt_file(key: &[u8; 32], name: &str, src: &Path, dst: &Path) -> Resul
     let size = f.metadata().map_err(io("stat"))?.len();
     let mut out =
         std::io::BufWriter::with_capacity(CHUNK + 64, std::fs::File::create(dst).map_err(io(format!("create {}", dst.display())))?);
-    let prefix = crate::keys::random(16);
+    let prefix = random(16);
     out.write_all(MAGIC).and_then(|_| out.write_all(&prefix)).and_then(|_| out.write_all(&size.to_le_bytes())).map_err(io("write"))?;
     let aead = XChaCha20Poly1305::new(&(*key).into());
     let mut chunks: Vec<(u64, usize)> = Vec::new();
