@@ -25,8 +25,8 @@ pub struct Settings {
     pub cpu_overcommit: f64,
     /// Memory kept for the host itself (MiB); `None`: 10% of it, at least 1 GiB.
     pub reserve_memory_mib: Option<u64>,
-    /// Disk kept free on the state directory's filesystem (MiB); `None`: 5% of it, at
-    /// least 2 GiB.
+    /// Disk kept free on the state directory's filesystem (MiB); `None`: 2% of it,
+    /// between 1 and 4 GiB.
     pub reserve_disk_mib: Option<u64>,
     /// Suspend the longest-idle running microvms (idle this long at least) to make room,
     /// rather than refuse.

@@ -176,6 +176,7 @@ pub async fn run(cmd: LocalCmd) -> anyhow::Result<i32> {
                 cache: (!a.no_cache).then(|| hearth_image::layers::LayerCache::new(&home)),
                 images: std::sync::Arc::new(build::HostImages(home.clone())),
                 disk_gib: a.disk_size_gib,
+                cache_scope: None,
             };
             rec.state = ImageVersionState::InProgress;
             store::save(&home, &rec)?;

@@ -135,6 +135,7 @@ async fn a_dockerfile_app_is_built_and_clones_serve_without_restarting() {
         cache: Some(hearth_image::layers::LayerCache::new(&home)),
         images: std::sync::Arc::new(hearth_image::build::NoImages),
         disk_gib: None,
+        cache_scope: None,
     };
     let mut lines = Vec::new();
     let (snap, cfg) = hearth_image::build::build(

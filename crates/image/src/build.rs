@@ -68,6 +68,10 @@ pub struct BuildRequest {
     /// The root disk's size in GiB ([`crate::disk`]; `None`: what the base or the parent
     /// image has, [`crate::disk::DEFAULT_DISK_GIB`] at least). Never shrinks a disk.
     pub disk_gib: Option<u64>,
+    /// What else a step's output depends on, part of every layer's key: the daemon puts
+    /// the build role there (a RUN step reads what its role may read, so a layer made
+    /// under one role is never reused by a build under another). `None`: nothing.
+    pub cache_scope: Option<String>,
 }
 
 // What `FROM hearth/…` resolves to and where `FROM <OCI reference>` pulls from.
@@ -362,6 +366,9 @@ async fn run_build(
     // A bigger disk is another first layer (the agent grows the filesystem in it).
     if let Some(g) = req.disk_gib {
         base_key.push_str(&format!("|disk={g}GiB"));
+    }
+    if let Some(scope) = &req.cache_scope {
+        base_key.push_str(&format!("|scope={scope}"));
     }
     // Hashing reads every file COPY names: on the blocking pool.
     let keys = {

@@ -80,6 +80,8 @@ pub struct Relay {
     vm_id: String,
     stop: Option<watch::Sender<()>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
+    /// Held by each connection served ([`MAX_CONNECTIONS`]): all back once none is.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Relay {
@@ -104,7 +106,7 @@ impl Relay {
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let workers =
             (0..PENDING).map(|_| tokio::spawn(worker(svc.clone(), agent.clone(), inst.clone(), permits.clone(), rx.clone()))).collect();
-        Relay { vm_id: vm_id.to_owned(), stop: Some(tx), workers }
+        Relay { vm_id: vm_id.to_owned(), stop: Some(tx), workers, permits }
     }
 
     /// The VM it relays for.
@@ -112,8 +114,10 @@ impl Relay {
         &self.vm_id
     }
 
-    /// Stops it and waits (a few seconds at most) until its accepts are withdrawn, so the
-    /// agent connection has no stream of the relay's left (before a snapshot's detach).
+    /// Stops it and waits (a few seconds at most) until its accepts are withdrawn and
+    /// every connection it served has ended, so the agent connection has no stream of the
+    /// relay's left (before a snapshot's detach) and no request is still being answered
+    /// (credentials revoked after the stop are all that were handed out).
     pub async fn stop(mut self) {
         drop(self.stop.take());
         for w in std::mem::take(&mut self.workers) {
@@ -121,6 +125,10 @@ impl Relay {
             if tokio::time::timeout(Duration::from_secs(3), w).await.is_err() {
                 abort.abort();
             }
+        }
+        // Each connection's task holds a permit until it ends (they end on the stop).
+        if tokio::time::timeout(Duration::from_secs(3), self.permits.acquire_many(MAX_CONNECTIONS as u32)).await.is_err() {
+            tracing::warn!(vm = %self.vm_id, "metadata connections still open 3 s after the relay's stop");
         }
     }
 }

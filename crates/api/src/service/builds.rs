@@ -171,6 +171,8 @@ impl Service {
             cancel: Some(ticket.cancel.clone()),
             builder_hook: Some(self.build_relays(&rec)),
         };
+        // Should this task end early (a panic), the build's credentials are revoked still.
+        let revoke = super::imds::RevokeOnDrop::new(&self, super::imds::build_subject(&rec));
         let result = self.clone().build_version(&rec, base, &dir, ctl, timeouts.disk_gib).await;
         // A keyed image's template is encrypted at rest before the version is SUCCESSFUL.
         let result = match result {
@@ -179,6 +181,7 @@ impl Service {
         };
         // Whatever the outcome, no credential issued to the build outlives it.
         self.end_build_sessions(super::imds::build_subject(&rec)).await;
+        revoke.disarm();
         let (version_state, reason, image_state) = match result {
             Ok(((mem, disk, code), config)) => {
                 rec.snapshot_bytes = Some((mem, disk));
@@ -292,6 +295,8 @@ impl Service {
             cache: Some(self.layer_cache(&rec.account)),
             images: Arc::new(artifacts::TenantImages::load(self.clone(), &rec.account).await.map_err(|e| e.message)?),
             disk_gib,
+            // RUN steps run with the build role: its layers are its own.
+            cache_scope: rec.spec.get("buildRoleArn").and_then(Value::as_str).map(|r| format!("role={r}")),
         };
         let arch = super::arch::requested(&rec.spec, self.default_arch).map_err(|e| e.message)?;
         let mut vm = self.vm_for(arch)?;

@@ -112,3 +112,28 @@ impl Service {
         }
     }
 }
+
+/// Revokes a build's credentials when dropped before [`RevokeOnDrop::disarm`] (its task
+/// ended early: a panic, or the runtime shutting down).
+pub(super) struct RevokeOnDrop(Option<(Arc<Service>, String)>);
+
+impl RevokeOnDrop {
+    pub(super) fn new(svc: &Arc<Service>, subject: &str) -> RevokeOnDrop {
+        RevokeOnDrop(Some((svc.clone(), subject.to_owned())))
+    }
+
+    /// The build revoked them itself.
+    pub(super) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RevokeOnDrop {
+    fn drop(&mut self) {
+        if let Some((svc, subject)) = self.0.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { svc.end_build_sessions(&subject).await });
+            }
+        }
+    }
+}

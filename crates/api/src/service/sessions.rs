@@ -229,6 +229,13 @@ impl Service {
             }
             self.store.delete_doc(BY_MICROVM, "", &name).await?;
         }
+        // And any the index missed (an issue cut between its two writes, or racing this):
+        // sessions are few (expired ones are purged), so the scan is cheap.
+        for (key, doc) in self.store.docs(KIND, "", "").await? {
+            if serde_json::from_str::<Session>(&doc).is_ok_and(|s| s.microvm.as_deref() == Some(microvm)) {
+                self.store.delete_doc(KIND, "", &key).await?;
+            }
+        }
         Ok(())
     }
 

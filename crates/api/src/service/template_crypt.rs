@@ -196,6 +196,11 @@ impl Service {
             return Snapshot::open(&dir).map_err(ApiError::internal);
         };
         let view = self.view_dir(account, name, version);
+        // The root is checked before anything in it is trusted: this user's own, 0700, not a
+        // link, on tmpfs. /dev/shm is sticky, so once that holds no other user can put or
+        // rename anything beneath it (a view planted by another user is never opened).
+        ensure_root(&views_root(&self.state))
+            .map_err(|e| ApiError::internal(format!("keyed images cannot be decrypted on this host: {e}")))?;
         if let Ok(s) = Snapshot::open(&view) {
             return Ok(s);
         }
@@ -214,12 +219,34 @@ impl Service {
             }
             Err(e) => return Err(e),
         };
+        // Room in memory first: a full /dev/shm is the host's capacity, not a fault.
+        let need: u64 = template_files(&dir)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|f| std::fs::metadata(super::suspend_crypt::enc(&dir, f)).ok())
+            .map(|m| m.len())
+            .sum();
+        let free = crate::capacity::disk_free(&views_root(&self.state));
+        if free < need {
+            return Err(ApiError::capacity(format!(
+                "this host has no room in memory (/dev/shm: {} MiB free) to decrypt version {version} of {name} ({} MiB); \
+                 try again after other keyed images' microvms are gone, or ask the operator to grow /dev/shm",
+                free >> 20,
+                need.div_ceil(1 << 20)
+            )));
+        }
         let started = std::time::Instant::now();
         let (t, v) = (dir.clone(), view.clone());
         let _ = std::fs::remove_dir_all(&view);
-        let bytes = super::builds::blocking(move || make_view(&key, &t, &v))
-            .await
-            .map_err(|e| ApiError::internal(format!("version {version} of {name}: its encrypted template does not open: {e}")))?;
+        let bytes = super::builds::blocking(move || make_view(&key, &t, &v)).await.map_err(|e| {
+            if e.contains("No space left") {
+                ApiError::capacity(format!(
+                    "this host ran out of memory (/dev/shm) decrypting version {version} of {name}; try again later"
+                ))
+            } else {
+                ApiError::internal(format!("version {version} of {name}: its encrypted template does not open: {e}"))
+            }
+        })?;
         tracing::info!(image = %name, version, bytes, elapsed = ?started.elapsed(), view = %view.display(), "template decrypted into memory");
         self.metrics.observe("template-decrypt", started.elapsed());
         Snapshot::open(&view).map_err(ApiError::internal)
@@ -235,8 +262,8 @@ impl Service {
             }
             None => remove_views(&root, &format!("{account}.{name}.")),
         }
-        // The root too once empty (a daemon that is killed leaves nothing behind then).
-        let _ = std::fs::remove_dir(&root);
+        // The root stays while the daemon runs (removed at its stop and start): removing
+        // it would let another user take its name meanwhile.
     }
 
     /// Removes every plain view of this daemon (its start: those a crash left; its stop).
@@ -245,9 +272,17 @@ impl Service {
         // SAFETY: geteuid has no preconditions.
         let me = unsafe { libc::geteuid() };
         // Only this user's directory (never one another user put there, nor a link).
-        if std::fs::symlink_metadata(&root).is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == me) {
-            remove_views(&root, "");
-            let _ = std::fs::remove_dir(&root);
+        match std::fs::symlink_metadata(&root) {
+            Ok(m) if m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == me => {
+                remove_views(&root, "");
+                let _ = std::fs::remove_dir(&root);
+            }
+            Ok(_) => tracing::error!(
+                root = %root.display(),
+                "another user's file or directory holds the name of this daemon's plain views of keyed images: \
+                 they will not be made (launches of keyed images fail) until it is removed"
+            ),
+            Err(_) => {}
         }
     }
 }
@@ -341,6 +376,18 @@ mod tests {
         std::os::unix::fs::symlink(on_disk.path(), &link).unwrap();
         let e = make_view(&k, d.path(), &link.join("a.b.1")).unwrap_err();
         assert!(e.contains("not a private directory"), "{e}");
+        // A private root of another user (one planted before the daemon made its own) is
+        // refused: nothing in it is trusted.
+        let theirs = root.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let e = ensure_root(&theirs).unwrap_err();
+            assert!(e.contains("not a private directory of this user"), "{e}");
+        }
+        std::fs::remove_dir(&theirs).unwrap();
         std::fs::remove_dir(&open_root).unwrap();
         std::fs::remove_file(&link).unwrap();
         let e = make_view(&[4u8; 32], d.path(), &root.path().join("a.b.1")).unwrap_err();

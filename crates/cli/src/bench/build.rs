@@ -69,6 +69,7 @@ pub async fn run(args: BenchBuildArgs) -> anyhow::Result<()> {
             cache: Some(hearth_image::layers::LayerCache::new(&home)),
             images: std::sync::Arc::new(hearth_image::build::NoImages),
             disk_gib: None,
+            cache_scope: None,
         };
         eprintln!("round {}: full build", round + 1);
         let t = Instant::now();

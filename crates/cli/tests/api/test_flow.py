@@ -14,6 +14,7 @@ role may not read the build secret fails with AccessDenied.
 Run by crates/cli/tests/secrets_flow.rs with HEARTH_URL, HEARTH_KEY_A, HEARTH_CTX (the
 image's context, boto3 included), HEARTH_STATE and HEARTH_DAEMON_LOG.
 """
+import glob
 import hashlib
 import json
 import os
@@ -118,8 +119,8 @@ def main():
     a.create_microvm_image(name="agent", baseImageArn=DEBIAN, buildRoleArn=reader, codeArtifact={"uri": "file://" + CTX}, hooks=hooks)
     v = wait_version(a, "agent", "1", timeout=900)
     assert v["state"] == "SUCCESSFUL", v
-    # The same image built with a role that may not read the build secret: its /validate
-    # is refused and the build fails (it reuses the layers above, so only the app runs).
+    # The same image built with a role that may not read the build secret: its RUN step
+    # and its /validate are refused and the build fails.
     a.create_microvm_image(name="agent-denied", baseImageArn=DEBIAN, buildRoleArn=other, codeArtifact={"uri": "file://" + CTX}, hooks=hooks)
 
     # No egress at all: the metadata service and Secrets Manager come over the agent channel.
@@ -186,6 +187,14 @@ def main():
                 pass
     denied = wait_version(a, "agent-denied", "1", timeout=900)
     assert denied["state"] == "FAILED" and "AccessDeniedException" in denied.get("stateReason", ""), denied
+    # Its RUN step ran again under its own role (the build role is part of the layers'
+    # cache key: nothing the reader role fetched is reused) and was refused the secret.
+    logs = glob.glob(os.path.join(STATE, "images", "*", "agent-denied", "1", "build.log"))
+    assert logs, "the denied build's log"
+    with open(logs[0], encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert "[cached]" not in log, log[-2000:]
+    assert '"build_secret": "error:AccessDeniedException"' in log and "assumed-role/agent-other/" in log, log[-2000:]
     print("a build whose role may not read the build secret failed", flush=True)
     # Every file under the state directory, running microvms' included, once they are gone.
     assert files_holding(STATE, needle) == []

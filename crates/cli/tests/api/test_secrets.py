@@ -375,6 +375,8 @@ def after_restart():
             assert e.response["Error"]["Code"] == "ConflictException" and time.time() < deadline, e
             time.sleep(1)
     assert not plain_views(), "the decrypted copy outlived its version"
+    # Nor the copy's directory, whatever it holds.
+    assert not glob.glob("/dev/shm/hearth-templates-*/*.keyed.*"), "a view's directory outlived its version"
     print("after-restart: ok")
 
 
