@@ -295,8 +295,11 @@ impl Service {
             cache: Some(self.layer_cache(&rec.account)),
             images: Arc::new(artifacts::TenantImages::load(self.clone(), &rec.account).await.map_err(|e| e.message)?),
             disk_gib,
-            // RUN steps run with the build role: its layers are its own.
-            cache_scope: rec.spec.get("buildRoleArn").and_then(Value::as_str).map(|r| format!("role={r}")),
+            // RUN steps run with the build role: its layers are its own (its id and
+            // policies as they are now included).
+            cache_scope: Some(
+                self.role_scope(&rec.account, rec.spec.get("buildRoleArn").and_then(Value::as_str)).await.map_err(|e| e.message)?,
+            ),
         };
         let arch = super::arch::requested(&rec.spec, self.default_arch).map_err(|e| e.message)?;
         let mut vm = self.vm_for(arch)?;

@@ -87,7 +87,9 @@ impl Service {
             Ok(vm) => {
                 m.vm_dir = Some(vm.run_dir().display().to_string());
                 self.put(&m).await?;
-                // The app wakes in a new microvm from saved state: as after a resume.
+                // The app wakes in a new microvm from saved state: as after a resume, its
+                // hook with the execution role's credentials (the relay up first).
+                self.imds_start(&mut guard, &vm, &m);
                 let hook_error = self.call_hook(&vm, &m, "resume", "").await.err();
                 self.hold(&mut guard, vm, &m);
                 self.transition(&mut m, MicrovmState::Running, Reason::Set(hook_error)).await?;

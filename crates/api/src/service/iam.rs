@@ -240,6 +240,27 @@ impl Service {
         Ok(docs.into_iter().filter_map(|(n, _)| n.split_once('/').map(|(_, p)| p.to_owned())).collect())
     }
 
+    /// What a build's layers are keyed by for its build role `arn`
+    /// (`BuildRequest::cache_scope`): the role's ARN, its id (a role deleted and made again
+    /// under the name is another) and a digest of its inline policies (a policy changed
+    /// is another scope), so a layer made under one set of permissions is reused only
+    /// under the same set. No role, or one that is not the account's, has scopes of its own.
+    pub(crate) async fn role_scope(&self, account: &str, arn: Option<&str>) -> Result<String, ApiError> {
+        use sha2::Digest;
+        let Some(arn) = arn else { return Ok("role=".into()) };
+        let Some(role) = self.role_by_arn(account, arn).await? else { return Ok(format!("role={arn}#none")) };
+        let docs = self.store.docs("role-policy", account, &format!("{}/", role.name.to_ascii_lowercase())).await?;
+        let mut h = sha2::Sha256::new();
+        for (name, doc) in &docs {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(doc.as_bytes());
+            h.update([0]);
+        }
+        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("role={arn}#{}#{digest}", role.id))
+    }
+
     /// The decision of `role`'s inline policies on `action` on `resource` in `ctx`.
     pub(crate) async fn role_decision(
         &self,

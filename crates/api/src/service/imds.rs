@@ -114,7 +114,8 @@ impl Service {
 }
 
 /// Revokes a build's credentials when dropped before [`RevokeOnDrop::disarm`] (its task
-/// ended early: a panic, or the runtime shutting down).
+/// ended early: a panic). A daemon that stops mid-build revokes them at its next start
+/// (`prepare_recovery`).
 pub(super) struct RevokeOnDrop(Option<(Arc<Service>, String)>);
 
 impl RevokeOnDrop {

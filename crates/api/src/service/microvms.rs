@@ -174,8 +174,6 @@ impl Service {
                 ),
             ));
         }
-        // A keyed image's template is decrypted into memory on its first use (template_crypt).
-        let snap = self.template(account, &image.name, version.version).await?;
         // The settings it runs with, kept as given.
         let given = to_map(input);
         self.check_connectors(account, given.get("egressNetworkConnectors")).await?;
@@ -195,6 +193,9 @@ impl Service {
             let connectors = version.spec.get("egressNetworkConnectors").cloned().unwrap_or_else(|| self.default_egress.connectors());
             spec.insert("egressNetworkConnectors".into(), connectors);
         }
+        // A keyed image's template is decrypted into memory on its first use (template_crypt),
+        // once the run's own settings are found valid.
+        let snap = self.template(account, &image.name, version.version).await?;
         let t = now();
         // A pooled VM of this version when one is ready: it already runs under its id.
         let key: super::pools::Key = (account.to_owned(), image.name.clone(), version.version);

@@ -229,13 +229,6 @@ impl Service {
             }
             self.store.delete_doc(BY_MICROVM, "", &name).await?;
         }
-        // And any the index missed (an issue cut between its two writes, or racing this):
-        // sessions are few (expired ones are purged), so the scan is cheap.
-        for (key, doc) in self.store.docs(KIND, "", "").await? {
-            if serde_json::from_str::<Session>(&doc).is_ok_and(|s| s.microvm.as_deref() == Some(microvm)) {
-                self.store.delete_doc(KIND, "", &key).await?;
-            }
-        }
         Ok(())
     }
 
@@ -311,7 +304,14 @@ impl Service {
                 if chained { "; one hour when a role session assumes a role" } else { "" }
             )));
         }
-        let creds = self.issue_session(&caller.account, &role.arn, session_name, None, d).await?;
+        // A session chained from a microvm's (or a build's) credentials belongs to it too:
+        // revoked with it, so code in a guest cannot outlast its microvm or its build by
+        // assuming another role.
+        let source = match &caller.principal {
+            Principal::Role { microvm, .. } => microvm.as_deref(),
+            Principal::Root => None,
+        };
+        let creds = self.issue_session(&caller.account, &role.arn, session_name, source, d).await?;
         Ok((creds, role.id))
     }
 }

@@ -2,7 +2,8 @@
 secret whose ARN is the run hook's payload with boto3, through the microvm's execution role
 (credentials from IMDSv2, Secrets Manager at the endpoint the guest's environment names),
 and keeps the value in memory only. `GET /secret` answers the value's SHA-256 (or the
-error code), never the value.
+error code), never the value. Its `/suspend` and `/resume` hooks ask STS who they are
+(`GET /hooks` answers that): the runtime hooks run with the execution role.
 
 At its build, `/validate` runs flow_build.py's proof with the build role's credentials and
 keeps it (in the template's memory: `GET /build` answers it); it answers 500 when the build
@@ -20,7 +21,7 @@ import botocore.exceptions  # noqa: E402
 sys.path.insert(0, "/app")
 import flow_build  # noqa: E402
 
-HELD = {"value": None, "result": "none", "build": None}
+HELD = {"value": None, "result": "none", "build": None, "hooks": {}}
 
 
 class H(http.server.BaseHTTPRequestHandler):
@@ -41,6 +42,9 @@ class H(http.server.BaseHTTPRequestHandler):
         if self.path == "/build":
             self.answer(200, json.dumps(HELD["build"]).encode())
             return
+        if self.path == "/hooks":
+            self.answer(200, json.dumps(HELD["hooks"]).encode())
+            return
         self.answer(200, HELD["result"].encode())
 
     def do_POST(self):
@@ -54,6 +58,13 @@ class H(http.server.BaseHTTPRequestHandler):
                 HELD["result"] = "error:" + e.response["Error"]["Code"]
             except Exception as e:  # noqa: BLE001 - the kind of failure is the result
                 HELD["result"] = "error:" + type(e).__name__ + ":" + str(e)[:200]
+        if self.path in ("/suspend", "/resume"):
+            # The runtime hooks run with the execution role: who they are, by STS (a
+            # session of their own, so no credentials cached before the suspend are used).
+            try:
+                HELD["hooks"][self.path] = boto3.session.Session().client("sts").get_caller_identity()["Arn"]
+            except Exception as e:  # noqa: BLE001 - the kind of failure is the result
+                HELD["hooks"][self.path] = "error:" + type(e).__name__ + ":" + str(e)[:200]
         self.answer(200, b"")
 
     def log_message(self, *a):

@@ -114,7 +114,8 @@ def main():
     iam.put_role_policy(RoleName="agent-other", PolicyName="nothing-secret", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}]}))
 
-    hooks = {"port": 8080, "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 60},
+    hooks = {"port": 8080, "microvmHooks": {"run": "ENABLED", "runTimeoutInSeconds": 60, "suspend": "ENABLED",
+                                            "suspendTimeoutInSeconds": 60, "resume": "ENABLED", "resumeTimeoutInSeconds": 60},
              "microvmImageHooks": {"validate": "ENABLED", "validateTimeoutInSeconds": 300}}
     a.create_microvm_image(name="agent", baseImageArn=DEBIAN, buildRoleArn=reader, codeArtifact={"uri": "file://" + CTX}, hooks=hooks)
     v = wait_version(a, "agent", "1", timeout=900)
@@ -168,6 +169,10 @@ def main():
         a.resume_microvm(microvmIdentifier=m1)
         assert wait_state(a, m1, "RUNNING", timeout=300)["state"] == "RUNNING"
         assert app_result(m1) == want
+        # Its /suspend and /resume hooks ran with the execution role.
+        seen = json.loads(exec_in(KEY_A, m1, "python3 -c \"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8080/hooks').read().decode())\"")["stdout"])
+        for hook in ("/suspend", "/resume"):
+            assert seen.get(hook, "").endswith(f":assumed-role/agent-reader/hearth-{m1}"), seen
         print("absent from the image, the suspended files, the environment, the store and the log", flush=True)
         # The control: the same microvm without a key keeps the value in its suspended
         # memory in plain text, so the search above can find what it looks for.

@@ -72,6 +72,15 @@ def main():
     status, text = seen["sts"]
     assert status == 200 and session_arn in text, seen["sts"]
     assert sts_with(creds).get_caller_identity()["Arn"] == session_arn
+    # A role the microvm's role may assume: a session chained from the microvm's
+    # credentials is the microvm's too (revoked at its terminate, below).
+    iam.put_role_policy(RoleName="imds-app", PolicyName="chain", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}]}))
+    iam.create_role(RoleName="imds-chained", AssumeRolePolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": role_arn}, "Action": "sts:AssumeRole"}]}))
+    chained = sts_with(creds).assume_role(RoleArn=role_arn.replace("imds-app", "imds-chained"), RoleSessionName="chained")["Credentials"]
+    chained = {"AccessKeyId": chained["AccessKeyId"], "SecretAccessKey": chained["SecretAccessKey"], "Token": chained["SessionToken"]}
+    assert sts_with(chained).get_caller_identity()["Arn"].endswith(":assumed-role/imds-chained/chained")
 
     assert guest(without, "check")["role_status"] == 404
 
@@ -99,7 +108,7 @@ def main():
     assert again["creds"]["AccessKeyId"] != creds["AccessKeyId"], "fresh credentials after a resume"
     assert again["sts"][0] == 200 and session_arn in again["sts"][1], again["sts"]
 
-    print(json.dumps({"with_role": with_role, "without": without, "pooled": pooled, "creds": [creds, again["creds"]],
+    print(json.dumps({"with_role": with_role, "without": without, "pooled": pooled, "creds": [creds, again["creds"], chained],
                       "pooled_creds": claimed["creds"]}))
     print("imds: ok")
 
@@ -114,8 +123,8 @@ def after_restart(left):
     assert seen["sts"][0] == 200 and session_arn in seen["sts"][1], seen["sts"]
 
 
-    # Terminate: every credential of the microvm is refused from then on; another
-    # microvm's still work.
+    # Terminate: every credential of the microvm (and one chained from them) is refused
+    # from then on; another microvm's still work.
     a.terminate_microvm(microvmIdentifier=with_role)
     wait_state(a, with_role, "TERMINATED", 120)
     for c in old + [seen["creds"]]:
