@@ -259,9 +259,12 @@ impl HearthMcp {
             self.hub.offsets.lock().ok().and_then(|o| o.get(&key).copied()).unwrap_or((0, 0))
         };
         let dir = format!("{STATE_DIR}/proc/{pid}");
+        // The exit file is read again once the process is gone: it may have written it
+        // and ended between the first read and the check.
         let status = format!(
             "d={dir}; [ -d $d ] || {{ echo \"hearth: no process {pid} in this sandbox (start_process returns process ids)\" >&2; exit 3; }}\n\
-             if [ -s $d/exit ]; then s=\"exited $(cat $d/exit)\"; elif kill -0 $(cat $d/pid) 2>/dev/null; then s=running; else s=gone-without-exit-status; fi\n\
+             if [ -s $d/exit ]; then s=\"exited $(cat $d/exit)\"; elif kill -0 $(cat $d/pid) 2>/dev/null; then s=running; \
+             elif [ -s $d/exit ]; then s=\"exited $(cat $d/exit)\"; else s=gone-without-exit-status; fi\n\
              echo $s $(wc -c < $d/stdout) $(wc -c < $d/stderr)"
         );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(a.wait_seconds.unwrap_or(0.0).clamp(0.0, 60.0));

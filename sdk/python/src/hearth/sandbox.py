@@ -436,7 +436,11 @@ class BackgroundCommand:
         """Waits for it to end; its result. Raises ``TimeoutError`` after ``timeout`` s."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            r = self.sandbox.run(f'cat {self.dir}/exit 2>/dev/null || {{ kill -0 {self.pid} 2>/dev/null && echo running; }}')
+            # The exit file is read again once the process is gone: it may have written
+            # it and ended between the first read and the check.
+            r = self.sandbox.run(
+                f"cat {self.dir}/exit 2>/dev/null || {{ kill -0 {self.pid} 2>/dev/null && echo running || cat {self.dir}/exit 2>/dev/null; }}"
+            )
             s = r.stdout.strip()
             if s != "running":
                 code = int(s) if s.lstrip("-").isdigit() else -1
