@@ -106,13 +106,7 @@ fn ensure_root(root: &Path) -> Result<(), String> {
     if !m.is_dir() || m.uid() != me || m.mode() & 0o077 != 0 {
         return Err(format!("{} is not a private directory of this user; remove it", root.display()));
     }
-    let c = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
-    // SAFETY: statfs on a NUL-terminated path into a zeroed struct it fills.
-    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &mut fs) } != 0 {
-        return Err(format!("statfs {}: {}", root.display(), std::io::Error::last_os_error()));
-    }
+    let fs = rustix::fs::statfs(root).map_err(|e| format!("statfs {}: {e}", root.display()))?;
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     #[allow(clippy::unnecessary_cast)]
